@@ -1,0 +1,608 @@
+//! campaign.toml → a validated, typed [`Campaign`].
+//!
+//! Two steps, as in ripgrep: [`raw`] mirrors the file (serde, unknown keys rejected), then
+//! [`parse`] checks every value and resolves paths against the campaign file's folder. Every
+//! problem is collected with its line. Only [`load`] touches the file system.
+
+pub mod raw;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use lettre::message::Mailbox;
+use toml::Spanned;
+use unic_langid::LanguageIdentifier;
+
+use crate::problem::{Problem, Problems, line_of};
+use raw::{RawFile, RawKind, RawTransport, RawTransportKind};
+
+/// A campaign whose every value has been checked. Paths are absolute or relative to the
+/// working directory, already joined to the campaign file's folder.
+#[derive(Debug, Clone)]
+pub struct Campaign {
+    pub file: PathBuf,
+    /// The campaign file's bytes, kept for fingerprints.
+    pub source: String,
+    pub id: String,
+    pub from: Mailbox,
+    pub reply_to: Option<Mailbox>,
+    pub template_dir: PathBuf,
+    pub locales_dir: PathBuf,
+    pub default_locale: LanguageIdentifier,
+    pub kind: Kind,
+    pub recipients: PathBuf,
+    pub suppress: Vec<PathBuf>,
+    pub transport: Transport,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Announcement,
+    Marketing,
+}
+
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// One `.eml` file per message in `outbox`.
+    File {
+        outbox: PathBuf,
+    },
+    Smtp(Smtp),
+}
+
+/// How to reach the relay. Built only by [`parse`], which enforces TLS unless loopback or opted out.
+#[derive(Debug, Clone)]
+pub struct Smtp {
+    pub host: String,
+    pub port: u16,
+    pub security: Security,
+    pub connections: NonZeroUsize,
+    pub messages_per_connection: NonZeroUsize,
+    pub hello_name: String,
+    pub auth: Option<Auth>,
+    pub ca_file: Option<PathBuf>,
+    pub accept_invalid_certs: bool,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+    /// The wait for the reply to the final dot: long, as RFC 5321 §4.5.3.2.6 suggests.
+    pub data_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// `smtps://`: TLS from the first byte.
+    ImplicitTls,
+    /// `smtp://` to anything but loopback: STARTTLS, and the send fails if it is not offered.
+    StartTls,
+    /// `smtp://` to loopback, or with `dangerous_plaintext = true`.
+    Plain,
+}
+
+/// Credentials: a user name and where the password lives. The password itself is read only
+/// when a connection needs it, and only into a [`Secret`].
+#[derive(Debug, Clone)]
+pub struct Auth {
+    pub username: String,
+    pub password: PasswordSource,
+}
+
+#[derive(Debug, Clone)]
+pub enum PasswordSource {
+    Env(String),
+    File(PathBuf),
+}
+
+impl PasswordSource {
+    /// Reads the password. The error names the variable or file, never the value.
+    pub fn read(&self) -> anyhow::Result<Secret> {
+        match self {
+            PasswordSource::Env(name) => std::env::var(name).map(Secret).map_err(|_| {
+                anyhow::anyhow!(
+                    "the environment variable `{name}` named by password_env is not set"
+                )
+            }),
+            PasswordSource::File(path) => std::fs::read_to_string(path)
+                .map(|text| Secret(text.trim_end_matches(['\r', '\n']).to_owned()))
+                .with_context(|| format!("cannot read password_file `{}`", path.display())),
+        }
+    }
+}
+
+/// A secret string that never shows itself in `Debug` or `Display`.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Reads and validates the campaign file at `path`.
+pub fn load(path: &Path) -> anyhow::Result<Campaign> {
+    let source = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the campaign file `{}`", path.display()))?;
+    parse(path, &source).map_err(|problems| problems.into_result().unwrap_err().into())
+}
+
+/// Validates campaign.toml text; `path` names the file in errors and anchors relative paths.
+pub fn parse(path: &Path, source: &str) -> Result<Campaign, Problems> {
+    let raw: RawFile = toml::from_str(source).map_err(|error| {
+        let line = error.span().map(|span| line_of(source, span.start));
+        let message = error.message().trim_end().replace('\n', " ");
+        Problems(vec![Problem::error(path, line, message)])
+    })?;
+    Validator {
+        path,
+        source,
+        dir: path.parent().unwrap_or(Path::new("")),
+        problems: Problems::default(),
+    }
+    .campaign(raw)
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    source: &'a str,
+    dir: &'a Path,
+    problems: Problems,
+}
+
+impl Validator<'_> {
+    fn line<T>(&self, value: &Spanned<T>) -> Option<u64> {
+        Some(line_of(self.source, value.span().start))
+    }
+
+    fn error<T>(&mut self, at: &Spanned<T>, message: impl Into<String>) {
+        let line = self.line(at);
+        self.problems.push(Problem::error(self.path, line, message));
+    }
+
+    fn relative(&self, value: &Spanned<String>) -> PathBuf {
+        self.dir.join(value.get_ref())
+    }
+
+    fn mailbox(&mut self, key: &str, value: &Spanned<String>) -> Option<Mailbox> {
+        match Mailbox::from_str(value.get_ref()) {
+            Ok(mailbox) => Some(mailbox),
+            Err(error) => {
+                self.error(
+                    value,
+                    format!(
+                        "`{key}` = `{}` is not a valid address ({error})",
+                        value.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn campaign(mut self, raw: RawFile) -> Result<Campaign, Problems> {
+        let c = raw.campaign;
+        for (name, section) in [
+            ("rate", &raw.rate),
+            ("retry", &raw.retry),
+            ("safety", &raw.safety),
+            ("schedule", &raw.schedule),
+            ("unsubscribe", &raw.unsubscribe),
+            ("dkim", &raw.dkim),
+        ] {
+            if let Some(section) = section {
+                self.error(
+                    section,
+                    format!("the `[{name}]` section is not supported by this version of mailer yet; remove it rather than have it ignored"),
+                );
+            }
+        }
+
+        let id = c.id.get_ref().clone();
+        let id_ok = !id.is_empty()
+            && id.len() <= 64
+            && id
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+        if !id_ok {
+            self.error(
+                &c.id,
+                format!("campaign `id` = `{id}` must be 1 to 64 letters, digits, `-`, `_` or `.`"),
+            );
+        }
+        let from = self.mailbox("from", &c.from);
+        let reply_to = c
+            .reply_to
+            .as_ref()
+            .and_then(|r| self.mailbox("reply_to", r));
+
+        let default_locale = match c.default_locale.get_ref().parse::<LanguageIdentifier>() {
+            Ok(locale) => Some(locale),
+            Err(_) => {
+                let locale = c.default_locale.get_ref().clone();
+                self.error(
+                    &c.default_locale,
+                    format!("`default_locale` = `{locale}` is not a language tag such as `en` or `fr-CA`"),
+                );
+                None
+            }
+        };
+        let kind = match c.kind.as_ref().map(|k| (*k.get_ref(), k)) {
+            None | Some((RawKind::Announcement, _)) => Kind::Announcement,
+            Some((RawKind::Marketing, at)) => {
+                self.error(
+                    at,
+                    "`kind = \"marketing\"` needs one-click unsubscribe, which this version does not support yet; use `announcement`",
+                );
+                Kind::Marketing
+            }
+        };
+        let template_dir = self.relative(&c.template);
+        let locales_dir = self.relative(&c.locales);
+        for (key, value, dir) in [
+            ("template", &c.template, &template_dir),
+            ("locales", &c.locales, &locales_dir),
+        ] {
+            if !dir.is_dir() {
+                self.error(
+                    value,
+                    format!(
+                        "`{key}` = `{}` is not a folder (looked for `{}`)",
+                        value.get_ref(),
+                        dir.display()
+                    ),
+                );
+            }
+        }
+        let recipients = self.relative(&raw.recipients.path);
+        if !recipients.is_file() {
+            self.error(
+                &raw.recipients.path,
+                format!(
+                    "recipients `path` = `{}` is not a file (looked for `{}`)",
+                    raw.recipients.path.get_ref(),
+                    recipients.display()
+                ),
+            );
+        }
+        let suppress: Vec<PathBuf> = raw
+            .recipients
+            .suppress
+            .iter()
+            .map(|s| self.relative(s))
+            .collect();
+        for (value, file) in raw.recipients.suppress.iter().zip(&suppress) {
+            if !file.is_file() {
+                self.error(
+                    value,
+                    format!("suppress file `{}` does not exist", value.get_ref()),
+                );
+            }
+        }
+        let hello_default = from.as_ref().map(|m| m.email.domain().to_owned());
+        let transport = self.transport(&raw.transport, hello_default.unwrap_or_default());
+
+        match (from, default_locale, transport) {
+            (Some(from), Some(default_locale), Some(transport)) if self.problems.errors() == 0 => {
+                Ok(Campaign {
+                    file: self.path.to_path_buf(),
+                    source: self.source.to_owned(),
+                    id,
+                    from,
+                    reply_to,
+                    template_dir,
+                    locales_dir,
+                    default_locale,
+                    kind,
+                    recipients,
+                    suppress,
+                    transport,
+                })
+            }
+            _ => Err(self.problems),
+        }
+    }
+
+    fn positive(
+        &mut self,
+        key: &str,
+        value: Option<&Spanned<i64>>,
+        default: usize,
+    ) -> NonZeroUsize {
+        let fallback = NonZeroUsize::new(default).unwrap_or(NonZeroUsize::MIN);
+        let Some(value) = value else { return fallback };
+        match usize::try_from(*value.get_ref())
+            .ok()
+            .and_then(NonZeroUsize::new)
+        {
+            Some(n) => n,
+            None => {
+                self.error(
+                    value,
+                    format!("`{key}` must be a whole number of at least 1"),
+                );
+                fallback
+            }
+        }
+    }
+
+    fn duration(
+        &mut self,
+        key: &str,
+        value: Option<&Spanned<String>>,
+        default: Duration,
+    ) -> Duration {
+        let Some(value) = value else { return default };
+        match humantime::parse_duration(value.get_ref()) {
+            Ok(duration) if !duration.is_zero() => duration,
+            _ => {
+                self.error(
+                    value,
+                    format!(
+                        "`{key}` = `{}` is not a duration such as `30s` or `10m`",
+                        value.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn transport(&mut self, t: &RawTransport, hello_default: String) -> Option<Transport> {
+        if let Some(password) = &t.password {
+            self.error(password, "a literal `password` is refused in campaign.toml; use `password_env` or `password_file`");
+        }
+        let kind = t
+            .kind
+            .as_ref()
+            .map_or(RawTransportKind::File, |k| *k.get_ref());
+        if kind == RawTransportKind::File {
+            let smtp_only = [
+                &t.url,
+                &t.hello_name,
+                &t.username,
+                &t.password_env,
+                &t.password_file,
+                &t.ca_file,
+            ];
+            if let Some(key) = smtp_only.into_iter().flatten().next() {
+                self.error(key, "this key only applies to `kind = \"smtp\"`");
+            }
+            let outbox = t
+                .outbox
+                .as_ref()
+                .map_or_else(|| self.dir.join("outbox"), |o| self.relative(o));
+            return Some(Transport::File { outbox });
+        }
+        if let Some(outbox) = &t.outbox {
+            self.error(outbox, "`outbox` only applies to `kind = \"file\"`");
+        }
+        let Some(url_value) = &t.url else {
+            let kind_at = t.kind.as_ref()?;
+            self.error(
+                kind_at,
+                "`kind = \"smtp\"` needs a `url` such as `smtp://relay.example.com:587`",
+            );
+            return None;
+        };
+        let url = match url::Url::parse(url_value.get_ref()) {
+            Ok(url) => url,
+            Err(error) => {
+                self.error(
+                    url_value,
+                    format!("`url` = `{}` is not a URL ({error})", url_value.get_ref()),
+                );
+                return None;
+            }
+        };
+        if !url.username().is_empty() || url.password().is_some() {
+            self.error(url_value, "`url` must not carry credentials; use `username` with `password_env` or `password_file`");
+        }
+        let Some(host) = url
+            .host_str()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+        else {
+            self.error(url_value, "`url` has no host");
+            return None;
+        };
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        let plaintext_opt_out = t.dangerous_plaintext.as_ref().is_some_and(|v| *v.get_ref());
+        let (security, default_port) = match url.scheme() {
+            "smtps" => (Security::ImplicitTls, 465),
+            "smtp" if loopback || plaintext_opt_out => (Security::Plain, 25),
+            "smtp" => (Security::StartTls, 587),
+            other => {
+                self.error(
+                    url_value,
+                    format!("`url` scheme `{other}` is not `smtp` or `smtps`"),
+                );
+                return None;
+            }
+        };
+        let auth = match (&t.username, &t.password_env, &t.password_file) {
+            (None, None, None) => None,
+            (Some(user), Some(env), None) => Some(Auth {
+                username: user.get_ref().clone(),
+                password: PasswordSource::Env(env.get_ref().clone()),
+            }),
+            (Some(user), None, Some(file)) => Some(Auth {
+                username: user.get_ref().clone(),
+                password: PasswordSource::File(self.relative(file)),
+            }),
+            (Some(user), None, None) => {
+                self.error(user, "`username` needs `password_env` or `password_file`");
+                None
+            }
+            (None, Some(at), _) | (None, None, Some(at)) => {
+                self.error(at, "a password source needs a `username`");
+                None
+            }
+            (Some(_), Some(_), Some(file)) => {
+                self.error(file, "give `password_env` or `password_file`, not both");
+                None
+            }
+        };
+        if auth.is_some() && security == Security::Plain && !loopback {
+            self.error(
+                url_value,
+                "refusing to send a password over plain text; use `smtps://` or STARTTLS",
+            );
+        }
+        let connections = self.positive("connections", t.connections.as_ref(), 4);
+        let messages_per_connection = self.positive(
+            "messages_per_connection",
+            t.messages_per_connection.as_ref(),
+            1000,
+        );
+        Some(Transport::Smtp(Smtp {
+            port: url.port().unwrap_or(default_port),
+            host,
+            security,
+            connections,
+            messages_per_connection,
+            hello_name: t
+                .hello_name
+                .as_ref()
+                .map_or(hello_default, |h| h.get_ref().clone()),
+            auth,
+            ca_file: t.ca_file.as_ref().map(|f| self.relative(f)),
+            accept_invalid_certs: t
+                .dangerous_accept_invalid_certs
+                .as_ref()
+                .is_some_and(|v| *v.get_ref()),
+            connect_timeout: self.duration(
+                "connect_timeout",
+                t.connect_timeout.as_ref(),
+                Duration::from_secs(30),
+            ),
+            command_timeout: self.duration(
+                "command_timeout",
+                t.command_timeout.as_ref(),
+                Duration::from_secs(60),
+            ),
+            data_timeout: self.duration(
+                "data_timeout",
+                t.data_timeout.as_ref(),
+                Duration::from_secs(600),
+            ),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A campaign folder with the files the minimal config points at.
+    fn folder() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("t")).unwrap();
+        std::fs::create_dir_all(dir.path().join("l")).unwrap();
+        std::fs::write(dir.path().join("r.csv"), "email\n").unwrap();
+        dir
+    }
+
+    const MINIMAL: &str = r#"
+[campaign]
+id = "c1"
+from = "Ops <ops@example.com>"
+template = "t"
+locales = "l"
+default_locale = "en"
+
+[recipients]
+path = "r.csv"
+"#;
+
+    fn check(extra: &str) -> Result<Campaign, String> {
+        let dir = folder();
+        let path = dir.path().join("campaign.toml");
+        parse(&path, &format!("{MINIMAL}{extra}")).map_err(|problems| {
+            problems
+                .0
+                .iter()
+                .map(|p| format!("{}: {}", p.line.unwrap_or(0), p.message))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+    }
+
+    #[test]
+    fn minimal_campaign_uses_the_file_outbox_beside_it() {
+        let campaign = check("").unwrap();
+        assert_eq!(campaign.id, "c1");
+        assert_eq!(campaign.from.email.to_string(), "ops@example.com");
+        assert!(
+            matches!(campaign.transport, Transport::File { ref outbox } if outbox.ends_with("outbox"))
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_line() {
+        let error = check("\n[transport]\nkind = \"file\"\nspeed = 3\n").unwrap_err();
+        assert!(error.starts_with("14: unknown field `speed`"), "{error}");
+    }
+
+    #[test]
+    fn plain_smtp_is_only_for_loopback() {
+        let local =
+            check("[transport]\nkind = \"smtp\"\nurl = \"smtp://127.0.0.1:2525\"\n").unwrap();
+        let Transport::Smtp(smtp) = local.transport else {
+            panic!()
+        };
+        assert_eq!((smtp.security, smtp.port), (Security::Plain, 2525));
+
+        let remote =
+            check("[transport]\nkind = \"smtp\"\nurl = \"smtp://relay.example.com\"\n").unwrap();
+        let Transport::Smtp(smtp) = remote.transport else {
+            panic!()
+        };
+        assert_eq!((smtp.security, smtp.port), (Security::StartTls, 587));
+
+        let opted_out = check("[transport]\nkind = \"smtp\"\nurl = \"smtp://relay.example.com\"\ndangerous_plaintext = true\n").unwrap();
+        let Transport::Smtp(smtp) = opted_out.transport else {
+            panic!()
+        };
+        assert_eq!(smtp.security, Security::Plain);
+    }
+
+    #[test]
+    fn literal_passwords_and_credentials_in_urls_are_refused() {
+        let error = check("[transport]\nkind = \"smtp\"\nurl = \"smtps://u:p@relay.example.com\"\npassword = \"hunter2\"\n").unwrap_err();
+        assert!(error.contains("literal `password` is refused"), "{error}");
+        assert!(error.contains("must not carry credentials"), "{error}");
+        assert!(!error.contains("hunter2"), "{error}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let dir = folder();
+        let text = "[campaign]\nid = \"bad id\"\nfrom = \"not an address\"\ntemplate = \"missing\"\nlocales = \"l\"\ndefault_locale = \"en\"\n[recipients]\npath = \"nope.csv\"\n[rate]\nper_second = 3\n";
+        let problems = parse(&dir.path().join("c.toml"), text).unwrap_err();
+        let lines: Vec<_> = problems.0.iter().map(|p| p.line.unwrap()).collect();
+        assert_eq!(lines, vec![9, 2, 3, 4, 8], "{problems:?}");
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let secret = Secret("hunter2".into());
+        assert_eq!(format!("{secret:?} {secret}"), "Secret(***) ***");
+    }
+}

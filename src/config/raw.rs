@@ -1,0 +1,81 @@
+//! The campaign file as written: a serde mirror of campaign.toml, unknown keys rejected.
+//!
+//! Pure. Values keep their spans so that validation can name the line of a bad value.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFile {
+    pub campaign: RawCampaign,
+    pub recipients: RawRecipients,
+    #[serde(default)]
+    pub transport: RawTransport,
+    // Sections of the public interface that a later version implements. They are parsed so the
+    // error can say "not supported yet" with a line, rather than pretend to honour them.
+    pub rate: Option<Spanned<toml::Table>>,
+    pub retry: Option<Spanned<toml::Table>>,
+    pub safety: Option<Spanned<toml::Table>>,
+    pub schedule: Option<Spanned<toml::Table>>,
+    pub unsubscribe: Option<Spanned<toml::Table>>,
+    pub dkim: Option<Spanned<toml::Table>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCampaign {
+    pub id: Spanned<String>,
+    pub from: Spanned<String>,
+    pub reply_to: Option<Spanned<String>>,
+    pub template: Spanned<String>,
+    pub locales: Spanned<String>,
+    pub default_locale: Spanned<String>,
+    pub kind: Option<Spanned<RawKind>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawKind {
+    Announcement,
+    Marketing,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRecipients {
+    pub path: Spanned<String>,
+    #[serde(default)]
+    pub suppress: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTransport {
+    pub kind: Option<Spanned<RawTransportKind>>,
+    pub outbox: Option<Spanned<String>>,
+    pub url: Option<Spanned<String>>,
+    pub connections: Option<Spanned<i64>>,
+    pub messages_per_connection: Option<Spanned<i64>>,
+    pub hello_name: Option<Spanned<String>>,
+    pub username: Option<Spanned<String>>,
+    pub password_env: Option<Spanned<String>>,
+    pub password_file: Option<Spanned<String>>,
+    /// Never accepted: parsed only to refuse it with a helpful message.
+    pub password: Option<Spanned<toml::Value>>,
+    pub ca_file: Option<Spanned<String>>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub command_timeout: Option<Spanned<String>>,
+    pub data_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub dangerous_plaintext: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub dangerous_accept_invalid_certs: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawTransportKind {
+    File,
+    Smtp,
+}

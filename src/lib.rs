@@ -1,0 +1,396 @@
+//! `mailer`: bulk email campaigns, one envelope per recipient.
+//!
+//! The modules follow the pipeline, in order:
+//!
+//! ```text
+//! campaign.toml ─► config ─► recipients ─► render ─► guard ─► dispatch ─► report
+//! ```
+//!
+//! [`config`] validates the campaign file; [`recipients`] streams the CSV into normalised,
+//! deduplicated recipients; [`render`] makes one message per recipient with handlebars and
+//! Fluent; [`guard`] checks each final message; [`dispatch`] hands it to the SMTP, file or
+//! dry-run transport; [`report`] counts the outcomes. [`run`] wires them together for each
+//! command; `main.rs` only maps the result to an exit code.
+
+pub mod cli;
+pub mod config;
+pub mod dispatch;
+pub mod exit;
+pub mod guard;
+pub mod problem;
+pub mod recipients;
+pub mod render;
+pub mod report;
+pub mod scaffold;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::SystemTime;
+
+use rayon::prelude::*;
+
+use cli::{Cli, Command, LogFormat};
+use config::Campaign;
+use exit::{Exit, Failure};
+use problem::{Problem, Problems};
+use recipients::{Recipient, RecipientList};
+use render::{OutgoingMessage, Renderer};
+use report::{Delivery, State, Summary};
+
+/// Runs one command. Errors carry their exit code (see [`exit::Exit::of_error`]).
+pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
+    init_logging(cli.log_format);
+    match &cli.command {
+        Command::Init { dir } => {
+            scaffold::init(dir)?;
+            println!(
+                "created a campaign in `{}`; try: mailer check {}",
+                dir.display(),
+                dir.join("campaign.toml").display()
+            );
+            Ok(Exit::Complete)
+        }
+        Command::Check { campaign } => check(campaign, &mut std::io::stdout().lock()),
+        Command::Preview {
+            campaign,
+            out,
+            per_locale,
+        } => preview(campaign, out, *per_locale),
+        Command::Send { campaign, dry_run } => {
+            send(campaign, *dry_run, &mut std::io::stdout().lock())
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    // lettre's own `tracing` feature is off (it would log AUTH credentials); the filter keeps
+    // it quiet even if a dependency turns it on.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MAILER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        .add_directive("lettre=warn".parse().expect("a constant, valid directive"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.without_time().with_target(false).try_init(),
+    };
+}
+
+/// The clock, in one place: every message of a run carries the same `Date`.
+fn now() -> SystemTime {
+    SystemTime::now()
+}
+
+/// A campaign with everything it needs to render, loaded and checked.
+pub struct Loaded {
+    pub campaign: Campaign,
+    pub list: RecipientList,
+    pub renderer: Renderer,
+}
+
+/// Loads the campaign file, the recipients and the templates and locales.
+/// `Ok(Err(problems))` when the input has errors; `Err` when a file cannot be read at all.
+pub fn load(path: &Path) -> anyhow::Result<Result<Loaded, Problems>> {
+    let campaign = match config::parse(path, &read(path)?) {
+        Ok(campaign) => campaign,
+        Err(problems) => return Ok(Err(problems)),
+    };
+    let mut list = recipients::load(&campaign.recipients, &campaign.suppress)?;
+    let mut problems = std::mem::take(&mut list.problems);
+    let renderer = match Renderer::load(&campaign, list.columns.clone())? {
+        Ok(renderer) => Some(renderer),
+        Err(more) => {
+            problems.extend(more);
+            None
+        }
+    };
+    match renderer {
+        Some(renderer) if problems.errors() == 0 => {
+            list.problems = problems;
+            Ok(Ok(Loaded {
+                campaign,
+                list,
+                renderer,
+            }))
+        }
+        _ => Ok(Err(problems)),
+    }
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the campaign file `{}`", path.display()))
+}
+
+/// Renders and guards one recipient's message. Shared by validation and sending, so both take
+/// exactly the same path.
+pub fn prepare(
+    loaded: &Loaded,
+    recipient: &Recipient,
+    date: SystemTime,
+) -> Result<OutgoingMessage, Problem> {
+    let at = |message: String| Problem::error(&loaded.list.path, Some(recipient.line), message);
+    let message = loaded.renderer.render(recipient, date).map_err(|reason| {
+        at(format!(
+            "cannot render the message to `{}`: {reason}",
+            recipient.address
+        ))
+    })?;
+    guard::check(&message, &loaded.campaign.from.email).map_err(|violations| {
+        let reasons: Vec<String> = violations.iter().map(ToString::to_string).collect();
+        at(format!(
+            "the guard stopped the message to `{}`: {}",
+            recipient.address,
+            reasons.join("; ")
+        ))
+    })?;
+    Ok(message)
+}
+
+/// Renders and guards every recipient, in parallel, keeping only counts and problems.
+pub fn validate(loaded: &Loaded, date: SystemTime) -> (Problems, Summary) {
+    type Counts = (
+        Vec<Problem>,
+        BTreeMap<String, usize>,
+        BTreeMap<String, usize>,
+    );
+    let (problems, locales, domains) = loaded
+        .list
+        .recipients
+        .par_iter()
+        .fold(
+            || Counts::default(),
+            |(mut problems, mut locales, mut domains), recipient| {
+                match prepare(loaded, recipient, date) {
+                    Ok(message) => {
+                        *locales.entry(message.locale).or_default() += 1;
+                        *domains
+                            .entry(recipient.address.domain().to_owned())
+                            .or_default() += 1;
+                    }
+                    Err(problem) => problems.push(problem),
+                }
+                (problems, locales, domains)
+            },
+        )
+        .reduce(Counts::default, |mut a, b| {
+            a.0.extend(b.0);
+            for (k, v) in b.1 {
+                *a.1.entry(k).or_default() += v;
+            }
+            for (k, v) in b.2 {
+                *a.2.entry(k).or_default() += v;
+            }
+            a
+        });
+    let mut sorted = problems;
+    sorted.sort_by_key(|p| p.line);
+    let summary = Summary {
+        locales,
+        domains,
+        duplicates: loaded.list.duplicates.len(),
+        ..Summary::default()
+    };
+    (Problems(sorted), summary)
+}
+
+/// Warnings that do not block: ids a locale lacks (shown from its fallback), duplicate rows.
+fn warnings(loaded: &Loaded) -> Vec<Problem> {
+    let locales = loaded.renderer.locales();
+    let mut found = Vec::new();
+    for (index, tag) in locales.tags().enumerate() {
+        let missing = locales.fallbacks(index);
+        if !missing.is_empty() {
+            let ids: Vec<String> = missing.iter().map(|id| format!("`{id}`")).collect();
+            found.push(Problem::warning(
+                &loaded.campaign.locales_dir.join(tag),
+                None,
+                format!(
+                    "{} not translated; shown along {}",
+                    ids.join(", "),
+                    locales.chain_description(index)
+                ),
+            ));
+        }
+    }
+    for (line, first) in &loaded.list.duplicates {
+        found.push(Problem::warning(
+            &loaded.list.path,
+            Some(*line),
+            format!("repeats the address of line {first}; sent once"),
+        ));
+    }
+    found
+}
+
+/// Loads and validates; on any error, fails with all of them (exit 65) having sent nothing.
+fn load_valid(path: &Path, date: SystemTime) -> anyhow::Result<(Loaded, Summary)> {
+    let loaded = load(path)?.map_err(|problems| problems.into_result().unwrap_err())?;
+    let (problems, summary) = validate(&loaded, date);
+    problems.into_result()?;
+    Ok((loaded, summary))
+}
+
+fn check(path: &Path, out: &mut impl std::io::Write) -> anyhow::Result<Exit> {
+    let mut problems = match load(path)? {
+        Err(problems) => problems,
+        Ok(loaded) => {
+            let (mut problems, summary) = validate(&loaded, now());
+            problems
+                .0
+                .splice(0..0, loaded.list.problems.0.iter().cloned());
+            problems.extend(warnings(&loaded));
+            let valid =
+                loaded.list.recipients.len() - problems.errors().min(loaded.list.recipients.len());
+            writeln!(
+                out,
+                "{valid} of {} messages rendered and checked",
+                loaded.list.recipients.len()
+            )?;
+            if !loaded.list.suppressed.is_empty() {
+                writeln!(out, "{} suppressed", loaded.list.suppressed.len())?;
+            }
+            let locales: Vec<String> = summary
+                .locales
+                .iter()
+                .map(|(l, n)| format!("{l} {n}"))
+                .collect();
+            writeln!(out, "by locale: {}", locales.join(", "))?;
+            problems
+        }
+    };
+    problems.0.sort_by_key(|p| p.severity);
+    for problem in &problems.0 {
+        writeln!(out, "{problem}")?;
+    }
+    writeln!(
+        out,
+        "{} errors, {} warnings",
+        problems.errors(),
+        problems.warnings()
+    )?;
+    Ok(if problems.errors() > 0 {
+        Exit::InvalidInput
+    } else {
+        Exit::Complete
+    })
+}
+
+fn preview(path: &Path, out: &Path, per_locale: usize) -> anyhow::Result<Exit> {
+    use anyhow::Context as _;
+    let date = now();
+    let (loaded, _) = load_valid(path, date)?;
+    let mut written: BTreeMap<String, usize> = BTreeMap::new();
+    let wanted = loaded.renderer.locales().tags().count();
+    for recipient in &loaded.list.recipients {
+        let message = prepare(&loaded, recipient, date)
+            .map_err(|p| Failure::new(Exit::InvalidInput, p.to_string()))?;
+        let count = written.entry(message.locale.clone()).or_default();
+        if *count >= per_locale {
+            if written.len() == wanted && written.values().all(|&n| n >= per_locale) {
+                break;
+            }
+            continue;
+        }
+        *count += 1;
+        let dir = out.join(&message.locale);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create `{}`", dir.display()))?;
+        let file = dir.join(format!("line-{:06}.eml", recipient.line));
+        std::fs::write(&file, &message.bytes)
+            .with_context(|| format!("cannot write `{}`", file.display()))?;
+        println!("{}  {}", file.display(), message.envelope.rcpt_to);
+    }
+    Ok(Exit::Complete)
+}
+
+/// `send` and `send --dry-run`: validate everything, then deliver.
+fn send(path: &Path, dry_run: bool, out: &mut impl std::io::Write) -> anyhow::Result<Exit> {
+    let date = now();
+    let (loaded, mut summary) = load_valid(path, date)?;
+    let transport = dispatch::Transport::for_campaign(&loaded.campaign.transport, dry_run)?;
+    summary.dry_run = dry_run;
+    summary.add(State::Suppressed, loaded.list.suppressed.len());
+    let total = loaded.list.recipients.len();
+    tracing::info!(campaign = %loaded.campaign.id, recipients = total, dry_run, "sending");
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+    let (messages_in, messages_out) = async_channel::bounded::<OutgoingMessage>(1024);
+    let (results_in, mut results_out) = tokio::sync::mpsc::channel::<Delivery>(1024);
+
+    let (produced, relay) = std::thread::scope(|scope| {
+        // The producer owns the sending side: when it is done, the channel closes and the
+        // workers drain it and stop.
+        let producer = scope.spawn(|| produce(&loaded, date, messages_in));
+        let relay = runtime.block_on(async {
+            let workers = tokio::spawn(dispatch::run(transport, messages_out, results_in));
+            while let Some(delivery) = results_out.recv().await {
+                if delivery.state != State::Sent {
+                    tracing::warn!(line = delivery.line, recipient = %delivery.recipient, state = %delivery.state, detail = %delivery.detail);
+                }
+                summary.record(delivery);
+            }
+            workers.await.unwrap_or_else(|e| Some(dispatch::RelayFailure(format!("the delivery workers stopped unexpectedly ({e})"))))
+        });
+        (producer.join(), relay)
+    });
+    let attempted = summary.total() - summary.count(State::Suppressed);
+    summary.add(State::Pending, total - attempted);
+    summary.print(out)?;
+    if dry_run {
+        writeln!(
+            out,
+            "dry run: nothing was written or sent, and no connection was opened"
+        )?;
+    }
+    match produced {
+        Ok(Ok(())) => {}
+        Ok(Err(problem)) => {
+            return Err(Failure::new(Exit::Halted, format!("halted: {problem}")).into());
+        }
+        Err(_) => {
+            return Err(Failure::new(
+                Exit::Halted,
+                "halted: the rendering thread stopped unexpectedly",
+            )
+            .into());
+        }
+    }
+    if let Some(failure) = relay {
+        return Err(Failure::new(
+            Exit::RelayUnavailable,
+            format!(
+                "relay unavailable, {} recipients left pending: {}",
+                summary.count(State::Pending),
+                failure.0
+            ),
+        )
+        .into());
+    }
+    Ok(summary.exit())
+}
+
+/// Renders and guards in parallel, a chunk at a time, and feeds the workers in file order.
+/// Stops quietly when the workers stop taking messages.
+fn produce(
+    loaded: &Loaded,
+    date: SystemTime,
+    messages: async_channel::Sender<OutgoingMessage>,
+) -> Result<(), Problem> {
+    for chunk in loaded.list.recipients.chunks(512) {
+        let rendered: Vec<Result<OutgoingMessage, Problem>> =
+            chunk.par_iter().map(|r| prepare(loaded, r, date)).collect();
+        for message in rendered {
+            if messages.send_blocking(message?).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}

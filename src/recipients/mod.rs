@@ -1,0 +1,463 @@
+//! The recipient list: a CSV stream → [`Recipient`] values, normalised, deduplicated, suppressed.
+//!
+//! [`load`] opens the files (the edge); [`parse_reader`] is pure over any `impl Read`, so tests
+//! feed it byte slices. Bad rows become [`Problem`]s naming the CSV line; reading goes on so that
+//! every problem is reported at once.
+
+mod address;
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+pub use address::{NormalisedAddress, normalise};
+
+use crate::problem::{Problem, Problems};
+
+/// The CSV header, resolved: where the columns with a meaning live.
+#[derive(Debug, Clone)]
+pub struct Columns {
+    /// Column names as written (trimmed, BOM removed), in file order.
+    pub names: Vec<String>,
+    pub email: usize,
+    pub name: Option<usize>,
+    pub locale: Option<usize>,
+}
+
+impl Columns {
+    /// The name templates see a column under (`r.<name>`): the special columns are lower-cased
+    /// so that `Email` and `email` both give `r.email`.
+    #[must_use]
+    pub fn template_name(&self, index: usize) -> &str {
+        if Some(index) == Some(self.email) {
+            "email"
+        } else if Some(index) == self.name {
+            "name"
+        } else if Some(index) == self.locale {
+            "locale"
+        } else {
+            &self.names[index]
+        }
+    }
+}
+
+/// One person to write to. There is exactly one address here, and no type anywhere holds a
+/// list of addresses for one message.
+#[derive(Debug, Clone)]
+pub struct Recipient {
+    /// The CSV line the row starts on (the header is line 1).
+    pub line: u64,
+    pub address: NormalisedAddress,
+    pub name: Option<String>,
+    /// The locale the row asks for, as written (resolved against the loaded locales later).
+    pub locale: Option<String>,
+    pub record: csv::StringRecord,
+}
+
+/// What the CSV held, after validation.
+#[derive(Debug)]
+pub struct RecipientList {
+    pub path: PathBuf,
+    pub columns: Arc<Columns>,
+    /// Valid, unique, not suppressed: the people to send to, in file order.
+    pub recipients: Vec<Recipient>,
+    /// Rows whose address is on a suppression list (never sent).
+    pub suppressed: Vec<Recipient>,
+    /// Later rows repeating an earlier address: (line, line of the first occurrence).
+    pub duplicates: Vec<(u64, u64)>,
+    /// Rows that cannot be sent, and anything else wrong with the file.
+    pub problems: Problems,
+}
+
+impl RecipientList {
+    /// Rows rejected as invalid (each has an error in `problems`).
+    #[must_use]
+    pub fn invalid(&self) -> usize {
+        self.problems.errors()
+    }
+}
+
+/// Reads the recipient CSV at `path`, leaving out the addresses in the `suppress` files.
+pub fn load(path: &Path, suppress: &[PathBuf]) -> anyhow::Result<RecipientList> {
+    let mut suppressed = HashSet::new();
+    let mut problems = Problems::default();
+    for file in suppress {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the suppression file `{}`", file.display()))?;
+        problems.extend(parse_suppressions(file, &text, &mut suppressed));
+    }
+    let reader = std::fs::File::open(path)
+        .with_context(|| format!("cannot open the recipient list `{}`", path.display()))?;
+    let mut list = parse_reader(
+        path,
+        std::io::BufReader::with_capacity(1 << 16, reader),
+        &suppressed,
+    );
+    problems.extend(std::mem::take(&mut list.problems));
+    list.problems = problems;
+    Ok(list)
+}
+
+/// Adds a suppression file's addresses to `into`: one address per line (`#` starts a comment),
+/// or a CSV whose header has an `email` column. Unreadable entries are errors: a suppression
+/// that silently fails to apply is how people get mail they asked not to get. Keys are
+/// lower-cased whole, so a suppression matches whatever the case of the local part.
+pub fn parse_suppressions(path: &Path, text: &str, into: &mut HashSet<String>) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut lines = text.lines().enumerate().peekable();
+    let first = lines
+        .peek()
+        .map(|(_, l)| l.trim_start_matches('\u{feff}').trim().to_owned());
+    let csv_column = first.as_deref().and_then(|header| {
+        header.contains(',').then(|| {
+            header
+                .split(',')
+                .position(|c| c.trim().eq_ignore_ascii_case("email"))
+        })
+    });
+    match csv_column {
+        Some(None) => problems.push(Problem::error(
+            path,
+            Some(1),
+            "a CSV suppression file needs an `email` column",
+        )),
+        Some(Some(column)) => {
+            let mut reader = csv::ReaderBuilder::new()
+                .flexible(true)
+                .from_reader(text.as_bytes());
+            for record in reader.records() {
+                match record {
+                    Ok(record) => {
+                        let line = record.position().map(csv::Position::line);
+                        let cell = record.get(column).unwrap_or("").trim();
+                        suppress_one(path, line, cell, into, &mut problems);
+                    }
+                    Err(error) => {
+                        let line = error.position().map(csv::Position::line);
+                        problems.push(Problem::error(
+                            path,
+                            line,
+                            format!("unreadable row ({error})"),
+                        ));
+                    }
+                }
+            }
+        }
+        None => {
+            for (index, line) in lines {
+                let entry = line
+                    .split('#')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches('\u{feff}')
+                    .trim();
+                suppress_one(path, Some(index as u64 + 1), entry, into, &mut problems);
+            }
+        }
+    }
+    problems
+}
+
+fn suppress_one(
+    path: &Path,
+    line: Option<u64>,
+    entry: &str,
+    into: &mut HashSet<String>,
+    problems: &mut Vec<Problem>,
+) {
+    if entry.is_empty() {
+        return;
+    }
+    match normalise(entry) {
+        Ok(address) => {
+            into.insert(address.key.to_lowercase());
+        }
+        Err(reason) => problems.push(Problem::error(
+            path,
+            line,
+            format!("cannot suppress `{entry}`: {reason}"),
+        )),
+    }
+}
+
+/// Parses a recipient CSV from any reader. `path` is only used to name the file in problems.
+pub fn parse_reader(path: &Path, reader: impl Read, suppressed: &HashSet<String>) -> RecipientList {
+    let mut problems = Problems::default();
+    let mut csv = csv::ReaderBuilder::new()
+        .flexible(false)
+        .from_reader(reader);
+    let columns = match read_columns(path, &mut csv) {
+        Ok(columns) => Arc::new(columns),
+        Err(problem) => {
+            problems.push(problem);
+            return RecipientList {
+                path: path.to_path_buf(),
+                columns: Arc::new(Columns {
+                    names: vec![],
+                    email: 0,
+                    name: None,
+                    locale: None,
+                }),
+                recipients: vec![],
+                suppressed: vec![],
+                duplicates: vec![],
+                problems,
+            };
+        }
+    };
+    let mut seen: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut recipients = Vec::new();
+    let mut suppressed_rows = Vec::new();
+    let mut duplicates = Vec::new();
+    let mut record = csv::StringRecord::new();
+    loop {
+        match csv.read_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(error) => {
+                let line = error.position().map(csv::Position::line);
+                let message = match error.kind() {
+                    csv::ErrorKind::Utf8 { .. } => {
+                        "the row is not valid UTF-8; save the file as UTF-8".to_owned()
+                    }
+                    csv::ErrorKind::UnequalLengths {
+                        expected_len, len, ..
+                    } => {
+                        format!("the row has {len} fields but the header has {expected_len}")
+                    }
+                    _ => format!("unreadable row ({error})"),
+                };
+                problems.push(Problem::error(path, line, message));
+                if matches!(error.kind(), csv::ErrorKind::Io(_)) {
+                    break;
+                }
+                continue;
+            }
+        }
+        let line = record.position().map_or(0, csv::Position::line);
+        if record.iter().all(|field| field.trim().is_empty()) {
+            continue;
+        }
+        match recipient(&columns, line, &record) {
+            Err(message) => problems.push(Problem::error(path, Some(line), message)),
+            Ok(recipient) => {
+                if let Some(&first) = seen.get(&recipient.address.key) {
+                    duplicates.push((line, first));
+                    continue;
+                }
+                seen.insert(recipient.address.key.clone(), line);
+                // Suppression ignores case even in the local part: when in doubt, do not send.
+                if suppressed.contains(&recipient.address.key.to_lowercase()) {
+                    suppressed_rows.push(recipient);
+                } else {
+                    recipients.push(recipient);
+                }
+            }
+        }
+    }
+    RecipientList {
+        path: path.to_path_buf(),
+        columns,
+        recipients,
+        suppressed: suppressed_rows,
+        duplicates,
+        problems,
+    }
+}
+
+fn read_columns<R: Read>(path: &Path, csv: &mut csv::Reader<R>) -> Result<Columns, Problem> {
+    let header = csv.headers().map_err(|error| {
+        Problem::error(
+            path,
+            Some(1),
+            format!("the header row cannot be read ({error})"),
+        )
+    })?;
+    let names: Vec<String> = header
+        .iter()
+        .map(|name| name.trim_start_matches('\u{feff}').trim().to_owned())
+        .collect();
+    let find = |wanted: &str| names.iter().position(|n| n.eq_ignore_ascii_case(wanted));
+    let Some(email) = find("email") else {
+        return Err(Problem::error(
+            path,
+            Some(1),
+            "the header row has no `email` column",
+        ));
+    };
+    let mut seen = HashSet::new();
+    for name in &names {
+        if name.is_empty() {
+            return Err(Problem::error(
+                path,
+                Some(1),
+                "the header row has an empty column name",
+            ));
+        }
+        if !seen.insert(name.to_ascii_lowercase()) {
+            return Err(Problem::error(
+                path,
+                Some(1),
+                format!("the header row names the column `{name}` twice"),
+            ));
+        }
+    }
+    Ok(Columns {
+        email,
+        name: find("name"),
+        locale: find("locale"),
+        names,
+    })
+}
+
+fn recipient(
+    columns: &Columns,
+    line: u64,
+    record: &csv::StringRecord,
+) -> Result<Recipient, String> {
+    let raw_email = record.get(columns.email).unwrap_or("").trim();
+    if raw_email.is_empty() {
+        return Err("the `email` field is empty".to_owned());
+    }
+    let address = normalise(raw_email)
+        .map_err(|reason| format!("`{raw_email}` is not a valid address: {reason}"))?;
+    let cell = |index: Option<usize>| {
+        index
+            .and_then(|i| record.get(i))
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    let name = cell(columns.name);
+    // The name reaches the To header: a line break there would let the data write headers.
+    if let Some(name) = &name
+        && name.contains(['\r', '\n'])
+    {
+        return Err(
+            "the `name` field contains a line break, which would reach the To header".to_owned(),
+        );
+    }
+    Ok(Recipient {
+        line,
+        address,
+        name,
+        locale: cell(columns.locale),
+        record: record.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(csv: &str) -> RecipientList {
+        parse_reader(Path::new("r.csv"), csv.as_bytes(), &HashSet::new())
+    }
+
+    fn messages(list: &RecipientList) -> Vec<String> {
+        list.problems
+            .0
+            .iter()
+            .map(|p| format!("{}: {}", p.line.unwrap_or(0), p.message))
+            .collect()
+    }
+
+    #[test]
+    fn header_bom_and_whitespace_are_tolerated_and_columns_kept() {
+        let list = check("\u{feff} Email , Name ,plan\nann@example.com,Ann,gold\n");
+        assert_eq!(messages(&list), Vec::<String>::new());
+        assert_eq!(list.recipients.len(), 1);
+        let r = &list.recipients[0];
+        assert_eq!(
+            (r.line, r.address.key.as_str(), r.name.as_deref()),
+            (2, "ann@example.com", Some("Ann"))
+        );
+        assert_eq!(list.columns.template_name(0), "email");
+        assert_eq!(list.columns.template_name(2), "plan");
+    }
+
+    #[test]
+    fn bad_rows_are_reported_with_their_line_and_reading_goes_on() {
+        let list = check(
+            "email,name\nnot-an-address,A\nb@example.com\n\"c@example.com\",\"C\r\nInjected: 1\"\nd@localhost,D\ne@example.com,E\n",
+        );
+        let found = messages(&list);
+        assert_eq!(found.len(), 4, "{found:?}");
+        assert!(
+            found[0].starts_with("2: `not-an-address` is not a valid address"),
+            "{found:?}"
+        );
+        assert!(
+            found[1].starts_with("3: the row has 1 fields but the header has 2"),
+            "{found:?}"
+        );
+        assert!(
+            found[2].starts_with("4: the `name` field contains a line break"),
+            "{found:?}"
+        );
+        assert!(
+            found[3].starts_with("6: `d@localhost` is not a valid address"),
+            "{found:?}"
+        );
+        assert_eq!(list.recipients.len(), 1);
+        assert_eq!(list.recipients[0].line, 7);
+    }
+
+    #[test]
+    fn duplicates_differ_only_in_domain_case_and_are_sent_once() {
+        let list = check("email\nAnn@Example.COM\nAnn@example.com\nann@example.com\n");
+        assert_eq!(list.recipients.len(), 2, "local parts are case-sensitive");
+        assert_eq!(list.duplicates, vec![(3, 2)]);
+    }
+
+    #[test]
+    fn missing_email_column_and_invalid_utf8_are_errors() {
+        assert_eq!(
+            messages(&check("name\nAnn\n")),
+            vec!["1: the header row has no `email` column"]
+        );
+        let list = parse_reader(
+            Path::new("r.csv"),
+            &b"email,name\na@example.com,\xff\xfe\n"[..],
+            &HashSet::new(),
+        );
+        assert_eq!(
+            messages(&list),
+            vec!["2: the row is not valid UTF-8; save the file as UTF-8"]
+        );
+    }
+
+    #[test]
+    fn suppressed_addresses_are_kept_apart() {
+        let mut set = HashSet::new();
+        let problems = parse_suppressions(
+            Path::new("s.txt"),
+            "# opted out\nBob@EXAMPLE.com\n\nnot an address\n",
+            &mut set,
+        );
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].line, Some(4));
+        let list = parse_reader(
+            Path::new("r.csv"),
+            "email\nbob@example.com\nann@example.com\n".as_bytes(),
+            &set,
+        );
+        assert_eq!(list.suppressed.len(), 1);
+        assert_eq!(list.recipients.len(), 1);
+    }
+
+    #[test]
+    fn suppression_csv_uses_its_email_column() {
+        let mut set = HashSet::new();
+        let problems = parse_suppressions(
+            Path::new("s.csv"),
+            "reason,email\nbounce,x@example.org\n",
+            &mut set,
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(set.contains("x@example.org"));
+    }
+}

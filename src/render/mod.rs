@@ -1,0 +1,154 @@
+//! Render: one [`OutgoingMessage`] per [`Recipient`], from handlebars templates and Fluent.
+//!
+//! [`Renderer::load`] reads the templates and locales (the edge); after that, rendering is pure
+//! and `Sync`: many threads render with one shared `Renderer`. The template context holds the
+//! current recipient (`r.<column>`), its resolved `locale` and campaign-level values only —
+//! never other recipients.
+
+pub mod locale;
+pub mod message;
+pub mod template;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use lettre::message::Mailbox;
+use serde_json::{Map, Value};
+
+use crate::config::Campaign;
+use crate::problem::Problems;
+use crate::recipients::{Columns, Recipient};
+pub use locale::Locales;
+pub use message::{Envelope, OutgoingMessage};
+use template::{Part, Templates};
+
+/// Everything needed to render any recipient's message.
+pub struct Renderer {
+    campaign_id: String,
+    from: Mailbox,
+    reply_to: Option<Mailbox>,
+    templates: Templates,
+    locales: Arc<Locales>,
+    columns: Arc<Columns>,
+}
+
+impl Renderer {
+    /// Loads the campaign's templates and locales; problems are every error found in them.
+    pub fn load(
+        campaign: &Campaign,
+        columns: Arc<Columns>,
+    ) -> anyhow::Result<Result<Renderer, Problems>> {
+        let locales = match Locales::load(&campaign.locales_dir, &campaign.default_locale)? {
+            Ok(locales) => Arc::new(locales),
+            Err(problems) => return Ok(Err(problems)),
+        };
+        let templates = match Templates::load(&campaign.template_dir, Arc::clone(&locales))? {
+            Ok(templates) => templates,
+            Err(problems) => return Ok(Err(problems)),
+        };
+        Ok(Ok(Renderer::new(campaign, templates, locales, columns)))
+    }
+
+    #[must_use]
+    pub fn new(
+        campaign: &Campaign,
+        templates: Templates,
+        locales: Arc<Locales>,
+        columns: Arc<Columns>,
+    ) -> Renderer {
+        Renderer {
+            campaign_id: campaign.id.clone(),
+            from: campaign.from.clone(),
+            reply_to: campaign.reply_to.clone(),
+            templates,
+            locales,
+            columns,
+        }
+    }
+
+    #[must_use]
+    pub fn locales(&self) -> &Locales {
+        &self.locales
+    }
+
+    /// The template context of one recipient.
+    fn context(&self, recipient: &Recipient, locale: &str) -> Value {
+        let mut r = Map::new();
+        for (index, value) in recipient.record.iter().enumerate() {
+            r.insert(
+                self.columns.template_name(index).to_owned(),
+                Value::String(value.trim().to_owned()),
+            );
+        }
+        // The normalised address is the one the message goes to; show templates the same.
+        r.insert(
+            "email".to_owned(),
+            Value::String(recipient.address.key.clone()),
+        );
+        let mut campaign = Map::new();
+        campaign.insert("id".to_owned(), Value::String(self.campaign_id.clone()));
+        let mut root = Map::new();
+        root.insert("r".to_owned(), Value::Object(r));
+        root.insert("locale".to_owned(), Value::String(locale.to_owned()));
+        root.insert("campaign".to_owned(), Value::Object(campaign));
+        Value::Object(root)
+    }
+
+    /// Renders one recipient's message; the error says which template and why.
+    pub fn render(
+        &self,
+        recipient: &Recipient,
+        date: SystemTime,
+    ) -> Result<OutgoingMessage, String> {
+        let locale_index = self.locales.resolve(recipient.locale.as_deref());
+        let locale = self.locales.tag(locale_index);
+        let data = self.context(recipient, locale);
+        let subject = self.templates.render(Part::Subject, &data)?;
+        if subject.contains(['\r', '\n']) {
+            return Err(
+                "the rendered subject contains a line break, which would let data write headers"
+                    .to_owned(),
+            );
+        }
+        let subject = subject.trim();
+        if subject.is_empty() {
+            return Err("the rendered subject is empty".to_owned());
+        }
+        let text = self
+            .templates
+            .has_text()
+            .then(|| self.templates.render(Part::Text, &data))
+            .transpose()?;
+        let html = self
+            .templates
+            .has_html()
+            .then(|| self.templates.render(Part::Html, &data))
+            .transpose()?;
+        let message_id = message::message_id(
+            &self.campaign_id,
+            &recipient.address.key,
+            self.from.email.domain(),
+        );
+        let to = Mailbox::new(recipient.name.clone(), recipient.address.address.clone());
+        let bytes = message::build(&message::Content {
+            from: &self.from,
+            reply_to: self.reply_to.as_ref(),
+            to,
+            subject,
+            text: text.as_deref(),
+            html: html.as_deref(),
+            message_id: &message_id,
+            date,
+        })?;
+        Ok(OutgoingMessage {
+            line: recipient.line,
+            envelope: Envelope {
+                mail_from: self.from.email.clone(),
+                rcpt_to: recipient.address.address.clone(),
+            },
+            message_id,
+            locale: locale.to_owned(),
+            bytes,
+        })
+    }
+}

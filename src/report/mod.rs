@@ -1,0 +1,237 @@
+//! Report: what happened to each recipient, counted, and the one-screen summary.
+//!
+//! Pure: [`Summary`] is fed [`Delivery`] values and prints into any `impl Write`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::{self, Write};
+
+use crate::exit::Exit;
+
+/// Where a recipient ended up in this run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum State {
+    /// Accepted by the server (250 after the final dot), written to the outbox, or, in a dry
+    /// run, handed to the recording transport.
+    Sent,
+    /// A temporary (4xx) refusal: to be tried again later.
+    Deferred,
+    /// A permanent (5xx) refusal: never retried.
+    Failed,
+    /// The connection broke after the message body was sent and before the server answered:
+    /// it may or may not have been delivered, so it is reported and not re-sent.
+    Ambiguous,
+    /// Not attempted in this run (the relay went away, or the run was halted).
+    Pending,
+    /// On a suppression list.
+    Suppressed,
+    /// Rejected by validation.
+    Invalid,
+}
+
+impl State {
+    pub const ALL: [State; 7] = [
+        State::Sent,
+        State::Deferred,
+        State::Failed,
+        State::Ambiguous,
+        State::Pending,
+        State::Suppressed,
+        State::Invalid,
+    ];
+
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Sent => "sent",
+            State::Deferred => "deferred",
+            State::Failed => "failed",
+            State::Ambiguous => "ambiguous",
+            State::Pending => "pending",
+            State::Suppressed => "suppressed",
+            State::Invalid => "invalid",
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The outcome of one recipient's message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub line: u64,
+    pub recipient: String,
+    pub locale: String,
+    pub state: State,
+    /// The server's last reply, the file written, or why it was not attempted.
+    pub detail: String,
+}
+
+/// Counts of one run, which always add up to the number of recipients.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub dry_run: bool,
+    pub states: BTreeMap<State, usize>,
+    pub locales: BTreeMap<String, usize>,
+    pub domains: BTreeMap<String, usize>,
+    /// Deliveries that did not end as sent, first ones only (see [`Summary::KEEP`]).
+    pub notable: Vec<Delivery>,
+    pub duplicates: usize,
+}
+
+impl Summary {
+    /// How many non-sent deliveries to keep for the summary screen.
+    pub const KEEP: usize = 20;
+
+    pub fn add(&mut self, state: State, count: usize) {
+        *self.states.entry(state).or_default() += count;
+    }
+
+    pub fn record(&mut self, delivery: Delivery) {
+        self.add(delivery.state, 1);
+        if delivery.state != State::Sent && self.notable.len() < Self::KEEP {
+            self.notable.push(delivery);
+        }
+    }
+
+    /// Counts one message by its locale and recipient domain (for the planning view).
+    pub fn count_message(&mut self, locale: &str, domain: &str) {
+        *self.locales.entry(locale.to_owned()).or_default() += 1;
+        *self.domains.entry(domain.to_owned()).or_default() += 1;
+    }
+
+    #[must_use]
+    pub fn count(&self, state: State) -> usize {
+        self.states.get(&state).copied().unwrap_or(0)
+    }
+
+    #[must_use]
+    pub fn total(&self) -> usize {
+        self.states.values().sum()
+    }
+
+    /// The exit code this run deserves.
+    #[must_use]
+    pub fn exit(&self) -> Exit {
+        if self.count(State::Pending) > 0 || self.count(State::Deferred) > 0 {
+            Exit::WorkRemaining
+        } else if self.count(State::Failed) > 0 || self.count(State::Ambiguous) > 0 {
+            Exit::PermanentFailures
+        } else {
+            Exit::Complete
+        }
+    }
+
+    /// The one-screen summary.
+    pub fn print(&self, out: &mut impl Write) -> io::Result<()> {
+        let sent = if self.dry_run {
+            "would be sent (dry run)"
+        } else {
+            "sent"
+        };
+        writeln!(out, "{} recipients", self.total())?;
+        for state in State::ALL {
+            let count = self.count(state);
+            if count > 0 || state == State::Sent {
+                let label = if state == State::Sent {
+                    sent
+                } else {
+                    state.name()
+                };
+                writeln!(out, "  {label:<24} {count:>9}")?;
+            }
+        }
+        if self.duplicates > 0 {
+            writeln!(
+                out,
+                "  {:<24} {:>9}",
+                "duplicate rows skipped", self.duplicates
+            )?;
+        }
+        if !self.locales.is_empty() {
+            let locales: Vec<String> = self
+                .locales
+                .iter()
+                .map(|(l, n)| format!("{l} {n}"))
+                .collect();
+            writeln!(out, "by locale: {}", locales.join(", "))?;
+        }
+        if !self.domains.is_empty() {
+            let mut domains: Vec<_> = self.domains.iter().collect();
+            domains.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            let top: Vec<String> = domains
+                .iter()
+                .take(10)
+                .map(|(d, n)| format!("{d} {n}"))
+                .collect();
+            let more = domains.len().saturating_sub(10);
+            let tail = if more > 0 {
+                format!(" (+{more} more)")
+            } else {
+                String::new()
+            };
+            writeln!(out, "by domain: {}{tail}", top.join(", "))?;
+        }
+        for delivery in &self.notable {
+            writeln!(
+                out,
+                "  line {} {} {}: {}",
+                delivery.line, delivery.recipient, delivery.state, delivery.detail
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(state: State) -> Delivery {
+        Delivery {
+            line: 2,
+            recipient: "a@example.com".into(),
+            locale: "en".into(),
+            state,
+            detail: "550 5.1.1 no such user".into(),
+        }
+    }
+
+    #[test]
+    fn exit_codes_follow_the_worst_outcome() {
+        let mut summary = Summary::default();
+        summary.record(delivery(State::Sent));
+        assert_eq!(summary.exit(), Exit::Complete);
+        summary.record(delivery(State::Failed));
+        assert_eq!(summary.exit(), Exit::PermanentFailures);
+        summary.record(delivery(State::Deferred));
+        assert_eq!(summary.exit(), Exit::WorkRemaining);
+        assert_eq!(summary.total(), 3);
+    }
+
+    #[test]
+    fn the_summary_lists_counts_breakdowns_and_problems() {
+        let mut summary = Summary::default();
+        summary.record(delivery(State::Sent));
+        summary.record(delivery(State::Failed));
+        summary.add(State::Suppressed, 2);
+        summary.count_message("fr", "example.com");
+        let mut out = Vec::new();
+        summary.print(&mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("4 recipients\n"), "{text}");
+        assert!(
+            text.contains("  suppressed                       2\n"),
+            "{text}"
+        );
+        assert!(text.contains("by locale: fr 1\n"), "{text}");
+        assert!(
+            text.contains("line 2 a@example.com failed: 550 5.1.1 no such user"),
+            "{text}"
+        );
+    }
+}
