@@ -90,31 +90,26 @@ pub struct Loaded {
 }
 
 /// Loads the campaign file, the recipients and the templates and locales.
-/// `Ok(Err(problems))` when the input has errors; `Err` when a file cannot be read at all.
+/// `Ok(Err(problems))` when the campaign cannot be rendered at all (config, templates,
+/// locales); rows with problems are left out of `list.recipients` and listed in
+/// `list.problems`. `Err` when a file cannot be read.
 pub fn load(path: &Path) -> anyhow::Result<Result<Loaded, Problems>> {
     let campaign = match config::parse(path, &read(path)?) {
         Ok(campaign) => campaign,
         Err(problems) => return Ok(Err(problems)),
     };
     let mut list = recipients::load(&campaign.recipients, &campaign.suppress)?;
-    let mut problems = std::mem::take(&mut list.problems);
-    let renderer = match Renderer::load(&campaign, list.columns.clone())? {
-        Ok(renderer) => Some(renderer),
-        Err(more) => {
-            problems.extend(more);
-            None
+    match Renderer::load(&campaign, list.columns.clone())? {
+        Ok(renderer) => Ok(Ok(Loaded {
+            campaign,
+            list,
+            renderer,
+        })),
+        Err(problems) => {
+            let mut all = std::mem::take(&mut list.problems);
+            all.extend(problems);
+            Ok(Err(all))
         }
-    };
-    match renderer {
-        Some(renderer) if problems.errors() == 0 => {
-            list.problems = problems;
-            Ok(Ok(Loaded {
-                campaign,
-                list,
-                renderer,
-            }))
-        }
-        _ => Ok(Err(problems)),
     }
 }
 
@@ -227,9 +222,11 @@ fn warnings(loaded: &Loaded) -> Vec<Problem> {
 
 /// Loads and validates; on any error, fails with all of them (exit 65) having sent nothing.
 fn load_valid(path: &Path, date: SystemTime) -> anyhow::Result<(Loaded, Summary)> {
-    let loaded = load(path)?.map_err(|problems| problems.into_result().unwrap_err())?;
+    let loaded = load(path)?.map_err(Problems::into_failure)?;
     let (problems, summary) = validate(&loaded, date);
-    problems.into_result()?;
+    let mut all = loaded.list.problems.clone();
+    all.extend(problems);
+    all.into_result()?;
     Ok((loaded, summary))
 }
 
@@ -237,27 +234,30 @@ fn check(path: &Path, out: &mut impl std::io::Write) -> anyhow::Result<Exit> {
     let mut problems = match load(path)? {
         Err(problems) => problems,
         Ok(loaded) => {
-            let (mut problems, summary) = validate(&loaded, now());
-            problems
-                .0
-                .splice(0..0, loaded.list.problems.0.iter().cloned());
-            problems.extend(warnings(&loaded));
-            let valid =
-                loaded.list.recipients.len() - problems.errors().min(loaded.list.recipients.len());
+            let (rendering, summary) = validate(&loaded, now());
+            let list = &loaded.list;
+            let rendered = list.recipients.len() - rendering.errors();
             writeln!(
                 out,
-                "{valid} of {} messages rendered and checked",
-                loaded.list.recipients.len()
+                "{rendered} of {} messages rendered and checked",
+                list.recipients.len()
             )?;
-            if !loaded.list.suppressed.is_empty() {
-                writeln!(out, "{} suppressed", loaded.list.suppressed.len())?;
-            }
+            writeln!(
+                out,
+                "{} invalid rows, {} duplicates, {} suppressed",
+                list.invalid(),
+                list.duplicates.len(),
+                list.suppressed.len()
+            )?;
             let locales: Vec<String> = summary
                 .locales
                 .iter()
                 .map(|(l, n)| format!("{l} {n}"))
                 .collect();
             writeln!(out, "by locale: {}", locales.join(", "))?;
+            let mut problems = list.problems.clone();
+            problems.extend(rendering);
+            problems.extend(warnings(&loaded));
             problems
         }
     };

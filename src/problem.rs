@@ -97,8 +97,15 @@ impl Problems {
     /// Fails with every error listed when there is at least one; warnings pass.
     pub fn into_result(self) -> Result<Problems, Failure> {
         if self.errors() == 0 {
-            return Ok(self);
+            Ok(self)
+        } else {
+            Err(self.into_failure())
         }
+    }
+
+    /// The failure that lists every error (exit 65).
+    #[must_use]
+    pub fn into_failure(self) -> Failure {
         let mut message = format!(
             "{} problem{} in the input; nothing was sent:",
             self.errors(),
@@ -108,7 +115,7 @@ impl Problems {
             message.push_str("\n  ");
             message.push_str(&problem.to_string());
         }
-        Err(Failure::new(Exit::InvalidInput, message))
+        Failure::new(Exit::InvalidInput, message)
     }
 }
 

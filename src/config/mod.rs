@@ -140,7 +140,7 @@ impl fmt::Display for Secret {
 pub fn load(path: &Path) -> anyhow::Result<Campaign> {
     let source = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the campaign file `{}`", path.display()))?;
-    parse(path, &source).map_err(|problems| problems.into_result().unwrap_err().into())
+    parse(path, &source).map_err(|problems| problems.into_failure().into())
 }
 
 /// Validates campaign.toml text; `path` names the file in errors and anchors relative paths.

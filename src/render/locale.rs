@@ -112,7 +112,12 @@ impl Locales {
                     Ok(resource) => resource,
                     Err((resource, errors)) => {
                         for error in errors {
-                            let line = line_of(resource.source(), error.pos.start);
+                            // The start of the broken entry, rather than where the parser gave up.
+                            let at = error
+                                .slice
+                                .as_ref()
+                                .map_or(error.pos.start, |slice| slice.start);
+                            let line = line_of(resource.source(), at);
                             problems.push(Problem::error(
                                 &path,
                                 Some(line),

@@ -1,0 +1,173 @@
+//! A small builder for campaign folders in a temporary directory, and a runner for the real
+//! binary. Every campaign starts from the repository's example templates and locales.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::sink::Sink;
+
+pub struct Campaign {
+    dir: tempfile::TempDir,
+    rows: Vec<String>,
+    header: String,
+    transport: String,
+    transport_keys: String,
+    extra: String,
+}
+
+/// What a run of the binary gave.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+impl Campaign {
+    /// The example's templates and locales, no rows yet, the file transport.
+    pub fn example() -> Campaign {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        copy_dir(&repo.join("templates"), &dir.path().join("templates"));
+        copy_dir(&repo.join("locales"), &dir.path().join("locales"));
+        Campaign {
+            dir,
+            rows: vec![],
+            header: "email,name,locale,plan".to_owned(),
+            transport: "kind = \"file\"\noutbox = \"outbox\"\n".to_owned(),
+            transport_keys: String::new(),
+            extra: String::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn header(mut self, header: &str) -> Campaign {
+        header.clone_into(&mut self.header);
+        self
+    }
+
+    pub fn row(mut self, row: &str) -> Campaign {
+        self.rows.push(row.to_owned());
+        self
+    }
+
+    pub fn rows(mut self, rows: impl IntoIterator<Item = String>) -> Campaign {
+        self.rows.extend(rows);
+        self
+    }
+
+    /// Replaces the transport's kind and location (keys added with `transport` stay).
+    pub fn transport_kind(mut self, keys: &str) -> Campaign {
+        self.transport = format!("{keys}\n");
+        self
+    }
+
+    /// SMTP to the sink over `connections` connections.
+    pub fn smtp(mut self, sink: &Sink, connections: usize) -> Campaign {
+        self.transport = format!(
+            "kind = \"smtp\"\nurl = \"smtp://127.0.0.1:{}\"\nconnections = {connections}\n",
+            sink.port()
+        );
+        self
+    }
+
+    /// More keys for the `[transport]` section.
+    pub fn transport(mut self, keys: &str) -> Campaign {
+        self.transport_keys.push_str(keys);
+        self.transport_keys.push('\n');
+        self
+    }
+
+    /// Raw TOML appended after everything else.
+    pub fn extra(mut self, toml: &str) -> Campaign {
+        self.extra.push_str(toml);
+        self
+    }
+
+    /// Overwrites (or adds) a file in the campaign folder.
+    pub fn file(self, relative: &str, text: &str) -> Campaign {
+        let path = self.dir.path().join(relative);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+        self
+    }
+
+    /// Writes campaign.toml and the CSV; returns the campaign file's path.
+    pub fn write(&self) -> PathBuf {
+        let mut csv = self.header.clone();
+        csv.push('\n');
+        for row in &self.rows {
+            csv.push_str(row);
+            csv.push('\n');
+        }
+        std::fs::write(self.dir.path().join("recipients.csv"), csv).unwrap();
+        let toml = format!(
+            "[campaign]\nid = \"test-campaign\"\nfrom = \"Example <news@example.com>\"\nreply_to = \"support@example.com\"\n\
+             template = \"templates\"\nlocales = \"locales\"\ndefault_locale = \"en\"\n\n\
+             [recipients]\npath = \"recipients.csv\"\n\n[transport]\n{}{}\n{}",
+            self.transport, self.transport_keys, self.extra
+        );
+        let path = self.dir.path().join("campaign.toml");
+        std::fs::write(&path, toml).unwrap();
+        path
+    }
+
+    /// Writes the campaign and runs `mailer <command> campaign.toml <args…>`.
+    pub fn run(&self, command: &str, args: &[&str]) -> Run {
+        let path = self.write();
+        mailer(&[&[command, path.to_str().unwrap()], args].concat(), &[])
+    }
+}
+
+/// Runs the real binary with `args` and extra environment variables.
+pub fn mailer(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let output = Command::new(env!("CARGO_BIN_EXE_mailer"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env_remove("MAILER_LOG")
+        .output()
+        .unwrap();
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// `count` rows spread over the example's four locales (plus fallbacks), with names that need
+/// HTML escaping and non-ASCII names.
+pub fn people(count: usize) -> Vec<String> {
+    const LOCALES: [&str; 5] = ["en", "fr", "fr-CA", "de", "es"];
+    const NAMES: [&str; 4] = [
+        "Zoë <b>&</b> Co",
+        "Jean-Éric \"JE\" O'Hara",
+        "Ольга",
+        "Plain Name",
+    ];
+    (0..count)
+        .map(|i| {
+            let name = NAMES[i % NAMES.len()].replace('"', "\"\"");
+            format!(
+                "user{i}@example{}.com,\"{name} {i}\",{},plan{i}",
+                i % 7,
+                LOCALES[i % LOCALES.len()]
+            )
+        })
+        .collect()
+}

@@ -1,0 +1,503 @@
+//! Integration tests: the real binary against an in-process SMTP sink, the file outbox and the
+//! dry run, plus snapshots of rendered messages through the library.
+
+mod campaign;
+mod sink;
+mod snapshots;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use campaign::{Campaign, mailer, people};
+use mail_parser::{Message, MessageParser};
+use sink::{Phase, Sink};
+
+fn parse(data: &[u8]) -> Message<'_> {
+    MessageParser::default()
+        .parse(data)
+        .expect("a parseable message")
+}
+
+fn to_addresses(message: &Message<'_>) -> Vec<String> {
+    message
+        .to()
+        .map(|to| {
+            to.iter()
+                .filter_map(|a| a.address())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The number on the summary line that starts with `label`.
+fn count(stdout: &str, label: &str) -> Option<usize> {
+    stdout
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with(label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// Header names present in a message's top-level header block, lower-cased.
+fn header_names(message: &Message<'_>) -> Vec<String> {
+    message
+        .headers()
+        .iter()
+        .map(|h| h.name().to_ascii_lowercase())
+        .collect()
+}
+
+#[test]
+fn two_hundred_recipients_in_four_locales_over_four_connections() {
+    let sink = Sink::start();
+    let campaign = Campaign::example().smtp(&sink, 4).rows(people(200));
+    let run = campaign.run("send", &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(count(&run.stdout, "sent"), Some(200), "{}", run.stdout);
+
+    let transactions = sink.transactions();
+    assert_eq!(transactions.len(), 200);
+    let used: HashSet<usize> = transactions.iter().map(|t| t.connection).collect();
+    assert!(
+        used.len() > 1 && sink.connections() <= 4,
+        "used {used:?} of {} connections",
+        sink.connections()
+    );
+
+    let mut message_ids = HashMap::new();
+    for t in &transactions {
+        assert_eq!(t.rcpt_to.len(), 1, "one RCPT per transaction");
+        assert_eq!(t.mail_from, "news@example.com");
+        let message = parse(&t.data);
+        assert_eq!(to_addresses(&message), t.rcpt_to, "To equals the envelope");
+        let names = header_names(&message);
+        for forbidden in ["cc", "bcc", "resent-to", "apparently-to"] {
+            assert!(
+                !names.contains(&forbidden.to_owned()),
+                "{forbidden} in {names:?}"
+            );
+        }
+        let i: usize = t.rcpt_to[0]
+            .trim_start_matches("user")
+            .split('@')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let text = message.body_text(0).unwrap().into_owned();
+        let html = message.body_html(0).unwrap().into_owned();
+        let subject = message.subject().unwrap();
+        let (greeting, subject_start, plan) = match i % 5 {
+            0 | 4 => ("Hello", "Changes to our terms", "Your current plan"), // en, and es falling back to en
+            1 => (
+                "Bonjour",
+                "Modification de nos conditions",
+                "Votre formule actuelle",
+            ),
+            2 => (
+                "Allô",
+                "Modification de nos conditions",
+                "Votre forfait actuel",
+            ), // fr-CA, subject from fr
+            _ => ("Hallo", "Änderungen unserer", "Ihr aktueller Tarif"),
+        };
+        assert!(text.starts_with(greeting), "line {i}: {text}");
+        assert!(subject.starts_with(subject_start), "line {i}: {subject}");
+        assert!(text.contains(plan), "line {i}: {text}");
+        if i % 5 == 3 {
+            assert!(
+                text.contains("You receive this message"),
+                "de falls back to the English footer: {text}"
+            );
+        }
+        if i % 4 == 0 {
+            assert!(
+                text.contains(&format!("Zoë <b>&</b> Co {i}")),
+                "text keeps the name intact: {text}"
+            );
+            assert!(
+                html.contains(&format!("Zoë &lt;b&gt;&amp;&lt;/b&gt; Co {i}")),
+                "HTML escapes it: {html}"
+            );
+            assert!(!html.contains("<b>&</b>"), "{html}");
+        }
+        let id = message.message_id().unwrap().to_owned();
+        assert!(id.ends_with("@example.com"), "{id}");
+        message_ids.insert(t.rcpt_to[0].clone(), id);
+    }
+    let unique: HashSet<&String> = message_ids.values().collect();
+    assert_eq!(unique.len(), 200, "Message-IDs are unique");
+
+    // Rendered again, by another run, each recipient's Message-ID is the same.
+    let again = Sink::start();
+    let rerun = Campaign::example()
+        .smtp(&again, 2)
+        .rows(people(200))
+        .run("send", &[]);
+    assert_eq!(rerun.code, 0, "{rerun:?}");
+    for t in again.transactions() {
+        let message = parse(&t.data);
+        assert_eq!(
+            Some(message.message_id().unwrap()),
+            message_ids.get(&t.rcpt_to[0]).map(String::as_str)
+        );
+    }
+}
+
+#[test]
+fn a_dry_run_takes_the_whole_pipeline_and_opens_no_connection() {
+    let sink = Sink::start();
+    let run = Campaign::example()
+        .smtp(&sink, 3)
+        .rows(people(25))
+        .run("send", &["--dry-run"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(
+        count(&run.stdout, "would be sent (dry run)"),
+        Some(25),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("by locale: de 5, en 10, fr 5, fr-CA 5"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(sink.connections(), 0);
+}
+
+#[test]
+fn the_file_transport_writes_one_parseable_eml_per_recipient_and_rewrites_them_on_rerun() {
+    let campaign = Campaign::example()
+        .rows(people(30))
+        .row("user0@EXAMPLE0.com,dup,en,x");
+    for _ in 0..2 {
+        let run = campaign.run("send", &[]);
+        assert_eq!(run.code, 0, "{run:?}");
+        let mut recipients = HashSet::new();
+        let files: Vec<_> = std::fs::read_dir(campaign.dir().join("outbox"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 30, "{files:?}");
+        for file in files {
+            assert_eq!(file.extension().unwrap(), "eml");
+            let bytes = std::fs::read(&file).unwrap();
+            let to = to_addresses(&parse(&bytes));
+            assert_eq!(to.len(), 1);
+            recipients.insert(to[0].clone());
+        }
+        let expected: HashSet<String> = (0..30)
+            .map(|i| format!("user{i}@example{}.com", i % 7))
+            .collect();
+        assert_eq!(recipients, expected);
+    }
+}
+
+#[test]
+fn bad_input_is_one_sentence_with_file_and_line_and_nothing_is_sent() {
+    let cases: Vec<(Campaign, &str)> = vec![
+        (
+            Campaign::example()
+                .row("ok@example.com,A,en,x")
+                .row("not-an-address,B,en,x"),
+            "recipients.csv:3: `not-an-address` is not a valid address",
+        ),
+        (
+            Campaign::example()
+                .row("ok@example.com,A,en,x")
+                .row("x@example.com,\"B\r\nBcc: all@example.com\",en,x"),
+            "recipients.csv:3: the `name` field contains a line break",
+        ),
+        (
+            Campaign::example().row("ok@example.com,A,en"),
+            "recipients.csv:2: the row has 3 fields but the header has 4",
+        ),
+        (
+            Campaign::example().header("name,plan").row("A,x"),
+            "recipients.csv:1: the header row has no `email` column",
+        ),
+        (
+            Campaign::example()
+                .row("ok@example.com,A,en,x")
+                .file("templates/text.hbs", "Hi\n{{r.missing}}\n"),
+            "text.hbs:2: `r.missing` has no value",
+        ),
+        (
+            Campaign::example()
+                .row("ok@example.com,A,en,x")
+                .file("templates/text.hbs", "{{t \"no-such-id\"}}\n"),
+            "the Fluent message `no-such-id` exists in none of en",
+        ),
+        (
+            Campaign::example()
+                .row("ok@example.com,A,en,x")
+                .file("templates/text.hbs", "{{t \"greeting\"}}\n"),
+            "the Fluent message `greeting` in `en` cannot be formatted",
+        ),
+        (
+            Campaign::example()
+                .row("ok@example.com,A,en,x")
+                .file("templates/html.hbs", "<p>{{#if r.name}}</p>\n"),
+            "html.hbs:2: template syntax error: invalid handlebars syntax",
+        ),
+        (
+            Campaign::example()
+                .row("ok@example.com,A,en,x")
+                .file("locales/fr/main.ftl", "ok = oui\nbroken = {\n"),
+            "main.ftl:2: Fluent syntax error",
+        ),
+        (
+            Campaign::example()
+                .row("ok@example.com,A,en,x")
+                .transport("speed = 9"),
+            "campaign.toml:16: unknown field `speed`",
+        ),
+        (
+            Campaign::example()
+                .row("ok@example.com,A,en,x")
+                .extra("[rate]\nper_second = 5\n"),
+            "campaign.toml:17: the `[rate]` section is not supported",
+        ),
+    ];
+    for (campaign, expected) in cases {
+        let sink = Sink::start();
+        let run = campaign.smtp(&sink, 1).run("send", &[]);
+        assert_eq!(run.code, 65, "{expected}: {run:?}");
+        assert!(
+            run.stderr.contains(expected),
+            "expected `{expected}` in:\n{}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains("nothing was sent") || run.stderr.contains("campaign.toml"),
+            "{}",
+            run.stderr
+        );
+        assert!(
+            !run.stderr.contains("panicked") && !run.stderr.contains("backtrace"),
+            "{}",
+            run.stderr
+        );
+        assert_eq!(sink.connections(), 0, "{expected}: nothing may be sent");
+    }
+}
+
+#[test]
+fn check_reports_every_problem_at_once_and_the_fallbacks() {
+    let campaign = Campaign::example()
+        .row("ok@example.com,A,de,x")
+        .row("bad@,B,en,x")
+        .row("ok@example.com,A again,en,x")
+        .row("also bad,C,en,x");
+    let run = campaign.run("check", &[]);
+    assert_eq!(run.code, 65, "{run:?}");
+    assert!(
+        run.stdout.contains(
+            "1 of 1 messages rendered and checked\n2 invalid rows, 1 duplicates, 0 suppressed"
+        ),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("recipients.csv:3: `bad@` is not a valid address"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("recipients.csv:5: `also bad` is not a valid address"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("recipients.csv:4: warning: repeats the address of line 2"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("warning: `footer` not translated; shown along de → en"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("2 errors, 2 warnings"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn refusals_are_recorded_per_recipient_and_set_the_exit_code() {
+    let script: sink::Script = Arc::new(|phase, rcpt| match (phase, rcpt) {
+        (Phase::Rcpt, "user3@example3.com") => Some("550 5.1.1 no such user".to_owned()),
+        (Phase::EndOfData, "user4@example4.com") => Some("554 5.7.1 rejected as spam".to_owned()),
+        (Phase::Rcpt, "user5@example5.com") => Some("451 4.3.0 try again later".to_owned()),
+        _ => None,
+    });
+    let sink = Sink::scripted(script);
+    let run = Campaign::example()
+        .smtp(&sink, 2)
+        .rows(people(12))
+        .run("send", &[]);
+    assert_eq!(
+        run.code, 75,
+        "a deferred recipient means work remains: {run:?}"
+    );
+    assert_eq!(count(&run.stdout, "sent"), Some(9), "{}", run.stdout);
+    assert_eq!(count(&run.stdout, "deferred"), Some(1), "{}", run.stdout);
+    assert_eq!(count(&run.stdout, "failed"), Some(2), "{}", run.stdout);
+    assert!(
+        run.stdout
+            .contains("user3@example3.com failed: 550 5.1.1 no such user"),
+        "{}",
+        run.stdout
+    );
+    let delivered: Vec<String> = sink
+        .transactions()
+        .iter()
+        .filter(|t| t.reply.starts_with('2'))
+        .map(|t| t.rcpt_to[0].clone())
+        .collect();
+    assert_eq!(delivered.len(), 9);
+    assert!(!delivered.iter().any(|r| {
+        [
+            "user3@example3.com",
+            "user4@example4.com",
+            "user5@example5.com",
+        ]
+        .contains(&r.as_str())
+    }));
+
+    let only_permanent: sink::Script = Arc::new(|phase, rcpt| {
+        (phase == Phase::Rcpt && rcpt == "user1@example1.com").then(|| "550 5.1.1 gone".to_owned())
+    });
+    let sink = Sink::scripted(only_permanent);
+    let run = Campaign::example()
+        .smtp(&sink, 1)
+        .rows(people(4))
+        .run("send", &[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(sink.transactions().len(), 3);
+}
+
+#[test]
+fn connections_are_reused_up_to_messages_per_connection() {
+    let sink = Sink::start();
+    let run = Campaign::example()
+        .smtp(&sink, 1)
+        .transport("messages_per_connection = 3")
+        .rows(people(10))
+        .run("send", &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(sink.transactions().len(), 10);
+    assert_eq!(sink.connections(), 4);
+}
+
+#[test]
+fn an_unreachable_relay_exits_69_with_everyone_still_pending() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let campaign = Campaign::example().rows(people(5)).transport_kind(&format!(
+        "kind = \"smtp\"\nurl = \"smtp://127.0.0.1:{port}\""
+    ));
+    let path = campaign.write();
+    let run = mailer(&["send", path.to_str().unwrap()], &[]);
+    assert_eq!(run.code, 69, "{run:?}");
+    assert_eq!(count(&run.stdout, "pending"), Some(5), "{}", run.stdout);
+    assert!(
+        run.stderr
+            .contains("relay unavailable, 5 recipients left pending"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn the_password_comes_from_the_environment_and_never_shows() {
+    let sink = Sink::start();
+    let campaign = Campaign::example()
+        .smtp(&sink, 1)
+        .transport("username = \"mailer-user\"\npassword_env = \"TEST_SMTP_PASSWORD\"")
+        .rows(people(3));
+    let path = campaign.write();
+    let secret = "s3cret-Value-42";
+    let run = mailer(
+        &["send", path.to_str().unwrap(), "--log-format", "json"],
+        &[("TEST_SMTP_PASSWORD", secret), ("MAILER_LOG", "trace")],
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(sink.logins(), vec![format!("mailer-user:{secret}")]);
+    assert!(
+        !run.stdout.contains(secret) && !run.stderr.contains(secret),
+        "{run:?}"
+    );
+
+    let missing = mailer(&["send", path.to_str().unwrap()], &[]);
+    assert_eq!(missing.code, 65, "{missing:?}");
+    assert!(
+        missing
+            .stderr
+            .contains("`TEST_SMTP_PASSWORD` named by password_env is not set"),
+        "{}",
+        missing.stderr
+    );
+}
+
+#[test]
+fn init_scaffolds_a_campaign_that_checks_and_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("announce");
+    let run = mailer(&["init", target.to_str().unwrap()], &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let campaign = target.join("campaign.toml");
+    let check = mailer(&["check", campaign.to_str().unwrap()], &[]);
+    assert_eq!(check.code, 0, "{check:?}");
+    assert!(
+        check
+            .stdout
+            .contains("19 of 19 messages rendered and checked"),
+        "{}",
+        check.stdout
+    );
+    let send = mailer(&["send", campaign.to_str().unwrap()], &[]);
+    assert_eq!(send.code, 0, "{send:?}");
+    assert_eq!(
+        std::fs::read_dir(target.join("outbox")).unwrap().count(),
+        19
+    );
+    let again = mailer(&["init", target.to_str().unwrap()], &[]);
+    assert_eq!(again.code, 65, "{again:?}");
+    assert!(again.stderr.contains("is not empty"), "{}", again.stderr);
+}
+
+#[test]
+fn preview_writes_the_first_messages_of_each_locale() {
+    let campaign = Campaign::example().rows(people(40));
+    let out = campaign.dir().join("preview");
+    let run = campaign.run(
+        "preview",
+        &["--out", out.to_str().unwrap(), "--per-locale", "2"],
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    for locale in ["en", "fr", "fr-CA", "de"] {
+        let files: Vec<_> = std::fs::read_dir(out.join(locale)).unwrap().collect();
+        assert_eq!(files.len(), 2, "{locale}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_64_and_help_exits_0() {
+    assert_eq!(mailer(&["send"], &[]).code, 64);
+    assert_eq!(mailer(&["frobnicate"], &[]).code, 64);
+    let help = mailer(&["send", "--help"], &[]);
+    assert_eq!(help.code, 0);
+    assert!(help.stdout.contains("--dry-run"), "{}", help.stdout);
+}

@@ -1,0 +1,245 @@
+//! An in-process SMTP sink on 127.0.0.1:0 that records every envelope and message and can
+//! script its replies. It runs on its own thread and runtime, so the code under test (the real
+//! binary, or `mailer::run` with its own runtime) talks to it like to any server.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Where in the transaction a scripted reply applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Greeting,
+    Mail,
+    Rcpt,
+    Data,
+    /// The reply to the final dot.
+    EndOfData,
+}
+
+/// Decides a reply: `None` for the normal one, `Some("550 5.1.1 no")` to refuse, `Some("DROP")`
+/// to close the connection without a word. The `&str` is the recipient, once there is one.
+pub type Script = Arc<dyn Fn(Phase, &str) -> Option<String> + Send + Sync>;
+
+/// One SMTP transaction that reached the end of DATA.
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    pub connection: usize,
+    pub mail_from: String,
+    pub rcpt_to: Vec<String>,
+    /// The message as the client meant it: dot-stuffing undone, CRLF kept.
+    pub data: Vec<u8>,
+    /// The reply the sink gave to the final dot.
+    pub reply: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Recorded {
+    pub connections: usize,
+    pub transactions: Vec<Transaction>,
+    /// Decoded `AUTH PLAIN` credentials, as `user:password`.
+    pub logins: Vec<String>,
+}
+
+pub struct Sink {
+    pub addr: SocketAddr,
+    recorded: Arc<Mutex<Recorded>>,
+}
+
+impl Sink {
+    pub fn start() -> Sink {
+        Sink::scripted(Arc::new(|_, _| None))
+    }
+
+    pub fn scripted(script: Script) -> Sink {
+        let recorded = Arc::new(Mutex::new(Recorded::default()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let state = Arc::clone(&recorded);
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                ready_tx.send(listener.local_addr().unwrap()).unwrap();
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let number = {
+                        let mut recorded = state.lock().unwrap();
+                        recorded.connections += 1;
+                        recorded.connections
+                    };
+                    tokio::spawn(serve(
+                        stream,
+                        number,
+                        Arc::clone(&state),
+                        Arc::clone(&script),
+                    ));
+                }
+            });
+        });
+        let addr = ready_rx.recv().unwrap();
+        Sink { addr, recorded }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.recorded.lock().unwrap().connections
+    }
+
+    pub fn transactions(&self) -> Vec<Transaction> {
+        self.recorded.lock().unwrap().transactions.clone()
+    }
+
+    pub fn logins(&self) -> Vec<String> {
+        self.recorded.lock().unwrap().logins.clone()
+    }
+}
+
+fn angle(argument: &str) -> String {
+    let start = argument.find('<').map_or(0, |i| i + 1);
+    let end = argument[start..]
+        .find('>')
+        .map_or(argument.len(), |i| start + i);
+    argument[start..end].to_owned()
+}
+
+async fn serve(stream: TcpStream, number: usize, state: Arc<Mutex<Recorded>>, script: Script) {
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    macro_rules! reply {
+        ($phase:expr, $rcpt:expr, $normal:expr) => {{
+            let text = script($phase, $rcpt).unwrap_or_else(|| $normal.to_owned());
+            if text == "DROP" {
+                return;
+            }
+            if write
+                .write_all(format!("{text}\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            text.starts_with('2') || text.starts_with('3')
+        }};
+    }
+    if !reply!(Phase::Greeting, "", "220 sink.test ESMTP") {
+        return;
+    }
+    let mut mail_from = None::<String>;
+    let mut rcpt_to = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match read.read_line(&mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let command = line.trim_end().to_owned();
+        let upper = command.to_ascii_uppercase();
+        if upper.starts_with("EHLO") || upper.starts_with("HELO") {
+            let ehlo = "250-sink.test\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-AUTH PLAIN LOGIN\r\n250 ENHANCEDSTATUSCODES";
+            if write
+                .write_all(format!("{ehlo}\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        } else if upper.starts_with("AUTH PLAIN ") {
+            use base64::Engine as _;
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(command[11..].trim())
+                .unwrap_or_default();
+            let parts: Vec<String> = decoded
+                .split(|&b| b == 0)
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect();
+            state.lock().unwrap().logins.push(format!(
+                "{}:{}",
+                parts.get(1).cloned().unwrap_or_default(),
+                parts.get(2).cloned().unwrap_or_default()
+            ));
+            let _ = write.write_all(b"235 2.7.0 accepted\r\n").await;
+        } else if upper.starts_with("MAIL FROM:") {
+            mail_from = Some(angle(&command));
+            rcpt_to.clear();
+            let _ = reply!(Phase::Mail, "", "250 2.1.0 ok");
+        } else if upper.starts_with("RCPT TO:") {
+            let rcpt = angle(&command);
+            if reply!(Phase::Rcpt, &rcpt, "250 2.1.5 ok") {
+                rcpt_to.push(rcpt);
+            }
+        } else if upper == "DATA" {
+            let first = rcpt_to.first().cloned().unwrap_or_default();
+            if !reply!(Phase::Data, &first, "354 go ahead") {
+                continue;
+            }
+            let mut data = Vec::new();
+            let mut body_line = Vec::new();
+            loop {
+                body_line.clear();
+                let mut byte = [0u8; 1];
+                // Byte by byte up to LF: simple, and exact about bare CR and LF.
+                loop {
+                    match read.read(&mut byte).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    body_line.push(byte[0]);
+                    if byte[0] == b'\n' {
+                        break;
+                    }
+                }
+                if body_line == b".\r\n" {
+                    break;
+                }
+                let unstuffed = if body_line.starts_with(b"..") {
+                    &body_line[1..]
+                } else {
+                    &body_line[..]
+                };
+                data.extend_from_slice(unstuffed);
+            }
+            let first = rcpt_to.first().cloned().unwrap_or_default();
+            let text =
+                script(Phase::EndOfData, &first).unwrap_or_else(|| "250 2.0.0 queued".to_owned());
+            if text == "DROP" {
+                return;
+            }
+            state.lock().unwrap().transactions.push(Transaction {
+                connection: number,
+                mail_from: mail_from.take().unwrap_or_default(),
+                rcpt_to: std::mem::take(&mut rcpt_to),
+                data,
+                reply: text.clone(),
+            });
+            if write
+                .write_all(format!("{text}\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        } else if upper == "RSET" {
+            mail_from = None;
+            rcpt_to.clear();
+            let _ = write.write_all(b"250 2.0.0 reset\r\n").await;
+        } else if upper == "NOOP" {
+            let _ = write.write_all(b"250 2.0.0 ok\r\n").await;
+        } else if upper == "QUIT" {
+            let _ = write.write_all(b"221 2.0.0 bye\r\n").await;
+            return;
+        } else {
+            let _ = write.write_all(b"502 5.5.2 unknown command\r\n").await;
+        }
+    }
+}
