@@ -156,7 +156,7 @@ pub fn validate(loaded: &Loaded, date: SystemTime) -> (Problems, Summary) {
         .recipients
         .par_iter()
         .fold(
-            || Counts::default(),
+            Counts::default,
             |(mut problems, mut locales, mut domains), recipient| {
                 match prepare(loaded, recipient, date) {
                     Ok(message) => {
@@ -325,9 +325,12 @@ fn send(path: &Path, dry_run: bool, out: &mut impl std::io::Write) -> anyhow::Re
     let (results_in, mut results_out) = tokio::sync::mpsc::channel::<Delivery>(1024);
 
     let (produced, relay) = std::thread::scope(|scope| {
-        // The producer owns the sending side: when it is done, the channel closes and the
-        // workers drain it and stop.
-        let producer = scope.spawn(|| produce(&loaded, date, messages_in));
+        // When the producer is done, the channel closes and the workers drain it and stop.
+        let producer = scope.spawn(|| {
+            let produced = produce(&loaded, date, &messages_in);
+            messages_in.close();
+            produced
+        });
         let relay = runtime.block_on(async {
             let workers = tokio::spawn(dispatch::run(transport, messages_out, results_in));
             while let Some(delivery) = results_out.recv().await {
@@ -381,7 +384,7 @@ fn send(path: &Path, dry_run: bool, out: &mut impl std::io::Write) -> anyhow::Re
 fn produce(
     loaded: &Loaded,
     date: SystemTime,
-    messages: async_channel::Sender<OutgoingMessage>,
+    messages: &async_channel::Sender<OutgoingMessage>,
 ) -> Result<(), Problem> {
     for chunk in loaded.list.recipients.chunks(512) {
         let rendered: Vec<Result<OutgoingMessage, Problem>> =

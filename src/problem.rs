@@ -61,10 +61,7 @@ impl fmt::Display for Problem {
 #[must_use]
 pub fn line_of(source: &str, offset: usize) -> u64 {
     let end = offset.min(source.len());
-    let newlines = source.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count();
+    let newlines = source.as_bytes()[..end].split(|&b| b == b'\n').count() - 1;
     newlines as u64 + 1
 }
 

@@ -167,13 +167,14 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn line<T>(&self, value: &Spanned<T>) -> Option<u64> {
-        Some(line_of(self.source, value.span().start))
+    fn line<T>(&self, value: &Spanned<T>) -> u64 {
+        line_of(self.source, value.span().start)
     }
 
     fn error<T>(&mut self, at: &Spanned<T>, message: impl Into<String>) {
         let line = self.line(at);
-        self.problems.push(Problem::error(self.path, line, message));
+        self.problems
+            .push(Problem::error(self.path, Some(line), message));
     }
 
     fn relative(&self, value: &Spanned<String>) -> PathBuf {

@@ -73,7 +73,7 @@ const RELAY_RETRIES: [Duration; 3] = [
 enum Worker {
     File(file::Outbox),
     DryRun,
-    Smtp(smtp::Connection),
+    Smtp(Box<smtp::Connection>),
 }
 
 impl Worker {
@@ -108,7 +108,9 @@ pub async fn run(
         let worker = match &transport {
             Transport::File(outbox) => Worker::File(outbox.clone()),
             Transport::DryRun => Worker::DryRun,
-            Transport::Smtp(settings) => Worker::Smtp(smtp::Connection::new(Arc::clone(settings))),
+            Transport::Smtp(settings) => {
+                Worker::Smtp(Box::new(smtp::Connection::new(Arc::clone(settings))))
+            }
         };
         tasks.spawn(work(
             worker,

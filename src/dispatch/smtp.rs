@@ -95,6 +95,7 @@ impl Settings {
         })
     }
 
+    #[must_use]
     pub fn connections(&self) -> usize {
         self.smtp.connections.get()
     }
@@ -162,7 +163,7 @@ impl AsyncTokioStream for ImplicitTls {
 pub struct Connection {
     settings: Arc<Settings>,
     open: Option<AsyncSmtpConnection>,
-    sent_on_this_connection: usize,
+    messages_sent: usize,
 }
 
 /// How a transaction ended.
@@ -182,7 +183,7 @@ impl Connection {
         Connection {
             settings,
             open: None,
-            sent_on_this_connection: 0,
+            messages_sent: 0,
         }
     }
 
@@ -258,15 +259,15 @@ impl Connection {
             let mut connection = match self.open.take() {
                 Some(connection) => connection,
                 None => {
-                    self.sent_on_this_connection = 0;
+                    self.messages_sent = 0;
                     self.connect().await?
                 }
             };
             match transaction(&mut connection, message, &self.settings.smtp).await {
                 Step::Done(attempt) => {
-                    self.sent_on_this_connection += 1;
-                    let used_up = self.sent_on_this_connection
-                        >= self.settings.smtp.messages_per_connection.get();
+                    self.messages_sent += 1;
+                    let used_up =
+                        self.messages_sent >= self.settings.smtp.messages_per_connection.get();
                     if used_up || connection.has_broken() {
                         let _ = tokio::time::timeout(
                             self.settings.smtp.command_timeout,
@@ -323,9 +324,8 @@ async fn timed<T>(
 
 /// A lettre error as one line: the reply code and text when there was a reply.
 fn describe(error: &lettre::transport::smtp::Error) -> String {
-    let text = std::error::Error::source(error)
-        .map(ToString::to_string)
-        .unwrap_or_else(|| error.to_string());
+    let text =
+        std::error::Error::source(error).map_or_else(|| error.to_string(), ToString::to_string);
     match error.status() {
         Some(code) => format!("{code} {text}"),
         None => text,

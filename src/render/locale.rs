@@ -26,7 +26,7 @@ struct Locale {
 
 /// Every loaded locale and the fallback chain of each.
 pub struct Locales {
-    locales: Vec<Locale>,
+    entries: Vec<Locale>,
     default: usize,
     /// For each locale, the indexes to try in order: itself, its bare language, the default.
     chains: Vec<Vec<usize>>,
@@ -191,7 +191,7 @@ impl Locales {
             .map(|(i, l)| (l.tag.clone(), i))
             .collect();
         Ok(Locales {
-            locales,
+            entries: locales,
             default: default_index,
             chains,
             by_tag,
@@ -207,11 +207,11 @@ impl Locales {
         else {
             return self.default;
         };
-        if let Some(exact) = self.locales.iter().position(|l| l.id == id) {
+        if let Some(exact) = self.entries.iter().position(|l| l.id == id) {
             return exact;
         }
         let bare = LanguageIdentifier::from_parts(id.language, None, None, &[]);
-        self.locales
+        self.entries
             .iter()
             .position(|l| l.id == bare)
             .unwrap_or(self.default)
@@ -219,7 +219,7 @@ impl Locales {
 
     #[must_use]
     pub fn tag(&self, index: usize) -> &str {
-        &self.locales[index].tag
+        &self.entries[index].tag
     }
 
     #[must_use]
@@ -229,7 +229,7 @@ impl Locales {
 
     /// Every loaded locale's tag, in folder order.
     pub fn tags(&self) -> impl Iterator<Item = &str> {
-        self.locales.iter().map(|l| l.tag.as_str())
+        self.entries.iter().map(|l| l.tag.as_str())
     }
 
     /// The chain of tags tried for `index`, for messages to the user.
@@ -249,7 +249,7 @@ impl Locales {
             None => (id, None),
         };
         for &candidate in &self.chains[index] {
-            let bundle = &self.locales[candidate].bundle;
+            let bundle = &self.entries[candidate].bundle;
             let Some(message) = bundle.get_message(message_id) else {
                 continue;
             };
@@ -291,10 +291,10 @@ impl Locales {
             .copied()
             .filter(|&i| i != self.default)
             .collect();
-        self.locales[self.default]
+        self.entries[self.default]
             .ids
             .iter()
-            .filter(|id| !own.iter().any(|&i| self.locales[i].bundle.has_message(id)))
+            .filter(|id| !own.iter().any(|&i| self.entries[i].bundle.has_message(id)))
             .cloned()
             .collect()
     }

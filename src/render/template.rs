@@ -103,7 +103,7 @@ impl Templates {
     pub fn load(dir: &Path, locales: Arc<Locales>) -> anyhow::Result<Result<Templates, Problems>> {
         Ok(Templates::from_sources(
             dir,
-            TemplateSources::read(dir)?,
+            &TemplateSources::read(dir)?,
             locales,
         ))
     }
@@ -111,7 +111,7 @@ impl Templates {
     /// Compiles the sources; `dir` only names the folder in problems.
     pub fn from_sources(
         dir: &Path,
-        sources: TemplateSources,
+        sources: &TemplateSources,
         locales: Arc<Locales>,
     ) -> Result<Templates, Problems> {
         let mut problems = Problems::default();
