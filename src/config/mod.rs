@@ -425,8 +425,16 @@ impl Validator<'_> {
         let loopback = host.eq_ignore_ascii_case("localhost")
             || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
         let plaintext_opt_out = t.dangerous_plaintext.as_ref().is_some_and(|v| *v.get_ref());
+        let require_starttls = t.require_starttls.as_ref().is_some_and(|v| *v.get_ref());
+        if let (true, Some(at)) = (require_starttls && plaintext_opt_out, &t.require_starttls) {
+            self.error(
+                at,
+                "`require_starttls` and `dangerous_plaintext` contradict each other",
+            );
+        }
         let (security, default_port) = match url.scheme() {
             "smtps" => (Security::ImplicitTls, 465),
+            "smtp" if require_starttls => (Security::StartTls, 587),
             "smtp" if loopback || plaintext_opt_out => (Security::Plain, 25),
             "smtp" => (Security::StartTls, 587),
             other => {
@@ -576,6 +584,12 @@ path = "r.csv"
             panic!()
         };
         assert_eq!((smtp.security, smtp.port), (Security::StartTls, 587));
+
+        let local_tls = check("[transport]\nkind = \"smtp\"\nurl = \"smtp://localhost:2525\"\nrequire_starttls = true\n").unwrap();
+        let Transport::Smtp(smtp) = local_tls.transport else {
+            panic!()
+        };
+        assert_eq!(smtp.security, Security::StartTls);
 
         let opted_out = check("[transport]\nkind = \"smtp\"\nurl = \"smtp://relay.example.com\"\ndangerous_plaintext = true\n").unwrap();
         let Transport::Smtp(smtp) = opted_out.transport else {

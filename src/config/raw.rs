@@ -67,9 +67,8 @@ pub struct RawTransport {
     pub connect_timeout: Option<Spanned<String>>,
     pub command_timeout: Option<Spanned<String>>,
     pub data_timeout: Option<Spanned<String>>,
-    #[serde(default)]
+    pub require_starttls: Option<Spanned<bool>>,
     pub dangerous_plaintext: Option<Spanned<bool>>,
-    #[serde(default)]
     pub dangerous_accept_invalid_certs: Option<Spanned<bool>>,
 }
 

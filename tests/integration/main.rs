@@ -501,3 +501,84 @@ fn usage_errors_exit_64_and_help_exits_0() {
     assert_eq!(help.code, 0);
     assert!(help.stdout.contains("--dry-run"), "{}", help.stdout);
 }
+
+/// The campaign file of a campaign sending to `url` on the sink, with extra transport keys.
+fn tls_campaign(url: &str, keys: &str, pem: Option<&str>) -> (Campaign, std::path::PathBuf) {
+    let mut campaign = Campaign::example()
+        .rows(people(6))
+        .transport_kind(&format!("kind = \"smtp\"\nurl = \"{url}\"\n{keys}"));
+    if let Some(pem) = pem {
+        campaign = campaign
+            .file("relay-ca.pem", pem)
+            .transport("ca_file = \"relay-ca.pem\"");
+    }
+    let path = campaign.write();
+    (campaign, path)
+}
+
+#[test]
+fn starttls_is_used_and_the_certificate_verified() {
+    let (acceptor, pem) = sink::localhost_certificate();
+    let sink = Sink::tls(sink::Tls::StartTls(acceptor.clone()));
+    let url = format!("smtp://localhost:{}", sink.port());
+    let (_trusted, path) = tls_campaign(&url, "require_starttls = true", Some(&pem));
+    let run = mailer(&["send", path.to_str().unwrap()], &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let transactions = sink.transactions();
+    assert_eq!(transactions.len(), 6);
+    assert!(
+        transactions.iter().all(|t| t.encrypted),
+        "every message went over TLS"
+    );
+
+    // The same relay with a certificate nobody vouches for: nothing is sent.
+    let (_untrusted, path) = tls_campaign(&url, "require_starttls = true", None);
+    let run = mailer(&["send", path.to_str().unwrap()], &[]);
+    assert_eq!(run.code, 69, "{run:?}");
+    assert!(run.stderr.contains("STARTTLS failed"), "{}", run.stderr);
+    assert_eq!(sink.transactions().len(), 6, "no new transaction");
+
+    // Unless the operator says so, loudly.
+    let (_dangerous, path) = tls_campaign(
+        &url,
+        "require_starttls = true\ndangerous_accept_invalid_certs = true",
+        None,
+    );
+    let run = mailer(&["send", path.to_str().unwrap()], &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(sink.transactions().len(), 12);
+}
+
+#[test]
+fn a_relay_without_starttls_is_refused_when_tls_is_required() {
+    let sink = Sink::start();
+    let (_campaign, path) = tls_campaign(
+        &format!("smtp://localhost:{}", sink.port()),
+        "require_starttls = true",
+        None,
+    );
+    let run = mailer(&["send", path.to_str().unwrap()], &[]);
+    assert_eq!(run.code, 69, "{run:?}");
+    assert!(
+        run.stderr.contains("STARTTLS is required but not offered"),
+        "{}",
+        run.stderr
+    );
+    assert!(sink.transactions().is_empty());
+}
+
+#[test]
+fn smtps_speaks_tls_from_the_first_byte() {
+    let (acceptor, pem) = sink::localhost_certificate();
+    let sink = Sink::tls(sink::Tls::Implicit(acceptor));
+    let (_campaign, path) = tls_campaign(
+        &format!("smtps://localhost:{}", sink.port()),
+        "",
+        Some(&pem),
+    );
+    let run = mailer(&["send", path.to_str().unwrap()], &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let transactions = sink.transactions();
+    assert_eq!(transactions.len(), 6);
+    assert!(transactions.iter().all(|t| t.encrypted));
+}

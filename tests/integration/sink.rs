@@ -5,8 +5,9 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 /// Where in the transaction a scripted reply applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +24,38 @@ pub enum Phase {
 /// to close the connection without a word. The `&str` is the recipient, once there is one.
 pub type Script = Arc<dyn Fn(Phase, &str) -> Option<String> + Send + Sync>;
 
+/// How the sink offers TLS.
+#[derive(Clone, Default)]
+pub enum Tls {
+    /// Plain text only; STARTTLS is not advertised.
+    #[default]
+    None,
+    /// STARTTLS advertised, with this certificate.
+    StartTls(TlsAcceptor),
+    /// TLS from the first byte (`smtps://`).
+    Implicit(TlsAcceptor),
+}
+
+/// A self-signed certificate for `localhost`: the acceptor and the PEM to trust it by.
+pub fn localhost_certificate() -> (TlsAcceptor, String) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let pem = certified.cert.pem();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![certified.cert.der().clone()], key)
+    .unwrap();
+    (TlsAcceptor::from(Arc::new(config)), pem)
+}
+
+/// Anything the session can run over: a plain or an encrypted stream.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 /// One SMTP transaction that reached the end of DATA.
 #[derive(Debug, Clone)]
 pub struct Transaction {
@@ -33,6 +66,8 @@ pub struct Transaction {
     pub data: Vec<u8>,
     /// The reply the sink gave to the final dot.
     pub reply: String,
+    /// Whether the transaction ran over TLS.
+    pub encrypted: bool,
 }
 
 #[derive(Debug, Default)]
@@ -54,6 +89,14 @@ impl Sink {
     }
 
     pub fn scripted(script: Script) -> Sink {
+        Sink::with(script, Tls::None)
+    }
+
+    pub fn tls(tls: Tls) -> Sink {
+        Sink::with(Arc::new(|_, _| None), tls)
+    }
+
+    pub fn with(script: Script, tls: Tls) -> Sink {
         let recorded = Arc::new(Mutex::new(Recorded::default()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let state = Arc::clone(&recorded);
@@ -79,6 +122,7 @@ impl Sink {
                         number,
                         Arc::clone(&state),
                         Arc::clone(&script),
+                        tls.clone(),
                     ));
                 }
             });
@@ -112,16 +156,28 @@ fn angle(argument: &str) -> String {
     argument[start..end].to_owned()
 }
 
-async fn serve(stream: TcpStream, number: usize, state: Arc<Mutex<Recorded>>, script: Script) {
-    let (read, mut write) = stream.into_split();
-    let mut read = BufReader::new(read);
+async fn serve(
+    stream: tokio::net::TcpStream,
+    number: usize,
+    state: Arc<Mutex<Recorded>>,
+    script: Script,
+    tls: Tls,
+) {
+    let (mut encrypted, stream): (bool, Box<dyn Io>) = match &tls {
+        Tls::Implicit(acceptor) => match acceptor.accept(stream).await {
+            Ok(tls) => (true, Box::new(tls)),
+            Err(_) => return,
+        },
+        _ => (false, Box::new(stream)),
+    };
+    let mut read = BufReader::new(stream);
     macro_rules! reply {
         ($phase:expr, $rcpt:expr, $normal:expr) => {{
             let text = script($phase, $rcpt).unwrap_or_else(|| $normal.to_owned());
             if text == "DROP" {
                 return;
             }
-            if write
+            if read
                 .write_all(format!("{text}\r\n").as_bytes())
                 .await
                 .is_err()
@@ -146,14 +202,41 @@ async fn serve(stream: TcpStream, number: usize, state: Arc<Mutex<Recorded>>, sc
         let command = line.trim_end().to_owned();
         let upper = command.to_ascii_uppercase();
         if upper.starts_with("EHLO") || upper.starts_with("HELO") {
-            let ehlo = "250-sink.test\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-AUTH PLAIN LOGIN\r\n250 ENHANCEDSTATUSCODES";
-            if write
+            let starttls = if matches!(tls, Tls::StartTls(_)) && !encrypted {
+                "250-STARTTLS\r\n"
+            } else {
+                ""
+            };
+            let ehlo = format!(
+                "250-sink.test\r\n{starttls}250-8BITMIME\r\n250-SMTPUTF8\r\n250-AUTH PLAIN LOGIN\r\n250 ENHANCEDSTATUSCODES"
+            );
+            if read
                 .write_all(format!("{ehlo}\r\n").as_bytes())
                 .await
                 .is_err()
             {
                 return;
             }
+        } else if upper == "STARTTLS" {
+            let Tls::StartTls(acceptor) = &tls else {
+                let _ = read.write_all(b"502 5.5.1 not offered\r\n").await;
+                continue;
+            };
+            if read
+                .write_all(b"220 2.0.0 ready to start TLS\r\n")
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let plain = read.into_inner();
+            let Ok(secure) = acceptor.accept(plain).await else {
+                return;
+            };
+            read = BufReader::new(Box::new(secure));
+            encrypted = true;
+            mail_from = None;
+            rcpt_to.clear();
         } else if upper.starts_with("AUTH PLAIN ") {
             use base64::Engine as _;
             let decoded = base64::engine::general_purpose::STANDARD
@@ -168,7 +251,7 @@ async fn serve(stream: TcpStream, number: usize, state: Arc<Mutex<Recorded>>, sc
                 parts.get(1).cloned().unwrap_or_default(),
                 parts.get(2).cloned().unwrap_or_default()
             ));
-            let _ = write.write_all(b"235 2.7.0 accepted\r\n").await;
+            let _ = read.write_all(b"235 2.7.0 accepted\r\n").await;
         } else if upper.starts_with("MAIL FROM:") {
             mail_from = Some(angle(&command));
             rcpt_to.clear();
@@ -221,8 +304,9 @@ async fn serve(stream: TcpStream, number: usize, state: Arc<Mutex<Recorded>>, sc
                 rcpt_to: std::mem::take(&mut rcpt_to),
                 data,
                 reply: text.clone(),
+                encrypted,
             });
-            if write
+            if read
                 .write_all(format!("{text}\r\n").as_bytes())
                 .await
                 .is_err()
@@ -232,14 +316,14 @@ async fn serve(stream: TcpStream, number: usize, state: Arc<Mutex<Recorded>>, sc
         } else if upper == "RSET" {
             mail_from = None;
             rcpt_to.clear();
-            let _ = write.write_all(b"250 2.0.0 reset\r\n").await;
+            let _ = read.write_all(b"250 2.0.0 reset\r\n").await;
         } else if upper == "NOOP" {
-            let _ = write.write_all(b"250 2.0.0 ok\r\n").await;
+            let _ = read.write_all(b"250 2.0.0 ok\r\n").await;
         } else if upper == "QUIT" {
-            let _ = write.write_all(b"221 2.0.0 bye\r\n").await;
+            let _ = read.write_all(b"221 2.0.0 bye\r\n").await;
             return;
         } else {
-            let _ = write.write_all(b"502 5.5.2 unknown command\r\n").await;
+            let _ = read.write_all(b"502 5.5.2 unknown command\r\n").await;
         }
     }
 }
