@@ -519,7 +519,7 @@ fn tls_campaign(url: &str, keys: &str, pem: Option<&str>) -> (Campaign, std::pat
 #[test]
 fn starttls_is_used_and_the_certificate_verified() {
     let (acceptor, pem) = sink::localhost_certificate();
-    let sink = Sink::tls(sink::Tls::StartTls(acceptor.clone()));
+    let sink = Sink::tls(sink::Tls::Starttls(acceptor.clone()));
     let url = format!("smtp://localhost:{}", sink.port());
     let (_trusted, path) = tls_campaign(&url, "require_starttls = true", Some(&pem));
     let run = mailer(&["send", path.to_str().unwrap()], &[]);

@@ -31,7 +31,7 @@ pub enum Tls {
     #[default]
     None,
     /// STARTTLS advertised, with this certificate.
-    StartTls(TlsAcceptor),
+    Starttls(TlsAcceptor),
     /// TLS from the first byte (`smtps://`).
     Implicit(TlsAcceptor),
 }
@@ -202,7 +202,7 @@ async fn serve(
         let command = line.trim_end().to_owned();
         let upper = command.to_ascii_uppercase();
         if upper.starts_with("EHLO") || upper.starts_with("HELO") {
-            let starttls = if matches!(tls, Tls::StartTls(_)) && !encrypted {
+            let starttls = if matches!(tls, Tls::Starttls(_)) && !encrypted {
                 "250-STARTTLS\r\n"
             } else {
                 ""
@@ -218,7 +218,7 @@ async fn serve(
                 return;
             }
         } else if upper == "STARTTLS" {
-            let Tls::StartTls(acceptor) = &tls else {
+            let Tls::Starttls(acceptor) = &tls else {
                 let _ = read.write_all(b"502 5.5.1 not offered\r\n").await;
                 continue;
             };
