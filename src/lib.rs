@@ -347,7 +347,10 @@ fn send(path: &Path, dry_run: bool, out: &mut impl std::io::Write) -> anyhow::Re
         // When the producer is done, the channel closes and the workers drain it and stop.
         let producer = scope.spawn(|| {
             let produced = match validation.messages {
-                Some(messages) => feed(messages, &messages_in),
+                Some(messages) => {
+                    feed(messages, &messages_in);
+                    Ok(())
+                }
                 None => produce(&loaded, date, &messages_in),
             };
             messages_in.close();
@@ -402,16 +405,12 @@ fn send(path: &Path, dry_run: bool, out: &mut impl std::io::Write) -> anyhow::Re
 }
 
 /// Feeds the workers the messages validation kept (already guarded), in file order.
-fn feed(
-    messages: Vec<OutgoingMessage>,
-    channel: &async_channel::Sender<OutgoingMessage>,
-) -> Result<(), Problem> {
+fn feed(messages: Vec<OutgoingMessage>, channel: &async_channel::Sender<OutgoingMessage>) {
     for message in messages {
         if channel.send_blocking(message).is_err() {
             break;
         }
     }
-    Ok(())
 }
 
 /// Renders and guards in parallel, a chunk at a time, and feeds the workers in file order.
