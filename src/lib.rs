@@ -265,12 +265,7 @@ fn check(path: &Path, out: &mut impl std::io::Write) -> anyhow::Result<Exit> {
                 list.duplicates.len(),
                 list.suppressed.len()
             )?;
-            let locales: Vec<String> = summary
-                .locales
-                .iter()
-                .map(|(l, n)| format!("{l} {n}"))
-                .collect();
-            writeln!(out, "by locale: {}", locales.join(", "))?;
+            writeln!(out, "{}", summary.locale_line())?;
             let mut problems = list.problems.clone();
             problems.extend(rendering);
             problems.extend(warnings(&loaded));

@@ -73,14 +73,8 @@ impl Locales {
                 ));
                 continue;
             };
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&path)
-                .with_context(|| format!("cannot read the locale folder `{}`", path.display()))?
-                .filter_map(|entry| entry.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|ext| ext == "ftl"))
-                .collect();
-            files.sort();
             let mut texts = Vec::new();
-            for file in files {
+            for file in super::files_with_extension(&path, "ftl")? {
                 let text = std::fs::read_to_string(&file).with_context(|| {
                     format!("cannot read `{}` (Fluent files are UTF-8)", file.display())
                 })?;

@@ -9,8 +9,11 @@ pub mod locale;
 pub mod message;
 pub mod template;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
+
+use anyhow::Context as _;
 
 use lettre::message::Mailbox;
 use serde_json::{Map, Value};
@@ -21,6 +24,17 @@ use crate::recipients::{Columns, Recipient};
 pub use locale::Locales;
 pub use message::{Envelope, OutgoingMessage};
 use template::{Part, Templates};
+
+/// The files in `dir` ending in `.extension`, sorted so that loading order is stable.
+fn files_with_extension(dir: &Path, extension: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read the folder `{}`", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|ext| ext == extension))
+        .collect();
+    files.sort();
+    Ok(files)
+}
 
 /// Everything needed to render any recipient's message.
 pub struct Renderer {

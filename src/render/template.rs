@@ -69,13 +69,7 @@ impl TemplateSources {
         };
         let partials = dir.join("partials");
         if partials.is_dir() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&partials)
-                .with_context(|| format!("cannot read `{}`", partials.display()))?
-                .filter_map(|entry| entry.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|ext| ext == "hbs"))
-                .collect();
-            files.sort();
-            for path in files {
+            for path in super::files_with_extension(&partials, "hbs")? {
                 let name = path
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())

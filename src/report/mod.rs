@@ -133,6 +133,17 @@ impl Summary {
         }
     }
 
+    /// `by locale: de 2, en 12, …`
+    #[must_use]
+    pub fn locale_line(&self) -> String {
+        let locales: Vec<String> = self
+            .locales
+            .iter()
+            .map(|(l, n)| format!("{l} {n}"))
+            .collect();
+        format!("by locale: {}", locales.join(", "))
+    }
+
     /// The one-screen summary.
     pub fn print(&self, out: &mut impl Write) -> io::Result<()> {
         let sent = if self.dry_run {
@@ -160,12 +171,7 @@ impl Summary {
             )?;
         }
         if !self.locales.is_empty() {
-            let locales: Vec<String> = self
-                .locales
-                .iter()
-                .map(|(l, n)| format!("{l} {n}"))
-                .collect();
-            writeln!(out, "by locale: {}", locales.join(", "))?;
+            writeln!(out, "{}", self.locale_line())?;
         }
         if !self.domains.is_empty() {
             let mut domains: Vec<_> = self.domains.iter().collect();
