@@ -387,6 +387,43 @@ fn refusals_are_recorded_per_recipient_and_set_the_exit_code() {
 }
 
 #[test]
+fn a_hang_up_after_the_body_is_ambiguous_and_never_sent_again() {
+    let script: sink::Script = Arc::new(|phase, rcpt| {
+        (phase == Phase::EndOfData && rcpt == "user2@example2.com").then(|| "DROP".to_owned())
+    });
+    let sink = Sink::scripted(script);
+    let run = Campaign::example()
+        .smtp(&sink, 1)
+        .rows(people(6))
+        .run("send", &[]);
+    assert_eq!(
+        run.code, 1,
+        "an ambiguous outcome is not a clean completion: {run:?}"
+    );
+    assert_eq!(count(&run.stdout, "ambiguous"), Some(1), "{}", run.stdout);
+    assert_eq!(count(&run.stdout, "sent"), Some(5), "{}", run.stdout);
+    let received: Vec<String> = sink
+        .transactions()
+        .iter()
+        .map(|t| t.rcpt_to[0].clone())
+        .collect();
+    assert_eq!(
+        received
+            .iter()
+            .filter(|r| *r == "user2@example2.com")
+            .count(),
+        1,
+        "received once, not re-sent"
+    );
+    assert_eq!(received.len(), 6, "{received:?}");
+    assert_eq!(
+        sink.connections(),
+        2,
+        "a new connection after the broken one"
+    );
+}
+
+#[test]
 fn connections_are_reused_up_to_messages_per_connection() {
     let sink = Sink::start();
     let run = Campaign::example()

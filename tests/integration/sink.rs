@@ -64,7 +64,7 @@ pub struct Transaction {
     pub rcpt_to: Vec<String>,
     /// The message as the client meant it: dot-stuffing undone, CRLF kept.
     pub data: Vec<u8>,
-    /// The reply the sink gave to the final dot.
+    /// The reply the sink gave to the final dot (`DROP`: it hung up instead).
     pub reply: String,
     /// Whether the transaction ran over TLS.
     pub encrypted: bool,
@@ -295,9 +295,8 @@ async fn serve(
             let first = rcpt_to.first().cloned().unwrap_or_default();
             let text =
                 script(Phase::EndOfData, &first).unwrap_or_else(|| "250 2.0.0 queued".to_owned());
-            if text == "DROP" {
-                return;
-            }
+            // Recorded even when the sink then hangs up without a reply: the message arrived,
+            // and that is what "ambiguous" is about.
             state.lock().unwrap().transactions.push(Transaction {
                 connection: number,
                 mail_from: mail_from.take().unwrap_or_default(),
@@ -306,6 +305,9 @@ async fn serve(
                 reply: text.clone(),
                 encrypted,
             });
+            if text == "DROP" {
+                return;
+            }
             if read
                 .write_all(format!("{text}\r\n").as_bytes())
                 .await
