@@ -24,6 +24,7 @@ pub mod report;
 pub mod scaffold;
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -87,6 +88,7 @@ pub struct Loaded {
     pub campaign: Campaign,
     pub list: RecipientList,
     pub renderer: Renderer,
+    pub rules: guard::Rules,
 }
 
 /// Loads the campaign file, the recipients and the templates and locales.
@@ -100,11 +102,15 @@ pub fn load(path: &Path) -> anyhow::Result<Result<Loaded, Problems>> {
     };
     let mut list = recipients::load(&campaign.recipients, &campaign.suppress)?;
     match Renderer::load(&campaign, list.columns.clone())? {
-        Ok(renderer) => Ok(Ok(Loaded {
-            campaign,
-            list,
-            renderer,
-        })),
+        Ok(renderer) => {
+            let rules = guard_rules(&campaign, &list);
+            Ok(Ok(Loaded {
+                campaign,
+                list,
+                renderer,
+                rules,
+            }))
+        }
         Err(problems) => {
             let mut all = std::mem::take(&mut list.problems);
             all.extend(problems);
@@ -119,6 +125,26 @@ fn read(path: &Path) -> anyhow::Result<String> {
         .with_context(|| format!("cannot read the campaign file `{}`", path.display()))
 }
 
+/// What the guard checks against: every address of the list — suppressed ones too, they are
+/// recipients whose address must not leak either — and the addresses any message may hold.
+fn guard_rules(campaign: &Campaign, list: &RecipientList) -> guard::Rules {
+    let everyone = list
+        .recipients
+        .iter()
+        .chain(&list.suppressed)
+        .map(|r| (r.address.key.as_str(), r.line));
+    let sender = campaign.from.email.to_string();
+    let reply_to = campaign.reply_to.as_ref().map(|r| r.email.to_string());
+    let allowed = campaign
+        .safety
+        .allow_addresses
+        .iter()
+        .map(String::as_str)
+        .chain([sender.as_str()])
+        .chain(reply_to.as_deref());
+    guard::Rules::new(campaign.from.email.clone(), everyone, allowed)
+}
+
 /// Renders and guards one recipient's message. Shared by validation and sending, so both take
 /// exactly the same path.
 pub fn prepare(
@@ -126,20 +152,24 @@ pub fn prepare(
     recipient: &Recipient,
     date: SystemTime,
 ) -> Result<OutgoingMessage, Problem> {
-    let at = |message: String| Problem::error(&loaded.list.path, Some(recipient.line), message);
+    let path = &loaded.list.path;
     let message = loaded.renderer.render(recipient, date).map_err(|reason| {
-        at(format!(
-            "cannot render the message to `{}`: {reason}",
-            recipient.address
-        ))
+        Problem::row(
+            path,
+            recipient.line,
+            format!("cannot render this row's message: {reason}"),
+        )
     })?;
-    guard::check(&message, &loaded.campaign.from.email).map_err(|violations| {
+    guard::check(&message, &loaded.rules).map_err(|violations| {
         let reasons: Vec<String> = violations.iter().map(ToString::to_string).collect();
-        at(format!(
-            "the guard stopped the message to `{}`: {}",
-            recipient.address,
-            reasons.join("; ")
-        ))
+        Problem::guard(
+            path,
+            recipient.line,
+            format!(
+                "the guard stopped the message to this row: {}",
+                reasons.join("; ")
+            ),
+        )
     })?;
     Ok(message)
 }
@@ -238,7 +268,21 @@ fn load_valid(
     let mut validation = validate(&loaded, date, keep_bytes);
     let mut all = loaded.list.problems.clone();
     all.extend(std::mem::take(&mut validation.problems));
-    all.into_result()?;
+    let invalid_rows = all.errors_of(problem::Kind::Row);
+    let blocking = all.errors() - invalid_rows;
+    let max_invalid = loaded.campaign.safety.max_invalid;
+    if blocking > 0 || invalid_rows > max_invalid {
+        let mut failure = all.into_failure();
+        if blocking == 0 {
+            let plural = if invalid_rows == 1 { "" } else { "s" };
+            let _ = write!(
+                failure.message,
+                "\n{invalid_rows} invalid row{plural} and `[safety] max_invalid` is {max_invalid}: fix them, or raise max_invalid to skip them"
+            );
+        }
+        return Err(failure.into());
+    }
+    validation.problems = all;
     Ok((loaded, validation))
 }
 
@@ -296,8 +340,14 @@ fn preview(path: &Path, out: &Path, per_locale: usize) -> anyhow::Result<Exit> {
     let mut written: BTreeMap<String, usize> = BTreeMap::new();
     let wanted = loaded.renderer.locales().tags().count();
     for recipient in &loaded.list.recipients {
-        let message = prepare(&loaded, recipient, date)
-            .map_err(|p| Failure::new(Exit::InvalidInput, p.to_string()))?;
+        let message = match prepare(&loaded, recipient, date) {
+            Ok(message) => message,
+            // A row `[safety] max_invalid` lets the campaign skip.
+            Err(problem) if problem.kind == problem::Kind::Row => continue,
+            Err(problem) => {
+                return Err(Failure::new(Exit::InvalidInput, problem.to_string()).into());
+            }
+        };
         let count = written.entry(message.locale.clone()).or_default();
         if *count >= per_locale {
             if written.len() == wanted && written.values().all(|&n| n >= per_locale) {
@@ -322,10 +372,22 @@ fn send(path: &Path, dry_run: bool, out: &mut impl std::io::Write) -> anyhow::Re
     let date = now();
     let (loaded, validation) = load_valid(path, date, KEEP_BYTES)?;
     let mut summary = validation.summary;
+    let skipped = validation.problems.errors_of(problem::Kind::Row);
+    summary.add(State::Invalid, skipped);
+    for group in validation
+        .problems
+        .grouped()
+        .iter()
+        .filter(|g| g.first.kind == problem::Kind::Row)
+    {
+        tracing::warn!("skipped as invalid ([safety] max_invalid): {group}");
+    }
     let transport = dispatch::Transport::for_campaign(&loaded.campaign.transport, dry_run)?;
     summary.dry_run = dry_run;
     summary.add(State::Suppressed, loaded.list.suppressed.len());
     let total = loaded.list.recipients.len();
+    // Rows of the list that rendered: the CSV's invalid rows never made it into the list.
+    let sendable = total - (skipped - loaded.list.problems.errors_of(problem::Kind::Row));
     tracing::info!(campaign = %loaded.campaign.id, recipients = total, dry_run, "sending");
 
     // One thread drives every connection: the work is waiting on sockets, and keeping it on
@@ -363,8 +425,10 @@ fn send(path: &Path, dry_run: bool, out: &mut impl std::io::Write) -> anyhow::Re
         });
         (producer.join(), relay)
     });
-    let attempted = summary.total() - summary.count(State::Suppressed);
-    summary.add(State::Pending, total - attempted);
+    // Every recipient the workers did not report on is still pending: counts add up.
+    let reported =
+        summary.total() - summary.count(State::Suppressed) - summary.count(State::Invalid);
+    summary.add(State::Pending, sendable - reported);
     summary.print(out)?;
     if dry_run {
         writeln!(
@@ -419,7 +483,13 @@ fn produce(
         let rendered: Vec<Result<OutgoingMessage, Problem>> =
             chunk.par_iter().map(|r| prepare(loaded, r, date)).collect();
         for message in rendered {
-            if messages.send_blocking(message?).is_err() {
+            let message = match message {
+                Ok(message) => message,
+                // Validation found this row invalid and `[safety] max_invalid` lets it be skipped.
+                Err(problem) if problem.kind == problem::Kind::Row => continue,
+                Err(problem) => return Err(problem),
+            };
+            if messages.send_blocking(message).is_err() {
                 return Ok(());
             }
         }

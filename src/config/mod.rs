@@ -38,6 +38,16 @@ pub struct Campaign {
     pub recipients: PathBuf,
     pub suppress: Vec<PathBuf>,
     pub transport: Transport,
+    pub safety: Safety,
+}
+
+/// `[safety]`: what the guard lets through and how many bad rows a send may skip.
+#[derive(Debug, Clone, Default)]
+pub struct Safety {
+    /// Normalised addresses any message may contain (a support address, say).
+    pub allow_addresses: Vec<String>,
+    /// Invalid rows a send may skip (recorded as invalid); by default none.
+    pub max_invalid: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,7 +212,6 @@ impl Validator<'_> {
         for (name, section) in [
             ("rate", &raw.rate),
             ("retry", &raw.retry),
-            ("safety", &raw.safety),
             ("schedule", &raw.schedule),
             ("unsubscribe", &raw.unsubscribe),
             ("dkim", &raw.dkim),
@@ -296,6 +305,7 @@ impl Validator<'_> {
                 );
             }
         }
+        let safety = self.safety(raw.safety.as_ref());
         let hello_default = from.as_ref().map(|m| m.email.domain().to_owned());
         let transport = self.transport(&raw.transport, hello_default.unwrap_or_default());
 
@@ -314,9 +324,45 @@ impl Validator<'_> {
                     recipients,
                     suppress,
                     transport,
+                    safety,
                 })
             }
             _ => Err(self.problems),
+        }
+    }
+
+    fn safety(&mut self, raw: Option<&raw::RawSafety>) -> Safety {
+        let Some(raw) = raw else {
+            return Safety::default();
+        };
+        for (key, value) in [("canary", &raw.canary), ("expect_count", &raw.expect_count)] {
+            if let Some(value) = value {
+                self.error(value, format!("`{key}` is not supported by this version of mailer yet; remove it rather than have it ignored"));
+            }
+        }
+        let mut allow_addresses = Vec::new();
+        for value in &raw.allow_addresses {
+            match crate::recipients::normalise(value.get_ref()) {
+                Ok(address) => allow_addresses.push(address.key),
+                Err(reason) => self.error(
+                    value,
+                    format!(
+                        "`allow_addresses` entry `{}` is not a valid address: {reason}",
+                        value.get_ref()
+                    ),
+                ),
+            }
+        }
+        let max_invalid = match &raw.max_invalid {
+            None => 0,
+            Some(value) => usize::try_from(*value.get_ref()).unwrap_or_else(|_| {
+                self.error(value, "`max_invalid` must be a whole number, 0 or more");
+                0
+            }),
+        };
+        Safety {
+            allow_addresses,
+            max_invalid,
         }
     }
 
@@ -609,10 +655,19 @@ path = "r.csv"
     #[test]
     fn every_problem_is_reported_at_once() {
         let dir = folder();
-        let text = "[campaign]\nid = \"bad id\"\nfrom = \"not an address\"\ntemplate = \"missing\"\nlocales = \"l\"\ndefault_locale = \"en\"\n[recipients]\npath = \"nope.csv\"\n[rate]\nper_second = 3\n";
+        let text = "[campaign]\nid = \"bad id\"\nfrom = \"not an address\"\ntemplate = \"missing\"\nlocales = \"l\"\ndefault_locale = \"en\"\n[recipients]\npath = \"nope.csv\"\n[rate]\nper_second = 3\n[safety]\ncanary = [\"x@example.com\"]\nallow_addresses = [\"nope\"]\nmax_invalid = -1\n";
         let problems = parse(&dir.path().join("c.toml"), text).unwrap_err();
         let lines: Vec<_> = problems.0.iter().map(|p| p.line.unwrap()).collect();
-        assert_eq!(lines, vec![9, 2, 3, 4, 8], "{problems:?}");
+        assert_eq!(lines, vec![9, 2, 3, 4, 8, 12, 13, 14], "{problems:?}");
+    }
+
+    #[test]
+    fn safety_normalises_allowed_addresses() {
+        let campaign =
+            check("[safety]\nallow_addresses = [\"Support@Example.COM\"]\nmax_invalid = 3\n")
+                .unwrap();
+        assert_eq!(campaign.safety.allow_addresses, vec!["Support@example.com"]);
+        assert_eq!(campaign.safety.max_invalid, 3);
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub struct RawFile {
     // error can say "not supported yet" with a line, rather than pretend to honour them.
     pub rate: Option<Spanned<toml::Table>>,
     pub retry: Option<Spanned<toml::Table>>,
-    pub safety: Option<Spanned<toml::Table>>,
+    pub safety: Option<RawSafety>,
     pub schedule: Option<Spanned<toml::Table>>,
     pub unsubscribe: Option<Spanned<toml::Table>>,
     pub dkim: Option<Spanned<toml::Table>>,
@@ -39,6 +39,18 @@ pub struct RawCampaign {
 pub enum RawKind {
     Announcement,
     Marketing,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSafety {
+    #[serde(default)]
+    pub allow_addresses: Vec<Spanned<String>>,
+    pub max_invalid: Option<Spanned<i64>>,
+    /// Not supported yet: parsed to refuse it with its line.
+    pub canary: Option<Spanned<toml::Value>>,
+    /// Not supported yet: parsed to refuse it with its line.
+    pub expect_count: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Deserialize)]

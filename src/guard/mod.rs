@@ -1,16 +1,91 @@
 //! The guard: checks every final message just before any transport takes it.
 //!
 //! Pure. It reads the bytes that will go on the wire, not the values they were made from, so a
-//! mistake anywhere upstream (template, data, config, a library) is caught here. Today it checks
-//! the message's shape (invariants 1 and 4 of the brief): one recipient, the `To` header equal
-//! to the envelope, no copy headers, only the headers mailer writes, CRLF-only lines of at most
-//! 998 octets. The cross-recipient scan (invariant 2) belongs here too and is not built yet.
+//! mistake anywhere upstream (template, data, config, a library) is caught here. It checks the
+//! message's shape (invariants 1 and 4 of the brief): one recipient, the `To` header equal to
+//! the envelope, no copy headers, only the headers mailer writes, CRLF-only lines of at most 998
+//! octets; and its content (invariant 2): no address of another recipient anywhere in the
+//! decoded headers, subject, text or HTML, in plain, percent- or entity-encoded form.
 
+pub mod scan;
+
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 
 use lettre::Address;
+use mail_parser::{MessageParser, PartType};
 
 use crate::render::OutgoingMessage;
+
+/// A 64-bit fingerprint of a normalised, lower-cased address. The directory keeps these rather
+/// than the strings: 16 bytes an entry for a million recipients, and a probe per token. Two
+/// different addresses sharing a fingerprint would at worst stop a message that was fine.
+fn fingerprint(address: &str) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    address.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The lower-cased form the scanner produces, for an address as normalised by `recipients`.
+fn lower(key: &str) -> String {
+    key.to_lowercase()
+}
+
+/// Fingerprints are already well mixed; hashing them again would only cost time.
+#[derive(Default)]
+struct Identity(u64);
+
+impl Hasher for Identity {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+type FingerprintMap<V> = HashMap<u64, V, BuildHasherDefault<Identity>>;
+
+/// What the guard checks messages against: the sender, every recipient of the campaign (with
+/// its CSV line, to name it), and the addresses any message may contain.
+pub struct Rules {
+    sender: Address,
+    recipients: FingerprintMap<u64>,
+    allowed: HashSet<u64, BuildHasherDefault<Identity>>,
+}
+
+impl Rules {
+    /// `recipients` are (normalised address, CSV line); `allowed` are addresses that may appear
+    /// in any message (the sender, reply-to, `[safety] allow_addresses`).
+    pub fn new<'a>(
+        sender: Address,
+        recipients: impl IntoIterator<Item = (&'a str, u64)>,
+        allowed: impl IntoIterator<Item = &'a str>,
+    ) -> Rules {
+        let recipients = recipients.into_iter();
+        let mut map = FingerprintMap::with_capacity_and_hasher(
+            recipients.size_hint().0,
+            BuildHasherDefault::default(),
+        );
+        for (address, line) in recipients {
+            map.entry(fingerprint(&lower(address))).or_insert(line);
+        }
+        Rules {
+            allowed: allowed
+                .into_iter()
+                .map(|a| fingerprint(&lower(a)))
+                .collect(),
+            sender,
+            recipients: map,
+        }
+    }
+}
 
 /// The only top-level headers mailer writes. Anything else means something upstream injected
 /// a header, and `Cc`, `Bcc`, `Resent-*` and `Apparently-To` are among the "anything else".
@@ -32,15 +107,35 @@ const MAX_LINE: usize = 998;
 /// Why a message may not leave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Violation {
-    BareLineBreak { offset: usize },
-    LineTooLong { line: usize, octets: usize },
+    BareLineBreak {
+        offset: usize,
+    },
+    LineTooLong {
+        line: usize,
+        octets: usize,
+    },
     NoHeaderEnd,
     UnexpectedHeader(String),
-    HeaderCount { name: &'static str, count: usize },
+    HeaderCount {
+        name: &'static str,
+        count: usize,
+    },
     ToIsNotOneMailbox(usize),
-    ToDiffersFromEnvelope { to: String, envelope: String },
-    FromDiffersFromSender { from: String, sender: String },
+    ToDiffersFromEnvelope {
+        to: String,
+        envelope: String,
+    },
+    FromDiffersFromSender {
+        from: String,
+        sender: String,
+    },
     Unparseable(&'static str),
+    /// The address of another recipient, and that recipient's CSV line.
+    OtherRecipient {
+        address: String,
+        line: u64,
+        place: &'static str,
+    },
 }
 
 impl fmt::Display for Violation {
@@ -74,19 +169,83 @@ impl fmt::Display for Violation {
                 )
             }
             Violation::Unparseable(what) => write!(f, "the {what} cannot be parsed"),
+            Violation::OtherRecipient {
+                address,
+                line,
+                place,
+            } => {
+                write!(
+                    f,
+                    "the {place} contains `{address}`, the address of the recipient on line {line}"
+                )
+            }
         }
     }
 }
 
-/// Checks one final message. `sender` is the campaign's configured From address.
-pub fn check(message: &OutgoingMessage, sender: &Address) -> Result<(), Vec<Violation>> {
+/// Checks one final message against the campaign's rules.
+pub fn check(message: &OutgoingMessage, rules: &Rules) -> Result<(), Vec<Violation>> {
     let mut violations = Vec::new();
     check_lines(&message.bytes, &mut violations);
-    check_headers(message, sender, &mut violations);
+    check_headers(message, &rules.sender, &mut violations);
+    check_content(message, rules, &mut violations);
     if violations.is_empty() {
         Ok(())
     } else {
         Err(violations)
+    }
+}
+
+/// Looks every address-like token of the decoded message up among the other recipients.
+fn check_content(message: &OutgoingMessage, rules: &Rules, violations: &mut Vec<Violation>) {
+    let Some(parsed) = MessageParser::default().parse(&message.bytes) else {
+        violations.push(Violation::Unparseable("message"));
+        return;
+    };
+    let own = fingerprint(&lower(message.envelope.rcpt_to.as_ref()));
+    let mut probe = |place: &'static str, text: &str| {
+        scan::each_address(text, &mut |token| {
+            let print = fingerprint(token);
+            if print == own || rules.allowed.contains(&print) {
+                return;
+            }
+            if let Some(&line) = rules.recipients.get(&print) {
+                let seen = violations.iter().any(|v| matches!(v, Violation::OtherRecipient { address, place: p, .. } if address == token && *p == place));
+                if !seen {
+                    violations.push(Violation::OtherRecipient {
+                        address: token.to_owned(),
+                        line,
+                        place,
+                    });
+                }
+            }
+        });
+    };
+    // The raw header block, then the decoded forms of what can be encoded in it.
+    let head_end = message
+        .bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(message.bytes.len());
+    probe(
+        "header block",
+        &String::from_utf8_lossy(&message.bytes[..head_end]),
+    );
+    probe("subject", parsed.subject().unwrap_or_default());
+    for list in [parsed.from(), parsed.to(), parsed.reply_to()]
+        .into_iter()
+        .flatten()
+    {
+        for address in list.iter() {
+            probe("header block", address.name().unwrap_or_default());
+        }
+    }
+    for part in &parsed.parts {
+        match &part.body {
+            PartType::Text(text) => probe("text part", text),
+            PartType::Html(html) => probe("HTML part", html),
+            _ => {}
+        }
     }
 }
 
@@ -211,15 +370,72 @@ mod tests {
         }
     }
 
-    fn check_message(bytes: &str, rcpt: &str) -> Vec<String> {
+    /// Checks against a campaign of `recipients` (address, line), support@ allowed.
+    fn check_with(bytes: &str, rcpt: &str, recipients: &[(&str, u64)]) -> Vec<String> {
         let sender: Address = "ops@example.org".parse().unwrap();
-        match check(&message(bytes, rcpt), &sender) {
+        let rules = Rules::new(sender, recipients.iter().copied(), ["support@example.org"]);
+        match check(&message(bytes, rcpt), &rules) {
             Ok(()) => vec![],
             Err(violations) => violations.iter().map(ToString::to_string).collect(),
         }
     }
 
+    fn check_message(bytes: &str, rcpt: &str) -> Vec<String> {
+        check_with(bytes, rcpt, &[("ann@example.com", 2)])
+    }
+
     const GOOD: &str = "From: Ops <ops@example.org>\r\nTo: \"Ann, A.\" <ann@example.com>\r\nSubject: hi\r\n\r\nbody\r\n";
+
+    const CAMPAIGN: [(&str, u64); 3] = [
+        ("ann@example.com", 2),
+        ("Bob@example.com", 3),
+        ("zoë@xn--exmple-cua.de", 4),
+    ];
+
+    fn leaks(body: &str) -> Vec<String> {
+        check_with(&GOOD.replace("body", body), "ann@example.com", &CAMPAIGN)
+    }
+
+    #[test]
+    fn another_recipients_address_in_any_form_is_a_violation() {
+        let found =
+            "the text part contains `bob@example.com`, the address of the recipient on line 3";
+        assert_eq!(leaks("write to bob@example.com"), vec![found]);
+        assert_eq!(leaks("write to BOB@Example.COM."), vec![found]);
+        assert_eq!(leaks("mailto:bob%40example.com"), vec![found]);
+        assert_eq!(leaks("bob&#64;example.com"), vec![found]);
+        assert_eq!(
+            leaks("Zoë@Exämple.de"),
+            vec![
+                "the text part contains `zoë@xn--exmple-cua.de`, the address of the recipient on line 4"
+            ]
+        );
+    }
+
+    #[test]
+    fn own_allowed_and_unknown_addresses_pass() {
+        assert_eq!(
+            leaks("you are ann@example.com; ask support@example.org or ops@example.org"),
+            Vec::<String>::new()
+        );
+        assert_eq!(leaks("stranger@example.net"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn leaks_in_encoded_headers_and_html_parts_are_found() {
+        let subject = GOOD.replace("Subject: hi", "Subject: =?utf-8?b?Qm9iQGV4YW1wbGUuY29t?=");
+        assert_eq!(
+            check_with(&subject, "ann@example.com", &CAMPAIGN),
+            vec!["the subject contains `bob@example.com`, the address of the recipient on line 3"]
+        );
+        let html = "From: ops@example.org\r\nTo: ann@example.com\r\nContent-Type: text/html\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n<a href=3D\"mailto:bob&#x40;example.com\">x</a>\r\n";
+        assert_eq!(
+            check_with(html, "ann@example.com", &CAMPAIGN),
+            vec![
+                "the HTML part contains `bob@example.com`, the address of the recipient on line 3"
+            ]
+        );
+    }
 
     #[test]
     fn a_well_formed_message_passes() {
@@ -272,7 +488,8 @@ mod tests {
         assert_eq!(
             check_message(GOOD, "bob@example.com"),
             vec![
-                "the `To` header names `ann@example.com` but the envelope goes to `bob@example.com`"
+                "the `To` header names `ann@example.com` but the envelope goes to `bob@example.com`",
+                "the header block contains `ann@example.com`, the address of the recipient on line 2"
             ]
         );
         let spoofed = GOOD.replace("ops@example.org", "ceo@example.org");

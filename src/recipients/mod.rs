@@ -230,7 +230,7 @@ pub fn parse_reader(path: &Path, reader: impl Read, suppressed: &HashSet<String>
                     }
                     _ => format!("unreadable row ({error})"),
                 };
-                problems.push(Problem::error(path, line, message));
+                problems.push(Problem::row(path, line.unwrap_or(0), message));
                 if matches!(error.kind(), csv::ErrorKind::Io(_)) {
                     break;
                 }
@@ -242,7 +242,7 @@ pub fn parse_reader(path: &Path, reader: impl Read, suppressed: &HashSet<String>
             continue;
         }
         match recipient(&columns, line, &record) {
-            Err(message) => problems.push(Problem::error(path, Some(line), message)),
+            Err(message) => problems.push(Problem::row(path, line, message)),
             Ok(recipient) => {
                 if let Some(&first) = seen.get(&recipient.address.key) {
                     duplicates.push((line, first));

@@ -138,10 +138,15 @@ impl Templates {
             };
             if let Err(error) = result {
                 let line = error.pos().map(|(line, _)| line as u64);
+                // The parser's list of expected tokens is long and says little; the line says more.
+                let reason = error.reason().to_string();
+                let reason = reason.split(": expected").next().unwrap_or(&reason);
                 problems.push(Problem::error(
                     path,
                     line,
-                    format!("template syntax error: {}", error.reason()),
+                    format!(
+                        "template syntax error: {reason} (an unclosed block, or a stray `{{{{`?)"
+                    ),
                 ));
             }
         };
