@@ -3,6 +3,7 @@
 
 mod campaign;
 mod corpus;
+mod properties;
 mod sink;
 mod snapshots;
 

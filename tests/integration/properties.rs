@@ -1,0 +1,1 @@
+//! Property tests of the guard on the real render path (filled in below).
