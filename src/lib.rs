@@ -234,14 +234,17 @@ fn warnings(loaded: &Loaded) -> Vec<Problem> {
     let locales = loaded.renderer.locales();
     let mut found = Vec::new();
     for (index, tag) in locales.tags().enumerate() {
-        let missing = locales.fallbacks(index);
-        if !missing.is_empty() {
-            let ids: Vec<String> = missing.iter().map(|id| format!("`{id}`")).collect();
+        // One warning per locale the missing ids come from, in chain order.
+        let mut by_source: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (id, served) in locales.fallbacks(index) {
+            by_source.entry(served).or_default().push(format!("`{id}`"));
+        }
+        for (served, ids) in by_source {
             found.push(Problem::warning(
                 &loaded.campaign.locales_dir.join(tag),
                 None,
                 format!(
-                    "{} not translated; shown along {}",
+                    "{} not translated in `{tag}`; shown in `{served}` ({})",
                     ids.join(", "),
                     locales.chain_description(index)
                 ),
@@ -287,7 +290,7 @@ fn load_valid(
 }
 
 fn check(path: &Path, out: &mut impl std::io::Write) -> anyhow::Result<Exit> {
-    let mut problems = match load(path)? {
+    let problems = match load(path)? {
         Err(problems) => problems,
         Ok(loaded) => {
             let Validation {
@@ -304,7 +307,7 @@ fn check(path: &Path, out: &mut impl std::io::Write) -> anyhow::Result<Exit> {
             )?;
             writeln!(
                 out,
-                "{} invalid rows, {} duplicates, {} suppressed",
+                "{} invalid rows, {} duplicate rows, {} suppressed",
                 list.invalid(),
                 list.duplicates.len(),
                 list.suppressed.len()
@@ -316,14 +319,16 @@ fn check(path: &Path, out: &mut impl std::io::Write) -> anyhow::Result<Exit> {
             problems
         }
     };
-    problems.0.sort_by_key(|p| p.severity);
-    for problem in &problems.0 {
-        writeln!(out, "{problem}")?;
+    for group in problems.grouped() {
+        writeln!(out, "{group}")?;
     }
     writeln!(
         out,
-        "{} errors, {} warnings",
+        "{} errors ({} in the campaign files, {} in rows, {} stopped by the guard), {} warnings",
         problems.errors(),
+        problems.errors_of(problem::Kind::Input),
+        problems.errors_of(problem::Kind::Row),
+        problems.errors_of(problem::Kind::Guard),
         problems.warnings()
     )?;
     Ok(if problems.errors() > 0 {

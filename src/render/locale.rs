@@ -273,23 +273,20 @@ impl Locales {
         ))
     }
 
-    /// Message ids of the default locale that `index` and its own chain (before the default)
-    /// lack: they will be shown in the default locale's words.
+    /// Message ids of the default locale that the locale at `index` does not define itself,
+    /// each with the tag of the locale its chain takes it from.
     #[must_use]
-    pub fn fallbacks(&self, index: usize) -> Vec<String> {
-        if index == self.default {
-            return vec![];
-        }
-        let own: Vec<usize> = self.chains[index]
-            .iter()
-            .copied()
-            .filter(|&i| i != self.default)
-            .collect();
+    pub fn fallbacks(&self, index: usize) -> Vec<(String, &str)> {
         self.entries[self.default]
             .ids
             .iter()
-            .filter(|id| !own.iter().any(|&i| self.entries[i].bundle.has_message(id)))
-            .cloned()
+            .filter(|id| !self.entries[index].bundle.has_message(id))
+            .filter_map(|id| {
+                let served = self.chains[index]
+                    .iter()
+                    .find(|&&i| self.entries[i].bundle.has_message(id))?;
+                Some((id.clone(), self.tag(*served)))
+            })
             .collect()
     }
 }
@@ -366,10 +363,21 @@ mod tests {
     }
 
     #[test]
-    fn fallbacks_list_the_ids_shown_in_the_default_locale() {
+    fn fallbacks_name_the_locale_each_id_comes_from() {
         let l = sample();
-        assert_eq!(l.fallbacks(l.resolve(Some("fr-CA"))), vec!["subject"]);
-        assert_eq!(l.fallbacks(l.resolve(Some("en"))), Vec::<String>::new());
+        let from = |tag: &str| -> Vec<(String, String)> {
+            l.fallbacks(l.resolve(Some(tag)))
+                .into_iter()
+                .map(|(id, served)| (id, served.to_owned()))
+                .collect()
+        };
+        let pair = |id: &str, served: &str| (id.to_owned(), served.to_owned());
+        assert_eq!(
+            from("fr-CA"),
+            vec![pair("hello", "fr"), pair("subject", "en")]
+        );
+        assert_eq!(from("fr"), vec![pair("subject", "en")]);
+        assert_eq!(from("en"), vec![]);
     }
 
     #[test]

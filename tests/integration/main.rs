@@ -209,7 +209,7 @@ fn check_reports_every_problem_at_once_and_the_fallbacks() {
     assert_eq!(run.code, 65, "{run:?}");
     assert!(
         run.stdout.contains(
-            "1 of 1 messages rendered and checked\n2 invalid rows, 1 duplicates, 0 suppressed"
+            "1 of 1 messages rendered and checked\n2 invalid rows, 1 duplicate rows, 0 suppressed"
         ),
         "{}",
         run.stdout
@@ -233,13 +233,16 @@ fn check_reports_every_problem_at_once_and_the_fallbacks() {
         run.stdout
     );
     assert!(
-        run.stdout
-            .contains("warning: `footer` not translated; shown along de → en"),
+        run.stdout.contains(
+            "locales/de: warning: `footer` not translated in `de`; shown in `en` (de → en)"
+        ),
         "{}",
         run.stdout
     );
     assert!(
-        run.stdout.contains("2 errors, 2 warnings"),
+        run.stdout.contains(
+            "2 errors (0 in the campaign files, 2 in rows, 0 stopped by the guard), 3 warnings"
+        ),
         "{}",
         run.stdout
     );
