@@ -535,3 +535,118 @@ fn smtps_speaks_tls_from_the_first_byte() {
     assert_eq!(transactions.len(), 6);
     assert!(transactions.iter().all(|t| t.encrypted));
 }
+
+#[test]
+fn a_leak_in_one_rows_data_sends_nothing_and_names_both_rows() {
+    let sink = Sink::start();
+    // people(10) fills lines 2 to 11; user3 is on line 5. Line 12 quotes user3's address.
+    let run = Campaign::example()
+        .smtp(&sink, 2)
+        .rows(people(10))
+        .row("eve@example.net,\"Eve (cc User3@Example3.com)\",en,x")
+        .run("send", &[]);
+    assert_eq!(run.code, 65, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("recipients.csv:12: the guard stopped the message to this row"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("contains `user3@example3.com`, the address of the recipient on line 5"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(sink.connections(), 0, "zero messages");
+}
+
+/// November 2019: a last-minute change put ~1,000 addresses in the To field of each message.
+/// Every way of getting two recipients into one message — config, template, data — is either
+/// impossible to express or refused before anything is sent.
+#[test]
+fn the_2019_incident_cannot_happen() {
+    // Config: there is no key that names recipients.
+    for key in [
+        "to = \"all@example.com\"",
+        "cc = [\"a@example.com\"]",
+        "bcc = \"b@example.com\"",
+        "batch_recipients = 1000",
+    ] {
+        let sink = Sink::start();
+        let campaign = Campaign::example().smtp(&sink, 1).rows(people(3));
+        let path = campaign.write();
+        let toml = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("[campaign]\n", &format!("[campaign]\n{key}\n"));
+        std::fs::write(&path, toml).unwrap();
+        let run = mailer(&["send", path.to_str().unwrap()], &[]);
+        assert_eq!(run.code, 65, "{key}: {run:?}");
+        assert!(
+            run.stderr.contains("campaign.toml:2: unknown field"),
+            "{key}: {}",
+            run.stderr
+        );
+        assert_eq!(sink.connections(), 0, "{key}");
+    }
+
+    // Templates: a recipient list pasted into a template, or a header smuggled into the subject.
+    let templates = [
+        (
+            "templates/text.hbs",
+            "Hello all: user0@example0.com, user1@example1.com, user2@example2.com\n",
+        ),
+        (
+            "templates/html.hbs",
+            "<a href=\"mailto:user1%40example1.com\">write</a>\n",
+        ),
+        (
+            "templates/subject.hbs",
+            "News{{#if r.name}}\r\nBcc: user0@example0.com{{/if}}\n",
+        ),
+    ];
+    for (file, text) in templates {
+        let sink = Sink::start();
+        let run = Campaign::example()
+            .smtp(&sink, 1)
+            .rows(people(3))
+            .file(file, text)
+            .run("send", &[]);
+        assert_eq!(run.code, 65, "{file}: {run:?}");
+        assert_eq!(sink.connections(), 0, "{file}");
+    }
+
+    // Data: several addresses in one cell is an invalid row, never a list.
+    for cell in [
+        "user0@example0.com, user1@example1.com",
+        "user0@example0.com;user1@example1.com",
+        "<user0@example0.com>,<x@example.net>",
+    ] {
+        let sink = Sink::start();
+        let run = Campaign::example()
+            .smtp(&sink, 1)
+            .rows(people(3))
+            .row(&format!("\"{cell}\",Many,en,x"))
+            .run("send", &[]);
+        assert_eq!(run.code, 65, "{cell}: {run:?}");
+        assert_eq!(sink.connections(), 0, "{cell}");
+    }
+
+    // Even when the operator lets invalid rows be skipped, the bad row goes nowhere and every
+    // other message has exactly one recipient.
+    let sink = Sink::start();
+    let run = Campaign::example()
+        .smtp(&sink, 2)
+        .rows(people(5))
+        .row("\"user0@example0.com, user1@example1.com\",Many,en,x")
+        .extra("[safety]\nmax_invalid = 1\n")
+        .run("send", &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(count(&run.stdout, "invalid"), Some(1), "{}", run.stdout);
+    let transactions = sink.transactions();
+    assert_eq!(transactions.len(), 5);
+    for t in transactions {
+        assert_eq!(t.rcpt_to.len(), 1);
+        assert_eq!(to_addresses(&parse(&t.data)), t.rcpt_to);
+    }
+}
