@@ -132,7 +132,7 @@ fn guard_rules(campaign: &Campaign, list: &RecipientList) -> guard::Rules {
         .recipients
         .iter()
         .chain(&list.suppressed)
-        .map(|r| (r.address.key.as_str(), r.line));
+        .map(|r| (&*r.address.key, r.line));
     let sender = campaign.from.email.to_string();
     let reply_to = campaign.reply_to.as_ref().map(|r| r.email.to_string());
     let allowed = campaign

@@ -343,7 +343,7 @@ impl Validator<'_> {
         let mut allow_addresses = Vec::new();
         for value in &raw.allow_addresses {
             match crate::recipients::normalise(value.get_ref()) {
-                Ok(address) => allow_addresses.push(address.key),
+                Ok(address) => allow_addresses.push(address.key.into_string()),
                 Err(reason) => self.error(
                     value,
                     format!(

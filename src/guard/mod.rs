@@ -14,7 +14,7 @@ use std::fmt;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 
 use lettre::Address;
-use mail_parser::{MessageParser, PartType};
+use mail_parser::{Message, MessageParser, PartType};
 
 use crate::render::OutgoingMessage;
 
@@ -187,8 +187,29 @@ impl fmt::Display for Violation {
 pub fn check(message: &OutgoingMessage, rules: &Rules) -> Result<(), Vec<Violation>> {
     let mut violations = Vec::new();
     check_lines(&message.bytes, &mut violations);
-    check_headers(message, &rules.sender, &mut violations);
-    check_content(message, rules, &mut violations);
+    let Some(head_end) = memchr::memmem::find(&message.bytes, b"\r\n\r\n") else {
+        violations.push(Violation::NoHeaderEnd);
+        return Err(violations);
+    };
+    // One parse serves every check below.
+    let Some(parsed) = MessageParser::default().parse(&message.bytes) else {
+        violations.push(Violation::Unparseable("message"));
+        return Err(violations);
+    };
+    check_headers(
+        message,
+        &message.bytes[..head_end + 2],
+        &parsed,
+        &rules.sender,
+        &mut violations,
+    );
+    check_content(
+        message,
+        &message.bytes[..head_end],
+        &parsed,
+        rules,
+        &mut violations,
+    );
     if violations.is_empty() {
         Ok(())
     } else {
@@ -197,11 +218,13 @@ pub fn check(message: &OutgoingMessage, rules: &Rules) -> Result<(), Vec<Violati
 }
 
 /// Looks every address-like token of the decoded message up among the other recipients.
-fn check_content(message: &OutgoingMessage, rules: &Rules, violations: &mut Vec<Violation>) {
-    let Some(parsed) = MessageParser::default().parse(&message.bytes) else {
-        violations.push(Violation::Unparseable("message"));
-        return;
-    };
+fn check_content(
+    message: &OutgoingMessage,
+    head: &[u8],
+    parsed: &Message<'_>,
+    rules: &Rules,
+    violations: &mut Vec<Violation>,
+) {
     let own = fingerprint(&lower(message.envelope.rcpt_to.as_ref()));
     let mut probe = |place: &'static str, text: &str| {
         scan::each_address(text, &mut |token| {
@@ -222,15 +245,11 @@ fn check_content(message: &OutgoingMessage, rules: &Rules, violations: &mut Vec<
         });
     };
     // The raw header block, then the decoded forms of what can be encoded in it.
-    let head_end = message
-        .bytes
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(message.bytes.len());
-    probe(
-        "header block",
-        &String::from_utf8_lossy(&message.bytes[..head_end]),
-    );
+    // mailer writes ASCII headers; anything else is still scanned, lossily.
+    match std::str::from_utf8(head) {
+        Ok(text) => probe("header block", text),
+        Err(_) => probe("header block", &String::from_utf8_lossy(head)),
+    }
     probe("subject", parsed.subject().unwrap_or_default());
     for list in [parsed.from(), parsed.to(), parsed.reply_to()]
         .into_iter()
@@ -252,8 +271,7 @@ fn check_content(message: &OutgoingMessage, rules: &Rules, violations: &mut Vec<
 fn check_lines(bytes: &[u8], violations: &mut Vec<Violation>) {
     let mut line_start = 0;
     let mut line_number = 1;
-    let mut index = 0;
-    while index < bytes.len() {
+    for index in memchr::memchr2_iter(b'\r', b'\n', bytes) {
         match bytes[index] {
             b'\r' if bytes.get(index + 1) == Some(&b'\n') => {
                 let octets = index - line_start;
@@ -263,15 +281,15 @@ fn check_lines(bytes: &[u8], violations: &mut Vec<Violation>) {
                         octets,
                     });
                 }
-                index += 2;
-                line_start = index;
+                line_start = index + 2;
                 line_number += 1;
             }
-            b'\r' | b'\n' => {
+            // The LF of a CRLF, already counted at its CR.
+            b'\n' if index > 0 && bytes[index - 1] == b'\r' => {}
+            _ => {
                 violations.push(Violation::BareLineBreak { offset: index });
                 return;
             }
-            _ => index += 1,
         }
     }
     if bytes.len() - line_start > MAX_LINE {
@@ -282,12 +300,13 @@ fn check_lines(bytes: &[u8], violations: &mut Vec<Violation>) {
     }
 }
 
-fn check_headers(message: &OutgoingMessage, sender: &Address, violations: &mut Vec<Violation>) {
-    let Some(end) = message.bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
-        violations.push(Violation::NoHeaderEnd);
-        return;
-    };
-    let head = &message.bytes[..end + 2];
+fn check_headers(
+    message: &OutgoingMessage,
+    head: &[u8],
+    parsed: &Message<'_>,
+    sender: &Address,
+    violations: &mut Vec<Violation>,
+) {
     let mut to_count = 0;
     let mut from_count = 0;
     for line in head.split(|&b| b == b'\n') {
@@ -312,10 +331,6 @@ fn check_headers(message: &OutgoingMessage, sender: &Address, violations: &mut V
             violations.push(Violation::HeaderCount { name, count });
         }
     }
-    let Some(parsed) = mail_parser::MessageParser::new().parse_headers(&message.bytes) else {
-        violations.push(Violation::Unparseable("header block"));
-        return;
-    };
     let to: Vec<_> = parsed.to().map(|a| a.iter().collect()).unwrap_or_default();
     match to.as_slice() {
         [only] => {

@@ -42,7 +42,7 @@ fn is_domain(byte: u8) -> bool {
 fn scan(text: &str, buffer: &mut String, found: &mut dyn FnMut(&str)) {
     let bytes = text.as_bytes();
     let mut from = 0;
-    while let Some(offset) = memchr_at(bytes, from) {
+    while let Some(offset) = memchr::memchr(b'@', &bytes[from..]) {
         let at = from + offset;
         from = at + 1;
         let mut start = at;
@@ -81,10 +81,6 @@ fn scan(text: &str, buffer: &mut String, found: &mut dyn FnMut(&str)) {
         }
         found(buffer);
     }
-}
-
-fn memchr_at(bytes: &[u8], from: usize) -> Option<usize> {
-    bytes.get(from..)?.iter().position(|&b| b == b'@')
 }
 
 #[cfg(test)]

@@ -88,7 +88,7 @@ impl Renderer {
     /// The template context of one recipient.
     fn context(&self, recipient: &Recipient, locale: &str) -> Value {
         let mut r = Map::new();
-        for (index, value) in recipient.record.iter().enumerate() {
+        for (index, value) in recipient.fields().enumerate() {
             r.insert(
                 self.columns.template_name(index).to_owned(),
                 Value::String(value.trim().to_owned()),
@@ -97,7 +97,7 @@ impl Renderer {
         // The normalised address is the one the message goes to; show templates the same.
         r.insert(
             "email".to_owned(),
-            Value::String(recipient.address.key.clone()),
+            Value::String(recipient.address.key.to_string()),
         );
         let mut campaign = Map::new();
         campaign.insert("id".to_owned(), Value::String(self.campaign_id.clone()));
@@ -114,7 +114,7 @@ impl Renderer {
         recipient: &Recipient,
         date: SystemTime,
     ) -> Result<OutgoingMessage, String> {
-        let locale_index = self.locales.resolve(recipient.locale.as_deref());
+        let locale_index = self.locales.resolve(recipient.locale(&self.columns));
         let locale = self.locales.tag(locale_index);
         let data = self.context(recipient, locale);
         let subject = self.templates.render(Part::Subject, &data)?;
@@ -143,7 +143,11 @@ impl Renderer {
             &recipient.address.key,
             self.from.email.domain(),
         );
-        let to = Mailbox::new(recipient.name.clone(), recipient.address.address.clone());
+        let rcpt_to = recipient.address.to_lettre();
+        let to = Mailbox::new(
+            recipient.name(&self.columns).map(str::to_owned),
+            rcpt_to.clone(),
+        );
         let bytes = message::build(&message::Content {
             from: &self.from,
             reply_to: self.reply_to.as_ref(),
@@ -158,7 +162,7 @@ impl Renderer {
             line: recipient.line,
             envelope: Envelope {
                 mail_from: self.from.email.clone(),
-                rcpt_to: recipient.address.address.clone(),
+                rcpt_to,
             },
             message_id,
             locale: locale.to_owned(),
