@@ -29,6 +29,10 @@ impl NormalisedAddress {
     }
 
     /// The same address as lettre's type, for the envelope and headers.
+    ///
+    /// # Panics
+    ///
+    /// Never: both halves were accepted by lettre when this value was made.
     #[must_use]
     pub fn to_lettre(&self) -> Address {
         // Both halves were accepted by `Address::new` when this value was made.
