@@ -125,14 +125,20 @@ fn read(path: &Path) -> anyhow::Result<String> {
         .with_context(|| format!("cannot read the campaign file `{}`", path.display()))
 }
 
-/// What the guard checks against: every address of the list — suppressed ones too, they are
-/// recipients whose address must not leak either — and the addresses any message may hold.
+/// What the guard checks against: every address of the list — suppressed ones and those of
+/// refused rows too, people whose address must not leak either — and the addresses any message
+/// may hold.
 fn guard_rules(campaign: &Campaign, list: &RecipientList) -> guard::Rules {
     let everyone = list
         .recipients
         .iter()
         .chain(&list.suppressed)
-        .map(|r| (&*r.address.key, r.line));
+        .map(|r| (&*r.address.key, r.line))
+        .chain(
+            list.refused
+                .iter()
+                .map(|(address, line)| (&*address.key, *line)),
+        );
     let sender = campaign.from.email.to_string();
     let reply_to = campaign.reply_to.as_ref().map(|r| r.email.to_string());
     let allowed = campaign

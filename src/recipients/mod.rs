@@ -106,6 +106,9 @@ pub struct RecipientList {
     pub suppressed: Vec<Recipient>,
     /// Later rows repeating an earlier address: (line, line of the first occurrence).
     pub duplicates: Vec<(u64, u64)>,
+    /// Rows refused for another reason whose address is valid: (address, line). Never sent,
+    /// but their addresses must not leak into anyone's message either.
+    pub refused: Vec<(NormalisedAddress, u64)>,
     /// Rows that cannot be sent, and anything else wrong with the file.
     pub problems: Problems,
 }
@@ -242,11 +245,13 @@ pub fn parse_reader(path: &Path, reader: impl Read, suppressed: &HashSet<String>
                 recipients: vec![],
                 suppressed: vec![],
                 duplicates: vec![],
+                refused: vec![],
                 problems,
             };
         }
     };
     let mut rows = Vec::new();
+    let mut refused = Vec::new();
     let mut record = csv::StringRecord::new();
     loop {
         match csv.read_record(&mut record) {
@@ -277,7 +282,10 @@ pub fn parse_reader(path: &Path, reader: impl Read, suppressed: &HashSet<String>
             continue;
         }
         match recipient(&columns, line, &record) {
-            Err(message) => problems.push(Problem::row(path, line, message)),
+            Err((message, address)) => {
+                problems.push(Problem::row(path, line, message));
+                refused.extend(address.map(|address| (address, line)));
+            }
             Ok(recipient) => rows.push(recipient),
         }
     }
@@ -294,6 +302,7 @@ pub fn parse_reader(path: &Path, reader: impl Read, suppressed: &HashSet<String>
         recipients,
         suppressed: suppressed_rows,
         duplicates,
+        refused,
         problems,
     }
 }
@@ -378,22 +387,30 @@ fn read_columns<R: Read>(path: &Path, csv: &mut csv::Reader<R>) -> Result<Column
     })
 }
 
+/// A row → a recipient, or why not, with the row's address when that part was fine.
 fn recipient(
     columns: &Columns,
     line: u64,
     record: &csv::StringRecord,
-) -> Result<Recipient, String> {
+) -> Result<Recipient, (String, Option<NormalisedAddress>)> {
     let raw_email = record.get(columns.email).unwrap_or("").trim();
     if raw_email.is_empty() {
-        return Err("the `email` field is empty".to_owned());
+        return Err(("the `email` field is empty".to_owned(), None));
     }
-    let address = normalise(raw_email)
-        .map_err(|reason| format!("`{raw_email}` is not a valid address: {reason}"))?;
+    let address = normalise(raw_email).map_err(|reason| {
+        (
+            format!("`{raw_email}` is not a valid address: {reason}"),
+            None,
+        )
+    })?;
     let mut text = String::with_capacity(record.as_slice().len());
     let mut ends = Vec::with_capacity(record.len());
     for field in record {
         text.push_str(field.trim());
-        ends.push(u32::try_from(text.len()).map_err(|_| "the row is too long".to_owned())?);
+        match u32::try_from(text.len()) {
+            Ok(end) => ends.push(end),
+            Err(_) => return Err(("the row is too long".to_owned(), Some(address))),
+        }
     }
     let recipient = Recipient {
         line,
@@ -406,9 +423,9 @@ fn recipient(
         .name(columns)
         .is_some_and(|name| name.contains(['\r', '\n']))
     {
-        return Err(
-            "the `name` field contains a line break, which would reach the To header".to_owned(),
-        );
+        let message =
+            "the `name` field contains a line break, which would reach the To header".to_owned();
+        return Err((message, Some(recipient.address)));
     }
     Ok(recipient)
 }

@@ -114,7 +114,7 @@ fn two_hundred_recipients_in_four_locales_over_four_connections() {
                 "de falls back to the English footer: {text}"
             );
         }
-        if i % 4 == 0 {
+        if i.is_multiple_of(4) {
             assert!(
                 text.contains(&format!("Zoë <b>&</b> Co {i}")),
                 "text keeps the name intact: {text}"
