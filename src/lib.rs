@@ -65,13 +65,20 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
 
 fn init_logging(format: LogFormat) {
     // lettre's own `tracing` feature is off (it would log AUTH credentials); the filter keeps
-    // it quiet even if a dependency turns it on.
+    // it quiet even if a dependency turns it on, whatever MAILER_LOG asks for.
     let filter = tracing_subscriber::EnvFilter::try_from_env("MAILER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        .add_directive("lettre=warn".parse().expect("a constant, valid directive"));
+        .add_directive("lettre=warn".parse().expect("a constant, valid directive"))
+        // handlebars logs every helper call with its arguments — recipients' data — at DEBUG.
+        .add_directive(
+            "handlebars=warn"
+                .parse()
+                .expect("a constant, valid directive"),
+        );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.without_time().with_target(false).try_init(),
@@ -100,10 +107,13 @@ pub fn load(path: &Path) -> anyhow::Result<Result<Loaded, Problems>> {
         Ok(campaign) => campaign,
         Err(problems) => return Ok(Err(problems)),
     };
+    let started = std::time::Instant::now();
     let mut list = recipients::load(&campaign.recipients, &campaign.suppress)?;
+    tracing::debug!(recipients = list.recipients.len(), elapsed = ?started.elapsed(), "recipient list loaded");
     match Renderer::load(&campaign, list.columns.clone())? {
         Ok(renderer) => {
             let rules = guard_rules(&campaign, &list);
+            tracing::debug!(elapsed = ?started.elapsed(), "templates, locales and guard ready");
             Ok(Ok(Loaded {
                 campaign,
                 list,
@@ -192,7 +202,7 @@ pub struct Validation {
 }
 
 /// Recipients rendered in parallel at a time.
-const CHUNK: usize = 4096;
+const CHUNK: usize = 1024;
 
 /// Bytes of rendered messages `send` keeps from validation (beyond that it renders again).
 const KEEP_BYTES: usize = 256 << 20;
@@ -200,6 +210,7 @@ const KEEP_BYTES: usize = 256 << 20;
 /// Renders and guards every recipient, in parallel. Keeps the messages while their bytes add
 /// up to at most `keep_bytes`; past that, only counts and problems.
 pub fn validate(loaded: &Loaded, date: SystemTime, keep_bytes: usize) -> Validation {
+    let started = std::time::Instant::now();
     let mut problems = Vec::new();
     let mut summary = Summary {
         duplicates: loaded.list.duplicates.len(),
@@ -228,6 +239,7 @@ pub fn validate(loaded: &Loaded, date: SystemTime, keep_bytes: usize) -> Validat
             }
         }
     }
+    tracing::debug!(elapsed = ?started.elapsed(), problems = problems.len(), "every message rendered and guarded");
     Validation {
         problems: Problems(problems),
         summary,

@@ -224,6 +224,9 @@ fn suppress_one(
     }
 }
 
+/// Rows turned into recipients at a time, in parallel.
+const BATCH: usize = 4096;
+
 /// Parses a recipient CSV from any reader. `path` is only used to name the file in problems.
 pub fn parse_reader(path: &Path, reader: impl Read, suppressed: &HashSet<String>) -> RecipientList {
     let mut problems = Problems::default();
@@ -252,8 +255,31 @@ pub fn parse_reader(path: &Path, reader: impl Read, suppressed: &HashSet<String>
     };
     let mut rows = Vec::new();
     let mut refused = Vec::new();
-    let mut record = csv::StringRecord::new();
+    // Rows are read in order and turned into recipients a batch at a time in parallel:
+    // normalising addresses (IDNA) is most of the work.
+    let mut batch: Vec<csv::StringRecord> = Vec::with_capacity(BATCH);
+    let mut finish_batch = |batch: &mut Vec<csv::StringRecord>, problems: &mut Problems| {
+        use rayon::prelude::*;
+        let made: Vec<_> = batch
+            .par_iter()
+            .map(|record| {
+                let line = record.position().map_or(0, csv::Position::line);
+                (line, recipient(&columns, line, record))
+            })
+            .collect();
+        for (line, made) in made {
+            match made {
+                Ok(recipient) => rows.push(recipient),
+                Err((message, address)) => {
+                    problems.push(Problem::row(path, line, message));
+                    refused.extend(address.map(|address| (address, line)));
+                }
+            }
+        }
+        batch.clear();
+    };
     loop {
+        let mut record = csv::StringRecord::new();
         match csv.read_record(&mut record) {
             Ok(false) => break,
             Ok(true) => {}
@@ -277,18 +303,19 @@ pub fn parse_reader(path: &Path, reader: impl Read, suppressed: &HashSet<String>
                 continue;
             }
         }
-        let line = record.position().map_or(0, csv::Position::line);
         if record.iter().all(|field| field.trim().is_empty()) {
             continue;
         }
-        match recipient(&columns, line, &record) {
-            Err((message, address)) => {
-                problems.push(Problem::row(path, line, message));
-                refused.extend(address.map(|address| (address, line)));
-            }
-            Ok(recipient) => rows.push(recipient),
+        batch.push(record);
+        if batch.len() == BATCH {
+            finish_batch(&mut batch, &mut problems);
+    // Rows that could not be read are reported as met, the others a batch later: file order.
+    problems.0.sort_by_key(|p| p.line);
         }
     }
+    finish_batch(&mut batch, &mut problems);
+    // Rows that could not be read are reported as met, the others a batch later: file order.
+    problems.0.sort_by_key(|p| p.line);
     let duplicates = deduplicate(&mut rows);
     // Suppression ignores case even in the local part: when in doubt, do not send.
     let suppressed_rows: Vec<Recipient> = rows

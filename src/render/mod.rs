@@ -125,7 +125,8 @@ impl Renderer {
     ) -> Result<OutgoingMessage, String> {
         let locale_index = self.locales.resolve(recipient.locale(&self.columns));
         let locale = self.locales.tag(locale_index);
-        let data = self.context(recipient, locale);
+        // One context for the three templates: `Handlebars::render` would copy the data each time.
+        let data = handlebars::Context::from(self.context(recipient, locale));
         let subject = self.templates.render(Part::Subject, &data)?;
         if subject.contains(['\r', '\n']) {
             return Err(

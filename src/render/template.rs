@@ -199,14 +199,14 @@ impl Templates {
     }
 
     /// Renders one part for one recipient's context; the error names the template file and line.
-    pub fn render(&self, part: Part, data: &serde_json::Value) -> Result<String, String> {
+    pub fn render(&self, part: Part, data: &Context) -> Result<String, String> {
         let registry = if part == Part::Html {
             &self.html
         } else {
             &self.plain
         };
         registry
-            .render(part.name(), data)
+            .render_with_context(part.name(), data)
             .map_err(|error| self.describe(part, &error))
     }
 
