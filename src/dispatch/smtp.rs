@@ -365,11 +365,13 @@ async fn transaction(
     let mut parameters = Vec::new();
     let info = connection.server_info();
     if !message.bytes.is_ascii() {
+        // Every message of a campaign with non-ASCII text is 8-bit: a relay without 8BITMIME
+        // is a relay-wide problem, not this recipient's.
         if !info.supports_feature(Extension::EightBitMime) {
-            return Step::Done(Attempt {
-                state: State::Failed,
-                detail: "the message is 8-bit and the server lacks 8BITMIME".to_owned(),
-            });
+            return Step::Relay(
+                "the relay does not offer 8BITMIME, which messages with non-ASCII text need"
+                    .to_owned(),
+            );
         }
         parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }

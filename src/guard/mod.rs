@@ -110,6 +110,9 @@ pub enum Violation {
     BareLineBreak {
         offset: usize,
     },
+    Nul {
+        offset: usize,
+    },
     LineTooLong {
         line: usize,
         octets: usize,
@@ -142,6 +145,7 @@ impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Violation::BareLineBreak { offset } => write!(f, "a bare CR or LF at byte {offset}"),
+            Violation::Nul { offset } => write!(f, "a NUL byte at byte {offset}"),
             Violation::LineTooLong { line, octets } => write!(
                 f,
                 "line {line} is {octets} octets long, over SMTP's {MAX_LINE}"
@@ -271,7 +275,7 @@ fn check_content(
 fn check_lines(bytes: &[u8], violations: &mut Vec<Violation>) {
     let mut line_start = 0;
     let mut line_number = 1;
-    for index in memchr::memchr2_iter(b'\r', b'\n', bytes) {
+    for index in memchr::memchr3_iter(b'\r', b'\n', 0, bytes) {
         match bytes[index] {
             b'\r' if bytes.get(index + 1) == Some(&b'\n') => {
                 let octets = index - line_start;
@@ -286,6 +290,10 @@ fn check_lines(bytes: &[u8], violations: &mut Vec<Violation>) {
             }
             // The LF of a CRLF, already counted at its CR.
             b'\n' if index > 0 && bytes[index - 1] == b'\r' => {}
+            0 => {
+                violations.push(Violation::Nul { offset: index });
+                return;
+            }
             _ => {
                 violations.push(Violation::BareLineBreak { offset: index });
                 return;
@@ -534,6 +542,10 @@ mod tests {
         assert_eq!(
             check_message(&long, "ann@example.com"),
             vec!["line 5 is 999 octets long, over SMTP's 998"]
+        );
+        assert_eq!(
+            check_message(&GOOD.replace("body", "a\0b"), "ann@example.com"),
+            vec![format!("a NUL byte at byte {}", GOOD.len() - 5)]
         );
         let fine = GOOD.replace("body", &"x".repeat(998));
         assert_eq!(

@@ -5,6 +5,7 @@
 //! every problem is reported at once.
 
 mod address;
+mod line_endings;
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -132,11 +133,7 @@ pub fn load(path: &Path, suppress: &[PathBuf]) -> anyhow::Result<RecipientList> 
     }
     let reader = std::fs::File::open(path)
         .with_context(|| format!("cannot open the recipient list `{}`", path.display()))?;
-    let mut list = parse_reader(
-        path,
-        std::io::BufReader::with_capacity(1 << 16, reader),
-        &suppressed,
-    );
+    let mut list = parse_reader(path, reader, &suppressed);
     problems.extend(std::mem::take(&mut list.problems));
     list.problems = problems;
     Ok(list)
@@ -230,6 +227,8 @@ const BATCH: usize = 4096;
 /// Parses a recipient CSV from any reader. `path` is only used to name the file in problems.
 pub fn parse_reader(path: &Path, reader: impl Read, suppressed: &HashSet<String>) -> RecipientList {
     let mut problems = Problems::default();
+    // Buffers the reader too, so callers can hand over a plain `File`.
+    let reader = line_endings::LoneCrAsLf::new(reader);
     let mut csv = csv::ReaderBuilder::new()
         .flexible(false)
         .from_reader(reader);
@@ -309,8 +308,8 @@ pub fn parse_reader(path: &Path, reader: impl Read, suppressed: &HashSet<String>
         batch.push(record);
         if batch.len() == BATCH {
             finish_batch(&mut batch, &mut problems);
-    // Rows that could not be read are reported as met, the others a batch later: file order.
-    problems.0.sort_by_key(|p| p.line);
+            // Rows that could not be read are reported as met, the others a batch later: file order.
+            problems.0.sort_by_key(|p| p.line);
         }
     }
     finish_batch(&mut batch, &mut problems);
@@ -517,6 +516,19 @@ mod tests {
         );
         assert_eq!(list.recipients.len(), 1);
         assert_eq!(list.recipients[0].line, 7);
+    }
+
+    #[test]
+    fn files_with_classic_mac_line_endings_keep_their_line_numbers() {
+        let list = check("email\rann@example.com\rnot an address\rbob@example.com\r");
+        assert_eq!(
+            list.recipients.iter().map(|r| r.line).collect::<Vec<_>>(),
+            [2, 4]
+        );
+        assert_eq!(
+            messages(&list),
+            ["3: `not an address` is not a valid address: Missing domain or user"]
+        );
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //! Pure. The envelope is built explicitly from the sender and the one recipient — never derived
 //! from headers — and its type holds exactly one recipient address.
 
+use std::borrow::Cow;
 use std::time::SystemTime;
 
 use lettre::Address;
-use lettre::message::{Mailbox, MultiPart, SinglePart, header::ContentType};
+use lettre::message::header::{ContentTransferEncoding, ContentType};
+use lettre::message::{Body, Mailbox, MultiPart, SinglePart};
 use sha2::{Digest, Sha256};
 
 /// MAIL FROM and the single RCPT TO of one SMTP transaction.
@@ -54,6 +56,39 @@ pub fn message_id(campaign_id: &str, recipient_key: &str, from_domain: &str) -> 
     format!("{}@{from_domain}", hex::encode(&digest[..16]))
 }
 
+/// The longest line SMTP carries, without its CRLF (RFC 5321 §4.5.3.1.6).
+const MAX_LINE: usize = 998;
+
+/// One text part, its line breaks made CRLF whatever they were. 7bit when it is ASCII, 8bit
+/// (RFC 6152) when it is not, as long as no line is over 998 octets; quoted-printable
+/// otherwise. lettre would choose quoted-printable for any line over 76 characters — most
+/// paragraphs — and the guard would then decode it again: 8bit keeps the text as written, a
+/// third the size of quoted-printable for non-Latin scripts. The guard checks the final bytes
+/// (CRLF only, line lengths), and the SMTP transport refuses to hand an 8-bit message to a relay
+/// without 8BITMIME.
+fn part(content_type: ContentType, text: &str) -> SinglePart {
+    // A line break from the data is a line break, whatever its spelling: lettre would turn LF
+    // into CRLF but leave a lone CR, which the guard would (rightly) refuse.
+    let lf = if text.contains('\r') {
+        Cow::Owned(text.replace("\r\n", "\n").replace('\r', "\n"))
+    } else {
+        Cow::Borrowed(text)
+    };
+    let crlf = lf.replace('\n', "\r\n");
+    let fits = crlf.split("\r\n").all(|line| line.len() <= MAX_LINE);
+    let body = if fits {
+        let encoding = if crlf.is_ascii() {
+            ContentTransferEncoding::SevenBit
+        } else {
+            ContentTransferEncoding::EightBit
+        };
+        Body::dangerous_pre_encoded(crlf.into_bytes(), encoding)
+    } else {
+        Body::new(lf.into_owned())
+    };
+    SinglePart::builder().header(content_type).body(body)
+}
+
 /// Builds the MIME message. The boundary derives from the Message-ID so output is reproducible.
 pub fn build(content: &Content<'_>) -> Result<Vec<u8>, String> {
     let mut builder = lettre::Message::builder()
@@ -73,27 +108,11 @@ pub fn build(content: &Content<'_>) -> Result<Vec<u8>, String> {
         (Some(text), Some(html)) => builder.multipart(
             MultiPart::alternative()
                 .boundary(boundary)
-                .singlepart(
-                    SinglePart::builder()
-                        .header(ContentType::TEXT_PLAIN)
-                        .body(text.to_owned()),
-                )
-                .singlepart(
-                    SinglePart::builder()
-                        .header(ContentType::TEXT_HTML)
-                        .body(html.to_owned()),
-                ),
+                .singlepart(part(ContentType::TEXT_PLAIN, text))
+                .singlepart(part(ContentType::TEXT_HTML, html)),
         ),
-        (Some(text), None) => builder.singlepart(
-            SinglePart::builder()
-                .header(ContentType::TEXT_PLAIN)
-                .body(text.to_owned()),
-        ),
-        (None, Some(html)) => builder.singlepart(
-            SinglePart::builder()
-                .header(ContentType::TEXT_HTML)
-                .body(html.to_owned()),
-        ),
+        (Some(text), None) => builder.singlepart(part(ContentType::TEXT_PLAIN, text)),
+        (None, Some(html)) => builder.singlepart(part(ContentType::TEXT_HTML, html)),
         (None, None) => return Err("the message has neither a text nor an HTML part".to_owned()),
     };
     message
@@ -104,6 +123,29 @@ pub fn build(content: &Content<'_>) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn encoded(text: &str) -> String {
+        String::from_utf8(part(ContentType::TEXT_PLAIN, text).formatted()).unwrap()
+    }
+
+    #[test]
+    fn parts_are_7bit_or_8bit_with_crlf_unless_a_line_is_too_long() {
+        let ascii = encoded("Hello,\nworld\r\n");
+        assert!(
+            ascii.contains("Content-Transfer-Encoding: 7bit\r\n\r\nHello,\r\nworld\r\n"),
+            "{ascii:?}"
+        );
+        let utf8 = encoded("Allô\rZoë");
+        assert!(
+            utf8.contains("Content-Transfer-Encoding: 8bit\r\n\r\nAllô\r\nZoë"),
+            "{utf8:?}"
+        );
+        let long = encoded(&"x".repeat(999));
+        assert!(
+            long.contains("Content-Transfer-Encoding: quoted-printable"),
+            "{long:?}"
+        );
+    }
 
     #[test]
     fn message_ids_are_stable_and_differ_per_recipient_and_campaign() {

@@ -25,15 +25,6 @@ pub use locale::Locales;
 pub use message::{Envelope, OutgoingMessage};
 use template::{Part, Templates};
 
-/// `text` with CRLF and lone CR turned into LF.
-fn one_kind_of_line_break(text: String) -> String {
-    if text.contains('\r') {
-        text.replace("\r\n", "\n").replace('\r', "\n")
-    } else {
-        text
-    }
-}
-
 /// The files in `dir` ending in `.extension`, sorted so that loading order is stable.
 fn files_with_extension(dir: &Path, extension: &str) -> anyhow::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -148,10 +139,15 @@ impl Renderer {
             .has_html()
             .then(|| self.templates.render(Part::Html, &data))
             .transpose()?;
-        // lettre turns LF into CRLF but leaves a lone CR in a 7-bit part, which the guard would
-        // (rightly) refuse; a line break from the data is a line break, whatever its spelling.
-        let text = text.map(one_kind_of_line_break);
-        let html = html.map(one_kind_of_line_break);
+        if [text.as_deref(), html.as_deref()]
+            .into_iter()
+            .flatten()
+            .any(|part| part.contains('\0'))
+        {
+            return Err(
+                "the rendered message contains a NUL character, which mail cannot carry".to_owned(),
+            );
+        }
         let message_id = message::message_id(
             &self.campaign_id,
             &recipient.address.key,

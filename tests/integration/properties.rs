@@ -712,7 +712,14 @@ fn run(case: &Case) -> Vec<Outcome> {
             places: vec![],
         });
         // The csv crate counts lines by LF only: a CR alone does not start one.
-        line += 1 + text.matches('\n').count() as u64;
+        // A row spans as many lines as it holds line breaks: CRLF, LF or a lone CR (mailer
+        // counts a lone CR as a line end, as the classic Mac files that use it mean it).
+        let breaks = text
+            .replace("\r\n", "\n")
+            .replace('\r', "\n")
+            .matches('\n')
+            .count();
+        line += 1 + breaks as u64;
     }
 
     let path = campaign.write();
