@@ -1,13 +1,14 @@
-//! A reader that turns a lone CR into LF.
+//! A reader that turns every line end into LF: CRLF (Windows) and a lone CR (classic Mac, still
+//! written by Excel's "CSV (Macintosh)").
 //!
-//! The csv crate ends a row at a lone CR (classic Mac line endings, still written by Excel's
-//! "CSV (Macintosh)") but counts lines only at LF, so every problem in such a file would be
-//! reported on line 1. Reading the file through this adapter gives the right line numbers. A lone
-//! CR inside a quoted field becomes LF too: either way it is a line break.
+//! The csv crate counts lines only at LF, and with CRLF it starts the next row's count before
+//! that LF: every problem in a Windows file would be reported one line early, and in a classic
+//! Mac file on line 1. Reading through this adapter gives the right line numbers. A CR inside a
+//! quoted field becomes LF too: either way it is a line break.
 
 use std::io::{self, Read};
 
-pub struct LoneCrAsLf<R> {
+pub struct LineEndsAsLf<R> {
     inner: R,
     buffer: Box<[u8]>,
     start: usize,
@@ -15,9 +16,9 @@ pub struct LoneCrAsLf<R> {
     eof: bool,
 }
 
-impl<R: Read> LoneCrAsLf<R> {
+impl<R: Read> LineEndsAsLf<R> {
     pub fn new(inner: R) -> Self {
-        LoneCrAsLf {
+        LineEndsAsLf {
             inner,
             buffer: vec![0; 1 << 16].into_boxed_slice(),
             start: 0,
@@ -45,7 +46,7 @@ impl<R: Read> LoneCrAsLf<R> {
     }
 }
 
-impl<R: Read> Read for LoneCrAsLf<R> {
+impl<R: Read> Read for LineEndsAsLf<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if out.is_empty() {
             return Ok(0);
@@ -61,12 +62,17 @@ impl<R: Read> Read for LoneCrAsLf<R> {
                     }
                     let before_lf =
                         self.start + 1 < self.end && self.buffer[self.start + 1] == b'\n';
-                    out[written] = if before_lf { b'\r' } else { b'\n' };
+                    self.start += 1;
+                    if before_lf {
+                        // The LF that follows is the line end.
+                        continue;
+                    }
+                    out[written] = b'\n';
                 } else {
                     out[written] = byte;
+                    self.start += 1;
                 }
                 written += 1;
-                self.start += 1;
             }
             if written > 0 || (self.eof && self.start == self.end) {
                 return Ok(written);
@@ -93,7 +99,7 @@ mod tests {
                 }
             }
             let mut got = Vec::new();
-            LoneCrAsLf::new(Chunked(input, chunk))
+            LineEndsAsLf::new(Chunked(input, chunk))
                 .read_to_end(&mut got)
                 .unwrap();
             assert_eq!(got, expected, "chunk {chunk}");
@@ -101,9 +107,10 @@ mod tests {
     }
 
     #[test]
-    fn lone_cr_becomes_lf_and_crlf_stays() {
-        check(b"a\rb\r\nc\nd\r", b"a\nb\r\nc\nd\n");
-        check(b"\r\r\n\r", b"\n\r\n\n");
+    fn every_line_end_becomes_lf() {
+        check(b"a\rb\r\nc\nd\r", b"a\nb\nc\nd\n");
+        check(b"\r\r\n\r", b"\n\n\n");
+        check(b"\r\n\r\n", b"\n\n");
         check(b"", b"");
         check(b"no line ends", b"no line ends");
     }

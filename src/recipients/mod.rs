@@ -228,7 +228,7 @@ const BATCH: usize = 4096;
 pub fn parse_reader(path: &Path, reader: impl Read, suppressed: &HashSet<String>) -> RecipientList {
     let mut problems = Problems::default();
     // Buffers the reader too, so callers can hand over a plain `File`.
-    let reader = line_endings::LoneCrAsLf::new(reader);
+    let reader = line_endings::LineEndsAsLf::new(reader);
     let mut csv = csv::ReaderBuilder::new()
         .flexible(false)
         .from_reader(reader);
@@ -516,6 +516,19 @@ mod tests {
         );
         assert_eq!(list.recipients.len(), 1);
         assert_eq!(list.recipients[0].line, 7);
+    }
+
+    #[test]
+    fn files_with_windows_line_endings_keep_their_line_numbers() {
+        let list = check("email\r\nann@example.com\r\nnot an address\r\n\"bob@example.com\"\r\n");
+        assert_eq!(
+            list.recipients.iter().map(|r| r.line).collect::<Vec<_>>(),
+            [2, 4]
+        );
+        assert_eq!(
+            messages(&list),
+            ["3: `not an address` is not a valid address: Missing domain or user"]
+        );
     }
 
     #[test]
