@@ -519,29 +519,28 @@ mod tests {
     }
 
     #[test]
-    fn files_with_windows_line_endings_keep_their_line_numbers() {
-        let list = check("email\r\nann@example.com\r\nnot an address\r\n\"bob@example.com\"\r\n");
-        assert_eq!(
-            list.recipients.iter().map(|r| r.line).collect::<Vec<_>>(),
-            [2, 4]
-        );
-        assert_eq!(
-            messages(&list),
-            ["3: `not an address` is not a valid address: Missing domain or user"]
-        );
-    }
-
-    #[test]
-    fn files_with_classic_mac_line_endings_keep_their_line_numbers() {
-        let list = check("email\rann@example.com\rnot an address\rbob@example.com\r");
-        assert_eq!(
-            list.recipients.iter().map(|r| r.line).collect::<Vec<_>>(),
-            [2, 4]
-        );
-        assert_eq!(
-            messages(&list),
-            ["3: `not an address` is not a valid address: Missing domain or user"]
-        );
+    fn windows_unix_and_classic_mac_line_ends_give_the_same_line_numbers() {
+        for end in ["\r\n", "\n", "\r"] {
+            let csv = [
+                "email",
+                "ann@example.com",
+                "not an address",
+                "\"bob@example.com\"",
+                "",
+            ]
+            .join(end);
+            let list = check(&csv);
+            assert_eq!(
+                list.recipients.iter().map(|r| r.line).collect::<Vec<_>>(),
+                [2, 4],
+                "{end:?}"
+            );
+            assert_eq!(
+                messages(&list),
+                ["3: `not an address` is not a valid address: Missing domain or user"],
+                "{end:?}"
+            );
+        }
     }
 
     #[test]
