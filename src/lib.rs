@@ -359,9 +359,10 @@ fn check(path: &Path, out: &mut impl std::io::Write) -> anyhow::Result<Exit> {
 fn preview(path: &Path, out: &Path, per_locale: usize) -> anyhow::Result<Exit> {
     use anyhow::Context as _;
     let date = now();
-    let (loaded, _) = load_valid(path, date, 0)?;
+    let (loaded, validation) = load_valid(path, date, 0)?;
     let mut written: BTreeMap<String, usize> = BTreeMap::new();
-    let wanted = loaded.renderer.locales().tags().count();
+    // The locales that have messages at all: once each has its share, stop rendering.
+    let wanted = validation.summary.locales.len();
     for recipient in &loaded.list.recipients {
         let message = match prepare(&loaded, recipient, date) {
             Ok(message) => message,
