@@ -340,6 +340,36 @@ fn a_hang_up_after_the_body_is_ambiguous_and_never_sent_again() {
 }
 
 #[test]
+fn a_relay_without_8bitmime_is_a_relay_failure_for_8bit_messages() {
+    let plain_ehlo: sink::Script = Arc::new(|phase, _| {
+        (phase == Phase::Ehlo).then(|| "250-sink.test\r\n250 ENHANCEDSTATUSCODES".to_owned())
+    });
+    // people() has accented names: the text parts are 8bit.
+    let sink = Sink::scripted(Arc::clone(&plain_ehlo));
+    let run = Campaign::example()
+        .smtp(&sink, 1)
+        .rows(people(3))
+        .run("send", &[]);
+    assert_eq!(run.code, 69, "{run:?}");
+    assert!(
+        run.stderr.contains("the relay does not offer 8BITMIME"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(count(&run.stdout, "pending"), Some(3), "{}", run.stdout);
+    assert!(sink.transactions().is_empty());
+
+    // ASCII-only messages are 7bit and go through.
+    let sink = Sink::scripted(plain_ehlo);
+    let run = Campaign::example()
+        .smtp(&sink, 1)
+        .row("ann@example.com,Ann,en,Pro")
+        .run("send", &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(sink.transactions().len(), 1);
+}
+
+#[test]
 fn connections_are_reused_up_to_messages_per_connection() {
     let sink = Sink::start();
     let run = Campaign::example()

@@ -13,6 +13,8 @@ use tokio_rustls::TlsAcceptor;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Greeting,
+    /// The reply to EHLO: a script may replace the list of extensions.
+    Ehlo,
     Mail,
     Rcpt,
     Data,
@@ -207,9 +209,9 @@ async fn serve(
             } else {
                 ""
             };
-            let ehlo = format!(
+            let ehlo = script(Phase::Ehlo, "").unwrap_or_else(|| format!(
                 "250-sink.test\r\n{starttls}250-8BITMIME\r\n250-SMTPUTF8\r\n250-AUTH PLAIN LOGIN\r\n250 ENHANCEDSTATUSCODES"
-            );
+            ));
             if read
                 .write_all(format!("{ehlo}\r\n").as_bytes())
                 .await
