@@ -26,8 +26,6 @@ use raw::{RawFile, RawKind, RawTransport, RawTransportKind};
 #[derive(Debug, Clone)]
 pub struct Campaign {
     pub file: PathBuf,
-    /// The campaign file's bytes, kept for fingerprints.
-    pub source: String,
     pub id: String,
     pub from: Mailbox,
     pub reply_to: Option<Mailbox>,
@@ -313,7 +311,6 @@ impl Validator<'_> {
             (Some(from), Some(default_locale), Some(transport)) if self.problems.errors() == 0 => {
                 Ok(Campaign {
                     file: self.path.to_path_buf(),
-                    source: self.source.to_owned(),
                     id,
                     from,
                     reply_to,
