@@ -57,9 +57,12 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
             out,
             per_locale,
         } => preview(campaign, out, *per_locale),
-        Command::Send { campaign, dry_run } => {
-            send(campaign, *dry_run, &mut std::io::stdout().lock())
-        }
+        Command::Send { campaign, dry_run } => send(
+            campaign,
+            *dry_run,
+            KEEP_BYTES,
+            &mut std::io::stdout().lock(),
+        ),
     }
 }
 
@@ -392,9 +395,16 @@ fn preview(path: &Path, out: &Path, per_locale: usize) -> anyhow::Result<Exit> {
 }
 
 /// `send` and `send --dry-run`: validate everything, then deliver.
-fn send(path: &Path, dry_run: bool, out: &mut impl std::io::Write) -> anyhow::Result<Exit> {
+/// `keep_bytes` is how much of what validation rendered may be kept to send (see
+/// [`KEEP_BYTES`]); past it, messages are rendered and guarded again while sending.
+fn send(
+    path: &Path,
+    dry_run: bool,
+    keep_bytes: usize,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<Exit> {
     let date = now();
-    let (loaded, validation) = load_valid(path, date, KEEP_BYTES)?;
+    let (loaded, validation) = load_valid(path, date, keep_bytes)?;
     let mut summary = validation.summary;
     let skipped = validation.problems.errors_of(problem::Kind::Row);
     summary.add(State::Invalid, skipped);
@@ -519,4 +529,29 @@ fn produce(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example campaign, dry run, with everything kept from validation or nothing.
+    fn dry_run(keep_bytes: usize) -> (Exit, String) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
+        let mut out = Vec::new();
+        let exit = send(&path, true, keep_bytes, &mut out).unwrap();
+        (exit, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn a_list_too_large_to_keep_is_rendered_again_with_the_same_outcome() {
+        let (kept_exit, kept) = dry_run(KEEP_BYTES);
+        let (again_exit, again) = dry_run(0);
+        assert_eq!((kept_exit, again_exit), (Exit::Complete, Exit::Complete));
+        assert!(
+            again.contains("would be sent (dry run)         19"),
+            "{again}"
+        );
+        assert_eq!(kept, again);
+    }
 }

@@ -173,21 +173,26 @@ async fn serve(
         _ => (false, Box::new(stream)),
     };
     let mut read = BufReader::new(stream);
-    macro_rules! reply {
-        ($phase:expr, $rcpt:expr, $normal:expr) => {{
-            let text = script($phase, $rcpt).unwrap_or_else(|| $normal.to_owned());
-            if text == "DROP" {
-                return;
-            }
-            if read
-                .write_all(format!("{text}\r\n").as_bytes())
-                .await
-                .is_err()
+    // Writes one reply (or hangs up on `DROP`); true when it is positive.
+    macro_rules! send {
+        ($text:expr) => {{
+            let text: String = $text;
+            if text == "DROP"
+                || read
+                    .write_all(format!("{text}\r\n").as_bytes())
+                    .await
+                    .is_err()
             {
                 return;
             }
             text.starts_with('2') || text.starts_with('3')
         }};
+    }
+    // The scripted reply for a phase, or the normal one.
+    macro_rules! reply {
+        ($phase:expr, $rcpt:expr, $normal:expr) => {
+            send!(script($phase, $rcpt).unwrap_or_else(|| $normal.to_owned()))
+        };
     }
     if !reply!(Phase::Greeting, "", "220 sink.test ESMTP") {
         return;
@@ -307,16 +312,7 @@ async fn serve(
                 reply: text.clone(),
                 encrypted,
             });
-            if text == "DROP" {
-                return;
-            }
-            if read
-                .write_all(format!("{text}\r\n").as_bytes())
-                .await
-                .is_err()
-            {
-                return;
-            }
+            let _ = send!(text);
         } else if upper == "RSET" {
             mail_from = None;
             rcpt_to.clear();
