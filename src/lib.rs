@@ -61,6 +61,9 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
             campaign,
             *dry_run,
             KEEP_BYTES,
+            // A bar on a terminal; on anything else (cron, a pipe, JSON logs), log lines.
+            cli.log_format == LogFormat::Text
+                && std::io::IsTerminal::is_terminal(&std::io::stderr()),
             &mut std::io::stdout().lock(),
         ),
     }
@@ -80,7 +83,7 @@ fn init_logging(format: LogFormat) {
         );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(report::BarSafeStderr::default)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
@@ -401,6 +404,7 @@ fn send(
     path: &Path,
     dry_run: bool,
     keep_bytes: usize,
+    interactive: bool,
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<Exit> {
     let date = now();
@@ -423,6 +427,12 @@ fn send(
     // Rows of the list that rendered: the CSV's invalid rows never made it into the list.
     let sendable = total - (skipped - loaded.list.problems.errors_of(problem::Kind::Row));
     tracing::info!(campaign = %loaded.campaign.id, recipients = total, dry_run, "sending");
+    // A dry run shows what would be sent, not how long it would take: no pacing, no pauses.
+    let rate = if dry_run {
+        config::Rate::default()
+    } else {
+        loaded.campaign.rate.clone()
+    };
 
     // One thread drives every connection: the work is waiting on sockets, and keeping it on
     // one thread spares cross-thread wake-ups (measured ~8% faster than two workers), leaving
@@ -434,7 +444,8 @@ fn send(
     let (messages_in, messages_out) = async_channel::bounded::<OutgoingMessage>(1024);
     let (results_in, mut results_out) = tokio::sync::mpsc::channel::<Delivery>(1024);
 
-    let (produced, relay) = std::thread::scope(|scope| {
+    let started = std::time::Instant::now();
+    let (produced, ended) = std::thread::scope(|scope| {
         // When the producer is done, the channel closes and the workers drain it and stop.
         let producer = scope.spawn(|| {
             let produced = match validation.messages {
@@ -447,22 +458,32 @@ fn send(
             messages_in.close();
             produced
         });
-        let relay = runtime.block_on(async {
-            let workers = tokio::spawn(dispatch::run(transport, messages_out, results_in));
-            while let Some(delivery) = results_out.recv().await {
-                if delivery.state != State::Sent {
-                    tracing::warn!(line = delivery.line, recipient = %delivery.recipient, state = %delivery.state, detail = %delivery.detail);
+        let ended = runtime.block_on(async {
+            let dispatching =
+                dispatch::run(transport, &rate, &loaded.campaign.retry, messages_out, results_in);
+            let collecting = async {
+                let mut progress = report::Progress::new(sendable as u64, interactive);
+                while let Some(delivery) = results_out.recv().await {
+                    if delivery.state != State::Sent {
+                        tracing::warn!(line = delivery.line, recipient = %delivery.recipient, state = %delivery.state, attempts = delivery.attempts, detail = %delivery.detail);
+                    }
+                    progress.advance(delivery.state);
+                    summary.record(delivery);
                 }
-                summary.record(delivery);
-            }
-            workers.await.unwrap_or_else(|e| Some(dispatch::RelayFailure(format!("the delivery workers stopped unexpectedly ({e})"))))
+                progress.finish();
+            };
+            tokio::join!(dispatching, collecting).0
         });
-        (producer.join(), relay)
+        (producer.join(), ended)
     });
     // Every recipient the workers did not report on is still pending: counts add up.
     let reported =
         summary.total() - summary.count(State::Suppressed) - summary.count(State::Invalid);
     summary.add(State::Pending, sendable - reported);
+    summary.elapsed = Some(started.elapsed());
+    summary.retried = ended.tally.retried;
+    summary.relay_pauses = ended.tally.relay_pauses;
+    summary.throttled = ended.tally.throttled.clone();
     summary.print(out)?;
     if dry_run {
         writeln!(
@@ -483,7 +504,7 @@ fn send(
             .into());
         }
     }
-    if let Some(failure) = relay {
+    if let Some(failure) = ended.failure {
         return Err(Failure::new(
             Exit::RelayUnavailable,
             format!(
@@ -539,8 +560,14 @@ mod tests {
     fn dry_run(keep_bytes: usize) -> (Exit, String) {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
         let mut out = Vec::new();
-        let exit = send(&path, true, keep_bytes, &mut out).unwrap();
-        (exit, String::from_utf8(out).unwrap())
+        let exit = send(&path, true, keep_bytes, false, &mut out).unwrap();
+        // Timings differ from run to run.
+        let text = String::from_utf8(out).unwrap();
+        let steady: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("  elapsed") && !l.starts_with("  sent per second"))
+            .collect();
+        (exit, steady.join("\n"))
     }
 
     #[test]

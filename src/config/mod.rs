@@ -4,6 +4,7 @@
 //! [`parse`] checks every value and resolves paths against the campaign file's folder. Every
 //! problem is collected with its line. Only [`load`] touches the file system.
 
+mod delivery;
 pub mod raw;
 
 use std::fmt;
@@ -19,6 +20,7 @@ use toml::Spanned;
 use unic_langid::LanguageIdentifier;
 
 use crate::problem::{Problem, Problems, line_of};
+pub use delivery::{Batch, Pace, Rate, Retry};
 use raw::{RawFile, RawKind, RawTransport, RawTransportKind};
 
 /// A campaign whose every value has been checked. Paths are absolute or relative to the
@@ -36,6 +38,8 @@ pub struct Campaign {
     pub recipients: PathBuf,
     pub suppress: Vec<PathBuf>,
     pub transport: Transport,
+    pub rate: Rate,
+    pub retry: Retry,
     pub safety: Safety,
 }
 
@@ -208,8 +212,6 @@ impl Validator<'_> {
     fn campaign(mut self, raw: RawFile) -> Result<Campaign, Problems> {
         let c = raw.campaign;
         for (name, section) in [
-            ("rate", &raw.rate),
-            ("retry", &raw.retry),
             ("schedule", &raw.schedule),
             ("unsubscribe", &raw.unsubscribe),
             ("dkim", &raw.dkim),
@@ -304,6 +306,8 @@ impl Validator<'_> {
             }
         }
         let safety = self.safety(raw.safety.as_ref());
+        let rate = self.rate(raw.rate.as_ref());
+        let retry = self.retry(raw.retry.as_ref());
         let hello_default = from.as_ref().map(|m| m.email.domain().to_owned());
         let transport = self.transport(&raw.transport, hello_default.unwrap_or_default());
 
@@ -321,6 +325,8 @@ impl Validator<'_> {
                     recipients,
                     suppress,
                     transport,
+                    rate,
+                    retry,
                     safety,
                 })
             }
@@ -652,7 +658,7 @@ path = "r.csv"
     #[test]
     fn every_problem_is_reported_at_once() {
         let dir = folder();
-        let text = "[campaign]\nid = \"bad id\"\nfrom = \"not an address\"\ntemplate = \"missing\"\nlocales = \"l\"\ndefault_locale = \"en\"\n[recipients]\npath = \"nope.csv\"\n[rate]\nper_second = 3\n[safety]\ncanary = [\"x@example.com\"]\nallow_addresses = [\"nope\"]\nmax_invalid = -1\n";
+        let text = "[campaign]\nid = \"bad id\"\nfrom = \"not an address\"\ntemplate = \"missing\"\nlocales = \"l\"\ndefault_locale = \"en\"\n[recipients]\npath = \"nope.csv\"\n[schedule]\ncron = \"* * * * *\"\n[safety]\ncanary = [\"x@example.com\"]\nallow_addresses = [\"nope\"]\nmax_invalid = -1\n";
         let problems = parse(&dir.path().join("c.toml"), text).unwrap_err();
         let lines: Vec<_> = problems.0.iter().map(|p| p.line.unwrap()).collect();
         assert_eq!(lines, vec![9, 2, 3, 4, 8, 12, 13, 14], "{problems:?}");

@@ -14,8 +14,8 @@ pub struct RawFile {
     pub transport: RawTransport,
     // Sections of the public interface that a later version implements. They are parsed so the
     // error can say "not supported yet" with a line, rather than pretend to honour them.
-    pub rate: Option<Spanned<toml::Table>>,
-    pub retry: Option<Spanned<toml::Table>>,
+    pub rate: Option<RawRate>,
+    pub retry: Option<RawRetry>,
     pub safety: Option<RawSafety>,
     pub schedule: Option<Spanned<toml::Table>>,
     pub unsubscribe: Option<Spanned<toml::Table>>,
@@ -51,6 +51,33 @@ pub struct RawSafety {
     pub canary: Option<Spanned<toml::Value>>,
     /// Not supported yet: parsed to refuse it with its line.
     pub expect_count: Option<Spanned<toml::Value>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRate {
+    pub per_second: Option<Spanned<i64>>,
+    pub per_minute: Option<Spanned<i64>>,
+    pub per_hour: Option<Spanned<i64>>,
+    pub burst: Option<Spanned<i64>>,
+    /// Domain → `"N/s"`, `"N/min"`, `"N/h"` or a whole number per second; `default` for the rest.
+    #[serde(default)]
+    pub per_domain: std::collections::BTreeMap<String, Spanned<toml::Value>>,
+    pub batch_size: Option<Spanned<i64>>,
+    pub batch_pause: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub max_attempts: Option<Spanned<i64>>,
+    pub backoff: Option<Spanned<String>>,
+    pub max_backoff: Option<Spanned<String>>,
+    pub linger: Option<Spanned<String>>,
+    pub relay_attempts: Option<Spanned<i64>>,
+    pub relay_backoff: Option<Spanned<String>>,
+    /// Not supported yet (it needs the journal): parsed to refuse it with its line.
+    pub on_ambiguous: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Deserialize)]

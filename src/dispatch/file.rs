@@ -43,9 +43,9 @@ impl Outbox {
         tokio::fs::rename(&partial, &path)
             .await
             .map_err(|e| fail("write into", e))?;
-        Ok(Attempt {
-            state: State::Sent,
-            detail: path.display().to_string(),
-        })
+        Ok(Attempt::without_reply(
+            State::Sent,
+            path.display().to_string(),
+        ))
     }
 }

@@ -1,22 +1,30 @@
-//! Dispatch: hands each guarded message to a transport and reports what became of it.
+//! Dispatch: hands each guarded message to a transport, at the configured pace, and reports
+//! what finally became of it.
 //!
 //! The only stage that talks SMTP or writes messages out. Messages arrive on a bounded channel
-//! (rendering runs ahead, in parallel, and memory stays flat); `connections` workers take them
-//! and send [`Delivery`] values back. Every transport — SMTP, the file outbox and the dry run —
-//! is driven by the same workers, so a dry run takes the real path up to the wire.
+//! (rendering runs ahead, in parallel, and memory stays flat). One scheduler task
+//! ([`schedule`]) decides what goes next — rate limits ([`pace`]), per-domain queues, retries
+//! of 4xx replies with backoff, pauses when the relay as a whole fails — and hands one message
+//! at a time to an idle worker. Exactly `connections` workers each own one connection. Every
+//! transport — SMTP, the file outbox and the dry run — is driven this way, so a dry run takes
+//! the real path up to the wire.
 
 mod file;
+mod pace;
+mod reply;
+mod schedule;
 mod smtp;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use crate::config;
 use crate::render::OutgoingMessage;
 use crate::report::{Delivery, State};
+pub use pace::Pacer;
+pub use reply::Reply;
+pub use schedule::Tally;
 pub use smtp::Settings as SmtpSettings;
 
 /// Where messages go.
@@ -48,6 +56,16 @@ impl Transport {
             Transport::Smtp(settings) => settings.connections(),
         }
     }
+
+    fn worker(&self) -> Worker {
+        match self {
+            Transport::File(outbox) => Worker::File(outbox.clone()),
+            Transport::DryRun => Worker::DryRun,
+            Transport::Smtp(settings) => {
+                Worker::Smtp(Box::new(smtp::Connection::new(Arc::clone(settings))))
+            }
+        }
+    }
 }
 
 /// A failure of the relay as a whole (refused connection, TLS, AUTH, sender refused): it says
@@ -59,15 +77,45 @@ pub struct RelayFailure(pub String);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attempt {
     pub state: State,
+    /// The reply as text, the file written, or what went wrong.
     pub detail: String,
+    /// The server's reply, when there was one.
+    pub reply: Option<Reply>,
 }
 
-/// Pauses between attempts to reach the relay before the run gives up on it.
-const RELAY_RETRIES: [Duration; 3] = [
-    Duration::from_millis(500),
-    Duration::from_secs(1),
-    Duration::from_secs(2),
-];
+impl Attempt {
+    fn without_reply(state: State, detail: impl Into<String>) -> Attempt {
+        Attempt {
+            state,
+            detail: detail.into(),
+            reply: None,
+        }
+    }
+}
+
+/// A message on its way, with what the run knows about it so far.
+pub struct Job {
+    pub message: OutgoingMessage,
+    /// Attempts that got an answer (4xx) so far in this run.
+    pub attempts: u32,
+    /// The relay-failure count when it was handed out (see `schedule`).
+    epoch: u32,
+    /// The last 4xx reply, for the report when it stays deferred.
+    last_reply: String,
+}
+
+/// How a dispatch run ended.
+pub struct Ended {
+    /// The relay failure that ended it early, if any: recipients not reported are pending.
+    pub failure: Option<RelayFailure>,
+    pub tally: schedule::Tally,
+}
+
+/// What a worker gives back: the job, and how the attempt went.
+enum Outcome {
+    Done(Job, Attempt),
+    Relay(Job, RelayFailure),
+}
 
 /// One worker's connection to its transport.
 enum Worker {
@@ -80,10 +128,7 @@ impl Worker {
     async fn deliver(&mut self, message: &OutgoingMessage) -> Result<Attempt, RelayFailure> {
         match self {
             Worker::File(outbox) => outbox.write(message).await,
-            Worker::DryRun => Ok(Attempt {
-                state: State::Sent,
-                detail: "dry run".to_owned(),
-            }),
+            Worker::DryRun => Ok(Attempt::without_reply(State::Sent, "dry run")),
             Worker::Smtp(connection) => connection.deliver(message).await,
         }
     }
@@ -95,99 +140,60 @@ impl Worker {
     }
 }
 
-/// Runs the workers until the message channel is drained and closed, or the relay fails.
-/// Deliveries go to `results`; the relay failure, if any, is returned.
+/// Runs the scheduler and the workers until every message has a final outcome, or the relay
+/// has failed `[retry] relay_attempts` times in a row. Final outcomes go to `results`; the
+/// relay failure that ended the run, if any, is returned (the messages not reported on are
+/// still pending).
 pub async fn run(
     transport: Transport,
+    rate: &config::Rate,
+    retry: &config::Retry,
     messages: async_channel::Receiver<OutgoingMessage>,
     results: mpsc::Sender<Delivery>,
-) -> Option<RelayFailure> {
-    let relay_down = Arc::new(AtomicBool::new(false));
+) -> Ended {
+    let workers = transport.workers();
+    let (jobs_in, jobs_out) = async_channel::unbounded::<Job>();
+    let (outcomes_in, outcomes_out) = mpsc::unbounded_channel::<Outcome>();
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..transport.workers() {
-        let worker = match &transport {
-            Transport::File(outbox) => Worker::File(outbox.clone()),
-            Transport::DryRun => Worker::DryRun,
-            Transport::Smtp(settings) => {
-                Worker::Smtp(Box::new(smtp::Connection::new(Arc::clone(settings))))
-            }
-        };
+    for _ in 0..workers {
         tasks.spawn(work(
-            worker,
-            messages.clone(),
-            results.clone(),
-            Arc::clone(&relay_down),
+            transport.worker(),
+            jobs_out.clone(),
+            outcomes_in.clone(),
         ));
     }
-    drop(results);
-    let mut failure = None;
+    drop(outcomes_in);
+    let scheduler = schedule::Scheduler::new(Pacer::new(rate), rate, retry, workers);
+    let (mut failure, tally) = scheduler
+        .run(messages.clone(), jobs_in, outcomes_out, results)
+        .await;
+    // Nothing more will be taken: let the producer stop.
+    messages.close();
     while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok(Some(relay)) => {
-                // Stop the producer: nothing more will be taken.
-                messages.close();
-                failure.get_or_insert(relay);
-            }
-            Ok(None) => {}
-            Err(panic) => {
-                messages.close();
-                failure.get_or_insert(RelayFailure(format!(
-                    "a delivery worker stopped unexpectedly ({panic})"
-                )));
-            }
+        if let Err(panic) = joined {
+            failure.get_or_insert(RelayFailure(format!(
+                "a delivery worker stopped unexpectedly ({panic})"
+            )));
         }
     }
-    failure
+    Ended { failure, tally }
 }
 
+/// One worker: takes a job, delivers it, gives it back with the outcome. Stops when the
+/// scheduler closes the job channel.
 async fn work(
     mut worker: Worker,
-    messages: async_channel::Receiver<OutgoingMessage>,
-    results: mpsc::Sender<Delivery>,
-    relay_down: Arc<AtomicBool>,
-) -> Option<RelayFailure> {
-    while !relay_down.load(Ordering::Acquire) {
-        let Ok(message) = messages.recv().await else {
+    jobs: async_channel::Receiver<Job>,
+    outcomes: mpsc::UnboundedSender<Outcome>,
+) {
+    while let Ok(job) = jobs.recv().await {
+        let outcome = match worker.deliver(&job.message).await {
+            Ok(attempt) => Outcome::Done(job, attempt),
+            Err(failure) => Outcome::Relay(job, failure),
+        };
+        if outcomes.send(outcome).is_err() {
             break;
-        };
-        let mut retries = RELAY_RETRIES.iter();
-        let attempt = loop {
-            match worker.deliver(&message).await {
-                Ok(attempt) => break Ok(attempt),
-                Err(failure) => match retries.next() {
-                    Some(pause) if !relay_down.load(Ordering::Acquire) => {
-                        tracing::warn!(reason = %failure.0, "relay unavailable; retrying in {pause:?}");
-                        tokio::time::sleep(*pause).await;
-                    }
-                    _ => break Err(failure),
-                },
-            }
-        };
-        let (attempt, failure) = match attempt {
-            Ok(attempt) => (attempt, None),
-            Err(failure) => {
-                relay_down.store(true, Ordering::Release);
-                (
-                    Attempt {
-                        state: State::Pending,
-                        detail: format!("not attempted: {}", failure.0),
-                    },
-                    Some(failure),
-                )
-            }
-        };
-        let delivery = Delivery {
-            line: message.line,
-            recipient: message.envelope.rcpt_to.to_string(),
-            locale: message.locale.clone(),
-            state: attempt.state,
-            detail: attempt.detail,
-        };
-        if results.send(delivery).await.is_err() || failure.is_some() {
-            worker.close().await;
-            return failure;
         }
     }
     worker.close().await;
-    None
 }

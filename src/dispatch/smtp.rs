@@ -21,11 +21,10 @@ use lettre::transport::smtp::client::{
 };
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
-use lettre::transport::smtp::response::Response;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::{Attempt, RelayFailure};
+use super::{Attempt, RelayFailure, Reply};
 use crate::config::{Security, Smtp};
 use crate::render::OutgoingMessage;
 use crate::report::State;
@@ -324,20 +323,21 @@ async fn timed<T>(
 
 /// A lettre error as one line: the reply code and text when there was a reply.
 fn describe(error: &lettre::transport::smtp::Error) -> String {
-    let text =
-        std::error::Error::source(error).map_or_else(|| error.to_string(), ToString::to_string);
-    match error.status() {
-        Some(code) => format!("{code} {text}"),
-        None => text,
+    match reply_of(error) {
+        Some(reply) => reply.to_string(),
+        None => error_text(error),
     }
 }
 
-fn reply_text(response: &Response) -> String {
-    format!(
-        "{} {}",
-        response.code(),
-        response.message().collect::<Vec<_>>().join(" ")
-    )
+fn error_text(error: &lettre::transport::smtp::Error) -> String {
+    std::error::Error::source(error).map_or_else(|| error.to_string(), ToString::to_string)
+}
+
+/// The server's negative reply inside a lettre error, when there was one.
+fn reply_of(error: &lettre::transport::smtp::Error) -> Option<Reply> {
+    error
+        .status()
+        .map(|code| Reply::new(u16::from(code), &error_text(error)))
 }
 
 /// A refusal of one recipient: 4xx defers, 5xx fails.
@@ -349,9 +349,11 @@ fn refused(error: &lettre::transport::smtp::Error) -> Option<Attempt> {
     } else {
         return None;
     };
+    let reply = reply_of(error)?;
     Some(Attempt {
         state,
-        detail: describe(error),
+        detail: reply.to_string(),
+        reply: Some(reply),
     })
 }
 
@@ -377,11 +379,10 @@ async fn transaction(
     }
     if !envelope.rcpt_to.to_string().is_ascii() || !envelope.mail_from.to_string().is_ascii() {
         if !info.supports_feature(Extension::SmtpUtfEight) {
-            return Step::Done(Attempt {
-                state: State::Failed,
-                detail: "the address has non-ASCII characters and the server lacks SMTPUTF8"
-                    .to_owned(),
-            });
+            return Step::Done(Attempt::without_reply(
+                State::Failed,
+                "the address has non-ASCII characters and the server lacks SMTPUTF8",
+            ));
         }
         parameters.push(MailParameter::SmtpUtfEight);
     }
@@ -435,25 +436,32 @@ async fn transaction(
     // From here on the server may have the whole message: a broken connection or a missing
     // reply leaves the outcome unknown, and the message must not be sent again blindly.
     match tokio::time::timeout(smtp.data_timeout, connection.message(&message.bytes)).await {
-        Ok(Ok(response)) => Step::Done(Attempt {
-            state: State::Sent,
-            detail: reply_text(&response),
-        }),
+        Ok(Ok(response)) => {
+            let reply = Reply::new(
+                u16::from(response.code()),
+                &response.message().collect::<Vec<_>>().join(" "),
+            );
+            Step::Done(Attempt {
+                state: State::Sent,
+                detail: reply.to_string(),
+                reply: Some(reply),
+            })
+        }
         Ok(Err(error)) => match refused(&error) {
             // lettre has read the whole reply; the connection is still in step.
             Some(attempt) => Step::Done(attempt),
-            None => Step::DoneAndBroken(Attempt {
-                state: State::Ambiguous,
-                detail: format!("no reply after the message body: {}", describe(&error)),
-            }),
+            None => Step::DoneAndBroken(Attempt::without_reply(
+                State::Ambiguous,
+                format!("no reply after the message body: {}", describe(&error)),
+            )),
         },
-        Err(_) => Step::DoneAndBroken(Attempt {
-            state: State::Ambiguous,
-            detail: format!(
+        Err(_) => Step::DoneAndBroken(Attempt::without_reply(
+            State::Ambiguous,
+            format!(
                 "no reply after the message body within {}",
                 humantime::format_duration(smtp.data_timeout)
             ),
-        }),
+        )),
     }
 }
 

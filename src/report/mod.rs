@@ -2,11 +2,15 @@
 //!
 //! Pure: [`Summary`] is fed [`Delivery`] values and prints into any `impl Write`.
 
+mod progress;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, Write};
+use std::time::Duration;
 
 use crate::exit::Exit;
+pub use progress::{BarSafeStderr, Progress};
 
 /// Where a recipient ended up in this run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -67,6 +71,8 @@ pub struct Delivery {
     pub recipient: String,
     pub locale: String,
     pub state: State,
+    /// Attempts that reached the server in this run (1 unless 4xx replies were retried).
+    pub attempts: u32,
     /// The server's last reply, the file written, or why it was not attempted.
     pub detail: String,
 }
@@ -81,6 +87,14 @@ pub struct Summary {
     /// Deliveries that did not end as sent, first ones only (see [`Summary::KEEP`]).
     pub notable: Vec<Delivery>,
     pub duplicates: usize,
+    /// How long delivery took (sends only).
+    pub elapsed: Option<Duration>,
+    /// 4xx replies that were retried within the run.
+    pub retried: usize,
+    /// Pauses because the relay as a whole failed.
+    pub relay_pauses: usize,
+    /// Domains slowed down by throttling replies, with the slowest pace (per second).
+    pub throttled: BTreeMap<String, f64>,
 }
 
 impl Summary {
@@ -170,6 +184,34 @@ impl Summary {
                 "duplicate rows skipped", self.duplicates
             )?;
         }
+        if self.retried > 0 {
+            writeln!(out, "  {:<24} {:>9}", "retries after 4xx", self.retried)?;
+        }
+        if self.relay_pauses > 0 {
+            writeln!(out, "  {:<24} {:>9}", "relay pauses", self.relay_pauses)?;
+        }
+        if let Some(elapsed) = self.elapsed {
+            #[allow(clippy::cast_precision_loss)] // counts far below 2^52
+            let rate = self.count(State::Sent) as f64 / elapsed.as_secs_f64().max(1e-3);
+            writeln!(
+                out,
+                "  {:<24} {:>9}",
+                "elapsed",
+                format!("{:.1} s", elapsed.as_secs_f64())
+            )?;
+            writeln!(
+                out,
+                "  {:<24} {:>9}",
+                "sent per second",
+                format!("{rate:.0}")
+            )?;
+        }
+        for (domain, per_second) in &self.throttled {
+            writeln!(
+                out,
+                "throttled: {domain} slowed to {per_second:.2}/s after a throttling reply"
+            )?;
+        }
         if !self.locales.is_empty() {
             writeln!(out, "{}", self.locale_line())?;
         }
@@ -210,6 +252,7 @@ mod tests {
             recipient: "a@example.com".into(),
             locale: "en".into(),
             state,
+            attempts: 1,
             detail: "550 5.1.1 no such user".into(),
         }
     }

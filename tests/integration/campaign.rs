@@ -12,8 +12,13 @@ pub struct Campaign {
     header: String,
     transport: String,
     transport_keys: String,
+    retry: String,
     extra: String,
 }
+
+/// Retries and relay pauses in milliseconds, so tests of faults finish quickly.
+const FAST_RETRY: &str =
+    "backoff = \"20ms\"\nmax_backoff = \"100ms\"\nrelay_backoff = \"20ms\"\nlinger = \"5s\"\n";
 
 /// What a run of the binary gave.
 #[derive(Debug)]
@@ -49,6 +54,7 @@ impl Campaign {
             header: "email,name,locale,plan".to_owned(),
             transport: "kind = \"file\"\noutbox = \"outbox\"\n".to_owned(),
             transport_keys: String::new(),
+            retry: FAST_RETRY.to_owned(),
             extra: String::new(),
         }
     }
@@ -94,6 +100,26 @@ impl Campaign {
         self
     }
 
+    /// Keys for the `[retry]` section, on top of fast backoffs (later keys win).
+    pub fn retry(mut self, keys: &str) -> Campaign {
+        let overridden: Vec<&str> = keys
+            .lines()
+            .filter_map(|l| l.split('=').next())
+            .map(str::trim)
+            .collect();
+        let mut kept = String::new();
+        for line in FAST_RETRY.lines() {
+            if !overridden.contains(&line.split('=').next().unwrap().trim()) {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        kept.push_str(keys);
+        kept.push('\n');
+        self.retry = kept;
+        self
+    }
+
     /// Raw TOML appended after everything else.
     pub fn extra(mut self, toml: &str) -> Campaign {
         self.extra.push_str(toml);
@@ -120,8 +146,8 @@ impl Campaign {
         let toml = format!(
             "[campaign]\nid = \"test-campaign\"\nfrom = \"Example <news@example.com>\"\nreply_to = \"support@example.com\"\n\
              template = \"templates\"\nlocales = \"locales\"\ndefault_locale = \"en\"\n\n\
-             [recipients]\npath = \"recipients.csv\"\n\n[transport]\n{}{}\n{}",
-            self.transport, self.transport_keys, self.extra
+             [recipients]\npath = \"recipients.csv\"\n\n[transport]\n{}{}\n[retry]\n{}\n{}",
+            self.transport, self.transport_keys, self.retry, self.extra
         );
         let path = self.dir.path().join("campaign.toml");
         std::fs::write(&path, toml).unwrap();

@@ -98,7 +98,14 @@ fn cases() -> Vec<(&'static str, Campaign, Option<Fixup>)> {
         ("unknown_key", ok().transport("speed = 9"), None),
         (
             "unsupported_section",
-            ok().extra("[rate]\nper_second = 5\n"),
+            ok().extra("[schedule]\nnot_before = \"2030-01-01T00:00:00Z\"\n"),
+            None,
+        ),
+        (
+            "bad_rate",
+            ok().extra(
+                "[rate]\nper_second = 0\n[rate.per_domain]\n\"Example.com\" = \"5 per second\"\n",
+            ),
             None,
         ),
         (

@@ -3,6 +3,7 @@
 
 mod campaign;
 mod corpus;
+mod delivery;
 mod properties;
 mod sink;
 mod snapshots;
@@ -33,7 +34,7 @@ fn to_addresses(message: &Message<'_>) -> Vec<String> {
 }
 
 /// The number on the summary line that starts with `label`.
-fn count(stdout: &str, label: &str) -> Option<usize> {
+pub(crate) fn count(stdout: &str, label: &str) -> Option<usize> {
     stdout
         .lines()
         .map(str::trim)

@@ -18,12 +18,15 @@ pub enum Phase {
     Mail,
     Rcpt,
     Data,
+    /// While the body comes in: `DROP` hangs up after its first line, before the final dot.
+    Body,
     /// The reply to the final dot.
     EndOfData,
 }
 
 /// Decides a reply: `None` for the normal one, `Some("550 5.1.1 no")` to refuse, `Some("DROP")`
-/// to close the connection without a word. The `&str` is the recipient, once there is one.
+/// to close the connection without a word, `Some("SLEEP 300 250 ok")` to wait 300 ms first
+/// (`SLEEP 300 DROP` works too). The `&str` is the recipient, once there is one.
 pub type Script = Arc<dyn Fn(Phase, &str) -> Option<String> + Send + Sync>;
 
 /// How the sink offers TLS.
@@ -72,10 +75,19 @@ pub struct Transaction {
     pub encrypted: bool,
 }
 
+/// One `RCPT TO` the sink was sent, whatever it answered.
+#[derive(Debug, Clone)]
+pub struct RcptAttempt {
+    pub rcpt: String,
+    pub reply: String,
+    pub at: std::time::Instant,
+}
+
 #[derive(Debug, Default)]
 pub struct Recorded {
     pub connections: usize,
     pub transactions: Vec<Transaction>,
+    pub rcpts: Vec<RcptAttempt>,
     /// Decoded `AUTH PLAIN` credentials, as `user:password`.
     pub logins: Vec<String>,
 }
@@ -83,6 +95,14 @@ pub struct Recorded {
 pub struct Sink {
     pub addr: SocketAddr,
     recorded: Arc<Mutex<Recorded>>,
+}
+
+/// Faults that are not a reply to one command.
+#[derive(Clone, Copy, Default)]
+pub struct Faults {
+    /// Close each connection without a word after this many completed transactions, as a
+    /// server that drops idle or old connections does.
+    pub close_after: Option<usize>,
 }
 
 impl Sink {
@@ -99,6 +119,10 @@ impl Sink {
     }
 
     pub fn with(script: Script, tls: Tls) -> Sink {
+        Sink::faulty(script, tls, Faults::default())
+    }
+
+    pub fn faulty(script: Script, tls: Tls, faults: Faults) -> Sink {
         let recorded = Arc::new(Mutex::new(Recorded::default()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let state = Arc::clone(&recorded);
@@ -125,6 +149,7 @@ impl Sink {
                         Arc::clone(&state),
                         Arc::clone(&script),
                         tls.clone(),
+                        faults,
                     ));
                 }
             });
@@ -148,6 +173,21 @@ impl Sink {
     pub fn logins(&self) -> Vec<String> {
         self.recorded.lock().unwrap().logins.clone()
     }
+
+    pub fn rcpts(&self) -> Vec<RcptAttempt> {
+        self.recorded.lock().unwrap().rcpts.clone()
+    }
+
+    /// How many transactions each recipient got that the sink answered with 2xx.
+    pub fn accepted(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for t in self.transactions() {
+            if t.reply.starts_with('2') {
+                *counts.entry(t.rcpt_to[0].clone()).or_default() += 1;
+            }
+        }
+        counts
+    }
 }
 
 fn angle(argument: &str) -> String {
@@ -164,7 +204,9 @@ async fn serve(
     state: Arc<Mutex<Recorded>>,
     script: Script,
     tls: Tls,
+    faults: Faults,
 ) {
+    let mut completed = 0;
     let (mut encrypted, stream): (bool, Box<dyn Io>) = match &tls {
         Tls::Implicit(acceptor) => match acceptor.accept(stream).await {
             Ok(tls) => (true, Box::new(tls)),
@@ -176,7 +218,12 @@ async fn serve(
     // Writes one reply (or hangs up on `DROP`); true when it is positive.
     macro_rules! send {
         ($text:expr) => {{
-            let text: String = $text;
+            let mut text: String = $text;
+            if let Some(rest) = text.strip_prefix("SLEEP ") {
+                let (ms, reply) = rest.split_once(' ').unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(ms.parse().unwrap())).await;
+                text = reply.to_owned();
+            }
             if text == "DROP"
                 || read
                     .write_all(format!("{text}\r\n").as_bytes())
@@ -265,7 +312,13 @@ async fn serve(
             let _ = reply!(Phase::Mail, "", "250 2.1.0 ok");
         } else if upper.starts_with("RCPT TO:") {
             let rcpt = angle(&command);
-            if reply!(Phase::Rcpt, &rcpt, "250 2.1.5 ok") {
+            let text = script(Phase::Rcpt, &rcpt).unwrap_or_else(|| "250 2.1.5 ok".to_owned());
+            state.lock().unwrap().rcpts.push(RcptAttempt {
+                rcpt: rcpt.clone(),
+                reply: text.clone(),
+                at: std::time::Instant::now(),
+            });
+            if send!(text) {
                 rcpt_to.push(rcpt);
             }
         } else if upper == "DATA" {
@@ -273,6 +326,7 @@ async fn serve(
             if !reply!(Phase::Data, &first, "354 go ahead") {
                 continue;
             }
+            let hang_up_in_body = script(Phase::Body, &first).is_some_and(|r| r == "DROP");
             let mut data = Vec::new();
             let mut body_line = Vec::new();
             loop {
@@ -291,6 +345,9 @@ async fn serve(
                 }
                 if body_line == b".\r\n" {
                     break;
+                }
+                if hang_up_in_body {
+                    return;
                 }
                 let unstuffed = if body_line.starts_with(b"..") {
                     &body_line[1..]
@@ -313,6 +370,10 @@ async fn serve(
                 encrypted,
             });
             let _ = send!(text);
+            completed += 1;
+            if faults.close_after.is_some_and(|k| completed >= k) {
+                return;
+            }
         } else if upper == "RSET" {
             mail_from = None;
             rcpt_to.clear();

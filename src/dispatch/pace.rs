@@ -1,0 +1,488 @@
+//! Pace: the rate limits of `[rate]`, and the slow-down of a domain that says "too fast".
+//!
+//! Built on governor: one direct limiter for the global rate, a keyed limiter for the
+//! `per_domain` default, one direct limiter per domain named in `per_domain`, and, for a
+//! domain that answered with a throttling reply, a temporary slower limiter (halved on each
+//! signal, raised by half every quiet [`RECOVER_AFTER`] until it is back at its normal pace).
+//!
+//! Only the scheduler task calls it, one message at a time, so no two tasks ever wait on the
+//! same key (governor's waiters are not FIFO). Nothing here sleeps: every check answers now,
+//! with how long to wait when the answer is no. The clock is a parameter, so tests drive it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use governor::clock::{Clock, MonotonicClock, Reference};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::HashMapStateStore;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+
+use crate::config::{Pace, Rate};
+
+type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
+type Keyed<C> =
+    RateLimiter<Box<str>, HashMapStateStore<Box<str>>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+
+/// A throttled domain goes back up by half after this long without a new throttling reply.
+pub const RECOVER_AFTER: Duration = Duration::from_secs(30);
+/// The slowest a throttled domain gets: one message a minute.
+const FLOOR_PER_SECOND: f64 = 1.0 / 60.0;
+/// Admissions between two prunings of per-domain state.
+const PRUNE_EVERY: u32 = 4096;
+/// How long a domain's observed rate is measured over.
+const OBSERVE: Duration = Duration::from_secs(1);
+
+fn quota(pace: &Pace) -> Option<Quota> {
+    Quota::with_period(pace.interval()).map(|q| q.allow_burst(pace.burst))
+}
+
+/// A domain slowed down after a throttling reply.
+struct Throttle<C: Clock> {
+    limiter: Direct<C>,
+    per_second: f64,
+    /// The domain's normal pace (its limit, or the rate it was getting); reaching it again
+    /// ends the throttle.
+    ceiling: f64,
+    changed: C::Instant,
+}
+
+/// How fast a domain has been getting messages lately (the base to halve when a domain
+/// without a limit of its own throttles).
+struct Observed<I> {
+    start: I,
+    count: u32,
+    per_second: f64,
+}
+
+pub struct Pacer<C: Clock = MonotonicClock> {
+    clock: C,
+    global: Option<Direct<C>>,
+    default: Option<(Keyed<C>, f64)>,
+    named: HashMap<Box<str>, (Direct<C>, f64)>,
+    throttled: HashMap<Box<str>, Throttle<C>>,
+    observed: HashMap<Box<str>, Observed<C::Instant>>,
+    since_prune: u32,
+}
+
+impl Pacer<MonotonicClock> {
+    #[must_use]
+    pub fn new(rate: &Rate) -> Pacer {
+        Pacer::with_clock(rate, MonotonicClock)
+    }
+}
+
+impl<C: Clock + Clone> Pacer<C> {
+    pub fn with_clock(rate: &Rate, clock: C) -> Pacer<C> {
+        let direct =
+            |pace: &Pace| quota(pace).map(|q| RateLimiter::direct_with_clock(q, clock.clone()));
+        Pacer {
+            global: rate.global.as_ref().and_then(direct),
+            default: rate.domain_default.as_ref().and_then(|pace| {
+                quota(pace).map(|q| {
+                    (
+                        RateLimiter::new(q, HashMapStateStore::default(), clock.clone()),
+                        pace.per_second(),
+                    )
+                })
+            }),
+            named: rate
+                .domains
+                .iter()
+                .filter_map(|(domain, pace)| {
+                    direct(pace).map(|l| (domain.as_str().into(), (l, pace.per_second())))
+                })
+                .collect(),
+            throttled: HashMap::new(),
+            observed: HashMap::new(),
+            since_prune: 0,
+            clock,
+        }
+    }
+
+    fn wait(&self, until: &governor::NotUntil<C::Instant>) -> Duration {
+        until.wait_time_from(self.clock.now())
+    }
+
+    /// Takes the next slot of the global rate, or says how long until there is one.
+    pub fn reserve_global(&self) -> Result<(), Duration> {
+        match &self.global {
+            Some(limiter) => limiter.check().map_err(|until| self.wait(&until)),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes the next slot of `domain`'s rate (lower-case, IDNA-encoded), or says how long
+    /// until there is one.
+    pub fn admit(&mut self, domain: &str) -> Result<(), Duration> {
+        self.since_prune += 1;
+        if self.since_prune >= PRUNE_EVERY {
+            self.prune();
+        }
+        let now = self.clock.now();
+        if let Some(throttle) = self.throttled.get_mut(domain) {
+            let quiet: Duration = now.duration_since(throttle.changed).into();
+            if quiet >= RECOVER_AFTER {
+                let raised = throttle.per_second * 1.5;
+                if raised >= throttle.ceiling {
+                    tracing::info!(domain, "throttle lifted: back to its normal pace");
+                    self.throttled.remove(domain);
+                } else {
+                    tracing::info!(domain, per_second = raised, "throttle easing");
+                    throttle.per_second = raised;
+                    throttle.limiter = slow_limiter(raised, self.clock.clone());
+                    throttle.changed = now;
+                }
+            }
+        }
+        let result = if let Some(throttle) = self.throttled.get(domain) {
+            throttle.limiter.check().map_err(|until| self.wait(&until))
+        } else if let Some((limiter, _)) = self.named.get(domain) {
+            limiter.check().map_err(|until| self.wait(&until))
+        } else if let Some((keyed, _)) = &self.default {
+            // The key is only copied for a domain's first message after a prune.
+            keyed
+                .check_key(&Box::from(domain))
+                .map_err(|until| self.wait(&until))
+        } else {
+            Ok(())
+        };
+        if result.is_ok() {
+            self.observe(domain, now);
+        }
+        result
+    }
+
+    fn observe(&mut self, domain: &str, now: C::Instant) {
+        match self.observed.get_mut(domain) {
+            Some(seen) => {
+                seen.count += 1;
+                let elapsed: Duration = now.duration_since(seen.start).into();
+                if elapsed >= OBSERVE {
+                    seen.per_second = f64::from(seen.count) / elapsed.as_secs_f64();
+                    seen.start = now;
+                    seen.count = 0;
+                }
+            }
+            None => {
+                self.observed.insert(
+                    domain.into(),
+                    Observed {
+                        start: now,
+                        count: 1,
+                        per_second: 0.0,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The pace `domain` normally gets: its limit, or what it has been getting lately.
+    fn normal_pace(&self, domain: &str, now: C::Instant) -> f64 {
+        let limit = self
+            .named
+            .get(domain)
+            .map(|(_, rate)| *rate)
+            .or(self.default.as_ref().map(|(_, rate)| *rate));
+        let observed = self.observed.get(domain).map(|seen| {
+            let elapsed: Duration = now.duration_since(seen.start).into();
+            let current = if elapsed.is_zero() {
+                0.0
+            } else {
+                f64::from(seen.count) / elapsed.as_secs_f64()
+            };
+            seen.per_second.max(current)
+        });
+        match (limit, observed) {
+            (Some(limit), Some(seen)) if seen > 0.0 => limit.min(seen),
+            (Some(limit), _) => limit,
+            (None, Some(seen)) if seen > 0.0 => seen,
+            // Nothing known: start from one a second.
+            (None, _) => 1.0,
+        }
+    }
+
+    /// A throttling reply from `domain`: halve its pace (not more than once per couple of
+    /// intervals, since every connection in flight may bring the same news). Gives the new
+    /// messages-per-second when it changed.
+    pub fn throttle(&mut self, domain: &str) -> Option<f64> {
+        let now = self.clock.now();
+        let (current, ceiling) = match self.throttled.get(domain) {
+            Some(throttle) => {
+                let since: Duration = now.duration_since(throttle.changed).into();
+                let settle =
+                    Duration::from_secs_f64(2.0 / throttle.per_second).max(Duration::from_secs(1));
+                if since < settle {
+                    return None;
+                }
+                (throttle.per_second, throttle.ceiling)
+            }
+            None => {
+                let normal = self.normal_pace(domain, now);
+                (normal, normal)
+            }
+        };
+        let halved = (current / 2.0).max(FLOOR_PER_SECOND);
+        let limiter = slow_limiter(halved, self.clock.clone());
+        // The slot just used: the next message waits a whole interval at the new pace.
+        let _ = limiter.check();
+        self.throttled.insert(
+            domain.into(),
+            Throttle {
+                limiter,
+                per_second: halved,
+                ceiling,
+                changed: now,
+            },
+        );
+        Some(halved)
+    }
+
+    /// Drops state that no longer limits anything, so memory stays flat over many domains.
+    fn prune(&mut self) {
+        self.since_prune = 0;
+        if let Some((keyed, _)) = &self.default {
+            keyed.retain_recent();
+            keyed.shrink_to_fit();
+        }
+        let now = self.clock.now();
+        self.observed
+            .retain(|_, seen| Duration::from(now.duration_since(seen.start)) < OBSERVE * 10);
+    }
+
+    #[cfg(test)]
+    fn keyed_len(&self) -> usize {
+        self.default.as_ref().map_or(0, |(keyed, _)| keyed.len())
+    }
+}
+
+fn slow_limiter<C: Clock>(per_second: f64, clock: C) -> Direct<C> {
+    let interval = Duration::from_secs_f64(1.0 / per_second);
+    let quota = Quota::with_period(interval).unwrap_or_else(|| Quota::per_second(nonzero_one()));
+    RateLimiter::direct_with_clock(quota, clock)
+}
+
+fn nonzero_one() -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::MIN
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+    use std::num::NonZeroU32;
+
+    fn pace(count: u32, burst: u32) -> Pace {
+        Pace {
+            count: NonZeroU32::new(count).unwrap(),
+            per: Duration::from_secs(1),
+            burst: NonZeroU32::new(burst).unwrap(),
+        }
+    }
+
+    /// Drives the pacer like the scheduler does, on a fake clock, for `seconds`: whenever a
+    /// slot is refused, the clock moves on by the wait it names plus `late` (a timer that
+    /// wakes late). Gives the admission times, in nanoseconds, per domain.
+    fn drive(
+        pacer: &mut Pacer<FakeRelativeClock>,
+        clock: &FakeRelativeClock,
+        domains: &[&str],
+        seconds: u64,
+        late: Duration,
+    ) -> HashMap<String, Vec<u64>> {
+        let mut times: HashMap<String, Vec<u64>> = HashMap::new();
+        let end = Duration::from_secs(seconds);
+        let mut next = 0;
+        let mut global_held = false;
+        while Duration::from(clock.now()) < end {
+            if !global_held {
+                match pacer.reserve_global() {
+                    Ok(()) => global_held = true,
+                    Err(wait) => {
+                        clock.advance(wait + late);
+                        continue;
+                    }
+                }
+            }
+            // Round robin over the domains; the first one ready goes.
+            let mut shortest = None::<Duration>;
+            let mut sent = false;
+            for offset in 0..domains.len() {
+                let domain = domains[(next + offset) % domains.len()];
+                match pacer.admit(domain) {
+                    Ok(()) => {
+                        let now: u64 = Duration::from(clock.now()).as_nanos().try_into().unwrap();
+                        times.entry(domain.to_owned()).or_default().push(now);
+                        next = (next + offset + 1) % domains.len();
+                        sent = true;
+                        break;
+                    }
+                    Err(wait) => shortest = Some(shortest.map_or(wait, |s| s.min(wait))),
+                }
+            }
+            if sent {
+                global_held = false;
+            } else {
+                clock.advance(shortest.unwrap().max(Duration::from_nanos(1)) + late);
+            }
+        }
+        times
+    }
+
+    /// The most admissions in any half-open window `[t, t + 1 s)`.
+    fn busiest_second(times: &[u64]) -> usize {
+        let mut best = 0;
+        let mut start = 0;
+        for (end, &t) in times.iter().enumerate() {
+            while times[start] + 1_000_000_000 <= t {
+                start += 1;
+            }
+            best = best.max(end - start + 1);
+        }
+        best
+    }
+
+    #[test]
+    fn the_global_rate_is_exact_and_no_second_exceeds_rate_plus_burst() {
+        let clock = FakeRelativeClock::default();
+        let rate = Rate {
+            global: Some(pace(200, 10)),
+            ..Rate::default()
+        };
+        let mut pacer = Pacer::with_clock(&rate, clock.clone());
+        let times = drive(&mut pacer, &clock, &["a.example"], 30, Duration::ZERO);
+        let all = &times["a.example"];
+        // 30 s at 200/s, plus the burst the bucket starts with.
+        assert_eq!(all.len(), 200 * 30 + 10 - 1);
+        assert!(busiest_second(all) <= 200 + 10, "{}", busiest_second(all));
+        // After the first burst, exactly one every 5 ms.
+        assert!(all[10..].windows(2).all(|w| w[1] - w[0] == 5_000_000));
+    }
+
+    #[test]
+    fn late_wake_ups_within_the_burst_do_not_lose_rate() {
+        // Every timer wakes 1 ms late. With a burst, the slack absorbs it and 200/s stays
+        // 200/s; with a burst of one, every late wake-up is lost for good (one per 6 ms):
+        // the reason the default burst is 50 ms worth of the rate.
+        let achieved = |burst| {
+            let clock = FakeRelativeClock::default();
+            let rate = Rate {
+                global: Some(pace(200, burst)),
+                ..Rate::default()
+            };
+            let mut pacer = Pacer::with_clock(&rate, clock.clone());
+            let times = drive(
+                &mut pacer,
+                &clock,
+                &["a.example"],
+                10,
+                Duration::from_millis(1),
+            );
+            times["a.example"].len()
+        };
+        let with_burst = achieved(10);
+        assert!((2000..=2010).contains(&with_burst), "{with_burst}");
+        let without = achieved(1);
+        assert!((1660..=1670).contains(&without), "{without}");
+    }
+
+    #[test]
+    fn domains_have_their_own_limits_and_do_not_hold_each_other_up() {
+        let clock = FakeRelativeClock::default();
+        let mut rate = Rate {
+            domain_default: Some(pace(50, 1)),
+            ..Rate::default()
+        };
+        rate.domains.insert("slow.example".into(), pace(5, 1));
+        let mut pacer = Pacer::with_clock(&rate, clock.clone());
+        let times = drive(
+            &mut pacer,
+            &clock,
+            &["slow.example", "a.example", "b.example"],
+            10,
+            Duration::ZERO,
+        );
+        assert_eq!(times["slow.example"].len(), 50);
+        assert_eq!(times["a.example"].len(), 500);
+        assert_eq!(times["b.example"].len(), 500);
+        for (domain, all) in &times {
+            let limit = if domain == "slow.example" { 5 } else { 50 };
+            assert!(busiest_second(all) <= limit + 1, "{domain}");
+        }
+    }
+
+    #[test]
+    fn a_throttled_domain_halves_then_recovers_gradually_alone() {
+        let clock = FakeRelativeClock::default();
+        let rate = Rate {
+            domain_default: Some(pace(40, 1)),
+            ..Rate::default()
+        };
+        let mut pacer = Pacer::with_clock(&rate, clock.clone());
+        assert_eq!(pacer.throttle("busy.example"), Some(20.0));
+        // The same news from other connections at once: no further halving.
+        assert_eq!(pacer.throttle("busy.example"), None);
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(pacer.throttle("busy.example"), Some(10.0));
+
+        let count = |pacer: &mut Pacer<FakeRelativeClock>, domain: &str| {
+            let start = Duration::from(clock.now());
+            let mut n = 0;
+            while Duration::from(clock.now()) < start + Duration::from_secs(10) {
+                match pacer.admit(domain) {
+                    Ok(()) => n += 1,
+                    Err(wait) => clock.advance(wait),
+                }
+            }
+            n
+        };
+        // Ten seconds: the throttled domain gets ~10/s, another domain its full 40/s.
+        let busy = count(&mut pacer, "busy.example");
+        assert!((99..=101).contains(&busy), "{busy}");
+        let calm = count(&mut pacer, "calm.example");
+        assert!((399..=401).contains(&calm), "{calm}");
+        // 30 s after the last signal it goes up by half, then again, until back to normal.
+        clock.advance(RECOVER_AFTER);
+        let eased = count(&mut pacer, "busy.example");
+        assert!((149..=151).contains(&eased), "{eased}");
+        for _ in 0..3 {
+            clock.advance(RECOVER_AFTER);
+            let _ = pacer.admit("busy.example");
+        }
+        assert!(pacer.throttled.is_empty());
+        let back = count(&mut pacer, "busy.example");
+        assert!((399..=401).contains(&back), "{back}");
+    }
+
+    #[test]
+    fn an_unlimited_domain_is_throttled_from_the_rate_it_was_getting() {
+        let clock = FakeRelativeClock::default();
+        let mut pacer = Pacer::with_clock(&Rate::default(), clock.clone());
+        for _ in 0..300 {
+            pacer.admit("big.example").unwrap();
+            clock.advance(Duration::from_millis(10));
+        }
+        let halved = pacer.throttle("big.example").unwrap();
+        assert!((49.0..=51.0).contains(&halved), "{halved}");
+        assert!(pacer.admit("big.example").is_err());
+        assert!(pacer.admit("other.example").is_ok());
+    }
+
+    #[test]
+    fn keyed_state_is_pruned() {
+        let clock = FakeRelativeClock::default();
+        let rate = Rate {
+            domain_default: Some(pace(10, 1)),
+            ..Rate::default()
+        };
+        let mut pacer = Pacer::with_clock(&rate, clock.clone());
+        for i in 0..PRUNE_EVERY - 1 {
+            pacer.admit(&format!("d{i}.example")).unwrap();
+        }
+        assert_eq!(pacer.keyed_len(), PRUNE_EVERY as usize - 1);
+        clock.advance(Duration::from_secs(60));
+        pacer.admit("last.example").unwrap();
+        assert!(pacer.keyed_len() <= 1, "{}", pacer.keyed_len());
+        assert!(pacer.observed.len() <= 1);
+    }
+}

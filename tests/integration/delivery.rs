@@ -1,0 +1,444 @@
+//! The delivery engine against a sink that misbehaves: replies refused at every phase,
+//! hang-ups, silent closes, delays, a throttling domain, and rate limits measured where the
+//! messages arrive. Every test judges from the sink's records: nothing lost, nothing sent twice.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::campaign::{Campaign, Run, people};
+use crate::count;
+use crate::sink::{Faults, Phase, Script, Sink, Tls};
+
+/// The recipients of `people(n)`, in order.
+fn addresses(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("user{i}@example{}.com", i % 7))
+        .collect()
+}
+
+/// A script that answers `reply` the first `times` times `phase` comes up for a recipient
+/// `matching`, and normally afterwards.
+fn first_times(times: usize, phase: Phase, matching: &'static str, reply: &'static str) -> Script {
+    let seen = Arc::new(AtomicUsize::new(0));
+    Arc::new(move |p, rcpt| {
+        (p == phase && rcpt.contains(matching) && seen.fetch_add(1, Ordering::SeqCst) < times)
+            .then(|| reply.to_owned())
+    })
+}
+
+/// What the summary says, and the books: every recipient in exactly one state, the counts
+/// adding up, and no recipient accepted twice by the sink.
+fn balanced(run: &Run, sink: &Sink, total: usize) -> BTreeMap<&'static str, usize> {
+    let mut states = BTreeMap::new();
+    for state in ["sent", "deferred", "failed", "ambiguous", "pending"] {
+        states.insert(state, count(&run.stdout, state).unwrap_or(0));
+    }
+    assert_eq!(
+        states.values().sum::<usize>(),
+        total,
+        "counts add up: {}",
+        run.stdout
+    );
+    let accepted = sink.accepted();
+    assert!(
+        accepted.values().all(|&n| n == 1),
+        "nobody accepted twice: {accepted:?}"
+    );
+    assert_eq!(
+        accepted.len(),
+        states["sent"],
+        "the sink accepted exactly the recipients reported sent: {}",
+        run.stdout
+    );
+    states
+}
+
+fn send(sink: &Sink, rows: usize, connections: usize, extra: impl Fn(Campaign) -> Campaign) -> Run {
+    extra(
+        Campaign::example()
+            .smtp(sink, connections)
+            .rows(people(rows)),
+    )
+    .run("send", &[])
+}
+
+#[test]
+fn four_hundred_replies_at_each_phase_are_retried_until_sent_once() {
+    for phase in [Phase::Rcpt, Phase::Data, Phase::EndOfData] {
+        // user3's first two attempts are refused for now, at this phase.
+        let sink = Sink::scripted(first_times(
+            2,
+            phase,
+            "user3@",
+            "451 4.3.0 temporary problem",
+        ));
+        let run = send(&sink, 8, 2, |c| c);
+        assert_eq!(run.code, 0, "{phase:?}: {run:?}");
+        let states = balanced(&run, &sink, 8);
+        assert_eq!(states["sent"], 8, "{phase:?}");
+        assert_eq!(
+            count(&run.stdout, "retries after 4xx"),
+            Some(2),
+            "{phase:?}: {}",
+            run.stdout
+        );
+        let tries = sink
+            .rcpts()
+            .iter()
+            .filter(|r| r.rcpt == "user3@example3.com")
+            .count();
+        assert_eq!(
+            tries, 3,
+            "{phase:?}: two refusals, then the one that went through"
+        );
+        for other in addresses(8).iter().filter(|a| !a.starts_with("user3@")) {
+            let tries = sink.rcpts().iter().filter(|r| &r.rcpt == other).count();
+            assert_eq!(tries, 1, "{phase:?}: {other} was tried once");
+        }
+    }
+}
+
+#[test]
+fn five_hundred_replies_at_each_phase_fail_exactly_once() {
+    for phase in [Phase::Rcpt, Phase::Data, Phase::EndOfData] {
+        let refuse: Script = Arc::new(move |p, rcpt| {
+            (p == phase && rcpt.starts_with("user2@")).then(|| "550 5.1.1 no such user".to_owned())
+        });
+        let sink = Sink::scripted(refuse);
+        let run = send(&sink, 6, 2, |c| c);
+        assert_eq!(run.code, 1, "{phase:?}: {run:?}");
+        let states = balanced(&run, &sink, 6);
+        assert_eq!((states["sent"], states["failed"]), (5, 1), "{phase:?}");
+        let tries = sink
+            .rcpts()
+            .iter()
+            .filter(|r| r.rcpt == "user2@example2.com")
+            .count();
+        assert_eq!(tries, 1, "{phase:?}: a 5xx is never retried");
+        assert!(
+            run.stdout
+                .contains("user2@example2.com failed: 550 5.1.1 no such user"),
+            "{}",
+            run.stdout
+        );
+    }
+}
+
+#[test]
+fn a_recipient_refused_for_now_every_time_stays_deferred_after_max_attempts() {
+    let always: Script = Arc::new(|p, rcpt| {
+        (p == Phase::Rcpt && rcpt.starts_with("user1@"))
+            .then(|| "452 4.2.2 mailbox full".to_owned())
+    });
+    let sink = Sink::scripted(always);
+    let run = send(&sink, 4, 1, |c| c.retry("max_attempts = 3"));
+    assert_eq!(run.code, 75, "work remains: {run:?}");
+    let states = balanced(&run, &sink, 4);
+    assert_eq!((states["sent"], states["deferred"]), (3, 1));
+    assert_eq!(
+        sink.rcpts()
+            .iter()
+            .filter(|r| r.rcpt.starts_with("user1@"))
+            .count(),
+        3
+    );
+    assert!(
+        run.stdout
+            .contains("452 4.2.2 mailbox full (left for the next run)"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn a_retry_not_due_before_the_linger_ends_is_left_for_the_next_run() {
+    let sink = Sink::scripted(first_times(1, Phase::Rcpt, "user0@", "421 4.4.2 timeout"));
+    // The backoff (at least 30 s) is far beyond the linger (50 ms): the run does not wait.
+    let run = send(&sink, 3, 1, |c| {
+        c.retry("backoff = \"60s\"\nmax_backoff = \"60s\"\nlinger = \"50ms\"")
+    });
+    assert_eq!(run.code, 75, "{run:?}");
+    let states = balanced(&run, &sink, 3);
+    assert_eq!((states["sent"], states["deferred"]), (2, 1));
+}
+
+#[test]
+fn relay_failures_pause_sending_and_change_no_recipients_state() {
+    // 421 at the greeting for the first two connections, then a normal relay.
+    let greetings = Arc::new(AtomicUsize::new(0));
+    let script: Script = Arc::new(move |phase, _| {
+        (phase == Phase::Greeting && greetings.fetch_add(1, Ordering::SeqCst) < 2)
+            .then(|| "421 4.3.2 service not available".to_owned())
+    });
+    let sink = Sink::scripted(script);
+    let run = send(&sink, 10, 3, |c| c);
+    assert_eq!(run.code, 0, "{run:?}");
+    let states = balanced(&run, &sink, 10);
+    assert_eq!(states["sent"], 10);
+    assert!(
+        count(&run.stdout, "relay pauses").unwrap() >= 1,
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stderr.contains("relay unavailable; pausing"),
+        "{}",
+        run.stderr
+    );
+
+    // MAIL FROM refused for now, once: a relay-wide problem, not the recipient's.
+    let sink = Sink::scripted(first_times(1, Phase::Mail, "", "451 4.3.0 queue full"));
+    let run = send(&sink, 5, 1, |c| c);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(balanced(&run, &sink, 5)["sent"], 5);
+
+    // A relay that never recovers: `relay_attempts` pauses, then exit 69, everyone pending.
+    let refusing: Script = Arc::new(|phase, _| {
+        (phase == Phase::Greeting).then(|| "554 5.3.2 not accepting mail".to_owned())
+    });
+    let sink = Sink::scripted(refusing);
+    let run = send(&sink, 5, 2, |c| c.retry("relay_attempts = 3"));
+    assert_eq!(run.code, 69, "{run:?}");
+    assert_eq!(balanced(&run, &sink, 5)["pending"], 5);
+    // Both workers tried at first (one failure counted), then one probe per pause.
+    assert_eq!(sink.connections(), 4, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("relay unavailable, 5 recipients left pending"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn hang_ups_and_silent_closes_lose_nothing_and_send_nothing_twice() {
+    // The server closes every connection after 3 messages without a word: the next command
+    // finds it gone, and the message goes on a new connection.
+    let sink = Sink::faulty(
+        Arc::new(|_, _| None),
+        Tls::None,
+        Faults {
+            close_after: Some(3),
+        },
+    );
+    let run = send(&sink, 20, 2, |c| c);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(balanced(&run, &sink, 20)["sent"], 20);
+    assert!(sink.connections() >= 7, "{}", sink.connections());
+
+    // A hang-up in the middle of one body: the server never saw the final dot, but mailer
+    // cannot know how far it got, so the recipient is ambiguous — reported, never re-sent.
+    let script: Script = Arc::new(|phase, rcpt| {
+        (phase == Phase::Body && rcpt.starts_with("user4@")).then(|| "DROP".to_owned())
+    });
+    let sink = Sink::scripted(script);
+    let run = send(&sink, 8, 2, |c| c);
+    assert_eq!(run.code, 1, "{run:?}");
+    let states = balanced(&run, &sink, 8);
+    assert_eq!((states["sent"], states["ambiguous"]), (7, 1));
+    assert_eq!(
+        sink.rcpts()
+            .iter()
+            .filter(|r| r.rcpt.starts_with("user4@"))
+            .count(),
+        1
+    );
+
+    // A hang-up after the final dot, without a reply: the sink has the message; mailer
+    // reports it ambiguous and does not send it again.
+    let script: Script = Arc::new(|phase, rcpt| {
+        (phase == Phase::EndOfData && rcpt.starts_with("user5@")).then(|| "DROP".to_owned())
+    });
+    let sink = Sink::scripted(script);
+    let run = send(&sink, 8, 2, |c| c);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(count(&run.stdout, "ambiguous"), Some(1), "{}", run.stdout);
+    let received: Vec<_> = sink
+        .transactions()
+        .into_iter()
+        .filter(|t| t.rcpt_to[0].starts_with("user5@"))
+        .collect();
+    assert_eq!(received.len(), 1, "received once, never again");
+}
+
+#[test]
+fn each_phase_has_its_own_timeout_and_a_late_final_reply_is_ambiguous() {
+    // A slow but timely MAIL reply is fine; a final reply later than data_timeout leaves the
+    // outcome unknown: ambiguous, and not sent again even though the sink kept it.
+    let script: Script = Arc::new(|phase, rcpt| match phase {
+        Phase::Mail => Some("SLEEP 50 250 2.1.0 ok".to_owned()),
+        Phase::EndOfData if rcpt.starts_with("user1@") => {
+            Some("SLEEP 800 250 2.0.0 too late".to_owned())
+        }
+        _ => None,
+    });
+    let sink = Sink::scripted(script);
+    let run = send(&sink, 3, 1, |c| {
+        c.transport("command_timeout = \"2s\"\ndata_timeout = \"200ms\"")
+    });
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(count(&run.stdout, "ambiguous"), Some(1), "{}", run.stdout);
+    assert!(
+        run.stdout
+            .contains("no reply after the message body within 200ms"),
+        "{}",
+        run.stdout
+    );
+    let late: Vec<_> = sink
+        .transactions()
+        .into_iter()
+        .filter(|t| t.rcpt_to[0].starts_with("user1@"))
+        .collect();
+    assert_eq!(late.len(), 1);
+
+    // A command reply slower than command_timeout: the connection is abandoned before the
+    // body, so the message goes again on a fresh one; a relay that always stalls is a relay
+    // failure, and nobody's state changes.
+    let stalls = Arc::new(AtomicUsize::new(0));
+    let script: Script = Arc::new(move |phase, _| {
+        (phase == Phase::Rcpt && stalls.fetch_add(1, Ordering::SeqCst) == 0)
+            .then(|| "SLEEP 600 250 2.1.5 ok".to_owned())
+    });
+    let sink = Sink::scripted(script);
+    let run = send(&sink, 3, 1, |c| c.transport("command_timeout = \"150ms\""));
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(balanced(&run, &sink, 3)["sent"], 3);
+    assert_eq!(sink.connections(), 2);
+}
+
+#[test]
+fn a_throttled_domain_slows_down_without_holding_up_the_others() {
+    // slow.example's rows come first; its first three RCPTs get 421 4.7.0. If the throttled
+    // domain held up the queue, the others would wait behind it.
+    let script = first_times(
+        3,
+        Phase::Rcpt,
+        "@slow.example",
+        "421 4.7.0 Too many messages, slow down",
+    );
+    let sink = Sink::scripted(script);
+    let slow: Vec<String> = (0..8)
+        .map(|i| format!("s{i}@slow.example,Slow {i},en,Pro"))
+        .collect();
+    let campaign = Campaign::example()
+        .smtp(&sink, 2)
+        .rows(slow)
+        .rows(people(30))
+        .extra("[rate.per_domain]\n\"slow.example\" = \"10/s\"\n");
+    let run = campaign.run("send", &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let states = balanced(&run, &sink, 38);
+    assert_eq!(states["sent"], 38);
+    assert!(
+        run.stdout.contains("throttled: slow.example slowed to"),
+        "{}",
+        run.stdout
+    );
+    let rcpts = sink.rcpts();
+    // Every other recipient was tried once, and all of them were through before the
+    // throttled domain's last message.
+    let others: Vec<_> = rcpts
+        .iter()
+        .filter(|r| !r.rcpt.ends_with("@slow.example"))
+        .collect();
+    assert_eq!(others.len(), 30);
+    let last_slow = rcpts
+        .iter()
+        .filter(|r| r.rcpt.ends_with("@slow.example"))
+        .map(|r| r.at)
+        .max()
+        .unwrap();
+    assert!(others.iter().all(|r| r.at < last_slow));
+    // After the first throttling reply, slow.example went at most at its halved pace
+    // (5/s): measured as a lower bound on elapsed time, which a slow machine only lengthens.
+    let first_throttle = rcpts
+        .iter()
+        .find(|r| r.reply.starts_with("421"))
+        .unwrap()
+        .at;
+    let after: Vec<Instant> = rcpts
+        .iter()
+        .filter(|r| r.rcpt.ends_with("@slow.example") && r.at > first_throttle)
+        .map(|r| r.at)
+        .collect();
+    let span = after.last().unwrap().duration_since(first_throttle);
+    // At 5/s, n more messages take at least (n − 1) × 200 ms; allow transport jitter by
+    // asserting only the 10/s bound (100 ms each).
+    assert!(
+        span >= Duration::from_millis(100) * u32::try_from(after.len() - 1).unwrap(),
+        "{} messages in {span:?}",
+        after.len()
+    );
+}
+
+/// The most RCPTs in any half-open window `[t, t + 1 s)`.
+fn busiest_second(mut times: Vec<Instant>) -> usize {
+    times.sort();
+    let mut best = 0;
+    let mut start = 0;
+    for end in 0..times.len() {
+        while times[end].duration_since(times[start]) >= Duration::from_secs(1) {
+            start += 1;
+        }
+        best = best.max(end - start + 1);
+    }
+    best
+}
+
+#[test]
+fn limits_hold_globally_and_per_domain_where_the_messages_arrive() {
+    // One connection: the sink sees a message only after mailer let it go, and mailer lets
+    // the next go only after the sink answered, so no delay on either side can bunch them.
+    // (With N connections a window could hold N − 1 more at the sink than at the limiter.)
+    let sink = Sink::start();
+    let run = send(&sink, 70, 1, |c| {
+        c.extra("[rate]\nper_second = 30\nburst = 3\n[rate.per_domain]\ndefault = \"6/s\"\n")
+    });
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(balanced(&run, &sink, 70)["sent"], 70);
+    let rcpts = sink.rcpts();
+    let all: Vec<Instant> = rcpts.iter().map(|r| r.at).collect();
+    assert!(
+        busiest_second(all.clone()) <= 30 + 3,
+        "{}",
+        busiest_second(all)
+    );
+    for domain in 0..7 {
+        let suffix = format!("@example{domain}.com");
+        let times: Vec<Instant> = rcpts
+            .iter()
+            .filter(|r| r.rcpt.ends_with(&suffix))
+            .map(|r| r.at)
+            .collect();
+        assert_eq!(times.len(), 10);
+        // The default burst of 6/s is one message.
+        assert!(
+            busiest_second(times.clone()) <= 6 + 1,
+            "{suffix}: {}",
+            busiest_second(times)
+        );
+    }
+}
+
+#[test]
+fn batches_pause_between_them() {
+    let sink = Sink::start();
+    let started = Instant::now();
+    let run = send(&sink, 9, 2, |c| {
+        c.extra("[rate]\nbatch_size = 3\nbatch_pause = \"400ms\"\n")
+    });
+    // A lower bound, which a slow machine only lengthens: two pauses between three batches
+    // (nine messages alone take a few milliseconds).
+    let elapsed = started.elapsed();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(balanced(&run, &sink, 9)["sent"], 9);
+    assert!(elapsed >= Duration::from_millis(800), "{elapsed:?}");
+    assert_eq!(
+        run.stderr.matches("batch handed out; pausing").count(),
+        3,
+        "{}",
+        run.stderr
+    );
+}
