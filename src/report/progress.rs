@@ -60,9 +60,17 @@ impl Progress {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
             // The template is a constant; a typo would show in every interactive run.
             if let Ok(style) = ProgressStyle::with_template(
-                "{spinner} {elapsed_precise} [{wide_bar}] {pos}/{len} {per_sec} ETA {eta} {msg}",
+                "{spinner} {elapsed_precise} [{wide_bar}] {pos}/{len} {rate} ETA {eta} {msg}",
             ) {
-                bar.set_style(style.progress_chars("=> "));
+                let style = style
+                    .with_key(
+                        "rate",
+                        |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                            let _ = write!(w, "{:.0}/s", state.per_sec());
+                        },
+                    )
+                    .progress_chars("=> ");
+                bar.set_style(style);
             }
             bar.enable_steady_tick(Duration::from_millis(200));
             *ACTIVE.lock().unwrap_or_else(PoisonError::into_inner) = Some(bar.clone());

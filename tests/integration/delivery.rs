@@ -442,3 +442,29 @@ fn batches_pause_between_them() {
         run.stderr
     );
 }
+
+#[test]
+fn cron_gets_json_log_lines_that_name_each_deferral() {
+    let sink = Sink::scripted(first_times(1, Phase::Rcpt, "user1@", "450 4.2.1 try later"));
+    let campaign = Campaign::example().smtp(&sink, 1).rows(people(3));
+    let path = campaign.write();
+    let run = crate::campaign::mailer(
+        &["--log-format", "json", "send", path.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    let events: Vec<serde_json::Value> = run
+        .stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let deferred = events
+        .iter()
+        .find(|e| e["fields"]["message"] == "deferred")
+        .unwrap_or_else(|| panic!("{}", run.stderr));
+    assert_eq!(deferred["level"], "INFO");
+    assert_eq!(deferred["fields"]["recipient"], "user1@example1.com");
+    assert_eq!(deferred["fields"]["attempt"], 1);
+    assert_eq!(deferred["fields"]["reply"], "450 4.2.1 try later");
+    assert!(events.iter().any(|e| e["fields"]["message"] == "sending"));
+}
