@@ -26,6 +26,11 @@ path = "recipients.csv"
 [transport]
 kind = "file"
 outbox = "outbox"
+
+# How fast to send. Without [rate], as fast as the relay takes it. See the README for
+# per-domain paces, batches and [retry].
+[rate]
+per_second = 20
 "#;
 
 const FILES: [(&str, &str); 10] = [
