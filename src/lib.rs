@@ -483,6 +483,7 @@ fn send(
     summary.elapsed = Some(started.elapsed());
     summary.retried = ended.tally.retried;
     summary.relay_pauses = ended.tally.relay_pauses;
+    summary.connections_retired = ended.tally.connections_retired;
     summary.throttled = ended.tally.throttled.clone();
     summary.print(out)?;
     if dry_run {

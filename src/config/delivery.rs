@@ -248,10 +248,11 @@ impl Validator<'_> {
             .and_then(|v| self.count_u32("relay_attempts", v))
             .unwrap_or(defaults.relay_attempts);
         let backoff = self.duration("backoff", raw.backoff.as_ref(), defaults.backoff);
+        // Without a cap of its own, the cap is at least the first wait.
         let max_backoff = self.duration(
             "max_backoff",
             raw.max_backoff.as_ref(),
-            defaults.max_backoff,
+            defaults.max_backoff.max(backoff),
         );
         if let (Some(at), true) = (&raw.max_backoff, max_backoff < backoff) {
             self.error(at, "`max_backoff` is shorter than `backoff`");
@@ -260,7 +261,15 @@ impl Validator<'_> {
             max_attempts,
             backoff,
             max_backoff,
-            linger: self.duration("linger", raw.linger.as_ref(), defaults.linger),
+            linger: match &raw.linger {
+                // "0s" is allowed here: a run that never waits for retries.
+                Some(value)
+                    if humantime::parse_duration(value.get_ref()).is_ok_and(|d| d.is_zero()) =>
+                {
+                    Duration::ZERO
+                }
+                other => self.duration("linger", other.as_ref(), defaults.linger),
+            },
             relay_attempts,
             relay_backoff: self.duration(
                 "relay_backoff",

@@ -98,8 +98,8 @@ pub struct Job {
     pub message: OutgoingMessage,
     /// Attempts that got an answer (4xx) so far in this run.
     pub attempts: u32,
-    /// The relay-failure count when it was handed out (see `schedule`).
-    epoch: u32,
+    /// The relay-pause epoch when it was handed out (see `schedule`).
+    epoch: u64,
     /// The last 4xx reply, for the report when it stays deferred.
     last_reply: String,
 }
@@ -112,9 +112,39 @@ pub struct Ended {
 }
 
 /// What a worker gives back: the job, and how the attempt went.
-enum Outcome {
-    Done(Job, Attempt),
-    Relay(Job, RelayFailure),
+struct Outcome {
+    worker: usize,
+    job: Job,
+    verdict: Verdict,
+}
+
+enum Verdict {
+    /// The relay answered about this recipient (or the file was written).
+    Answered(Attempt),
+    /// The relay as a whole failed; nothing is known about the recipient.
+    Relay(RelayFailure),
+    /// The worker stopped unexpectedly (a panic) while it had this message.
+    Crashed,
+}
+
+/// A job a worker holds. If the worker unwinds (a panic), dropping this gives the job back
+/// to the scheduler as `Crashed`, so the run neither hangs waiting for it nor loses it.
+struct Holding<'a> {
+    worker: usize,
+    job: Option<Job>,
+    outcomes: &'a mpsc::UnboundedSender<Outcome>,
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        if let Some(job) = self.job.take() {
+            let _ = self.outcomes.send(Outcome {
+                worker: self.worker,
+                job,
+                verdict: Verdict::Crashed,
+            });
+        }
+    }
 }
 
 /// One worker's connection to its transport.
@@ -151,22 +181,17 @@ pub async fn run(
     messages: async_channel::Receiver<OutgoingMessage>,
     results: mpsc::Sender<Delivery>,
 ) -> Ended {
-    let workers = transport.workers();
-    let (jobs_in, jobs_out) = async_channel::unbounded::<Job>();
     let (outcomes_in, outcomes_out) = mpsc::unbounded_channel::<Outcome>();
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..workers {
-        tasks.spawn(work(
-            transport.worker(),
-            jobs_out.clone(),
-            outcomes_in.clone(),
-        ));
+    let mut senders = Vec::new();
+    for id in 0..transport.workers() {
+        let (jobs_in, jobs_out) = mpsc::unbounded_channel::<Job>();
+        senders.push(jobs_in);
+        tasks.spawn(work(id, transport.worker(), jobs_out, outcomes_in.clone()));
     }
     drop(outcomes_in);
-    let scheduler = schedule::Scheduler::new(Pacer::new(rate), rate, retry, workers);
-    let (mut failure, tally) = scheduler
-        .run(messages.clone(), jobs_in, outcomes_out, results)
-        .await;
+    let scheduler = schedule::Scheduler::new(Pacer::new(rate), rate, retry, senders);
+    let (mut failure, tally) = scheduler.run(messages.clone(), outcomes_out, results).await;
     // Nothing more will be taken: let the producer stop.
     messages.close();
     while let Some(joined) = tasks.join_next().await {
@@ -180,16 +205,33 @@ pub async fn run(
 }
 
 /// One worker: takes a job, delivers it, gives it back with the outcome. Stops when the
-/// scheduler closes the job channel.
+/// scheduler drops its job channel.
 async fn work(
+    id: usize,
     mut worker: Worker,
-    jobs: async_channel::Receiver<Job>,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
     outcomes: mpsc::UnboundedSender<Outcome>,
 ) {
-    while let Ok(job) = jobs.recv().await {
-        let outcome = match worker.deliver(&job.message).await {
-            Ok(attempt) => Outcome::Done(job, attempt),
-            Err(failure) => Outcome::Relay(job, failure),
+    while let Some(job) = jobs.recv().await {
+        let mut holding = Holding {
+            worker: id,
+            job: Some(job),
+            outcomes: &outcomes,
+        };
+        let Some(message) = holding.job.as_ref().map(|job| &job.message) else {
+            continue;
+        };
+        let verdict = match worker.deliver(message).await {
+            Ok(attempt) => Verdict::Answered(attempt),
+            Err(failure) => Verdict::Relay(failure),
+        };
+        let Some(job) = holding.job.take() else {
+            continue;
+        };
+        let outcome = Outcome {
+            worker: id,
+            job,
+            verdict,
         };
         if outcomes.send(outcome).is_err() {
             break;

@@ -10,6 +10,7 @@
 //! with how long to wait when the answer is no. The clock is a parameter, so tests drive it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use governor::clock::{Clock, MonotonicClock, Reference};
@@ -22,7 +23,7 @@ use crate::config::{Pace, Rate};
 
 type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
 type Keyed<C> =
-    RateLimiter<Box<str>, HashMapStateStore<Box<str>>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+    RateLimiter<Arc<str>, HashMapStateStore<Arc<str>>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
 /// A throttled domain goes back up by half after this long without a new throttling reply.
 pub const RECOVER_AFTER: Duration = Duration::from_secs(30);
@@ -114,7 +115,8 @@ impl<C: Clock + Clone> Pacer<C> {
 
     /// Takes the next slot of `domain`'s rate (lower-case, IDNA-encoded), or says how long
     /// until there is one.
-    pub fn admit(&mut self, domain: &str) -> Result<(), Duration> {
+    pub fn admit(&mut self, key: &Arc<str>) -> Result<(), Duration> {
+        let domain: &str = key;
         self.since_prune += 1;
         if self.since_prune >= PRUNE_EVERY {
             self.prune();
@@ -140,10 +142,7 @@ impl<C: Clock + Clone> Pacer<C> {
         } else if let Some((limiter, _)) = self.named.get(domain) {
             limiter.check().map_err(|until| self.wait(&until))
         } else if let Some((keyed, _)) = &self.default {
-            // The key is only copied for a domain's first message after a prune.
-            keyed
-                .check_key(&Box::from(domain))
-                .map_err(|until| self.wait(&until))
+            keyed.check_key(key).map_err(|until| self.wait(&until))
         } else {
             Ok(())
         };
@@ -184,14 +183,17 @@ impl<C: Clock + Clone> Pacer<C> {
             .get(domain)
             .map(|(_, rate)| *rate)
             .or(self.default.as_ref().map(|(_, rate)| *rate));
+        // The last full second's rate; failing that, the current window's, once it is long
+        // enough to mean something (a few messages in a few milliseconds say nothing).
         let observed = self.observed.get(domain).map(|seen| {
             let elapsed: Duration = now.duration_since(seen.start).into();
-            let current = if elapsed.is_zero() {
-                0.0
+            if seen.per_second > 0.0 {
+                seen.per_second
+            } else if elapsed >= OBSERVE / 4 && seen.count > 1 {
+                f64::from(seen.count - 1) / elapsed.as_secs_f64()
             } else {
-                f64::from(seen.count) / elapsed.as_secs_f64()
-            };
-            seen.per_second.max(current)
+                0.0
+            }
         });
         match (limit, observed) {
             (Some(limit), Some(seen)) if seen > 0.0 => limit.min(seen),
@@ -272,6 +274,10 @@ mod tests {
     use governor::clock::FakeRelativeClock;
     use std::num::NonZeroU32;
 
+    fn key(domain: &str) -> Arc<str> {
+        domain.into()
+    }
+
     fn pace(count: u32, burst: u32) -> Pace {
         Pace {
             count: NonZeroU32::new(count).unwrap(),
@@ -309,7 +315,7 @@ mod tests {
             let mut sent = false;
             for offset in 0..domains.len() {
                 let domain = domains[(next + offset) % domains.len()];
-                match pacer.admit(domain) {
+                match pacer.admit(&key(domain)) {
                     Ok(()) => {
                         let now: u64 = Duration::from(clock.now()).as_nanos().try_into().unwrap();
                         times.entry(domain.to_owned()).or_default().push(now);
@@ -429,7 +435,7 @@ mod tests {
             let start = Duration::from(clock.now());
             let mut n = 0;
             while Duration::from(clock.now()) < start + Duration::from_secs(10) {
-                match pacer.admit(domain) {
+                match pacer.admit(&key(domain)) {
                     Ok(()) => n += 1,
                     Err(wait) => clock.advance(wait),
                 }
@@ -447,7 +453,7 @@ mod tests {
         assert!((149..=151).contains(&eased), "{eased}");
         for _ in 0..3 {
             clock.advance(RECOVER_AFTER);
-            let _ = pacer.admit("busy.example");
+            let _ = pacer.admit(&key("busy.example"));
         }
         assert!(pacer.throttled.is_empty());
         let back = count(&mut pacer, "busy.example");
@@ -459,13 +465,13 @@ mod tests {
         let clock = FakeRelativeClock::default();
         let mut pacer = Pacer::with_clock(&Rate::default(), clock.clone());
         for _ in 0..300 {
-            pacer.admit("big.example").unwrap();
+            pacer.admit(&key("big.example")).unwrap();
             clock.advance(Duration::from_millis(10));
         }
         let halved = pacer.throttle("big.example").unwrap();
         assert!((49.0..=51.0).contains(&halved), "{halved}");
-        assert!(pacer.admit("big.example").is_err());
-        assert!(pacer.admit("other.example").is_ok());
+        assert!(pacer.admit(&key("big.example")).is_err());
+        assert!(pacer.admit(&key("other.example")).is_ok());
     }
 
     #[test]
@@ -477,11 +483,11 @@ mod tests {
         };
         let mut pacer = Pacer::with_clock(&rate, clock.clone());
         for i in 0..PRUNE_EVERY - 1 {
-            pacer.admit(&format!("d{i}.example")).unwrap();
+            pacer.admit(&key(&format!("d{i}.example"))).unwrap();
         }
         assert_eq!(pacer.keyed_len(), PRUNE_EVERY as usize - 1);
         clock.advance(Duration::from_secs(60));
-        pacer.admit("last.example").unwrap();
+        pacer.admit(&key("last.example")).unwrap();
         assert!(pacer.keyed_len() <= 1, "{}", pacer.keyed_len());
         assert!(pacer.observed.len() <= 1);
     }

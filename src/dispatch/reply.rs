@@ -45,11 +45,16 @@ impl Reply {
         }
     }
 
-    /// A temporary refusal that says "you are sending too fast": a 421/45x with a 4.7.x
-    /// enhanced code, or with the words providers use for it.
+    /// A temporary refusal that says "you are sending too fast": a 421 or 451 with a 4.7.x
+    /// enhanced code, or with the words providers use for it. Greylisting (also 451 4.7.1)
+    /// is about one sender-recipient pair, not the pace: it is not throttling.
     #[must_use]
     pub fn is_throttling(&self) -> bool {
-        if !matches!(self.code, 421 | 450 | 451 | 452) {
+        if !matches!(self.code, 421 | 451) {
+            return false;
+        }
+        let text = self.text.to_ascii_lowercase();
+        if text.contains("greylist") || text.contains("graylist") {
             return false;
         }
         if self
@@ -59,7 +64,6 @@ impl Reply {
         {
             return true;
         }
-        let text = self.text.to_ascii_lowercase();
         THROTTLING_PHRASES
             .iter()
             .any(|phrase| text.contains(phrase))
@@ -121,8 +125,19 @@ mod tests {
             Some("4.7.500"),
             true,
         );
-        check(450, "Too many connections, slow down", None, true);
-        check(450, "4.2.1 mailbox busy", Some("4.2.1"), false);
+        check(421, "Too many connections, slow down", None, true);
+        check(
+            450,
+            "4.2.1 too many messages for this mailbox",
+            Some("4.2.1"),
+            false,
+        );
+        check(
+            451,
+            "4.7.1 Greylisted, please try again in 300 seconds",
+            Some("4.7.1"),
+            false,
+        );
         check(550, "5.7.1 rate limit exceeded", Some("5.7.1"), false);
         check(421, "service shutting down", None, false);
         check(451, "4.3.0 temporary failure", Some("4.3.0"), false);

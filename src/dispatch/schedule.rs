@@ -10,18 +10,24 @@
 //! - 5xx, sent, ambiguous: final, reported once.
 //! - A relay-wide failure: the message goes back to its queue untouched, sending pauses with
 //!   backoff, then resumes with one probe at a time; `relay_attempts` failures in a row end
-//!   the run (exit 69, the rest still pending).
+//!   the run (exit 69, the rest still pending). A connection refused while the relay is
+//!   answering on the others is the relay's connection limit: that worker retires instead.
+//! - A worker that stops unexpectedly (a panic) reports its message `ambiguous` and retires.
+//!
+//! Each worker has its own job channel; idle workers are a stack, so the most recently used
+//! connection (open, warm) is used first and idle ones are not reopened needlessly.
 //!
 //! Domains take turns, so a slow or throttled domain never holds up the others (as long as the
 //! others' messages are in the pool).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{Job, Outcome, Pacer, RelayFailure};
+use super::{Job, Outcome, Pacer, RelayFailure, Verdict};
 
 use crate::config::{Batch, Rate, Retry};
 use crate::render::OutgoingMessage;
@@ -30,6 +36,9 @@ use crate::report::{Delivery, State};
 /// Messages held in the per-domain queues at most. A domain that is much slower than the
 /// others can fill it; then everything waits for that domain (documented in the README).
 pub const POOL: usize = 8192;
+/// Recipients waiting for a retry at most (they hold their message); past it, a 4xx leaves the
+/// recipient `deferred` for the next run at once.
+pub const RETRY_CAP: usize = POOL / 2;
 
 #[derive(Default)]
 struct DomainQueue {
@@ -45,6 +54,8 @@ pub struct Tally {
     pub retried: usize,
     /// Pauses after relay failures.
     pub relay_pauses: usize,
+    /// Workers retired because the relay refused more connections.
+    pub connections_retired: usize,
     /// Domains slowed down by a throttling reply, with the slowest pace they got (per second).
     pub throttled: BTreeMap<String, f64>,
 }
@@ -53,22 +64,29 @@ pub struct Scheduler {
     pacer: Pacer,
     retry: Retry,
     batch: Option<Batch>,
-    workers: usize,
+    /// One job channel per worker; `None` once it retired.
+    workers: Vec<Option<mpsc::UnboundedSender<Job>>>,
+    /// Workers waiting for a job, most recently used last.
+    idle: Vec<usize>,
     in_flight: usize,
     /// Jobs in the domain queues.
     parked: usize,
-    domains: HashMap<Box<str>, DomainQueue>,
+    domains: HashMap<Arc<str>, DomainQueue>,
     /// Domains whose next job may go now, in turn.
-    ready: VecDeque<Box<str>>,
+    ready: VecDeque<Arc<str>>,
     /// Domains waiting for their limiter, by when.
-    blocked: BTreeMap<(Instant, u64), Box<str>>,
+    blocked: BTreeMap<(Instant, u64), Arc<str>>,
     /// 4xx recipients waiting for their backoff, by when.
     retries: BTreeMap<(Instant, u64), Job>,
     sequence: u64,
     /// A global slot taken while looking for a domain that may go.
     global_held: bool,
-    /// Relay failures in a row; also the epoch jobs are stamped with.
+    /// Relay failures in a row.
     relay_failures: u32,
+    /// Bumped at each relay pause; jobs carry the value they went out with.
+    epoch: u64,
+    /// Answers from the relay (any reply about a recipient) to jobs handed out in this epoch.
+    answers_in_epoch: u64,
     paused_until: Option<Instant>,
     /// After a relay pause: one message at a time until one gets an answer.
     probing: bool,
@@ -80,12 +98,18 @@ pub struct Scheduler {
 pub struct GaveUp(pub RelayFailure);
 
 impl Scheduler {
-    pub fn new(pacer: Pacer, rate: &Rate, retry: &Retry, workers: usize) -> Scheduler {
+    pub fn new(
+        pacer: Pacer,
+        rate: &Rate,
+        retry: &Retry,
+        workers: Vec<mpsc::UnboundedSender<Job>>,
+    ) -> Scheduler {
         Scheduler {
             pacer,
             retry: retry.clone(),
             batch: rate.batch,
-            workers,
+            idle: (0..workers.len()).rev().collect(),
+            workers: workers.into_iter().map(Some).collect(),
             in_flight: 0,
             parked: 0,
             domains: HashMap::new(),
@@ -95,6 +119,8 @@ impl Scheduler {
             sequence: 0,
             global_held: false,
             relay_failures: 0,
+            epoch: 0,
+            answers_in_epoch: 0,
             paused_until: None,
             probing: false,
             batch_sent: 0,
@@ -109,25 +135,31 @@ impl Scheduler {
 
     fn enqueue(&mut self, job: Job, front: bool) {
         let domain = job.message.envelope.rcpt_to.domain();
-        let listed = match self.domains.get_mut(domain) {
-            Some(queue) => std::mem::replace(&mut queue.listed, true),
-            None => {
-                self.domains.insert(
-                    domain.into(),
-                    DomainQueue {
-                        jobs: VecDeque::new(),
-                        listed: true,
-                    },
-                );
-                false
-            }
-        };
-        if !listed {
-            self.ready.push_back(domain.into());
+        if !self.domains.contains_key(domain) {
+            let key: Arc<str> = domain.into();
+            self.ready.push_back(Arc::clone(&key));
+            self.domains.insert(
+                key,
+                DomainQueue {
+                    jobs: VecDeque::new(),
+                    listed: true,
+                },
+            );
         }
-        let Some(queue) = self.domains.get_mut(domain) else {
-            return;
-        };
+        let queue = self
+            .domains
+            .get_mut(domain)
+            .expect("the domain's queue exists: inserted above if it did not");
+        if !queue.listed {
+            queue.listed = true;
+            if let Some((key, _)) = self.domains.get_key_value(domain) {
+                self.ready.push_back(Arc::clone(key));
+            }
+        }
+        let queue = self
+            .domains
+            .get_mut(domain)
+            .expect("the domain's queue exists: inserted above if it did not");
         if front {
             queue.jobs.push_front(job);
         } else {
@@ -157,9 +189,9 @@ impl Scheduler {
 
     /// Hands out jobs while a worker is idle and the limits allow. Gives the moment worth
     /// waking up for, when something is waiting on time rather than on an outcome.
-    fn dispatch(&mut self, now: Instant, jobs: &async_channel::Sender<Job>) -> Option<Instant> {
+    fn dispatch(&mut self, now: Instant) -> Option<Instant> {
         loop {
-            if self.in_flight >= self.workers || (self.probing && self.in_flight > 0) {
+            if self.idle.is_empty() || (self.probing && self.in_flight > 0) {
                 return None;
             }
             if let Some(until) = self.paused_until {
@@ -179,24 +211,24 @@ impl Scheduler {
                     Err(wait) => return Some(now + wait),
                 }
             }
-            let Some(domain) = self.ready.pop_front() else {
-                continue;
-            };
-            if self.domains.get(&domain).is_none_or(|q| q.jobs.is_empty()) {
-                self.domains.remove(&domain);
-                continue;
-            }
+            let domain = self
+                .ready
+                .pop_front()
+                .expect("`ready` is not empty: checked above");
             if let Err(wait) = self.pacer.admit(&domain) {
                 let key = (now + wait, self.next_sequence());
                 self.blocked.insert(key, domain);
                 continue;
             }
-            let Some(queue) = self.domains.get_mut(&domain) else {
-                continue;
-            };
-            let Some(mut job) = queue.jobs.pop_front() else {
-                continue;
-            };
+            // A listed domain always has a job: queues are removed when they empty.
+            let queue = self
+                .domains
+                .get_mut(&domain)
+                .expect("a listed domain has a queue");
+            let mut job = queue
+                .jobs
+                .pop_front()
+                .expect("a listed domain's queue has a job");
             if queue.jobs.is_empty() {
                 self.domains.remove(&domain);
             } else {
@@ -204,26 +236,43 @@ impl Scheduler {
             }
             self.parked -= 1;
             self.global_held = false;
-            self.in_flight += 1;
-            job.epoch = self.relay_failures;
-            // Unbounded, and never holding more than `workers` jobs: sending cannot wait.
-            if jobs.try_send(job).is_err() {
-                self.in_flight -= 1;
-                return None;
+            job.epoch = self.epoch;
+            let worker = self.idle.pop().expect("a worker is idle: checked above");
+            let Some(Some(sender)) = self.workers.get(worker) else {
+                // Retired workers are never idle; put the job back rather than lose it.
+                self.enqueue(job, true);
+                continue;
+            };
+            if let Err(returned) = sender.send(job) {
+                // The worker is gone: retire it, keep the job.
+                self.workers[worker] = None;
+                self.enqueue(returned.0, true);
+                continue;
             }
+            self.in_flight += 1;
             if let Some(batch) = self.batch {
                 self.batch_sent += 1;
-                if self.batch_sent >= batch.size.get() {
+                let nothing_left = self.parked == 0 && self.retries.is_empty();
+                if self.batch_sent >= batch.size.get() && !nothing_left {
                     self.batch_sent = 0;
                     tracing::info!(
                         size = batch.size.get(),
                         pause = %humantime::format_duration(batch.pause),
                         "batch handed out; pausing"
                     );
-                    self.paused_until = Some(now + batch.pause);
+                    self.pause_until(now + batch.pause);
                 }
             }
         }
+    }
+
+    /// Pauses sending until `until`, or longer if a longer pause is on.
+    fn pause_until(&mut self, until: Instant) {
+        self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
+    }
+
+    fn alive(&self) -> usize {
+        self.workers.iter().filter(|w| w.is_some()).count()
     }
 
     /// The wait before trying again after `attempt` answers in a row, with jitter: a random
@@ -237,7 +286,7 @@ impl Scheduler {
     }
 
     /// Takes in one outcome. Gives the failure that ends the run, when the relay has failed
-    /// too often.
+    /// too often or no worker is left.
     async fn settle(
         &mut self,
         outcome: Outcome,
@@ -245,11 +294,21 @@ impl Scheduler {
         results: &mpsc::Sender<Delivery>,
     ) -> Option<GaveUp> {
         self.in_flight -= 1;
-        match outcome {
-            Outcome::Done(mut job, attempt) => {
-                // An answer about a recipient: the relay is working.
-                self.relay_failures = 0;
-                self.probing = false;
+        let Outcome {
+            worker,
+            mut job,
+            verdict,
+        } = outcome;
+        match verdict {
+            Verdict::Answered(attempt) => {
+                self.idle.push(worker);
+                // An answer about a recipient handed out since the last pause: the relay is
+                // working again. (An answer to an older one says nothing about now.)
+                if job.epoch == self.epoch {
+                    self.answers_in_epoch += 1;
+                    self.relay_failures = 0;
+                    self.probing = false;
+                }
                 let throttling = attempt
                     .reply
                     .as_ref()
@@ -267,7 +326,8 @@ impl Scheduler {
                 }
                 if attempt.state == State::Deferred {
                     job.attempts += 1;
-                    if job.attempts < self.retry.max_attempts.get() {
+                    let more = job.attempts < self.retry.max_attempts.get();
+                    if more && self.retries.len() < RETRY_CAP {
                         let wait = self.backoff(self.retry.backoff, job.attempts);
                         tracing::info!(
                             line = job.message.line,
@@ -283,23 +343,63 @@ impl Scheduler {
                         self.retries.insert(key, job);
                         return None;
                     }
-                }
-                let detail = if attempt.state == State::Deferred {
-                    format!("{} (left for the next run)", attempt.detail)
-                } else {
-                    attempt.detail
-                };
-                report(results, &job, attempt.state, detail).await;
-                None
-            }
-            Outcome::Relay(job, failure) => {
-                let news = job.epoch == self.relay_failures;
-                self.enqueue(job, true);
-                if !news {
-                    // A connection that was already on its way when the relay failed.
+                    let why = if more {
+                        "left for the next run: too many recipients waiting for a retry"
+                    } else {
+                        "left for the next run"
+                    };
+                    let detail = format!("{} ({why})", attempt.detail);
+                    report(results, &job, State::Deferred, detail).await;
                     return None;
                 }
+                report(results, &job, attempt.state, attempt.detail).await;
+                None
+            }
+            Verdict::Crashed => {
+                self.workers[worker] = None;
+                tracing::error!(
+                    line = job.message.line,
+                    "a delivery worker stopped unexpectedly"
+                );
+                job.attempts += 1;
+                report(
+                    results,
+                    &job,
+                    State::Ambiguous,
+                    "the delivery worker stopped unexpectedly while sending this message"
+                        .to_owned(),
+                )
+                .await;
+                (self.alive() == 0).then(|| {
+                    GaveUp(RelayFailure(
+                        "every delivery worker stopped unexpectedly".to_owned(),
+                    ))
+                })
+            }
+            Verdict::Relay(failure) => {
+                let stale = job.epoch != self.epoch;
+                self.enqueue(job, true);
+                if stale {
+                    // A connection that was already on its way when the relay failed.
+                    self.idle.push(worker);
+                    return None;
+                }
+                if self.answers_in_epoch > 0 && self.alive() > 1 {
+                    // The relay answers on other connections since the last pause: this is its
+                    // connection limit, not an outage.
+                    self.workers[worker] = None;
+                    tracing::warn!(
+                        reason = %failure.0,
+                        connections = self.alive(),
+                        "the relay refused one more connection while serving the others; going on with fewer"
+                    );
+                    self.tally.connections_retired += 1;
+                    return None;
+                }
+                self.idle.push(worker);
                 self.relay_failures += 1;
+                self.epoch += 1;
+                self.answers_in_epoch = 0;
                 if self.relay_failures >= self.retry.relay_attempts.get() {
                     return Some(GaveUp(failure));
                 }
@@ -311,7 +411,7 @@ impl Scheduler {
                     "relay unavailable; pausing"
                 );
                 self.tally.relay_pauses += 1;
-                self.paused_until = Some(now + pause);
+                self.pause_until(now + pause);
                 self.probing = true;
                 None
             }
@@ -324,7 +424,6 @@ impl Scheduler {
     pub async fn run(
         mut self,
         input: async_channel::Receiver<OutgoingMessage>,
-        jobs: async_channel::Sender<Job>,
         mut outcomes: mpsc::UnboundedReceiver<Outcome>,
         results: mpsc::Sender<Delivery>,
     ) -> (Option<RelayFailure>, Tally) {
@@ -342,7 +441,7 @@ impl Scheduler {
             }
             self.release_due(now);
             let wake = if gave_up.is_none() {
-                self.dispatch(now, &jobs)
+                self.dispatch(now)
             } else {
                 None
             };
@@ -351,10 +450,12 @@ impl Scheduler {
                     break;
                 }
                 if !input_open && self.parked == 0 {
-                    // Only retries are left: wait for those due within the linger.
+                    // Only retries are left: wait for those due within the linger (and any
+                    // pause that would hold them back).
                     let deadline = *linger_until.get_or_insert(now + self.retry.linger);
                     match self.retries.first_key_value() {
-                        Some(((due, _), _)) if *due <= deadline => {}
+                        Some(((due, _), _))
+                            if (*due).max(self.paused_until.unwrap_or(*due)) <= deadline => {}
                         _ => break,
                     }
                 }
@@ -379,7 +480,8 @@ impl Scheduler {
                 break;
             }
         }
-        jobs.close();
+        // Dropping the job channels stops the workers.
+        self.workers.clear();
         // Recipients still waiting for a retry stay deferred, for the next run.
         for (_, job) in std::mem::take(&mut self.retries) {
             let detail = format!("{} (left for the next run)", job.last_reply);

@@ -93,6 +93,8 @@ pub struct Summary {
     pub retried: usize,
     /// Pauses because the relay as a whole failed.
     pub relay_pauses: usize,
+    /// Connections given up because the relay refused them while serving the others.
+    pub connections_retired: usize,
     /// Domains slowed down by throttling replies, with the slowest pace (per second).
     pub throttled: BTreeMap<String, f64>,
 }
@@ -189,6 +191,13 @@ impl Summary {
         }
         if self.relay_pauses > 0 {
             writeln!(out, "  {:<24} {:>9}", "relay pauses", self.relay_pauses)?;
+        }
+        if self.connections_retired > 0 {
+            writeln!(
+                out,
+                "  {:<24} {:>9}",
+                "connections refused", self.connections_retired
+            )?;
         }
         if let Some(elapsed) = self.elapsed {
             #[allow(clippy::cast_precision_loss)] // counts far below 2^52
