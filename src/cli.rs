@@ -52,6 +52,10 @@ pub enum Command {
         per_locale: usize,
     },
     /// Render, check and deliver the campaign: one message, one envelope, per recipient.
+    ///
+    /// Delivery keeps to `[rate]` (global and per domain), retries 4xx replies as `[retry]`
+    /// says, pauses when the relay fails, and ends with a summary. Exit codes: 0 done, 1 done
+    /// with failures, 69 relay unavailable, 75 work remaining (see the README).
     Send {
         /// The campaign file (campaign.toml).
         campaign: PathBuf,

@@ -258,14 +258,12 @@ impl<C: Clock + Clone> Pacer<C> {
     }
 }
 
+/// A limiter of `per_second` (at least the floor, so the interval is never zero), burst 1.
 fn slow_limiter<C: Clock>(per_second: f64, clock: C) -> Direct<C> {
-    let interval = Duration::from_secs_f64(1.0 / per_second);
-    let quota = Quota::with_period(interval).unwrap_or_else(|| Quota::per_second(nonzero_one()));
+    let interval = Duration::from_secs_f64(1.0 / per_second.max(FLOOR_PER_SECOND));
+    let quota = Quota::with_period(interval)
+        .unwrap_or_else(|| Quota::per_second(std::num::NonZeroU32::MIN));
     RateLimiter::direct_with_clock(quota, clock)
-}
-
-fn nonzero_one() -> std::num::NonZeroU32 {
-    std::num::NonZeroU32::MIN
 }
 
 #[cfg(test)]
