@@ -40,13 +40,6 @@ pub const POOL: usize = 8192;
 /// recipient `deferred` for the next run at once.
 pub const RETRY_CAP: usize = POOL / 2;
 
-#[derive(Default)]
-struct DomainQueue {
-    jobs: VecDeque<Job>,
-    /// In `ready` or `blocked` (exactly one of them).
-    listed: bool,
-}
-
 /// What the run saw, for the summary.
 #[derive(Debug, Default, Clone)]
 pub struct Tally {
@@ -71,7 +64,9 @@ pub struct Scheduler {
     in_flight: usize,
     /// Jobs in the domain queues.
     parked: usize,
-    domains: HashMap<Arc<str>, DomainQueue>,
+    /// A domain has a queue exactly while it is in `ready` or `blocked`: queues are made
+    /// when a job arrives for a domain without one, and removed when they empty.
+    domains: HashMap<Arc<str>, VecDeque<Job>>,
     /// Domains whose next job may go now, in turn.
     ready: VecDeque<Arc<str>>,
     /// Domains waiting for their limiter, by when.
@@ -135,35 +130,17 @@ impl Scheduler {
 
     fn enqueue(&mut self, job: Job, front: bool) {
         let domain = job.message.envelope.rcpt_to.domain();
-        if !self.domains.contains_key(domain) {
+        let queue = if let Some(queue) = self.domains.get_mut(domain) {
+            queue
+        } else {
             let key: Arc<str> = domain.into();
             self.ready.push_back(Arc::clone(&key));
-            self.domains.insert(
-                key,
-                DomainQueue {
-                    jobs: VecDeque::new(),
-                    listed: true,
-                },
-            );
-        }
-        let queue = self
-            .domains
-            .get_mut(domain)
-            .expect("the domain's queue exists: inserted above if it did not");
-        if !queue.listed {
-            queue.listed = true;
-            if let Some((key, _)) = self.domains.get_key_value(domain) {
-                self.ready.push_back(Arc::clone(key));
-            }
-        }
-        let queue = self
-            .domains
-            .get_mut(domain)
-            .expect("the domain's queue exists: inserted above if it did not");
+            self.domains.entry(key).or_default()
+        };
         if front {
-            queue.jobs.push_front(job);
+            queue.push_front(job);
         } else {
-            queue.jobs.push_back(job);
+            queue.push_back(job);
         }
         self.parked += 1;
     }
@@ -220,16 +197,15 @@ impl Scheduler {
                 self.blocked.insert(key, domain);
                 continue;
             }
-            // A listed domain always has a job: queues are removed when they empty.
+            // A domain in turn has a queue, and queues are removed when they empty.
             let queue = self
                 .domains
                 .get_mut(&domain)
-                .expect("a listed domain has a queue");
+                .expect("a domain in turn has a queue");
             let mut job = queue
-                .jobs
                 .pop_front()
-                .expect("a listed domain's queue has a job");
-            if queue.jobs.is_empty() {
+                .expect("a domain's queue is removed when it empties");
+            if queue.is_empty() {
                 self.domains.remove(&domain);
             } else {
                 self.ready.push_back(domain);
