@@ -20,6 +20,18 @@ pub struct Cli {
     /// Log format on standard error: `text`, or `json` for cron and log collectors.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Folder holding the campaigns' journals and locks (default: `mailer-state` beside the
+    /// campaign file).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Formats of `mailer report`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    Csv,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -53,15 +65,58 @@ pub enum Command {
     },
     /// Render, check and deliver the campaign: one message, one envelope, per recipient.
     ///
-    /// Delivery keeps to `[rate]` (global and per domain), retries 4xx replies as `[retry]`
-    /// says, pauses when the relay fails, and ends with a summary. Exit codes: 0 done, 1 done
-    /// with failures, 69 relay unavailable, 75 work remaining (see the README).
+    /// Every outcome is recorded in the campaign's journal: running `send` again resumes
+    /// where the last run stopped and never sends anyone twice. Delivery keeps to `[rate]`
+    /// (global and per domain), retries 4xx replies as `[retry]` says, pauses when the relay
+    /// fails, and ends with a summary. Exit codes: 0 done, 1 done with failures, 3 halted,
+    /// 65 invalid input, 69 relay unavailable, 75 work remaining, not due yet or locked (see
+    /// the README).
     Send {
         /// The campaign file (campaign.toml).
         campaign: PathBuf,
         /// Run the whole pipeline but replace the transport with one that connects to nothing.
+        /// Reads and writes no journal.
         #[arg(long)]
         dry_run: bool,
+        /// Go on although the inputs (campaign file, templates, locales, lists) changed since
+        /// this campaign's first run. The journal records the acceptance.
+        #[arg(long)]
+        accept_changed_inputs: bool,
+        /// Run this schedule slot (RFC 3339) of a `[schedule] cron` campaign instead of the
+        /// current one: how a missed slot is sent.
+        #[arg(long, value_name = "TIME")]
+        slot: Option<String>,
+    },
+    /// Show a campaign's progress from its journal: counts per state, rate, ETA, top replies,
+    /// domains, and the halt in force if any.
+    Status {
+        /// The campaign file (campaign.toml).
+        campaign: PathBuf,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Kill switch: a running `send` starts no new message within a second and exits 3;
+    /// every later `send` exits 3 until `mailer resume`.
+    Stop {
+        /// The campaign file (campaign.toml).
+        campaign: PathBuf,
+        /// Why, for the journal and `status`.
+        #[arg(long, default_value = "stopped by the operator")]
+        reason: String,
+    },
+    /// Clear a stop or a breaker trip so that `send` may run again.
+    Resume {
+        /// The campaign file (campaign.toml).
+        campaign: PathBuf,
+    },
+    /// Every recipient's outcome from the journal: state, attempts, last reply, timestamps,
+    /// Message-ID.
+    Report {
+        /// The campaign file (campaign.toml).
+        campaign: PathBuf,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Csv)]
+        format: ReportFormat,
     },
 }
 
@@ -103,7 +158,9 @@ mod tests {
     fn send_takes_the_campaign_and_dry_run() {
         let cli = Cli::try_parse_from(["mailer", "send", "c.toml", "--dry-run"]).unwrap();
         match cli.command {
-            Command::Send { campaign, dry_run } => {
+            Command::Send {
+                campaign, dry_run, ..
+            } => {
                 assert_eq!(campaign, PathBuf::from("c.toml"));
                 assert!(dry_run);
             }

@@ -16,14 +16,16 @@ pub mod cli;
 pub mod config;
 pub mod dispatch;
 pub mod exit;
+pub mod fingerprint;
 pub mod guard;
+pub mod journal;
 pub mod problem;
 pub mod recipients;
 pub mod render;
 pub mod report;
 pub mod scaffold;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::SystemTime;
@@ -57,13 +59,37 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
             out,
             per_locale,
         } => preview(campaign, out, *per_locale),
-        Command::Send { campaign, dry_run } => send(
+        Command::Send {
             campaign,
-            *dry_run,
-            KEEP_BYTES,
-            // A bar on a terminal; on anything else (cron, a pipe, JSON logs), log lines.
-            cli.log_format == LogFormat::Text
-                && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            dry_run,
+            accept_changed_inputs,
+            slot,
+        } => send(
+            campaign,
+            &SendOptions {
+                dry_run: *dry_run,
+                keep_bytes: KEEP_BYTES,
+                // A bar on a terminal; on anything else (cron, a pipe, JSON logs), log lines.
+                interactive: cli.log_format == LogFormat::Text
+                    && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                state_dir: cli.state_dir.as_deref(),
+                accept_changed_inputs: *accept_changed_inputs,
+                slot: slot.as_deref(),
+            },
+            &mut std::io::stdout().lock(),
+        ),
+        Command::Status { campaign, json } => status(
+            campaign,
+            cli.state_dir.as_deref(),
+            *json,
+            &mut std::io::stdout().lock(),
+        ),
+        Command::Stop { campaign, reason } => stop(campaign, cli.state_dir.as_deref(), reason),
+        Command::Resume { campaign } => resume(campaign, cli.state_dir.as_deref()),
+        Command::Report { campaign, format } => report_rows(
+            campaign,
+            cli.state_dir.as_deref(),
+            *format,
             &mut std::io::stdout().lock(),
         ),
     }
@@ -292,6 +318,16 @@ fn load_valid(
     keep_bytes: usize,
 ) -> anyhow::Result<(Loaded, Validation)> {
     let loaded = load(path)?.map_err(Problems::into_failure)?;
+    validated(loaded, date, keep_bytes)
+}
+
+/// Validates every recipient; on any error (beyond the invalid rows `[safety] max_invalid`
+/// lets a send skip), fails with all of them (exit 65) having sent nothing.
+fn validated(
+    loaded: Loaded,
+    date: SystemTime,
+    keep_bytes: usize,
+) -> anyhow::Result<(Loaded, Validation)> {
     let mut validation = validate(&loaded, date, keep_bytes);
     let mut all = loaded.list.problems.clone();
     all.extend(std::mem::take(&mut validation.problems));
@@ -397,21 +433,261 @@ fn preview(path: &Path, out: &Path, per_locale: usize) -> anyhow::Result<Exit> {
     Ok(Exit::Complete)
 }
 
-/// `send` and `send --dry-run`: validate everything, then deliver.
-/// `keep_bytes` is how much of what validation rendered may be kept to send (see
-/// [`KEEP_BYTES`]); past it, messages are rendered and guarded again while sending.
-fn send(
+/// A campaign's journal, for the commands that read or halt it.
+fn journal_for(
     path: &Path,
-    dry_run: bool,
-    keep_bytes: usize,
-    interactive: bool,
+    state_dir: Option<&Path>,
+    create: bool,
+) -> anyhow::Result<(Campaign, journal::Journal)> {
+    let campaign = config::parse(path, &read(path)?).map_err(Problems::into_failure)?;
+    let place = journal::Place::new(path, state_dir, &campaign.id);
+    let journal = journal::Journal::open(
+        &place.journal,
+        &campaign.id,
+        create,
+        journal::Durability::Full,
+    )?;
+    Ok((campaign, journal))
+}
+
+fn status(
+    path: &Path,
+    state_dir: Option<&Path>,
+    json: bool,
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<Exit> {
+    let (campaign, journal) = journal_for(path, state_dir, false)?;
+    let slot = journal.latest_slot()?.unwrap_or_default();
+    let status = journal.status(&campaign.id, &slot)?;
+    if json {
+        serde_json::to_writer(&mut *out, &status)?;
+        writeln!(out)?;
+    } else {
+        report::print_status(&status, out)?;
+    }
+    Ok(Exit::Complete)
+}
+
+fn stop(path: &Path, state_dir: Option<&Path>, reason: &str) -> anyhow::Result<Exit> {
+    let (campaign, journal) = journal_for(path, state_dir, true)?;
+    journal.halt("", "mailer stop", reason)?;
+    let halt = journal.active_halt()?;
+    println!(
+        "campaign `{}` is halted ({}): a running send starts no new message within a second and exits 3; so does every later send until `mailer resume {}`",
+        campaign.id,
+        halt.map_or_else(String::new, |h| h.reason),
+        path.display()
+    );
+    Ok(Exit::Complete)
+}
+
+fn resume(path: &Path, state_dir: Option<&Path>) -> anyhow::Result<Exit> {
+    let (campaign, journal) = journal_for(path, state_dir, false)?;
+    match journal.clear_halt("mailer resume")? {
+        Some(halt) => println!(
+            "campaign `{}` may be sent again (the halt by {} was: {})",
+            campaign.id, halt.by, halt.reason
+        ),
+        None => println!("campaign `{}` was not halted", campaign.id),
+    }
+    Ok(Exit::Complete)
+}
+
+fn report_rows(
+    path: &Path,
+    state_dir: Option<&Path>,
+    format: cli::ReportFormat,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<Exit> {
+    let (_, journal) = journal_for(path, state_dir, false)?;
+    let slot = journal.latest_slot()?.unwrap_or_default();
+    match format {
+        cli::ReportFormat::Csv => {
+            let mut csv = csv::Writer::from_writer(out);
+            csv.write_record(report::REPORT_COLUMNS)?;
+            journal.rows(&slot, |row| Ok(csv.write_record(report::csv_fields(&row))?))?;
+            csv.flush()?;
+        }
+        cli::ReportFormat::Json => {
+            write!(out, "[")?;
+            let mut first = true;
+            journal.rows(&slot, |row| {
+                if !first {
+                    write!(out, ",")?;
+                }
+                first = false;
+                writeln!(out)?;
+                serde_json::to_writer(&mut *out, &row)?;
+                Ok(())
+            })?;
+            writeln!(out, "\n]")?;
+        }
+    }
+    Ok(Exit::Complete)
+}
+
+/// How `send` was asked to run.
+pub struct SendOptions<'a> {
+    pub dry_run: bool,
+    /// How much of what validation rendered may be kept to send (see [`KEEP_BYTES`]); past
+    /// it, messages are rendered and guarded again while sending.
+    pub keep_bytes: usize,
+    /// A progress bar (terminal) rather than log lines.
+    pub interactive: bool,
+    pub state_dir: Option<&'a Path>,
+    pub accept_changed_inputs: bool,
+    /// An explicit schedule slot (RFC 3339).
+    pub slot: Option<&'a str>,
+}
+
+/// The wall clock for schedules. `MAILER_NOW` (RFC 3339) replaces it, so that schedules can
+/// be tried out and tested at a fixed time.
+fn wall_clock() -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    match std::env::var("MAILER_NOW") {
+        Ok(text) => chrono::DateTime::parse_from_rfc3339(&text)
+            .map(|t| t.to_utc())
+            .map_err(|e| {
+                Failure::new(
+                    Exit::Usage,
+                    format!("MAILER_NOW `{text}` is not an RFC 3339 time: {e}"),
+                )
+                .into()
+            }),
+        Err(_) => Ok(chrono::Utc::now()),
+    }
+}
+
+/// The slot key of this run: `''` without cron, else the slot's RFC 3339 time. Fails with
+/// exit 75 before `not_before` or the first slot.
+fn slot_of(campaign: &Campaign, asked: Option<&str>) -> anyhow::Result<String> {
+    let now = wall_clock()?;
+    let key =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    if let Some(asked) = asked {
+        let time = chrono::DateTime::parse_from_rfc3339(asked)
+            .map_err(|e| {
+                Failure::new(
+                    Exit::Usage,
+                    format!("--slot `{asked}` is not an RFC 3339 time: {e}"),
+                )
+            })?
+            .to_utc();
+        if campaign.schedule.cron.is_none() || !campaign.schedule.is_slot(time) || time > now {
+            return Err(Failure::new(
+                Exit::Usage,
+                format!("--slot `{asked}` is not a past slot of this campaign's `[schedule] cron`"),
+            )
+            .into());
+        }
+        return Ok(key(time));
+    }
+    match campaign.schedule.due(now) {
+        config::Due::Now { slot } => Ok(slot.map(key).unwrap_or_default()),
+        config::Due::NotYet { until } => Err(Failure::new(
+            Exit::WorkRemaining,
+            format!(
+                "campaign `{}` is not due yet: its next run may start at {} ([schedule]); nothing was sent",
+                campaign.id,
+                key(until)
+            ),
+        )
+        .into()),
+    }
+}
+
+/// What a journaled run holds: the lock, the journal and the slot.
+struct Journaled {
+    _lock: journal::Lock,
+    journal: journal::Journal,
+    slot: String,
+    durability: journal::Durability,
+}
+
+/// Takes the campaign's lock, opens its journal, refuses a halted campaign and checks the
+/// inputs against those frozen at the slot's first run.
+fn open_for_send(
+    path: &Path,
+    campaign: &Campaign,
+    options: &SendOptions<'_>,
+) -> anyhow::Result<Journaled> {
+    let slot = slot_of(campaign, options.slot)?;
+    let place = journal::Place::new(path, options.state_dir, &campaign.id);
+    if let Some(dir) = place.lock.parent() {
+        use anyhow::Context as _;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the state folder `{}`", dir.display()))?;
+    }
+    let lock = journal::Lock::acquire(&place.lock, &campaign.id)?;
+    let durability = journal::Durability::from_env();
+    let journal = journal::Journal::open(&place.journal, &campaign.id, true, durability)?;
+    if let Some(halt) = journal.active_halt()? {
+        return Err(Failure::new(
+            Exit::Halted,
+            format!(
+                "campaign `{}` is halted since {} ({}: {}); nothing was sent — `mailer resume {}` allows sending again",
+                campaign.id,
+                journal::query::time(halt.at),
+                halt.by,
+                halt.reason,
+                path.display()
+            ),
+        )
+        .into());
+    }
+    let inputs = fingerprint::inputs(campaign)?;
+    let combined = fingerprint::combine(&inputs);
+    match journal.frozen_inputs(&slot)? {
+        None => journal.freeze_inputs(&slot, &combined, &inputs, None)?,
+        Some(frozen) => {
+            let changes = fingerprint::changes(&frozen, &inputs);
+            if !changes.is_empty() {
+                if !options.accept_changed_inputs {
+                    return Err(Failure::new(
+                        Exit::InvalidInput,
+                        format!(
+                            "the inputs of campaign `{}` changed since its first run ({}); nothing was sent — if the change is intended, run again with --accept-changed-inputs",
+                            campaign.id,
+                            changes.join(", ")
+                        ),
+                    )
+                    .into());
+                }
+                tracing::warn!(changes = %changes.join(", "), "changed inputs accepted");
+                journal.freeze_inputs(&slot, &combined, &inputs, Some(&changes.join(", ")))?;
+            }
+        }
+    }
+    Ok(Journaled {
+        _lock: lock,
+        journal,
+        slot,
+        durability,
+    })
+}
+
+/// `send` and `send --dry-run`: validate everything, then deliver what the journal says is
+/// due, recording every step.
+fn send(
+    path: &Path,
+    options: &SendOptions<'_>,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<Exit> {
+    let dry_run = options.dry_run;
     let date = now();
-    let (loaded, validation) = load_valid(path, date, keep_bytes)?;
+    let mut loaded = load(path)?.map_err(Problems::into_failure)?;
+    // Refuse a halted, locked, changed or not-yet-due campaign before the long work.
+    let mut journaled = if dry_run {
+        None
+    } else {
+        Some(open_for_send(path, &loaded.campaign, options)?)
+    };
+    if let Some(j) = &journaled {
+        loaded.renderer.for_slot(&j.slot);
+    }
+    let validation = validated(loaded, date, options.keep_bytes)?;
+    let (loaded, validation) = validation;
     let mut summary = validation.summary;
     let skipped = validation.problems.errors_of(problem::Kind::Row);
-    summary.add(State::Invalid, skipped);
     for group in validation
         .problems
         .grouped()
@@ -420,19 +696,96 @@ fn send(
     {
         tracing::warn!("skipped as invalid ([safety] max_invalid): {group}");
     }
+    let invalid: BTreeMap<u64, String> = validation
+        .problems
+        .0
+        .iter()
+        .filter(|p| p.kind == problem::Kind::Row && p.severity == problem::Severity::Error)
+        .filter_map(|p| p.line.map(|line| (line, p.message.clone())))
+        .collect();
     let transport = dispatch::Transport::for_campaign(&loaded.campaign.transport, dry_run)?;
     summary.dry_run = dry_run;
-    summary.add(State::Suppressed, loaded.list.suppressed.len());
+    // Who is due: from the journal, or, in a dry run, every row that rendered.
+    let (due, settled) = match journaled.as_mut() {
+        Some(j) => {
+            let roster = journal::Roster {
+                recipients: &loaded.list.recipients,
+                suppressed: &loaded.list.suppressed,
+                invalid: &invalid,
+            };
+            let retry_ambiguous = loaded.campaign.retry.on_ambiguous == config::OnAmbiguous::Retry;
+            let sync = j.journal.sync(
+                &j.slot,
+                &roster,
+                retry_ambiguous,
+                journal::millis(std::time::SystemTime::now()),
+            )?;
+            if !sync.recovered.is_empty() {
+                writeln!(
+                    out,
+                    "{} recipient(s) were in flight when the last run stopped; their outcome is unknown, so they are recorded as ambiguous{}:",
+                    sync.recovered.len(),
+                    if retry_ambiguous {
+                        " and sent again ([retry] on_ambiguous = \"retry\")"
+                    } else {
+                        " and not sent again"
+                    }
+                )?;
+                for (line, address) in &sync.recovered {
+                    writeln!(out, "  line {line}  {address}")?;
+                    tracing::warn!(line, recipient = %address, "in flight when the last run stopped: ambiguous");
+                }
+            }
+            if sync.retried_ambiguous > 0 {
+                tracing::warn!(
+                    count = sync.retried_ambiguous,
+                    "ambiguous recipients sent again ([retry] on_ambiguous = \"retry\")"
+                );
+            }
+            (Some(sync.due), sync.settled)
+        }
+        None => {
+            let mut settled = BTreeMap::new();
+            settled.insert(State::Suppressed, loaded.list.suppressed.len());
+            settled.insert(State::Invalid, skipped);
+            (None, settled)
+        }
+    };
+    for (state, count) in &settled {
+        summary.add(*state, *count);
+    }
     let total = loaded.list.recipients.len();
     // Rows of the list that rendered: the CSV's invalid rows never made it into the list.
     let sendable = total - (skipped - loaded.list.problems.errors_of(problem::Kind::Row));
-    tracing::info!(campaign = %loaded.campaign.id, recipients = total, dry_run, "sending");
+    let due_count = due.as_ref().map_or(sendable, HashMap::len);
+    tracing::info!(campaign = %loaded.campaign.id, recipients = total, due = due_count, dry_run, "sending");
     // A dry run shows what would be sent, not how long it would take: no pacing, no pauses.
     let rate = if dry_run {
         config::Rate::default()
     } else {
         loaded.campaign.rate.clone()
     };
+    let pacer = dispatch::Pacer::new(&rate);
+    let mut writer = None;
+    let mut recorder = None;
+    if let Some(j) = &journaled {
+        // Limits hold across a restart: the last run's recent attempts count.
+        let now_ms = journal::millis(std::time::SystemTime::now());
+        let (latest, domains) = j.journal.recent_attempts(now_ms - 3_600_000)?;
+        let ago =
+            |at: i64| std::time::Duration::from_millis(u64::try_from(now_ms - at).unwrap_or(0));
+        let domains: Vec<(String, std::time::Duration)> =
+            domains.into_iter().map(|(d, at)| (d, ago(at))).collect();
+        pacer.carry_over(latest.map(ago), &domains);
+        j.journal.event(
+            &j.slot,
+            "run",
+            &format!("started by process {}: {due_count} due", std::process::id()),
+        )?;
+        let (w, r) = journal::Writer::start(&j.journal, j.durability)?;
+        writer = Some(w);
+        recorder = Some(r);
+    }
 
     // One thread drives every connection: the work is waiting on sockets, and keeping it on
     // one thread spares cross-thread wake-ups (measured ~8% faster than two workers), leaving
@@ -441,28 +794,60 @@ fn send(
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
-    let (messages_in, messages_out) = async_channel::bounded::<OutgoingMessage>(1024);
+    let (messages_in, messages_out) = async_channel::bounded::<dispatch::Queued>(1024);
     let (results_in, mut results_out) = tokio::sync::mpsc::channel::<Delivery>(1024);
+    let (halt_in, halt_out) = tokio::sync::watch::channel::<Option<String>>(None);
+    let watching = std::sync::atomic::AtomicBool::new(false);
+    let journal_path = journaled.as_ref().map(|j| j.journal.path().to_owned());
 
     let started = std::time::Instant::now();
+    let interactive = options.interactive;
     let (produced, ended) = std::thread::scope(|scope| {
+        // A `mailer stop` from another process, seen within a fifth of a second.
+        if let Some(journal_path) = &journal_path {
+            let halt_in = &halt_in;
+            let watching = &watching;
+            scope.spawn(move || {
+                let watched = journal::watch_halts(
+                    journal_path,
+                    std::time::Duration::from_millis(200),
+                    watching,
+                    |halt| {
+                        let _ = halt_in.send(Some(format!("{}: {}", halt.by, halt.reason)));
+                    },
+                );
+                if let Err(error) = watched {
+                    tracing::warn!("cannot watch the journal for a stop: {error:#}");
+                }
+            });
+        }
         // When the producer is done, the channel closes and the workers drain it and stop.
         let producer = scope.spawn(|| {
             let produced = match validation.messages {
                 Some(messages) => {
-                    feed(messages, &messages_in);
+                    feed(messages, due.as_ref(), &messages_in);
                     Ok(())
                 }
-                None => produce(&loaded, date, &messages_in),
+                None => produce(&loaded, date, due.as_ref(), &messages_in),
             };
+            if let Err(problem) = &produced {
+                // A guard violation: nothing more leaves, not even what is already queued.
+                let _ = halt_in.send(Some(format!("guard: {problem}")));
+            }
             messages_in.close();
             produced
         });
         let ended = runtime.block_on(async {
-            let dispatching =
-                dispatch::run(transport, &rate, &loaded.campaign.retry, messages_out, results_in);
+            let settings = dispatch::Settings {
+                rate: &rate,
+                retry: &loaded.campaign.retry,
+                safety: &loaded.campaign.safety,
+                journal: recorder.take(),
+                halt: halt_out,
+            };
+            let dispatching = dispatch::run(transport, settings, pacer, messages_out, results_in);
             let collecting = async {
-                let mut progress = report::Progress::new(sendable as u64, interactive);
+                let mut progress = report::Progress::new(due_count as u64, interactive);
                 while let Some(delivery) = results_out.recv().await {
                     if delivery.state != State::Sent {
                         tracing::warn!(line = delivery.line, recipient = %delivery.recipient, state = %delivery.state, attempts = delivery.attempts, detail = %delivery.detail);
@@ -474,12 +859,13 @@ fn send(
             };
             tokio::join!(dispatching, collecting).0
         });
+        watching.store(true, std::sync::atomic::Ordering::Release);
         (producer.join(), ended)
     });
-    // Every recipient the workers did not report on is still pending: counts add up.
-    let reported =
-        summary.total() - summary.count(State::Suppressed) - summary.count(State::Invalid);
-    summary.add(State::Pending, sendable - reported);
+    let recorded = writer.map(journal::Writer::finish).transpose();
+    // Every recipient due that the workers did not report on is still pending: counts add up.
+    let reported = summary.total() - settled.values().sum::<usize>();
+    summary.add(State::Pending, due_count - reported);
     summary.elapsed = Some(started.elapsed());
     summary.retried = ended.tally.retried;
     summary.relay_pauses = ended.tally.relay_pauses;
@@ -492,18 +878,44 @@ fn send(
             "dry run: nothing was written or sent, and no connection was opened"
         )?;
     }
-    match produced {
-        Ok(Ok(())) => {}
-        Ok(Err(problem)) => {
-            return Err(Failure::new(Exit::Halted, format!("halted: {problem}")).into());
+    let halted = match produced {
+        Ok(Ok(())) => ended.halted.clone(),
+        Ok(Err(problem)) => Some(format!("guard: {problem}")),
+        Err(_) => Some("the rendering thread stopped unexpectedly".to_owned()),
+    };
+    let exit = if halted.is_some() {
+        Exit::Halted
+    } else if ended.failure.is_some() {
+        Exit::RelayUnavailable
+    } else {
+        summary.exit()
+    };
+    if let Some(j) = &journaled {
+        if let Some(reason) = &halted {
+            j.journal.halt(&j.slot, "breaker", reason)?;
         }
-        Err(_) => {
-            return Err(Failure::new(
-                Exit::Halted,
-                "halted: the rendering thread stopped unexpectedly",
-            )
-            .into());
-        }
+        j.journal.event(
+            &j.slot,
+            "run",
+            &format!(
+                "ended with exit {}: {} sent, {} pending",
+                exit as u8,
+                summary.count(State::Sent),
+                summary.count(State::Pending)
+            ),
+        )?;
+    }
+    recorded?;
+    if let Some(reason) = halted {
+        return Err(Failure::new(
+            Exit::Halted,
+            format!(
+                "halted: {reason}; {} recipients left pending — `mailer resume {}` allows sending again",
+                summary.count(State::Pending),
+                path.display()
+            ),
+        )
+        .into());
     }
     if let Some(failure) = ended.failure {
         return Err(Failure::new(
@@ -511,18 +923,42 @@ fn send(
             format!(
                 "relay unavailable, {} recipients left pending: {}",
                 summary.count(State::Pending),
-                failure.0
+                failure.reason
             ),
         )
         .into());
     }
-    Ok(summary.exit())
+    Ok(exit)
+}
+
+/// A message for the workers, when its recipient is due (`due`: `None` means everyone).
+fn queued(
+    message: OutgoingMessage,
+    due: Option<&HashMap<u64, journal::Entry>>,
+) -> Option<dispatch::Queued> {
+    match due {
+        None => Some(dispatch::Queued {
+            message,
+            entry: None,
+        }),
+        Some(due) => due.get(&message.line).map(|entry| dispatch::Queued {
+            message,
+            entry: Some(*entry),
+        }),
+    }
 }
 
 /// Feeds the workers the messages validation kept (already guarded), in file order.
-fn feed(messages: Vec<OutgoingMessage>, channel: &async_channel::Sender<OutgoingMessage>) {
+fn feed(
+    messages: Vec<OutgoingMessage>,
+    due: Option<&HashMap<u64, journal::Entry>>,
+    channel: &async_channel::Sender<dispatch::Queued>,
+) {
     for message in messages {
-        if channel.send_blocking(message).is_err() {
+        let Some(queued) = queued(message, due) else {
+            continue;
+        };
+        if channel.send_blocking(queued).is_err() {
             break;
         }
     }
@@ -533,11 +969,15 @@ fn feed(messages: Vec<OutgoingMessage>, channel: &async_channel::Sender<Outgoing
 fn produce(
     loaded: &Loaded,
     date: SystemTime,
-    messages: &async_channel::Sender<OutgoingMessage>,
+    due: Option<&HashMap<u64, journal::Entry>>,
+    messages: &async_channel::Sender<dispatch::Queued>,
 ) -> Result<(), Problem> {
     for chunk in loaded.list.recipients.chunks(CHUNK) {
-        let rendered: Vec<Result<OutgoingMessage, Problem>> =
-            chunk.par_iter().map(|r| prepare(loaded, r, date)).collect();
+        let rendered: Vec<Result<OutgoingMessage, Problem>> = chunk
+            .par_iter()
+            .filter(|r| due.is_none_or(|due| due.contains_key(&r.line)))
+            .map(|r| prepare(loaded, r, date))
+            .collect();
         for message in rendered {
             let message = match message {
                 Ok(message) => message,
@@ -545,7 +985,10 @@ fn produce(
                 Err(problem) if problem.kind == problem::Kind::Row => continue,
                 Err(problem) => return Err(problem),
             };
-            if messages.send_blocking(message).is_err() {
+            let Some(queued) = queued(message, due) else {
+                continue;
+            };
+            if messages.send_blocking(queued).is_err() {
                 return Ok(());
             }
         }
@@ -561,7 +1004,15 @@ mod tests {
     fn dry_run(keep_bytes: usize) -> (Exit, String) {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
         let mut out = Vec::new();
-        let exit = send(&path, true, keep_bytes, false, &mut out).unwrap();
+        let options = SendOptions {
+            dry_run: true,
+            keep_bytes,
+            interactive: false,
+            state_dir: None,
+            accept_changed_inputs: false,
+            slot: None,
+        };
+        let exit = send(&path, &options, &mut out).unwrap();
         // Timings differ from run to run.
         let text = String::from_utf8(out).unwrap();
         let steady: Vec<&str> = text

@@ -1,4 +1,5 @@
-//! `[rate]` and `[retry]`: how fast to send and what to do when a server says "later".
+//! `[rate]` and `[retry]`: how fast to send, what to do when a server says "later", and what
+//! to do with a message whose fate is unknown.
 //!
 //! Pure: validated values only. The limiters themselves live in `dispatch::pace`.
 
@@ -65,6 +66,19 @@ pub struct Rate {
     pub batch: Option<Batch>,
 }
 
+/// `[retry] on_ambiguous`: what to do with a recipient whose outcome is unknown — a message in
+/// flight when a connection broke or the process died, which the server may or may not have
+/// accepted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnAmbiguous {
+    /// Record it as `ambiguous` and report it; never send it again (no duplicate, maybe no
+    /// message).
+    #[default]
+    Report,
+    /// Send it again on the next run (maybe a duplicate, never a missing message).
+    Retry,
+}
+
 /// `[retry]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Retry {
@@ -81,6 +95,8 @@ pub struct Retry {
     pub relay_attempts: NonZeroU32,
     /// The pause after the first relay failure; it doubles, up to `max_backoff`.
     pub relay_backoff: Duration,
+    /// Recipients whose outcome is unknown: reported (the default) or sent again.
+    pub on_ambiguous: OnAmbiguous,
 }
 
 impl Default for Retry {
@@ -92,6 +108,7 @@ impl Default for Retry {
             linger: Duration::from_secs(60),
             relay_attempts: NonZeroU32::new(5).unwrap_or(NonZeroU32::MIN),
             relay_backoff: Duration::from_secs(2),
+            on_ambiguous: OnAmbiguous::Report,
         }
     }
 }
@@ -231,12 +248,18 @@ impl Validator<'_> {
         let Some(raw) = raw else {
             return defaults;
         };
-        if let Some(at) = &raw.on_ambiguous {
-            self.error(
-                at,
-                "`on_ambiguous` needs the journal, which this version of mailer does not have yet; remove it rather than have it ignored",
-            );
-        }
+        let on_ambiguous = match raw.on_ambiguous.as_ref().map(|v| (v, v.get_ref().as_str())) {
+            None => defaults.on_ambiguous,
+            Some((_, "report")) => OnAmbiguous::Report,
+            Some((_, "retry")) => OnAmbiguous::Retry,
+            Some((at, other)) => {
+                self.error(
+                    at,
+                    format!("`on_ambiguous` = `{other}` must be `report` (never send again) or `retry` (send again, maybe twice)"),
+                );
+                defaults.on_ambiguous
+            }
+        };
         let max_attempts = raw
             .max_attempts
             .as_ref()
@@ -276,6 +299,7 @@ impl Validator<'_> {
                 raw.relay_backoff.as_ref(),
                 defaults.relay_backoff,
             ),
+            on_ambiguous,
         }
     }
 }
@@ -345,7 +369,7 @@ mod tests {
     #[test]
     fn bad_rates_and_retries_are_refused_with_their_line() {
         let error = parse(
-            "[rate]\nper_second = 10\nper_hour = 5\n[rate.per_domain]\n\"x\" = \"3/s\"\n\"a.example\" = \"3/fortnight\"\n[retry]\nbackoff = \"10m\"\nmax_backoff = \"1m\"\non_ambiguous = \"retry\"\n",
+            "[rate]\nper_second = 10\nper_hour = 5\n[rate.per_domain]\n\"x\" = \"3/s\"\n\"a.example\" = \"3/fortnight\"\n[retry]\nbackoff = \"10m\"\nmax_backoff = \"1m\"\non_ambiguous = \"always\"\n",
         )
         .unwrap_err();
         for expected in [
@@ -353,10 +377,30 @@ mod tests {
             "`per_domain` key `x` is not a domain",
             "`per_domain` value for `a.example` must be like `20/s`",
             "`max_backoff` is shorter than `backoff`",
-            "`on_ambiguous` needs the journal",
+            "`on_ambiguous` = `always` must be `report` (never send again) or `retry`",
         ] {
             assert!(error.contains(expected), "{expected} missing from {error}");
         }
+    }
+
+    #[test]
+    fn on_ambiguous_reports_unless_told_to_retry() {
+        let on_ambiguous = |extra: &str| parse(extra).map(|c| c.retry.on_ambiguous);
+        assert_eq!(on_ambiguous(""), Ok(OnAmbiguous::Report));
+        assert_eq!(on_ambiguous("[retry]\n"), Ok(OnAmbiguous::Report));
+        assert_eq!(
+            on_ambiguous("[retry]\non_ambiguous = \"report\"\n"),
+            Ok(OnAmbiguous::Report)
+        );
+        assert_eq!(
+            on_ambiguous("[retry]\non_ambiguous = \"retry\"\n"),
+            Ok(OnAmbiguous::Retry)
+        );
+        let error = on_ambiguous("[retry]\non_ambiguous = \"Retry\"\n").unwrap_err();
+        assert!(
+            error.contains("`on_ambiguous` = `Retry` must be `report`"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 mod delivery;
 pub mod raw;
+mod schedule;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -20,8 +21,9 @@ use toml::Spanned;
 use unic_langid::LanguageIdentifier;
 
 use crate::problem::{Problem, Problems, line_of};
-pub use delivery::{Batch, Pace, Rate, Retry};
+pub use delivery::{Batch, OnAmbiguous, Pace, Rate, Retry};
 use raw::{RawFile, RawKind, RawTransport, RawTransportKind};
+pub use schedule::{Cron, CronError, Due, Schedule};
 
 /// A campaign whose every value has been checked. Paths are absolute or relative to the
 /// working directory, already joined to the campaign file's folder.
@@ -41,15 +43,49 @@ pub struct Campaign {
     pub rate: Rate,
     pub retry: Retry,
     pub safety: Safety,
+    /// When a `send` may run; by default at any time.
+    pub schedule: Schedule,
 }
 
-/// `[safety]`: what the guard lets through and how many bad rows a send may skip.
-#[derive(Debug, Clone, Default)]
+/// `[safety]`: what the guard lets through, how many bad rows a send may skip, and when a run
+/// stops because too many recipients fail.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Safety {
     /// Normalised addresses any message may contain (a support address, say).
     pub allow_addresses: Vec<String>,
     /// Invalid rows a send may skip (recorded as invalid); by default none.
     pub max_invalid: usize,
+    /// The permanent-failure breaker: once a run has `halt_min_sample` answered recipients, it
+    /// halts when more than this fraction of them failed permanently. In (0, 1]; 0.2 by
+    /// default; 1 never halts. A wrong list or a blocked sender shows early, before it costs the
+    /// whole campaign and the sender's reputation.
+    pub halt_failure_ratio: f64,
+    /// Answered recipients (sent or failed) a run needs before the breaker may trip, so that a
+    /// few early failures do not halt it; 100 by default.
+    pub halt_min_sample: NonZeroUsize,
+}
+
+impl Default for Safety {
+    fn default() -> Safety {
+        Safety {
+            allow_addresses: Vec::new(),
+            max_invalid: 0,
+            halt_failure_ratio: 0.2,
+            halt_min_sample: NonZeroUsize::new(100).unwrap_or(NonZeroUsize::MIN),
+        }
+    }
+}
+
+impl Safety {
+    /// Whether a run with `failed` permanent failures among `answered` recipients must halt:
+    /// at least `halt_min_sample` answered, and `failed / answered` above the ratio.
+    #[must_use]
+    pub fn halts(&self, failed: usize, answered: usize) -> bool {
+        // Exact for counts below 2^53, far above any campaign.
+        #[allow(clippy::cast_precision_loss)]
+        let ratio = failed as f64 / answered as f64;
+        answered >= self.halt_min_sample.get() && ratio > self.halt_failure_ratio
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,11 +247,7 @@ impl Validator<'_> {
 
     fn campaign(mut self, raw: RawFile) -> Result<Campaign, Problems> {
         let c = raw.campaign;
-        for (name, section) in [
-            ("schedule", &raw.schedule),
-            ("unsubscribe", &raw.unsubscribe),
-            ("dkim", &raw.dkim),
-        ] {
+        for (name, section) in [("unsubscribe", &raw.unsubscribe), ("dkim", &raw.dkim)] {
             if let Some(section) = section {
                 self.error(
                     section,
@@ -308,6 +340,7 @@ impl Validator<'_> {
         let safety = self.safety(raw.safety.as_ref());
         let rate = self.rate(raw.rate.as_ref());
         let retry = self.retry(raw.retry.as_ref());
+        let schedule = self.schedule(raw.schedule.as_ref());
         let hello_default = from.as_ref().map(|m| m.email.domain().to_owned());
         let transport = self.transport(&raw.transport, hello_default.unwrap_or_default());
 
@@ -328,6 +361,7 @@ impl Validator<'_> {
                     rate,
                     retry,
                     safety,
+                    schedule,
                 })
             }
             _ => Err(self.problems),
@@ -363,9 +397,31 @@ impl Validator<'_> {
                 0
             }),
         };
+        let defaults = Safety::default();
+        let halt_failure_ratio = match &raw.halt_failure_ratio {
+            None => defaults.halt_failure_ratio,
+            Some(value) if *value.get_ref() > 0.0 && *value.get_ref() <= 1.0 => *value.get_ref(),
+            Some(value) => {
+                self.error(
+                    value,
+                    format!(
+                        "`halt_failure_ratio` = `{}` must be a fraction above 0 and at most 1, such as `0.2`",
+                        value.get_ref()
+                    ),
+                );
+                defaults.halt_failure_ratio
+            }
+        };
+        let halt_min_sample = self.positive(
+            "halt_min_sample",
+            raw.halt_min_sample.as_ref(),
+            defaults.halt_min_sample.get(),
+        );
         Safety {
             allow_addresses,
             max_invalid,
+            halt_failure_ratio,
+            halt_min_sample,
         }
     }
 
@@ -589,7 +645,9 @@ default_locale = "en"
 path = "r.csv"
 "#;
 
-    fn check(extra: &str) -> Result<Campaign, String> {
+    /// The minimal campaign with `extra` appended (its first line is line 11): the campaign,
+    /// or its problems as `line: message` lines.
+    pub(super) fn check(extra: &str) -> Result<Campaign, String> {
         let dir = folder();
         let path = dir.path().join("campaign.toml");
         parse(&path, &format!("{MINIMAL}{extra}")).map_err(|problems| {
@@ -658,7 +716,7 @@ path = "r.csv"
     #[test]
     fn every_problem_is_reported_at_once() {
         let dir = folder();
-        let text = "[campaign]\nid = \"bad id\"\nfrom = \"not an address\"\ntemplate = \"missing\"\nlocales = \"l\"\ndefault_locale = \"en\"\n[recipients]\npath = \"nope.csv\"\n[schedule]\ncron = \"* * * * *\"\n[safety]\ncanary = [\"x@example.com\"]\nallow_addresses = [\"nope\"]\nmax_invalid = -1\n";
+        let text = "[campaign]\nid = \"bad id\"\nfrom = \"not an address\"\ntemplate = \"missing\"\nlocales = \"l\"\ndefault_locale = \"en\"\n[recipients]\npath = \"nope.csv\"\n[dkim]\nselector = \"s1\"\n[safety]\ncanary = [\"x@example.com\"]\nallow_addresses = [\"nope\"]\nmax_invalid = -1\n";
         let problems = parse(&dir.path().join("c.toml"), text).unwrap_err();
         let lines: Vec<_> = problems.0.iter().map(|p| p.line.unwrap()).collect();
         assert_eq!(lines, vec![9, 2, 3, 4, 8, 12, 13, 14], "{problems:?}");
@@ -671,6 +729,66 @@ path = "r.csv"
                 .unwrap();
         assert_eq!(campaign.safety.allow_addresses, vec!["Support@example.com"]);
         assert_eq!(campaign.safety.max_invalid, 3);
+    }
+
+    #[test]
+    fn the_failure_breaker_has_defaults_and_bounds() {
+        let defaults = check("").unwrap().safety;
+        assert_eq!(
+            (defaults.halt_failure_ratio, defaults.halt_min_sample.get()),
+            (0.2, 100)
+        );
+        let set = check("[safety]\nhalt_failure_ratio = 0.05\nhalt_min_sample = 20\n")
+            .unwrap()
+            .safety;
+        assert_eq!(
+            (set.halt_failure_ratio, set.halt_min_sample.get()),
+            (0.05, 20)
+        );
+        let never = check("[safety]\nhalt_failure_ratio = 1\n").unwrap().safety;
+        assert!((never.halt_failure_ratio - 1.0).abs() < f64::EPSILON);
+
+        for (value, line) in [
+            ("0", 12),
+            ("0.0", 12),
+            ("1.5", 12),
+            ("-0.1", 12),
+            ("nan", 12),
+        ] {
+            let error = check(&format!("[safety]\nhalt_failure_ratio = {value}\n")).unwrap_err();
+            assert_eq!(
+                error,
+                format!(
+                    "{line}: `halt_failure_ratio` = `{}` must be a fraction above 0 and at most 1, such as `0.2`",
+                    value.parse::<f64>().unwrap()
+                ),
+            );
+        }
+        let error = check("[safety]\nmax_invalid = 2\nhalt_min_sample = 0\n").unwrap_err();
+        assert_eq!(
+            error,
+            "13: `halt_min_sample` must be a whole number of at least 1"
+        );
+    }
+
+    #[test]
+    fn the_breaker_trips_above_the_ratio_once_the_sample_is_large_enough() {
+        let safety = Safety {
+            halt_failure_ratio: 0.2,
+            halt_min_sample: NonZeroUsize::new(10).unwrap(),
+            ..Safety::default()
+        };
+        assert!(!safety.halts(0, 0));
+        assert!(!safety.halts(9, 9), "below the sample");
+        assert!(!safety.halts(2, 10), "at the ratio, not above it");
+        assert!(safety.halts(3, 10));
+        assert!(safety.halts(21, 100));
+        let never = Safety {
+            halt_failure_ratio: 1.0,
+            halt_min_sample: NonZeroUsize::MIN,
+            ..Safety::default()
+        };
+        assert!(!never.halts(5, 5));
     }
 
     #[test]

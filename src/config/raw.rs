@@ -12,12 +12,12 @@ pub struct RawFile {
     pub recipients: RawRecipients,
     #[serde(default)]
     pub transport: RawTransport,
-    // Sections of the public interface that a later version implements. They are parsed so the
-    // error can say "not supported yet" with a line, rather than pretend to honour them.
     pub rate: Option<RawRate>,
     pub retry: Option<RawRetry>,
     pub safety: Option<RawSafety>,
-    pub schedule: Option<Spanned<toml::Table>>,
+    pub schedule: Option<RawSchedule>,
+    // Sections of the public interface that a later version implements. They are parsed so the
+    // error can say "not supported yet" with a line, rather than pretend to honour them.
     pub unsubscribe: Option<Spanned<toml::Table>>,
     pub dkim: Option<Spanned<toml::Table>>,
 }
@@ -47,6 +47,9 @@ pub struct RawSafety {
     #[serde(default)]
     pub allow_addresses: Vec<Spanned<String>>,
     pub max_invalid: Option<Spanned<i64>>,
+    /// A fraction: serde reads a TOML integer (`1`) as a float too.
+    pub halt_failure_ratio: Option<Spanned<f64>>,
+    pub halt_min_sample: Option<Spanned<i64>>,
     /// Not supported yet: parsed to refuse it with its line.
     pub canary: Option<Spanned<toml::Value>>,
     /// Not supported yet: parsed to refuse it with its line.
@@ -76,8 +79,17 @@ pub struct RawRetry {
     pub linger: Option<Spanned<String>>,
     pub relay_attempts: Option<Spanned<i64>>,
     pub relay_backoff: Option<Spanned<String>>,
-    /// Not supported yet (it needs the journal): parsed to refuse it with its line.
-    pub on_ambiguous: Option<Spanned<toml::Value>>,
+    /// `"report"` or `"retry"`; a string rather than a serde enum so that a bad value is one
+    /// more collected problem, not the end of parsing.
+    pub on_ambiguous: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSchedule {
+    /// An RFC 3339 string, or a TOML offset date-time (a local one is refused with its line).
+    pub not_before: Option<Spanned<toml::Value>>,
+    pub cron: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -22,7 +22,7 @@ impl Outbox {
 
     pub async fn write(&self, message: &OutgoingMessage) -> Result<Attempt, RelayFailure> {
         let fail = |what: &str, error: std::io::Error| {
-            RelayFailure(format!(
+            RelayFailure::new(format!(
                 "cannot {what} the outbox `{}`: {error}",
                 self.dir.display()
             ))

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::config;
+use crate::journal::{self, Recorder};
 use crate::render::OutgoingMessage;
 use crate::report::{Delivery, State};
 pub use pace::Pacer;
@@ -71,7 +72,46 @@ impl Transport {
 /// A failure of the relay as a whole (refused connection, TLS, AUTH, sender refused): it says
 /// nothing about any recipient, so none changes state because of it.
 #[derive(Debug, Clone)]
-pub struct RelayFailure(pub String);
+pub struct RelayFailure {
+    pub reason: String,
+    /// The relay refused our credentials or TLS: waiting will not help, so this trips the
+    /// breaker (the campaign halts) instead of pausing.
+    pub rejected: bool,
+}
+
+impl RelayFailure {
+    pub fn new(reason: impl Into<String>) -> RelayFailure {
+        RelayFailure {
+            reason: reason.into(),
+            rejected: false,
+        }
+    }
+
+    pub fn rejected(reason: impl Into<String>) -> RelayFailure {
+        RelayFailure {
+            reason: reason.into(),
+            rejected: true,
+        }
+    }
+}
+
+/// A message to deliver, with its journal row when the run keeps a journal.
+pub struct Queued {
+    pub message: OutgoingMessage,
+    pub entry: Option<journal::Entry>,
+}
+
+/// What a run needs besides the transport and the messages.
+pub struct Settings<'a> {
+    pub rate: &'a config::Rate,
+    pub retry: &'a config::Retry,
+    pub safety: &'a config::Safety,
+    /// Where outcomes are recorded; `None` for the dry run.
+    pub journal: Option<Recorder>,
+    /// Becomes `Some(reason)` when the run must stop handing out messages (`mailer stop`,
+    /// a guard violation found while rendering).
+    pub halt: tokio::sync::watch::Receiver<Option<String>>,
+}
 
 /// What one attempt to deliver one message gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,18 +136,26 @@ impl Attempt {
 /// A message on its way, with what the run knows about it so far.
 pub struct Job {
     pub message: OutgoingMessage,
+    /// The recipient's journal row.
+    id: Option<i64>,
+    /// Attempts made by earlier runs (from the journal).
+    prior: u32,
     /// Attempts that got an answer (4xx) so far in this run.
     pub attempts: u32,
     /// The relay-pause epoch when it was handed out (see `schedule`).
     epoch: u64,
     /// The last 4xx reply, for the report when it stays deferred.
     last_reply: String,
+    /// The last reply, for the journal.
+    last_answer: Option<Reply>,
 }
 
 /// How a dispatch run ended.
 pub struct Ended {
     /// The relay failure that ended it early, if any: recipients not reported are pending.
     pub failure: Option<RelayFailure>,
+    /// Why it was halted (stop, breaker), if it was: recipients not reported are pending.
+    pub halted: Option<String>,
     pub tally: schedule::Tally,
 }
 
@@ -125,6 +173,8 @@ enum Verdict {
     Relay(RelayFailure),
     /// The worker stopped unexpectedly (a panic) while it had this message.
     Crashed,
+    /// The journal could not record the message as in flight: it was not sent.
+    Unrecorded(String),
 }
 
 /// A job a worker holds. If the worker unwinds (a panic), dropping this gives the job back
@@ -176,9 +226,9 @@ impl Worker {
 /// still pending).
 pub async fn run(
     transport: Transport,
-    rate: &config::Rate,
-    retry: &config::Retry,
-    messages: async_channel::Receiver<OutgoingMessage>,
+    settings: Settings<'_>,
+    pacer: Pacer,
+    messages: async_channel::Receiver<Queued>,
     results: mpsc::Sender<Delivery>,
 ) -> Ended {
     let (outcomes_in, outcomes_out) = mpsc::unbounded_channel::<Outcome>();
@@ -187,21 +237,33 @@ pub async fn run(
     for id in 0..transport.workers() {
         let (jobs_in, jobs_out) = mpsc::unbounded_channel::<Job>();
         senders.push(jobs_in);
-        tasks.spawn(work(id, transport.worker(), jobs_out, outcomes_in.clone()));
+        tasks.spawn(work(
+            id,
+            transport.worker(),
+            settings.journal.clone(),
+            jobs_out,
+            outcomes_in.clone(),
+        ));
     }
     drop(outcomes_in);
-    let scheduler = schedule::Scheduler::new(Pacer::new(rate), rate, retry, senders);
-    let (mut failure, tally) = scheduler.run(messages.clone(), outcomes_out, results).await;
+    let scheduler = schedule::Scheduler::new(pacer, &settings, senders);
+    let (mut failure, halted, tally) = scheduler
+        .run(messages.clone(), outcomes_out, settings.halt, results)
+        .await;
     // Nothing more will be taken: let the producer stop.
     messages.close();
     while let Some(joined) = tasks.join_next().await {
         if let Err(panic) = joined {
-            failure.get_or_insert(RelayFailure(format!(
+            failure.get_or_insert(RelayFailure::new(format!(
                 "a delivery worker stopped unexpectedly ({panic})"
             )));
         }
     }
-    Ended { failure, tally }
+    Ended {
+        failure,
+        halted,
+        tally,
+    }
 }
 
 /// One worker: takes a job, delivers it, gives it back with the outcome. Stops when the
@@ -209,6 +271,7 @@ pub async fn run(
 async fn work(
     id: usize,
     mut worker: Worker,
+    journal: Option<Recorder>,
     mut jobs: mpsc::UnboundedReceiver<Job>,
     outcomes: mpsc::UnboundedSender<Outcome>,
 ) {
@@ -218,12 +281,25 @@ async fn work(
             job: Some(job),
             outcomes: &outcomes,
         };
-        let Some(message) = holding.job.as_ref().map(|job| &job.message) else {
+        let Some(job) = holding.job.as_ref() else {
             continue;
         };
-        let verdict = match worker.deliver(message).await {
-            Ok(attempt) => Verdict::Answered(attempt),
-            Err(failure) => Verdict::Relay(failure),
+        let message = &job.message;
+        let recorded = match (&journal, job.id) {
+            // Durable before MAIL FROM: a crash from here on leaves the row `in_flight`.
+            (Some(journal), Some(row)) => {
+                journal
+                    .in_flight(row, &message.locale, &message.message_id, &message.bytes)
+                    .await
+            }
+            _ => Ok(()),
+        };
+        let verdict = match recorded {
+            Err(error) => Verdict::Unrecorded(error),
+            Ok(()) => match worker.deliver(message).await {
+                Ok(attempt) => Verdict::Answered(attempt),
+                Err(failure) => Verdict::Relay(failure),
+            },
         };
         let Some(job) = holding.job.take() else {
             continue;

@@ -58,9 +58,9 @@ struct Observed<I> {
 
 pub struct Pacer<C: Clock = MonotonicClock> {
     clock: C,
-    global: Option<Direct<C>>,
-    default: Option<(Keyed<C>, f64)>,
-    named: HashMap<Box<str>, (Direct<C>, f64)>,
+    global: Option<(Direct<C>, Pace)>,
+    default: Option<(Keyed<C>, f64, Pace)>,
+    named: HashMap<Box<str>, (Direct<C>, f64, Pace)>,
     throttled: HashMap<Box<str>, Throttle<C>>,
     observed: HashMap<Box<str>, Observed<C::Instant>>,
     since_prune: u32,
@@ -78,12 +78,16 @@ impl<C: Clock + Clone> Pacer<C> {
         let direct =
             |pace: &Pace| quota(pace).map(|q| RateLimiter::direct_with_clock(q, clock.clone()));
         Pacer {
-            global: rate.global.as_ref().and_then(direct),
+            global: rate
+                .global
+                .as_ref()
+                .and_then(|pace| direct(pace).map(|l| (l, *pace))),
             default: rate.domain_default.as_ref().and_then(|pace| {
                 quota(pace).map(|q| {
                     (
                         RateLimiter::new(q, HashMapStateStore::default(), clock.clone()),
                         pace.per_second(),
+                        *pace,
                     )
                 })
             }),
@@ -91,13 +95,39 @@ impl<C: Clock + Clone> Pacer<C> {
                 .domains
                 .iter()
                 .filter_map(|(domain, pace)| {
-                    direct(pace).map(|l| (domain.as_str().into(), (l, pace.per_second())))
+                    direct(pace).map(|l| (domain.as_str().into(), (l, pace.per_second(), *pace)))
                 })
                 .collect(),
             throttled: HashMap::new(),
             observed: HashMap::new(),
             since_prune: 0,
             clock,
+        }
+    }
+
+    /// Makes the limits hold across a restart. An earlier run's limiter state is gone, but its
+    /// last attempts are in the journal: wherever (globally, or for a domain) the last
+    /// attempt was more recently than a full burst's worth of the rate, start as if a full
+    /// burst had just gone. Whatever the earlier run's bucket held then, this one holds at
+    /// least as much, so together they never exceed rate plus burst in any window.
+    /// `ago`: how long ago the last attempt was, globally and per domain.
+    pub fn carry_over(&self, global_ago: Option<Duration>, domains: &[(String, Duration)]) {
+        let recent = |pace: &Pace, ago: Duration| ago < pace.interval() * (pace.burst.get() + 1);
+        if let (Some((limiter, pace)), Some(ago)) = (&self.global, global_ago)
+            && recent(pace, ago)
+        {
+            let _ = limiter.check_n(pace.burst);
+        }
+        for (domain, ago) in domains {
+            if let Some((limiter, _, pace)) = self.named.get(domain.as_str()) {
+                if recent(pace, *ago) {
+                    let _ = limiter.check_n(pace.burst);
+                }
+            } else if let Some((keyed, _, pace)) = &self.default
+                && recent(pace, *ago)
+            {
+                let _ = keyed.check_key_n(&Arc::from(domain.as_str()), pace.burst);
+            }
         }
     }
 
@@ -108,7 +138,7 @@ impl<C: Clock + Clone> Pacer<C> {
     /// Takes the next slot of the global rate, or says how long until there is one.
     pub fn reserve_global(&self) -> Result<(), Duration> {
         match &self.global {
-            Some(limiter) => limiter.check().map_err(|until| self.wait(&until)),
+            Some((limiter, _)) => limiter.check().map_err(|until| self.wait(&until)),
             None => Ok(()),
         }
     }
@@ -139,9 +169,9 @@ impl<C: Clock + Clone> Pacer<C> {
         }
         let result = if let Some(throttle) = self.throttled.get(domain) {
             throttle.limiter.check().map_err(|until| self.wait(&until))
-        } else if let Some((limiter, _)) = self.named.get(domain) {
+        } else if let Some((limiter, _, _)) = self.named.get(domain) {
             limiter.check().map_err(|until| self.wait(&until))
-        } else if let Some((keyed, _)) = &self.default {
+        } else if let Some((keyed, _, _)) = &self.default {
             keyed.check_key(key).map_err(|until| self.wait(&until))
         } else {
             Ok(())
@@ -181,8 +211,8 @@ impl<C: Clock + Clone> Pacer<C> {
         let limit = self
             .named
             .get(domain)
-            .map(|(_, rate)| *rate)
-            .or(self.default.as_ref().map(|(_, rate)| *rate));
+            .map(|(_, rate, _)| *rate)
+            .or(self.default.as_ref().map(|(_, rate, _)| *rate));
         // The last full second's rate; failing that, the current window's, once it is long
         // enough to mean something (a few messages in a few milliseconds say nothing).
         let observed = self.observed.get(domain).map(|seen| {
@@ -243,7 +273,7 @@ impl<C: Clock + Clone> Pacer<C> {
     /// Drops state that no longer limits anything, so memory stays flat over many domains.
     fn prune(&mut self) {
         self.since_prune = 0;
-        if let Some((keyed, _)) = &self.default {
+        if let Some((keyed, _, _)) = &self.default {
             keyed.retain_recent();
             keyed.shrink_to_fit();
         }
@@ -254,7 +284,7 @@ impl<C: Clock + Clone> Pacer<C> {
 
     #[cfg(test)]
     fn keyed_len(&self) -> usize {
-        self.default.as_ref().map_or(0, |(keyed, _)| keyed.len())
+        self.default.as_ref().map_or(0, |(keyed, _, _)| keyed.len())
     }
 }
 
@@ -344,6 +374,38 @@ mod tests {
             best = best.max(end - start + 1);
         }
         best
+    }
+
+    #[test]
+    fn a_restart_right_after_sending_starts_with_an_empty_bucket() {
+        let rate = Rate {
+            global: Some(pace(10, 5)),
+            domain_default: Some(pace(4, 2)),
+            ..Rate::default()
+        };
+        // A fresh run lets the whole burst go at once.
+        let fresh = Pacer::with_clock(&rate, FakeRelativeClock::default());
+        assert!((0..5).all(|_| fresh.reserve_global().is_ok()));
+        // One that follows a run whose last attempt was 100 ms ago waits a full interval
+        // before its first message, globally and for that domain; other domains are free.
+        let clock = FakeRelativeClock::default();
+        let mut resumed = Pacer::with_clock(&rate, clock.clone());
+        resumed.carry_over(
+            Some(Duration::from_millis(100)),
+            &[("a.example".to_owned(), Duration::from_millis(100))],
+        );
+        assert_eq!(resumed.reserve_global(), Err(Duration::from_millis(100)));
+        assert_eq!(
+            resumed.admit(&key("a.example")),
+            Err(Duration::from_millis(250))
+        );
+        assert!(resumed.admit(&key("b.example")).is_ok());
+        clock.advance(Duration::from_millis(100));
+        assert!(resumed.reserve_global().is_ok());
+        // A last attempt longer ago than a burst's worth of the rate changes nothing.
+        let late = Pacer::with_clock(&rate, FakeRelativeClock::default());
+        late.carry_over(Some(Duration::from_secs(1)), &[]);
+        assert!((0..5).all(|_| late.reserve_global().is_ok()));
     }
 
     #[test]

@@ -22,15 +22,15 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{Job, Outcome, Pacer, RelayFailure, Verdict};
+use super::{Job, Outcome, Pacer, Queued, RelayFailure, Reply, Settings, Verdict};
 
-use crate::config::{Batch, Rate, Retry};
-use crate::render::OutgoingMessage;
+use crate::config::{Batch, Retry};
+use crate::journal::Recorder;
 use crate::report::{Delivery, State};
 
 /// Messages held in the per-domain queues at most. A domain that is much slower than the
@@ -56,6 +56,13 @@ pub struct Tally {
 pub struct Scheduler {
     pacer: Pacer,
     retry: Retry,
+    journal: Option<Recorder>,
+    /// The permanent-failure breaker: `[safety] halt_failure_ratio` after `halt_min_sample`.
+    halt_ratio: f64,
+    halt_sample: usize,
+    /// Recipients with a final answer (sent or failed) in this run, and those failed.
+    answered: usize,
+    failed: usize,
     batch: Option<Batch>,
     /// One job channel per worker; `None` once it retired.
     workers: Vec<Option<mpsc::UnboundedSender<Job>>>,
@@ -89,20 +96,29 @@ pub struct Scheduler {
     tally: Tally,
 }
 
-/// Why a run's dispatching ended early.
-pub struct GaveUp(pub RelayFailure);
+/// Why a run's dispatching ends early.
+pub enum GaveUp {
+    /// The relay failed too often, or no worker is left (exit 69).
+    Relay(RelayFailure),
+    /// A stop or a breaker: hand out nothing more (exit 3).
+    Halt(String),
+}
 
 impl Scheduler {
     pub fn new(
         pacer: Pacer,
-        rate: &Rate,
-        retry: &Retry,
+        settings: &Settings<'_>,
         workers: Vec<mpsc::UnboundedSender<Job>>,
     ) -> Scheduler {
         Scheduler {
             pacer,
-            retry: retry.clone(),
-            batch: rate.batch,
+            retry: settings.retry.clone(),
+            journal: settings.journal.clone(),
+            halt_ratio: settings.safety.halt_failure_ratio,
+            halt_sample: settings.safety.halt_min_sample.get(),
+            answered: 0,
+            failed: 0,
+            batch: settings.rate.batch,
             idle: (0..workers.len()).rev().collect(),
             workers: workers.into_iter().map(Some).collect(),
             in_flight: 0,
@@ -261,8 +277,8 @@ impl Scheduler {
         half + Duration::from_nanos(fastrand::u64(..=nanos))
     }
 
-    /// Takes in one outcome. Gives the failure that ends the run, when the relay has failed
-    /// too often or no worker is left.
+    /// Takes in one outcome. Gives the reason the run ends early, when the relay has failed
+    /// too often, no worker is left, or a breaker trips.
     async fn settle(
         &mut self,
         outcome: Outcome,
@@ -285,10 +301,7 @@ impl Scheduler {
                     self.relay_failures = 0;
                     self.probing = false;
                 }
-                let throttling = attempt
-                    .reply
-                    .as_ref()
-                    .is_some_and(super::Reply::is_throttling);
+                let throttling = attempt.reply.as_ref().is_some_and(Reply::is_throttling);
                 let domain = job.message.envelope.rcpt_to.domain();
                 if let Some(per_second) = throttling.then(|| self.pacer.throttle(domain)).flatten()
                 {
@@ -303,8 +316,8 @@ impl Scheduler {
                 if attempt.state == State::Deferred {
                     job.attempts += 1;
                     let more = job.attempts < self.retry.max_attempts.get();
+                    let wait = self.backoff(self.retry.backoff, job.prior + job.attempts);
                     if more && self.retries.len() < RETRY_CAP {
-                        let wait = self.backoff(self.retry.backoff, job.attempts);
                         tracing::info!(
                             line = job.message.line,
                             recipient = %job.message.envelope.rcpt_to,
@@ -314,7 +327,18 @@ impl Scheduler {
                             "deferred"
                         );
                         self.tally.retried += 1;
+                        if let (Some(journal), Some(id)) = (&self.journal, job.id) {
+                            journal.outcome(
+                                id,
+                                State::Deferred,
+                                job.prior + job.attempts,
+                                attempt.reply.clone(),
+                                attempt.detail.clone(),
+                                Some(SystemTime::now() + wait),
+                            );
+                        }
                         job.last_reply = attempt.detail;
+                        job.last_answer = attempt.reply;
                         let key = (now + wait, self.next_sequence());
                         self.retries.insert(key, job);
                         return None;
@@ -325,10 +349,26 @@ impl Scheduler {
                         "left for the next run"
                     };
                     let detail = format!("{} ({why})", attempt.detail);
-                    report(results, &job, State::Deferred, detail).await;
+                    job.last_answer = attempt.reply;
+                    self.report(results, &job, State::Deferred, detail, Some(wait))
+                        .await;
                     return None;
                 }
-                report(results, &job, attempt.state, attempt.detail).await;
+                job.last_answer = attempt.reply;
+                self.report(results, &job, attempt.state, attempt.detail, None)
+                    .await;
+                if matches!(attempt.state, State::Sent | State::Failed) {
+                    self.answered += 1;
+                    self.failed += usize::from(attempt.state == State::Failed);
+                    #[allow(clippy::cast_precision_loss)]
+                    let ratio = self.failed as f64 / self.answered as f64;
+                    if self.answered >= self.halt_sample && ratio > self.halt_ratio {
+                        return Some(GaveUp::Halt(format!(
+                            "{} of the last {} answered recipients failed permanently, over `[safety] halt_failure_ratio` {}",
+                            self.failed, self.answered, self.halt_ratio
+                        )));
+                    }
+                }
                 None
             }
             Verdict::Crashed => {
@@ -338,23 +378,42 @@ impl Scheduler {
                     "a delivery worker stopped unexpectedly"
                 );
                 job.attempts += 1;
-                report(
+                self.report(
                     results,
                     &job,
                     State::Ambiguous,
                     "the delivery worker stopped unexpectedly while sending this message"
                         .to_owned(),
+                    None,
                 )
                 .await;
                 (self.alive() == 0).then(|| {
-                    GaveUp(RelayFailure(
-                        "every delivery worker stopped unexpectedly".to_owned(),
+                    GaveUp::Relay(RelayFailure::new(
+                        "every delivery worker stopped unexpectedly",
                     ))
                 })
             }
+            Verdict::Unrecorded(error) => {
+                // Not sent: it stays pending (its row was never committed as in flight).
+                self.idle.push(worker);
+                self.enqueue(job, true);
+                Some(GaveUp::Halt(format!(
+                    "the journal cannot be written, so nothing more is sent: {error}"
+                )))
+            }
             Verdict::Relay(failure) => {
+                if let (Some(journal), Some(id)) = (&self.journal, job.id) {
+                    journal.requeued(id);
+                }
                 let stale = job.epoch != self.epoch;
                 self.enqueue(job, true);
+                if failure.rejected {
+                    self.idle.push(worker);
+                    return Some(GaveUp::Halt(format!(
+                        "the relay rejected the connection: {}",
+                        failure.reason
+                    )));
+                }
                 if stale {
                     // A connection that was already on its way when the relay failed.
                     self.idle.push(worker);
@@ -365,7 +424,7 @@ impl Scheduler {
                     // connection limit, not an outage.
                     self.workers[worker] = None;
                     tracing::warn!(
-                        reason = %failure.0,
+                        reason = %failure.reason,
                         connections = self.alive(),
                         "the relay refused one more connection while serving the others; going on with fewer"
                     );
@@ -377,11 +436,11 @@ impl Scheduler {
                 self.epoch += 1;
                 self.answers_in_epoch = 0;
                 if self.relay_failures >= self.retry.relay_attempts.get() {
-                    return Some(GaveUp(failure));
+                    return Some(GaveUp::Relay(failure));
                 }
                 let pause = self.backoff(self.retry.relay_backoff, self.relay_failures);
                 tracing::warn!(
-                    reason = %failure.0,
+                    reason = %failure.reason,
                     failures = self.relay_failures,
                     pause = %humantime::format_duration(Duration::from_millis(u64::try_from(pause.as_millis()).unwrap_or(u64::MAX))),
                     "relay unavailable; pausing"
@@ -394,23 +453,65 @@ impl Scheduler {
         }
     }
 
-    /// Runs until every message taken has a final outcome, the relay has failed for good, or
-    /// nobody listens for results any more. Messages never taken, and those put back after
-    /// a relay failure, are not reported: they are still pending.
+    /// Reports a final outcome for this run, and records it in the journal. `retry_in`: for
+    /// a recipient left deferred, when a later run may try it again.
+    async fn report(
+        &self,
+        results: &mpsc::Sender<Delivery>,
+        job: &Job,
+        state: State,
+        detail: String,
+        retry_in: Option<Duration>,
+    ) {
+        let message = &job.message;
+        let attempts = job.attempts + u32::from(state != State::Deferred);
+        if let (Some(journal), Some(id)) = (&self.journal, job.id) {
+            journal.outcome(
+                id,
+                state,
+                job.prior + attempts,
+                job.last_answer.clone(),
+                detail.clone(),
+                retry_in.map(|wait| SystemTime::now() + wait),
+            );
+        }
+        let _ = results
+            .send(Delivery {
+                line: message.line,
+                recipient: message.envelope.rcpt_to.to_string(),
+                locale: message.locale.clone(),
+                state,
+                attempts,
+                detail,
+            })
+            .await;
+    }
+
+    /// Runs until every message taken has a final outcome, the relay has failed for good, a
+    /// halt arrives, or nobody listens for results any more. Messages never taken, and those
+    /// put back after a relay failure, are not reported: they are still pending.
     pub async fn run(
         mut self,
-        input: async_channel::Receiver<OutgoingMessage>,
+        input: async_channel::Receiver<Queued>,
         mut outcomes: mpsc::UnboundedReceiver<Outcome>,
+        mut halt: watch::Receiver<Option<String>>,
         results: mpsc::Sender<Delivery>,
-    ) -> (Option<RelayFailure>, Tally) {
+    ) -> (Option<RelayFailure>, Option<String>, Tally) {
         let mut input_open = true;
-        let mut gave_up: Option<RelayFailure> = None;
+        let mut gave_up: Option<GaveUp> = None;
+        let mut halt_open = true;
         let mut linger_until: Option<Instant> = None;
         loop {
+            if gave_up.is_none()
+                && let Some(reason) = halt.borrow_and_update().clone()
+            {
+                tracing::error!(reason = %reason, "halted: no new message starts");
+                gave_up = Some(GaveUp::Halt(reason));
+            }
             let now = Instant::now();
             while input_open && gave_up.is_none() && self.parked < POOL {
                 match input.try_recv() {
-                    Ok(message) => self.enqueue(new_job(message), false),
+                    Ok(queued) => self.enqueue(new_job(queued), false),
                     Err(async_channel::TryRecvError::Empty) => break,
                     Err(async_channel::TryRecvError::Closed) => input_open = false,
                 }
@@ -439,15 +540,25 @@ impl Scheduler {
             let take_input = input_open && gave_up.is_none() && self.parked < POOL;
             tokio::select! {
                 biased;
+                changed = halt.changed(), if halt_open && gave_up.is_none() => {
+                    if changed.is_err() {
+                        halt_open = false;
+                    }
+                }
                 outcome = outcomes.recv() => {
                     let Some(outcome) = outcome else { break };
-                    if let Some(GaveUp(failure)) = self.settle(outcome, Instant::now(), &results).await {
-                        tracing::error!(reason = %failure.0, "relay unavailable; giving up for this run");
-                        gave_up = Some(failure);
+                    if let Some(end) = self.settle(outcome, Instant::now(), &results).await
+                        && gave_up.is_none()
+                    {
+                        match &end {
+                            GaveUp::Relay(failure) => tracing::error!(reason = %failure.reason, "relay unavailable; giving up for this run"),
+                            GaveUp::Halt(reason) => tracing::error!(reason = %reason, "halted: no new message starts"),
+                        }
+                        gave_up = Some(end);
                     }
                 }
                 message = input.recv(), if take_input => match message {
-                    Ok(message) => self.enqueue(new_job(message), false),
+                    Ok(queued) => self.enqueue(new_job(queued), false),
                     Err(_) => input_open = false,
                 },
                 () = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
@@ -459,34 +570,29 @@ impl Scheduler {
         // Dropping the job channels stops the workers.
         self.workers.clear();
         // Recipients still waiting for a retry stay deferred, for the next run.
-        for (_, job) in std::mem::take(&mut self.retries) {
+        for ((due, _), job) in std::mem::take(&mut self.retries) {
             let detail = format!("{} (left for the next run)", job.last_reply);
-            report(&results, &job, State::Deferred, detail).await;
+            let wait = due.saturating_duration_since(Instant::now());
+            self.report(&results, &job, State::Deferred, detail, Some(wait))
+                .await;
         }
-        (gave_up, self.tally)
+        let (failure, halted) = match gave_up {
+            Some(GaveUp::Relay(failure)) => (Some(failure), None),
+            Some(GaveUp::Halt(reason)) => (None, Some(reason)),
+            None => (None, None),
+        };
+        (failure, halted, self.tally)
     }
 }
 
-fn new_job(message: OutgoingMessage) -> Job {
+fn new_job(queued: Queued) -> Job {
     Job {
-        message,
+        message: queued.message,
+        id: queued.entry.map(|e| e.id),
+        prior: queued.entry.map_or(0, |e| e.attempts),
         attempts: 0,
         epoch: 0,
         last_reply: String::new(),
+        last_answer: None,
     }
-}
-
-async fn report(results: &mpsc::Sender<Delivery>, job: &Job, state: State, detail: String) {
-    let message = &job.message;
-    let attempts = job.attempts + u32::from(state != State::Deferred);
-    let _ = results
-        .send(Delivery {
-            line: message.line,
-            recipient: message.envelope.rcpt_to.to_string(),
-            locale: message.locale.clone(),
-            state,
-            attempts,
-            detail,
-        })
-        .await;
 }

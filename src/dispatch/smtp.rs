@@ -191,7 +191,10 @@ impl Connection {
         let smtp = &s.smtp;
         let place = format!("{}:{}", smtp.host, smtp.port);
         let fail = |what: &str, error: &dyn fmt::Display| {
-            RelayFailure(format!("{what} `{place}`: {error}"))
+            RelayFailure::new(format!("{what} `{place}`: {error}"))
+        };
+        let refused = |what: &str, error: &dyn fmt::Display| {
+            RelayFailure::rejected(format!("{what} `{place}`: {error}"))
         };
         let tcp = tokio::time::timeout(
             smtp.connect_timeout,
@@ -214,7 +217,7 @@ impl Connection {
                 let tls = tokio::time::timeout(smtp.connect_timeout, connector.connect(name, tcp))
                     .await
                     .map_err(|_| fail("timed out in the TLS handshake with", &"no answer"))?
-                    .map_err(|e| fail("TLS handshake failed with", &e))?;
+                    .map_err(|e| refused("TLS handshake failed with", &e))?;
                 Box::new(ImplicitTls(tls))
             }
             None => Box::new(tcp),
@@ -228,7 +231,7 @@ impl Connection {
         if let Some(tls) = &s.starttls {
             if !connection.can_starttls() {
                 let _ = tokio::time::timeout(smtp.command_timeout, connection.quit()).await;
-                return Err(fail(
+                return Err(refused(
                     "STARTTLS is required but not offered by",
                     &"remove the risk: fix the relay, or use smtps://",
                 ));
@@ -238,15 +241,28 @@ impl Connection {
                 connection.starttls(tls.clone(), &s.hello),
             )
             .await
-            .map_err(|e| fail("STARTTLS failed with", &e))?;
+            .map_err(|e| refused("STARTTLS failed with", &e))?;
         }
         if let Some(credentials) = &s.credentials {
-            timed(
+            let auth = tokio::time::timeout(
                 smtp.command_timeout,
                 connection.auth(&[Mechanism::Plain, Mechanism::Login], credentials),
             )
-            .await
-            .map_err(|e| fail("authentication was refused by", &e))?;
+            .await;
+            match auth {
+                Ok(Ok(_)) => {}
+                // A permanent refusal (535): the credentials are wrong, waiting will not help.
+                Ok(Err(e)) if e.is_permanent() => {
+                    return Err(refused("authentication was refused by", &describe(&e)));
+                }
+                Ok(Err(e)) => return Err(fail("authentication failed with", &describe(&e))),
+                Err(_) => {
+                    return Err(fail(
+                        "no reply to AUTH within",
+                        &humantime::format_duration(smtp.command_timeout),
+                    ));
+                }
+            }
         }
         Ok(connection)
     }
@@ -284,11 +300,11 @@ impl Connection {
                     let _ =
                         tokio::time::timeout(self.settings.smtp.command_timeout, connection.quit())
                             .await;
-                    return Err(RelayFailure(reason));
+                    return Err(RelayFailure::new(reason));
                 }
                 Step::Lost(reason) => {
                     if let Some(earlier) = lost_before {
-                        return Err(RelayFailure(format!(
+                        return Err(RelayFailure::new(format!(
                             "the connection broke twice: {earlier}; then {reason}"
                         )));
                     }

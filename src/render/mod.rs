@@ -47,6 +47,14 @@ pub struct Renderer {
 }
 
 impl Renderer {
+    /// Keys Message-IDs to one schedule slot too: each slot of a recurring campaign is its
+    /// own mailing, so its messages must not share ids with the last slot's.
+    pub fn for_slot(&mut self, slot: &str) {
+        if !slot.is_empty() {
+            self.campaign_id = format!("{}/{slot}", self.campaign_id);
+        }
+    }
+
     /// Loads the campaign's templates and locales; problems are every error found in them.
     pub fn load(
         campaign: &Campaign,

@@ -3,6 +3,7 @@
 //! Pure: [`Summary`] is fed [`Delivery`] values and prints into any `impl Write`.
 
 mod progress;
+mod status;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use crate::exit::Exit;
 pub use progress::{BarSafeStderr, Progress};
+pub use status::{REPORT_COLUMNS, csv_fields, print_status};
 
 /// Where a recipient ended up in this run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -97,6 +99,10 @@ pub struct Summary {
     pub connections_retired: usize,
     /// Domains slowed down by throttling replies, with the slowest pace (per second).
     pub throttled: BTreeMap<String, f64>,
+    /// Recipients this run attempted (the rest were settled by earlier runs, or are waiting).
+    pub attempted: usize,
+    /// Recipients sent by this run.
+    pub sent_now: usize,
 }
 
 impl Summary {
@@ -109,6 +115,8 @@ impl Summary {
 
     pub fn record(&mut self, delivery: Delivery) {
         self.add(delivery.state, 1);
+        self.attempted += 1;
+        self.sent_now += usize::from(delivery.state == State::Sent);
         if delivery.state != State::Sent && self.notable.len() < Self::KEEP {
             self.notable.push(delivery);
         }
@@ -201,7 +209,15 @@ impl Summary {
         }
         if let Some(elapsed) = self.elapsed {
             #[allow(clippy::cast_precision_loss)] // counts far below 2^52
-            let rate = self.count(State::Sent) as f64 / elapsed.as_secs_f64().max(1e-3);
+            let rate = self.sent_now as f64 / elapsed.as_secs_f64().max(1e-3);
+            if self.sent_now != self.count(State::Sent) || self.attempted == 0 {
+                writeln!(
+                    out,
+                    "  {:<24} {:>9}",
+                    "attempted in this run", self.attempted
+                )?;
+                writeln!(out, "  {:<24} {:>9}", "sent in this run", self.sent_now)?;
+            }
             writeln!(
                 out,
                 "  {:<24} {:>9}",

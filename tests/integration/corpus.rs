@@ -98,7 +98,12 @@ fn cases() -> Vec<(&'static str, Campaign, Option<Fixup>)> {
         ("unknown_key", ok().transport("speed = 9"), None),
         (
             "unsupported_section",
-            ok().extra("[schedule]\nnot_before = \"2030-01-01T00:00:00Z\"\n"),
+            ok().extra("[dkim]\nselector = \"s1\"\n"),
+            None,
+        ),
+        (
+            "bad_schedule",
+            ok().extra("[schedule]\nnot_before = \"2026-12-01T09:00:00\"\ncron = \"0 9 * * 8\"\n"),
             None,
         ),
         (

@@ -518,8 +518,14 @@ fn starttls_is_used_and_the_certificate_verified() {
     // The same relay with a certificate nobody vouches for: nothing is sent.
     let (_untrusted, path) = tls_campaign(&url, "require_starttls = true", None);
     let run = mailer(&["send", path.to_str().unwrap()], &[]);
-    assert_eq!(run.code, 69, "{run:?}");
-    assert!(run.stderr.contains("STARTTLS failed"), "{}", run.stderr);
+    // A rejected certificate trips the breaker: waiting would not help.
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("halted: the relay rejected the connection: STARTTLS failed"),
+        "{}",
+        run.stderr
+    );
     assert_eq!(sink.transactions().len(), 6, "no new transaction");
 
     // Unless the operator says so, loudly.
@@ -542,13 +548,30 @@ fn a_relay_without_starttls_is_refused_when_tls_is_required() {
         None,
     );
     let run = mailer(&["send", path.to_str().unwrap()], &[]);
-    assert_eq!(run.code, 69, "{run:?}");
+    assert_eq!(run.code, 3, "{run:?}");
     assert!(
         run.stderr.contains("STARTTLS is required but not offered"),
         "{}",
         run.stderr
     );
     assert!(sink.transactions().is_empty());
+    // The breaker sticks: the next send refuses at once, until `mailer resume`.
+    let before = sink.connections();
+    let again = mailer(&["send", path.to_str().unwrap()], &[]);
+    assert_eq!(again.code, 3, "{again:?}");
+    assert!(again.stderr.contains("is halted since"), "{}", again.stderr);
+    assert!(
+        again
+            .stderr
+            .contains("breaker: the relay rejected the connection"),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(
+        sink.connections(),
+        before,
+        "the refused send opened no connection"
+    );
 }
 
 #[test]

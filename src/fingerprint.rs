@@ -1,0 +1,145 @@
+//! The fingerprint of a campaign's inputs: the campaign file, every file in the template and
+//! locale folders, the recipient list and the suppression lists. A SHA-256 per file, and one
+//! over all of them. The journal freezes them at a run's start (invariant 8): a later run
+//! with different inputs is refused unless the operator accepts the change.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context as _;
+use sha2::{Digest, Sha256};
+
+use crate::config::Campaign;
+
+/// Input name → SHA-256 (hex) of its bytes. Names are stable across runs: the campaign file,
+/// `templates/<path>`, `locales/<path>`, `recipients`, `suppress[<n>]`.
+pub type Inputs = BTreeMap<String, String>;
+
+/// Hashes every input of `campaign`.
+pub fn inputs(campaign: &Campaign) -> anyhow::Result<Inputs> {
+    let mut inputs = Inputs::new();
+    inputs.insert("campaign file".to_owned(), hash_file(&campaign.file)?);
+    for (name, dir) in [
+        ("templates", &campaign.template_dir),
+        ("locales", &campaign.locales_dir),
+    ] {
+        let mut files = Vec::new();
+        walk(dir, dir, &mut files)?;
+        for (relative, path) in files {
+            inputs.insert(format!("{name}/{relative}"), hash_file(&path)?);
+        }
+    }
+    inputs.insert("recipients".to_owned(), hash_file(&campaign.recipients)?);
+    for (n, path) in campaign.suppress.iter().enumerate() {
+        inputs.insert(format!("suppress[{n}]"), hash_file(path)?);
+    }
+    Ok(inputs)
+}
+
+/// One hash over every input's name and hash (hex).
+#[must_use]
+pub fn combine(inputs: &Inputs) -> String {
+    let mut hash = Sha256::new();
+    for (name, digest) in inputs {
+        hash.update(name.as_bytes());
+        hash.update([0]);
+        hash.update(digest.as_bytes());
+        hash.update([b'\n']);
+    }
+    hex::encode(hash.finalize())
+}
+
+/// What differs between two sets of inputs, one phrase per input: `templates/text.hbs
+/// changed`, `suppress[1] added`, ….
+#[must_use]
+pub fn changes(before: &Inputs, now: &Inputs) -> Vec<String> {
+    let mut found = Vec::new();
+    for (name, digest) in now {
+        match before.get(name) {
+            None => found.push(format!("{name} added")),
+            Some(old) if old != digest => found.push(format!("{name} changed")),
+            Some(_) => {}
+        }
+    }
+    for name in before.keys().filter(|name| !now.contains_key(*name)) {
+        found.push(format!("{name} removed"));
+    }
+    found
+}
+
+fn hash_file(path: &Path) -> anyhow::Result<String> {
+    let mut file = std::fs::File::open(path)
+        .with_context(|| format!("cannot read `{}` to fingerprint it", path.display()))?;
+    let mut hash = Sha256::new();
+    std::io::copy(&mut file, &mut hash)
+        .with_context(|| format!("cannot read `{}` to fingerprint it", path.display()))?;
+    Ok(hex::encode(hash.finalize()))
+}
+
+/// Every file under `dir`, as (path relative to `root` with `/`, full path), sorted.
+fn walk(
+    root: &Path,
+    dir: &Path,
+    files: &mut Vec<(String, std::path::PathBuf)>,
+) -> anyhow::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list `{}` to fingerprint it", dir.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("cannot list `{}` to fingerprint it", dir.display()))?;
+    entries.sort_by_key(std::fs::DirEntry::file_name);
+    for entry in entries {
+        let path = entry.path();
+        if path.is_dir() {
+            walk(root, &path, files)?;
+        } else {
+            let relative = path.strip_prefix(root).unwrap_or(&path);
+            let mut name = String::new();
+            for (i, part) in relative.components().enumerate() {
+                if i > 0 {
+                    name.push('/');
+                }
+                let _ = write!(name, "{}", part.as_os_str().to_string_lossy());
+            }
+            files.push((name, path));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(pairs: &[(&str, &str)]) -> Inputs {
+        pairs
+            .iter()
+            .map(|(n, h)| ((*n).to_owned(), (*h).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn changes_name_each_input_added_changed_or_removed() {
+        let before = inputs(&[
+            ("campaign file", "1"),
+            ("templates/a.hbs", "2"),
+            ("recipients", "3"),
+        ]);
+        let now = inputs(&[
+            ("campaign file", "1"),
+            ("templates/b.hbs", "2"),
+            ("recipients", "4"),
+        ]);
+        assert_eq!(
+            changes(&before, &now),
+            [
+                "recipients changed",
+                "templates/b.hbs added",
+                "templates/a.hbs removed"
+            ]
+        );
+        assert!(changes(&now, &now).is_empty());
+        assert_eq!(combine(&now), combine(&now.clone()));
+        assert_ne!(combine(&before), combine(&now));
+    }
+}
