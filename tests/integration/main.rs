@@ -3,7 +3,9 @@
 
 mod campaign;
 mod corpus;
+mod crash;
 mod delivery;
+mod journal;
 mod properties;
 mod sink;
 mod snapshots;

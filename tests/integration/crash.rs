@@ -1,0 +1,1 @@
+//! The journal under SIGKILL: see `crash_test`.
