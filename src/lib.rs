@@ -797,7 +797,7 @@ fn send(
     let (messages_in, messages_out) = async_channel::bounded::<dispatch::Queued>(1024);
     let (results_in, mut results_out) = tokio::sync::mpsc::channel::<Delivery>(1024);
     let (halt_in, halt_out) = tokio::sync::watch::channel::<Option<String>>(None);
-    let watching = std::sync::atomic::AtomicBool::new(false);
+    let (watch_stop, watching) = std::sync::mpsc::channel::<()>();
     let journal_path = journaled.as_ref().map(|j| j.journal.path().to_owned());
 
     let started = std::time::Instant::now();
@@ -806,12 +806,11 @@ fn send(
         // A `mailer stop` from another process, seen within a fifth of a second.
         if let Some(journal_path) = &journal_path {
             let halt_in = &halt_in;
-            let watching = &watching;
             scope.spawn(move || {
                 let watched = journal::watch_halts(
                     journal_path,
                     std::time::Duration::from_millis(200),
-                    watching,
+                    &watching,
                     |halt| {
                         let _ = halt_in.send(Some(format!("{}: {}", halt.by, halt.reason)));
                     },
@@ -859,7 +858,7 @@ fn send(
             };
             tokio::join!(dispatching, collecting).0
         });
-        watching.store(true, std::sync::atomic::Ordering::Release);
+        drop(watch_stop);
         (producer.join(), ended)
     });
     let recorded = writer.map(journal::Writer::finish).transpose();

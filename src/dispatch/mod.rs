@@ -95,6 +95,48 @@ impl RelayFailure {
     }
 }
 
+/// Why a worker could not finish an attempt.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The relay as a whole failed; nothing is known about the recipient.
+    Relay(RelayFailure),
+    /// The journal could not record the message as in flight: it was not sent.
+    Unrecorded(String),
+}
+
+impl From<RelayFailure> for Refusal {
+    fn from(failure: RelayFailure) -> Refusal {
+        Refusal::Relay(failure)
+    }
+}
+
+/// The journal's answer to "this recipient is in flight". Nothing the server could accept —
+/// the message body — goes out before it says yes; `None` when the run keeps no journal.
+pub struct Gate(Option<tokio::sync::oneshot::Receiver<Result<(), String>>>);
+
+impl Gate {
+    #[must_use]
+    pub fn open() -> Gate {
+        Gate(None)
+    }
+
+    #[must_use]
+    pub fn new(answer: tokio::sync::oneshot::Receiver<Result<(), String>>) -> Gate {
+        Gate(Some(answer))
+    }
+
+    /// Waits for the journal (once; later calls pass at once).
+    pub async fn pass(&mut self) -> Result<(), Refusal> {
+        match self.0.take() {
+            None => Ok(()),
+            Some(answer) => answer
+                .await
+                .unwrap_or_else(|_| Err("the journal writer has stopped".to_owned()))
+                .map_err(Refusal::Unrecorded),
+        }
+    }
+}
+
 /// A message to deliver, with its journal row when the run keeps a journal.
 pub struct Queued {
     pub message: OutgoingMessage,
@@ -205,11 +247,18 @@ enum Worker {
 }
 
 impl Worker {
-    async fn deliver(&mut self, message: &OutgoingMessage) -> Result<Attempt, RelayFailure> {
+    async fn deliver(
+        &mut self,
+        message: &OutgoingMessage,
+        gate: &mut Gate,
+    ) -> Result<Attempt, Refusal> {
         match self {
-            Worker::File(outbox) => outbox.write(message).await,
+            Worker::File(outbox) => {
+                gate.pass().await?;
+                Ok(outbox.write(message).await?)
+            }
             Worker::DryRun => Ok(Attempt::without_reply(State::Sent, "dry run")),
-            Worker::Smtp(connection) => connection.deliver(message).await,
+            Worker::Smtp(connection) => connection.deliver(message, gate).await,
         }
     }
 
@@ -285,21 +334,18 @@ async fn work(
             continue;
         };
         let message = &job.message;
-        let recorded = match (&journal, job.id) {
-            // Durable before MAIL FROM: a crash from here on leaves the row `in_flight`.
+        // The `in_flight` record goes to the journal now; the transport waits for it to be
+        // durable before the body (see `Gate`).
+        let mut gate = match (&journal, job.id) {
             (Some(journal), Some(row)) => {
-                journal
-                    .in_flight(row, &message.locale, &message.message_id, &message.bytes)
-                    .await
+                journal.in_flight(row, &message.locale, &message.message_id, &message.bytes)
             }
-            _ => Ok(()),
+            _ => Gate::open(),
         };
-        let verdict = match recorded {
-            Err(error) => Verdict::Unrecorded(error),
-            Ok(()) => match worker.deliver(message).await {
-                Ok(attempt) => Verdict::Answered(attempt),
-                Err(failure) => Verdict::Relay(failure),
-            },
+        let verdict = match worker.deliver(message, &mut gate).await {
+            Ok(attempt) => Verdict::Answered(attempt),
+            Err(Refusal::Relay(failure)) => Verdict::Relay(failure),
+            Err(Refusal::Unrecorded(error)) => Verdict::Unrecorded(error),
         };
         let Some(job) = holding.job.take() else {
             continue;

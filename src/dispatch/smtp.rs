@@ -24,7 +24,7 @@ use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter,
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::{Attempt, RelayFailure, Reply};
+use super::{Attempt, Gate, Refusal, RelayFailure, Reply};
 use crate::config::{Security, Smtp};
 use crate::render::OutgoingMessage;
 use crate::report::State;
@@ -175,6 +175,8 @@ enum Step {
     Lost(String),
     /// The relay refused the sender itself: a relay-wide problem.
     Relay(String),
+    /// The journal did not record the message as in flight: the body was not sent.
+    Unrecorded(Refusal),
 }
 
 impl Connection {
@@ -268,7 +270,11 @@ impl Connection {
     }
 
     /// Delivers one message, reconnecting once if the connection turns out to be dead.
-    pub async fn deliver(&mut self, message: &OutgoingMessage) -> Result<Attempt, RelayFailure> {
+    pub async fn deliver(
+        &mut self,
+        message: &OutgoingMessage,
+        gate: &mut Gate,
+    ) -> Result<Attempt, Refusal> {
         let mut lost_before = None;
         loop {
             let mut connection = match self.open.take() {
@@ -278,7 +284,7 @@ impl Connection {
                     self.connect().await?
                 }
             };
-            match transaction(&mut connection, message, &self.settings.smtp).await {
+            match transaction(&mut connection, message, &self.settings.smtp, gate).await {
                 Step::Done(attempt) => {
                     self.messages_sent += 1;
                     let used_up =
@@ -300,13 +306,16 @@ impl Connection {
                     let _ =
                         tokio::time::timeout(self.settings.smtp.command_timeout, connection.quit())
                             .await;
-                    return Err(RelayFailure::new(reason));
+                    return Err(RelayFailure::new(reason).into());
                 }
+                // The server waits for a body that will not come: drop the connection.
+                Step::Unrecorded(refusal) => return Err(refusal),
                 Step::Lost(reason) => {
                     if let Some(earlier) = lost_before {
                         return Err(RelayFailure::new(format!(
                             "the connection broke twice: {earlier}; then {reason}"
-                        )));
+                        ))
+                        .into());
                     }
                     lost_before = Some(reason);
                 }
@@ -378,6 +387,7 @@ async fn transaction(
     connection: &mut AsyncSmtpConnection,
     message: &OutgoingMessage,
     smtp: &Smtp,
+    gate: &mut Gate,
 ) -> Step {
     let envelope = &message.envelope;
     let mut parameters = Vec::new();
@@ -448,6 +458,13 @@ async fn transaction(
             }
             Err(_) => return Step::Lost(format!("{}: no reply in time", command.name())),
         }
+    }
+    // The body is the first thing the server could accept: it waits until the journal says
+    // this recipient is durably in flight (the commit ran while MAIL, RCPT and DATA went back
+    // and forth). A crash before this point leaves the row `pending` or `in_flight` with
+    // nothing delivered; either way nothing is sent twice.
+    if let Err(refusal) = gate.pass().await {
+        return Step::Unrecorded(refusal);
     }
     // From here on the server may have the whole message: a broken connection or a missing
     // reply leaves the outcome unknown, and the message must not be sent again blindly.

@@ -1,6 +1,6 @@
 //! The journal: the only truth for resuming a campaign.
 //!
-//! An SQLite database (WAL) per campaign in the state folder, one row per recipient and
+//! An `SQLite` database (WAL) per campaign in the state folder, one row per recipient and
 //! schedule slot, holding where that recipient is: `pending → in_flight → sent | deferred |
 //! failed | ambiguous`, or `suppressed` / `invalid`. [`Journal::sync`] brings it in line with
 //! the loaded list at the start of a run — a dead run's `in_flight` rows become `ambiguous`
@@ -66,7 +66,6 @@ CREATE TABLE recipients (
     updated_at INTEGER NOT NULL
 );
 CREATE UNIQUE INDEX recipients_address ON recipients (slot, address);
-CREATE INDEX recipients_state ON recipients (slot, state);
 -- Stops and breaker trips; one without `cleared_at` halts every send.
 CREATE TABLE halts (
     id INTEGER PRIMARY KEY,
@@ -92,6 +91,9 @@ pub fn millis(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
+
+/// The last attempt of all (ms), and each domain's last attempt.
+pub type RecentAttempts = (Option<i64>, Vec<(String, i64)>);
 
 /// How hard each commit is pushed to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -380,7 +382,7 @@ impl Journal {
 
     /// The last attempt times of `slot` since `since` (ms): the latest of all, and each
     /// domain's latest — so limits can hold across a restart.
-    pub fn recent_attempts(&self, since: i64) -> anyhow::Result<(Option<i64>, Vec<(String, i64)>)> {
+    pub fn recent_attempts(&self, since: i64) -> anyhow::Result<RecentAttempts> {
         let mut statement = self.conn.prepare(
             "SELECT domain, max(last_attempt_at) FROM recipients
              WHERE last_attempt_at >= ?1 AND domain IS NOT NULL GROUP BY domain",
@@ -659,26 +661,27 @@ fn halt(conn: &Connection, slot: &str, by: &str, reason: &str) -> rusqlite::Resu
 }
 
 /// Watches for a halt recorded by another process (`mailer stop`) while a run goes on:
-/// polls the journal every `every` on its own connection and calls `on_halt` once.
-/// Stops when `done` is set.
+/// polls the journal every `every` on its own connection and calls `on_halt` once. Returns
+/// as soon as `done` is dropped or sent to.
 pub fn watch_halts(
     path: &Path,
     every: std::time::Duration,
-    done: &std::sync::atomic::AtomicBool,
+    done: &std::sync::mpsc::Receiver<()>,
     on_halt: impl FnOnce(Halt),
 ) -> anyhow::Result<()> {
-    use std::sync::atomic::Ordering;
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    while !done.load(Ordering::Acquire) {
+    loop {
         if let Some(halt) = active_halt(&conn)? {
             on_halt(halt);
             return Ok(());
         }
-        std::thread::sleep(every);
+        match done.recv_timeout(every) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            _ => return Ok(()),
+        }
     }
-    Ok(())
 }

@@ -19,7 +19,7 @@ use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 
 use super::{Durability, Journal, millis};
-use crate::dispatch::Reply;
+use crate::dispatch::{Gate, Reply};
 use crate::report::State;
 
 /// Changes applied in one transaction at most.
@@ -117,7 +117,7 @@ fn write(conn: &Connection, changes: &mpsc::Receiver<Change>) -> Result<(), Stri
         }
         if let Err(error) = applied {
             // Refuse everything still coming, so workers stop instead of sending blind.
-            for change in changes.iter() {
+            for change in changes {
                 if let Change::InFlight { done, .. } = change {
                     let _ = done.send(Err(error.clone()));
                 }
@@ -194,30 +194,23 @@ fn apply(conn: &Connection, group: &[Change]) -> rusqlite::Result<()> {
 }
 
 impl Recorder {
-    /// Records `id` as `in_flight` and waits until that is durable. An error means the
-    /// journal cannot be written: the message must not be sent.
-    pub async fn in_flight(
-        &self,
-        id: i64,
-        locale: &str,
-        message_id: &str,
-        bytes: &[u8],
-    ) -> Result<(), String> {
+    /// Records `id` as `in_flight`. The gate opens when that is durable; an error there means
+    /// the journal cannot be written and the message must not be sent.
+    #[must_use]
+    pub fn in_flight(&self, id: i64, locale: &str, message_id: &str, bytes: &[u8]) -> Gate {
         use sha2::Digest as _;
         let content_hash = hex::encode(&sha2::Sha256::digest(bytes)[..16]);
         let (done, wait) = oneshot::channel();
-        self.changes
-            .send(Change::InFlight {
-                id,
-                locale: locale.to_owned(),
-                message_id: message_id.to_owned(),
-                content_hash,
-                at: millis(SystemTime::now()),
-                done,
-            })
-            .map_err(|_| "the journal writer has stopped".to_owned())?;
-        wait.await
-            .map_err(|_| "the journal writer has stopped".to_owned())?
+        // A send to a stopped writer drops `done`, which the gate reads as a refusal.
+        let _ = self.changes.send(Change::InFlight {
+            id,
+            locale: locale.to_owned(),
+            message_id: message_id.to_owned(),
+            content_hash,
+            at: millis(SystemTime::now()),
+            done,
+        });
+        Gate::new(wait)
     }
 
     /// Records an outcome (not waited for: a crash before it commits leaves the row
