@@ -68,9 +68,14 @@ pub fn changes(before: &Inputs, now: &Inputs) -> Vec<String> {
     found
 }
 
+/// A missing file hashes as `missing`: loading the campaign reports it properly, with its line.
 fn hash_file(path: &Path) -> anyhow::Result<String> {
-    let mut file = std::fs::File::open(path)
-        .with_context(|| format!("cannot read `{}` to fingerprint it", path.display()))?;
+    let mut file = match std::fs::File::open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok("missing".to_owned()),
+        opened => {
+            opened.with_context(|| format!("cannot read `{}` to fingerprint it", path.display()))?
+        }
+    };
     let mut hash = Sha256::new();
     std::io::copy(&mut file, &mut hash)
         .with_context(|| format!("cannot read `{}` to fingerprint it", path.display()))?;
@@ -83,6 +88,9 @@ fn walk(
     dir: &Path,
     files: &mut Vec<(String, std::path::PathBuf)>,
 ) -> anyhow::Result<()> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot list `{}` to fingerprint it", dir.display()))?
         .collect::<Result<_, _>>()

@@ -135,10 +135,14 @@ pub struct Loaded {
 /// locales); rows with problems are left out of `list.recipients` and listed in
 /// `list.problems`. `Err` when a file cannot be read.
 pub fn load(path: &Path) -> anyhow::Result<Result<Loaded, Problems>> {
-    let campaign = match config::parse(path, &read(path)?) {
-        Ok(campaign) => campaign,
-        Err(problems) => return Ok(Err(problems)),
-    };
+    match config::parse(path, &read(path)?) {
+        Ok(campaign) => load_campaign(campaign),
+        Err(problems) => Ok(Err(problems)),
+    }
+}
+
+/// [`load`] once the campaign file is parsed: the recipients, templates and locales.
+fn load_campaign(campaign: Campaign) -> anyhow::Result<Result<Loaded, Problems>> {
     let started = std::time::Instant::now();
     let mut list = recipients::load(&campaign.recipients, &campaign.suppress)?;
     tracing::debug!(recipients = list.recipients.len(), elapsed = ?started.elapsed(), "recipient list loaded");
@@ -674,13 +678,14 @@ fn send(
 ) -> anyhow::Result<Exit> {
     let dry_run = options.dry_run;
     let date = now();
-    let mut loaded = load(path)?.map_err(Problems::into_failure)?;
+    let campaign = config::parse(path, &read(path)?).map_err(Problems::into_failure)?;
     // Refuse a halted, locked, changed or not-yet-due campaign before the long work.
     let mut journaled = if dry_run {
         None
     } else {
-        Some(open_for_send(path, &loaded.campaign, options)?)
+        Some(open_for_send(path, &campaign, options)?)
     };
+    let mut loaded = load_campaign(campaign)?.map_err(Problems::into_failure)?;
     if let Some(j) = &journaled {
         loaded.renderer.for_slot(&j.slot);
     }
@@ -735,6 +740,15 @@ fn send(
                     writeln!(out, "  line {line}  {address}")?;
                     tracing::warn!(line, recipient = %address, "in flight when the last run stopped: ambiguous");
                 }
+            }
+            if sync.due.is_empty()
+                && let Some(next) = sync.next_due
+            {
+                writeln!(
+                    out,
+                    "nothing due now: the next deferred recipient may be tried at {}",
+                    journal::query::time(next)
+                )?;
             }
             if sync.retried_ambiguous > 0 {
                 tracing::warn!(
