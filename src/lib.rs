@@ -875,7 +875,11 @@ fn send(
         drop(watch_stop);
         (producer.join(), ended)
     });
-    let recorded = writer.map(journal::Writer::finish).transpose();
+    // A journal that cannot be written halts the campaign: nothing may go out unrecorded.
+    let recorded = writer
+        .map(journal::Writer::finish)
+        .transpose()
+        .map_err(|e| Failure::new(Exit::Halted, format!("halted: {e:#}")));
     // Every recipient due that the workers did not report on is still pending: counts add up.
     let reported = summary.total() - settled.values().sum::<usize>();
     summary.add(State::Pending, due_count - reported);

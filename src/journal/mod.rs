@@ -43,7 +43,9 @@ CREATE TABLE runs (
     slot TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL,
     inputs TEXT NOT NULL,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    -- When a run first listed the recipients (sync): until then the slot has no rows yet.
+    listed_at INTEGER
 );
 CREATE TABLE recipients (
     id INTEGER PRIMARY KEY,
@@ -284,16 +286,25 @@ impl Journal {
         }
     }
 
+    /// Creates the schema and names the campaign in one transaction: a process killed
+    /// half-way leaves an empty file (created again next time), never a journal without owner.
     fn create(&self, campaign: &str) -> rusqlite::Result<()> {
         self.conn.pragma_update(None, "journal_mode", "WAL")?;
-        self.conn.execute_batch(&format!(
-            "BEGIN; {SCHEMA} PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-        ))?;
-        self.conn.execute(
-            "INSERT INTO campaign (id, created_at) VALUES (?1, ?2)",
-            params![campaign, millis(SystemTime::now())],
-        )?;
-        Ok(())
+        self.conn.execute_batch("BEGIN")?;
+        let created = (|| {
+            self.conn.execute_batch(&format!(
+                "{SCHEMA} PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"
+            ))?;
+            self.conn.execute(
+                "INSERT INTO campaign (id, created_at) VALUES (?1, ?2)",
+                params![campaign, millis(SystemTime::now())],
+            )?;
+            self.conn.execute_batch("COMMIT")
+        })();
+        if created.is_err() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        created
     }
 
     fn configure(&self, durability: Durability) -> rusqlite::Result<()> {
@@ -624,6 +635,10 @@ impl Journal {
                 }
             }
         }
+        tx.execute(
+            "UPDATE runs SET listed_at = coalesce(listed_at, ?2) WHERE slot = ?1",
+            params![slot, now],
+        )?;
         tx.commit()?;
         Ok(sync)
     }

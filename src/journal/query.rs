@@ -17,7 +17,9 @@ pub struct Status {
     pub total: u64,
     /// Every state, zeros included; they add up to `total`.
     pub counts: BTreeMap<String, u64>,
-    /// Every recipient is in a terminal state.
+    /// A run has listed the recipients (before that the journal has no rows for the slot).
+    pub listed: bool,
+    /// Listed, and every recipient is in a terminal state.
     pub complete: bool,
     pub first_attempt_at: Option<String>,
     pub last_attempt_at: Option<String>,
@@ -198,6 +200,15 @@ impl Journal {
             })
             .collect();
         domains.sort_by(|a, b| b.total.cmp(&a.total).then(a.domain.cmp(&b.domain)));
+        let listed: bool = self
+            .conn
+            .query_row(
+                "SELECT listed_at IS NOT NULL FROM runs WHERE slot = ?1",
+                params![slot],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(false);
         let halt = active_halt(&self.conn)?.map(|Halt { at, by, reason }| HaltView {
             at: time(at),
             by,
@@ -207,7 +218,8 @@ impl Journal {
             campaign: campaign.to_owned(),
             slot: (!slot.is_empty()).then(|| slot.to_owned()),
             total,
-            complete: waiting == 0,
+            listed,
+            complete: listed && waiting == 0,
             counts,
             first_attempt_at: first.map(time),
             last_attempt_at: last.map(time),

@@ -95,6 +95,7 @@ fn open(path: &Path, durability: Durability) -> anyhow::Result<Connection> {
 /// sender with it and stops, so no message goes out without its record.
 fn write(conn: &Connection, changes: &mpsc::Receiver<Change>) -> Result<(), String> {
     let mut group = Vec::with_capacity(MAX_GROUP);
+    let (mut commits, mut applied_changes) = (0_u64, 0_u64);
     while let Ok(first) = changes.recv() {
         group.push(first);
         while group.len() < MAX_GROUP {
@@ -104,6 +105,8 @@ fn write(conn: &Connection, changes: &mpsc::Receiver<Change>) -> Result<(), Stri
             }
         }
         let applied = apply(conn, &group).map_err(|e| e.to_string());
+        commits += 1;
+        applied_changes += group.len() as u64;
         for change in group.drain(..) {
             match change {
                 Change::InFlight { done, .. } => {
@@ -125,6 +128,7 @@ fn write(conn: &Connection, changes: &mpsc::Receiver<Change>) -> Result<(), Stri
             return Err(error);
         }
     }
+    tracing::debug!(commits, changes = applied_changes, "journal writer done");
     Ok(())
 }
 

@@ -24,8 +24,10 @@ pub fn print_status(status: &Status, out: &mut impl Write) -> io::Result<()> {
         "  {}",
         if status.complete {
             "complete: every recipient is in a final state"
-        } else {
+        } else if status.listed {
             "not complete: recipients are waiting"
+        } else {
+            "not started: no run has listed the recipients yet"
         }
     )?;
     if let (Some(first), Some(last)) = (&status.first_attempt_at, &status.last_attempt_at) {
