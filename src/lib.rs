@@ -780,7 +780,7 @@ fn send(
         loaded.campaign.rate.clone()
     };
     let pacer = dispatch::Pacer::new(&rate);
-    let mut writer = None;
+    let mut writer: Option<journal::Writer> = None;
     let mut recorder = None;
     if let Some(j) = &journaled {
         // Limits hold across a restart: the last run's recent attempts count.
@@ -816,7 +816,7 @@ fn send(
 
     let started = std::time::Instant::now();
     let interactive = options.interactive;
-    let (produced, ended) = std::thread::scope(|scope| {
+    let (produced, (ended, written)) = std::thread::scope(|scope| {
         // A `mailer stop` from another process, seen within a fifth of a second.
         if let Some(journal_path) = &journal_path {
             let halt_in = &halt_in;
@@ -859,6 +859,12 @@ fn send(
                 halt: halt_out,
             };
             let dispatching = dispatch::run(transport, settings, pacer, messages_out, results_in);
+            let writing = async {
+                match writer.take() {
+                    Some(writer) => writer.run().await,
+                    None => Ok(()),
+                }
+            };
             let collecting = async {
                 let mut progress = report::Progress::new(due_count as u64, interactive);
                 while let Some(delivery) = results_out.recv().await {
@@ -870,16 +876,14 @@ fn send(
                 }
                 progress.finish();
             };
-            tokio::join!(dispatching, collecting).0
+            let (ended, (), written) = tokio::join!(dispatching, collecting, writing);
+            (ended, written)
         });
         drop(watch_stop);
         (producer.join(), ended)
     });
     // A journal that cannot be written halts the campaign: nothing may go out unrecorded.
-    let recorded = writer
-        .map(journal::Writer::finish)
-        .transpose()
-        .map_err(|e| Failure::new(Exit::Halted, format!("halted: {e:#}")));
+    let recorded = written.map_err(|e| Failure::new(Exit::Halted, format!("halted: {e:#}")));
     // Every recipient due that the workers did not report on is still pending: counts add up.
     let reported = summary.total() - settled.values().sum::<usize>();
     summary.add(State::Pending, due_count - reported);

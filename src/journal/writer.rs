@@ -1,22 +1,25 @@
-//! The journal's single writer: one thread, one connection, group commits.
+//! The journal's single writer: one task, one connection, group commits.
 //!
-//! Everything a run records goes through one channel to this thread. It takes whatever is
+//! Everything a run records goes through one channel to this task. It takes whatever is
 //! waiting (up to [`MAX_GROUP`] changes), applies it in one transaction, commits, and only
-//! then answers the workers waiting on an `in_flight` record. So a recipient's `in_flight`
-//! record is durable before its `MAIL FROM` goes out, and while one commit reaches the disk
-//! the next group gathers: the journal does not cap throughput.
+//! then opens the gates of the workers waiting on an `in_flight` record. So a recipient's
+//! `in_flight` record is durable before its message body goes out.
+//!
+//! The task runs on the same thread as the scheduler and the workers, and commits there,
+//! blocking that thread for the commit (the socket buffers keep filling meanwhile). A thread
+//! of its own was measured slower on two cores: every record and every answer crossed
+//! threads, and the context switches cost more than the commits. On one thread, all the
+//! records the workers made since the last commit go in the next one, with no wake-ups.
 //!
 //! The channel is FIFO across senders: the scheduler records a connection's last outcome
 //! before handing that connection its next message, whose `in_flight` record comes after.
 //! So at most one row per connection is `in_flight` in any committed state of the journal.
 
 use std::path::Path;
-use std::sync::mpsc;
-use std::thread::JoinHandle;
 use std::time::SystemTime;
 
 use rusqlite::{Connection, params};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Durability, Journal, millis};
 use crate::dispatch::{Gate, Reply};
@@ -48,40 +51,233 @@ enum Change {
     },
     /// Not sent after all (the relay failed before the message): back to `pending`.
     Requeued { id: i64, at: i64 },
-    /// Everything before this is committed.
-    Flush(oneshot::Sender<()>),
 }
 
 /// The sending side, for the scheduler and workers. Cheap to clone.
 #[derive(Clone)]
 pub struct Recorder {
-    changes: mpsc::Sender<Change>,
+    changes: mpsc::UnboundedSender<Change>,
 }
 
-/// The writer thread; [`Writer::finish`] commits what is left and reports a failure.
+/// The writer; [`Writer::run`] is its task.
 pub struct Writer {
-    thread: JoinHandle<Result<(), String>>,
+    conn: Connection,
+    changes: mpsc::UnboundedReceiver<Change>,
+    /// The journal's write-ahead log, synced by the flusher thread (full durability only).
+    wal: Option<std::fs::File>,
 }
+
+/// A gate waiting for the commit numbered `.0` to be on disk.
+type Waiting = (u64, oneshot::Sender<Result<(), String>>);
 
 impl Writer {
-    /// Starts the writer on its own connection to the journal at `journal`'s path.
+    /// A writer on its own connection to the journal at `journal`'s path.
     pub fn start(journal: &Journal, durability: Durability) -> anyhow::Result<(Writer, Recorder)> {
-        let conn = open(journal.path(), durability)?;
-        let (changes, received) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("journal".into())
-            .spawn(move || write(&conn, &received))?;
-        Ok((Writer { thread }, Recorder { changes }))
+        // Commits on the runtime's thread are `synchronous = NORMAL` (no fsync); for full
+        // durability the flusher syncs the log before the gates open.
+        let conn = open(journal.path(), Durability::Relaxed)?;
+        let wal = match durability {
+            Durability::Full => {
+                let mut name = journal.path().as_os_str().to_owned();
+                name.push("-wal");
+                Some(
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&name)
+                        .map_err(|e| {
+                            anyhow::anyhow!(
+                                "cannot open the journal's log `{}`: {e}",
+                                name.display()
+                            )
+                        })?,
+                )
+            }
+            Durability::Relaxed => None,
+        };
+        let (changes, received) = mpsc::unbounded_channel();
+        Ok((
+            Writer {
+                conn,
+                changes: received,
+                wal,
+            },
+            Recorder { changes },
+        ))
     }
 
-    /// Waits until every change sent is committed (all `Recorder`s must be dropped first).
-    pub fn finish(self) -> anyhow::Result<()> {
-        match self.thread.join() {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => anyhow::bail!("cannot write to the journal: {error}"),
-            Err(_) => anyhow::bail!("the journal writer stopped unexpectedly"),
+    /// Commits changes until every `Recorder` is dropped and everything sent is committed
+    /// (and, for full durability, synced). On an error it refuses every waiting `in_flight`
+    /// record and stops, so no message goes out without its record.
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let (flush, flushed, flusher) = match self.wal.take() {
+            Some(wal) => {
+                let (flush, flushed, flusher) = start_flusher(wal)?;
+                (Some(flush), Some(flushed), Some(flusher))
+            }
+            None => (None, None, None),
+        };
+        let result = self.commit_all(flush.as_ref(), flushed).await;
+        drop(flush);
+        // They end as soon as their channel closes (after their last sync, if any).
+        for flusher in flusher.into_iter().flatten() {
+            let _ = flusher.join();
+        }
+        result
+    }
+
+    async fn commit_all(
+        &mut self,
+        flush: Option<&std::sync::mpsc::Sender<u64>>,
+        mut flushed: Option<mpsc::UnboundedReceiver<Result<u64, String>>>,
+    ) -> anyhow::Result<()> {
+        let mut group = Vec::with_capacity(MAX_GROUP);
+        let mut waiting: std::collections::VecDeque<Waiting> = std::collections::VecDeque::new();
+        let (mut commits, mut applied_changes, mut syncs) = (0_u64, 0_u64, 0_u64);
+        let mut open = true;
+        while open || !waiting.is_empty() {
+            let synced = async {
+                match flushed.as_mut() {
+                    Some(flushed) => flushed.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                taken = self.changes.recv_many(&mut group, MAX_GROUP), if open => {
+                    if taken == 0 {
+                        open = false;
+                        // The last outcomes go to disk too, however the run ended.
+                        if let Some(flush) = flush {
+                            let _ = flush.send(commits);
+                        }
+                        continue;
+                    }
+                    let applied = apply(&self.conn, &group).map_err(|e| e.to_string());
+                    commits += 1;
+                    applied_changes += group.len() as u64;
+                    if let Err(error) = applied {
+                        refuse(group.drain(..), waiting.drain(..), &error);
+                        self.changes.close();
+                        while let Ok(change) = self.changes.try_recv() {
+                            refuse([change], [], &error);
+                        }
+                        anyhow::bail!("cannot write to the journal: {error}");
+                    }
+                    let mut gates = false;
+                    for change in group.drain(..) {
+                        if let Change::InFlight { done, .. } = change {
+                            gates = true;
+                            match flush {
+                                Some(_) => waiting.push_back((commits, done)),
+                                None => {
+                                    let _ = done.send(Ok(()));
+                                }
+                            }
+                        }
+                    }
+                    if let (true, Some(flush)) = (gates, flush) {
+                        let _ = flush.send(commits);
+                    }
+                }
+                synced = synced => match synced {
+                    Some(Ok(upto)) => {
+                        syncs += 1;
+                        while waiting.front().is_some_and(|(n, _)| *n <= upto) {
+                            if let Some((_, done)) = waiting.pop_front() {
+                                let _ = done.send(Ok(()));
+                            }
+                        }
+                        if !open && waiting.is_empty() {
+                            break;
+                        }
+                    }
+                    Some(Err(error)) => {
+                        refuse([], waiting.drain(..), &error);
+                        self.changes.close();
+                        while let Ok(change) = self.changes.try_recv() {
+                            refuse([change], [], &error);
+                        }
+                        anyhow::bail!("cannot sync the journal to disk: {error}");
+                    }
+                    None => anyhow::bail!("the journal's flusher stopped unexpectedly"),
+                },
+            }
+        }
+        tracing::debug!(
+            commits,
+            syncs,
+            changes = applied_changes,
+            "journal writer done"
+        );
+        Ok(())
+    }
+}
+
+/// Refuses the gates of `changes` and `waiting` with `error`.
+fn refuse(
+    changes: impl IntoIterator<Item = Change>,
+    waiting: impl IntoIterator<Item = Waiting>,
+    error: &str,
+) {
+    for change in changes {
+        if let Change::InFlight { done, .. } = change {
+            let _ = done.send(Err(error.to_owned()));
         }
     }
+    for (_, done) in waiting {
+        let _ = done.send(Err(error.to_owned()));
+    }
+}
+
+/// Flusher threads: each syncs the write-ahead log whenever asked, once for however many
+/// commits asked meanwhile, and says up to which commit the log is on disk. The fsyncs run
+/// while the runtime goes on committing and sending. There are [`FLUSHERS`] of them, so a
+/// commit that lands while one fsync is under way does not wait for it to end before its own
+/// starts (the kernel merges fsyncs that overlap).
+const FLUSHERS: usize = 3;
+
+#[allow(clippy::type_complexity)]
+fn start_flusher(
+    wal: std::fs::File,
+) -> anyhow::Result<(
+    std::sync::mpsc::Sender<u64>,
+    mpsc::UnboundedReceiver<Result<u64, String>>,
+    Vec<std::thread::JoinHandle<()>>,
+)> {
+    let (flush, requests) = std::sync::mpsc::channel::<u64>();
+    let requests = std::sync::Arc::new(std::sync::Mutex::new(requests));
+    let wal = std::sync::Arc::new(wal);
+    let (report, flushed) = mpsc::unbounded_channel();
+    let mut threads = Vec::new();
+    for n in 0..FLUSHERS {
+        let (requests, wal, report) = (
+            std::sync::Arc::clone(&requests),
+            std::sync::Arc::clone(&wal),
+            report.clone(),
+        );
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("journal-sync-{n}"))
+                .spawn(move || {
+                    loop {
+                        let upto = {
+                            let Ok(requests) = requests.lock() else { break };
+                            let Ok(mut upto) = requests.recv() else { break };
+                            while let Ok(later) = requests.try_recv() {
+                                upto = upto.max(later);
+                            }
+                            upto
+                        };
+                        let synced = wal.sync_data().map(|()| upto).map_err(|e| e.to_string());
+                        let failed = synced.is_err();
+                        if report.send(synced).is_err() || failed {
+                            break;
+                        }
+                    }
+                })?,
+        );
+    }
+    Ok((flush, flushed, threads))
 }
 
 fn open(path: &Path, durability: Durability) -> anyhow::Result<Connection> {
@@ -89,47 +285,6 @@ fn open(path: &Path, durability: Durability) -> anyhow::Result<Connection> {
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.pragma_update(None, "synchronous", durability.pragma())?;
     Ok(conn)
-}
-
-/// The thread: groups, applies, commits, answers. On an error it answers every waiting
-/// sender with it and stops, so no message goes out without its record.
-fn write(conn: &Connection, changes: &mpsc::Receiver<Change>) -> Result<(), String> {
-    let mut group = Vec::with_capacity(MAX_GROUP);
-    let (mut commits, mut applied_changes) = (0_u64, 0_u64);
-    while let Ok(first) = changes.recv() {
-        group.push(first);
-        while group.len() < MAX_GROUP {
-            match changes.try_recv() {
-                Ok(change) => group.push(change),
-                Err(_) => break,
-            }
-        }
-        let applied = apply(conn, &group).map_err(|e| e.to_string());
-        commits += 1;
-        applied_changes += group.len() as u64;
-        for change in group.drain(..) {
-            match change {
-                Change::InFlight { done, .. } => {
-                    let _ = done.send(applied.clone());
-                }
-                Change::Flush(done) => {
-                    let _ = done.send(());
-                }
-                _ => {}
-            }
-        }
-        if let Err(error) = applied {
-            // Refuse everything still coming, so workers stop instead of sending blind.
-            for change in changes {
-                if let Change::InFlight { done, .. } = change {
-                    let _ = done.send(Err(error.clone()));
-                }
-            }
-            return Err(error);
-        }
-    }
-    tracing::debug!(commits, changes = applied_changes, "journal writer done");
-    Ok(())
 }
 
 fn apply(conn: &Connection, group: &[Change]) -> rusqlite::Result<()> {
@@ -183,7 +338,6 @@ fn apply(conn: &Connection, group: &[Change]) -> rusqlite::Result<()> {
                 Change::Requeued { id, at } => {
                     requeued.execute(params![id, at])?;
                 }
-                Change::Flush(_) => {}
             }
         }
         Ok(())
@@ -245,13 +399,5 @@ impl Recorder {
             id,
             at: millis(SystemTime::now()),
         });
-    }
-
-    /// Waits until everything recorded so far is committed.
-    pub async fn flush(&self) {
-        let (done, wait) = oneshot::channel();
-        if self.changes.send(Change::Flush(done)).is_ok() {
-            let _ = wait.await;
-        }
     }
 }
