@@ -438,20 +438,54 @@ fn preview(path: &Path, out: &Path, per_locale: usize) -> anyhow::Result<Exit> {
 }
 
 /// A campaign's journal, for the commands that read or halt it.
+/// A campaign as the journal commands see it: its id, where its lock is, and whether its
+/// journal existed before this command.
+struct CampaignRef {
+    id: String,
+    lock: std::path::PathBuf,
+    existed: bool,
+}
+
+/// Opens a campaign's journal for `status`, `stop`, `resume` and `report`. Only
+/// `[campaign] id` is read, so that an operator can stop a send (or look at it) while the
+/// campaign file is half-edited.
 fn journal_for(
     path: &Path,
     state_dir: Option<&Path>,
     create: bool,
-) -> anyhow::Result<(Campaign, journal::Journal)> {
-    let campaign = config::parse(path, &read(path)?).map_err(Problems::into_failure)?;
-    let place = journal::Place::new(path, state_dir, &campaign.id);
-    let journal = journal::Journal::open(
-        &place.journal,
-        &campaign.id,
-        create,
-        journal::Durability::Full,
-    )?;
-    Ok((campaign, journal))
+) -> anyhow::Result<(CampaignRef, journal::Journal)> {
+    let id = campaign_id(path)?;
+    let place = journal::Place::new(path, state_dir, &id);
+    let existed = place.journal.exists();
+    let journal = journal::Journal::open(&place.journal, &id, create, journal::Durability::Full)?;
+    Ok((
+        CampaignRef {
+            id,
+            lock: place.lock,
+            existed,
+        },
+        journal,
+    ))
+}
+
+/// `[campaign] id`, or the full check's errors when it cannot be read on its own.
+fn campaign_id(path: &Path) -> anyhow::Result<String> {
+    let text = read(path)?;
+    let id = toml::from_str::<toml::Table>(&text)
+        .ok()
+        .and_then(|table| Some(table.get("campaign")?.get("id")?.as_str()?.to_owned()))
+        .filter(|id| {
+            !id.is_empty()
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        });
+    match id {
+        Some(id) => Ok(id),
+        None => Ok(config::parse(path, &text)
+            .map_err(Problems::into_failure)?
+            .id),
+    }
 }
 
 fn status(
@@ -482,6 +516,14 @@ fn stop(path: &Path, state_dir: Option<&Path>, reason: &str) -> anyhow::Result<E
         halt.map_or_else(String::new, |h| h.reason),
         path.display()
     );
+    if !campaign.existed {
+        println!(
+            "note: no send had run from this state folder yet (the journal `{}` was created to hold the stop); a send that uses another --state-dir is not stopped",
+            journal.path().display()
+        );
+    } else if journal::Lock::acquire(&campaign.lock, &campaign.id).is_ok() {
+        println!("no send is running now; the next one exits 3 at once");
+    }
     Ok(Exit::Complete)
 }
 
@@ -614,7 +656,7 @@ fn open_for_send(
     campaign: &Campaign,
     options: &SendOptions<'_>,
 ) -> anyhow::Result<Journaled> {
-    let slot = slot_of(campaign, options.slot)?;
+    let mut slot = slot_of(campaign, options.slot)?;
     let place = journal::Place::new(path, options.state_dir, &campaign.id);
     if let Some(dir) = place.lock.parent() {
         use anyhow::Context as _;
@@ -637,6 +679,31 @@ fn open_for_send(
             ),
         )
         .into());
+    }
+    if !slot.is_empty() && options.slot.is_none() {
+        // A cron slot left unfinished (the relay was down, say) is finished first: its
+        // recipients would otherwise be skipped for good. The current slot comes next.
+        if let Some((earlier, waiting)) = journal
+            .slots_with(&slot, &["pending", "in_flight"])?
+            .into_iter()
+            .next()
+        {
+            tracing::warn!(
+                slot = %earlier,
+                waiting,
+                next = %slot,
+                "an earlier schedule slot is not finished: finishing it first"
+            );
+            slot = earlier;
+        } else {
+            for (earlier, deferred) in journal.slots_with(&slot, &["deferred"])? {
+                tracing::warn!(
+                    slot = %earlier,
+                    deferred,
+                    "an earlier schedule slot still has deferred recipients; they are tried again only with --slot"
+                );
+            }
+        }
     }
     let inputs = fingerprint::inputs(campaign)?;
     let combined = fingerprint::combine(&inputs);
@@ -798,7 +865,7 @@ fn send(
         )?;
         let (w, r) = journal::Writer::start(&j.journal, j.durability)?;
         writer = Some(w);
-        recorder = Some(r);
+        recorder = Some(r.with_slot(&j.slot));
     }
 
     // One thread drives every connection: the work is waiting on sockets, and keeping it on
@@ -830,7 +897,10 @@ fn send(
                     },
                 );
                 if let Err(error) = watched {
-                    tracing::warn!("cannot watch the journal for a stop: {error:#}");
+                    // The kill switch must work: a run that cannot watch for it stops.
+                    let _ = halt_in.send(Some(format!(
+                        "cannot watch the journal for a stop: {error:#}"
+                    )));
                 }
             });
         }
@@ -904,6 +974,12 @@ fn send(
         Ok(Err(problem)) => Some(format!("guard: {problem}")),
         Err(_) => Some("the rendering thread stopped unexpectedly".to_owned()),
     };
+    // A journal that failed to take the run's records halts the campaign (exit 3). The
+    // bookkeeping after the summary is best effort: the journal may be the thing that is broken.
+    let halted = match (&recorded, halted) {
+        (Err(failure), None) => Some(failure.message.clone()),
+        (_, halted) => halted,
+    };
     let exit = if halted.is_some() {
         Exit::Halted
     } else if ended.failure.is_some() {
@@ -912,10 +988,12 @@ fn send(
         summary.exit()
     };
     if let Some(j) = &journaled {
-        if let Some(reason) = &halted {
-            j.journal.halt(&j.slot, "breaker", reason)?;
+        if let Some(reason) = &halted
+            && let Err(error) = j.journal.halt(&j.slot, "breaker", reason)
+        {
+            tracing::error!("cannot record the halt in the journal: {error:#}");
         }
-        j.journal.event(
+        let ended = j.journal.event(
             &j.slot,
             "run",
             &format!(
@@ -924,7 +1002,10 @@ fn send(
                 summary.count(State::Sent),
                 summary.count(State::Pending)
             ),
-        )?;
+        );
+        if let Err(error) = ended {
+            tracing::error!("cannot record the end of the run in the journal: {error:#}");
+        }
     }
     recorded?;
     if let Some(reason) = halted {

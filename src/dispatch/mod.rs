@@ -110,26 +110,54 @@ impl From<RelayFailure> for Refusal {
     }
 }
 
-/// The journal's answer to "this recipient is in flight". Nothing the server could accept —
-/// the message body — goes out before it says yes; `None` when the run keeps no journal.
-pub struct Gate(Option<tokio::sync::oneshot::Receiver<Result<(), String>>>);
+/// The journal's "this recipient is in flight". The transport starts it (records the row
+/// `in_flight`) right before `MAIL FROM`, and nothing the server could accept — the message
+/// body — goes out before the journal says the record is durable.
+pub struct Gate(GateState);
+
+enum GateState {
+    /// No journal (dry run), or already passed.
+    Open,
+    /// Not recorded yet: nothing has been sent for this message.
+    Ready { journal: Recorder, id: i64 },
+    /// Recorded; the answer comes when it is durable.
+    Sent(tokio::sync::oneshot::Receiver<Result<(), String>>),
+}
 
 impl Gate {
     #[must_use]
     pub fn open() -> Gate {
-        Gate(None)
+        Gate(GateState::Open)
     }
 
+    /// A gate for the journal row `id`.
     #[must_use]
-    pub fn new(answer: tokio::sync::oneshot::Receiver<Result<(), String>>) -> Gate {
-        Gate(Some(answer))
+    pub fn journal(journal: Recorder, id: i64) -> Gate {
+        Gate(GateState::Ready { journal, id })
     }
 
-    /// Waits for the journal (once; later calls pass at once).
-    pub async fn pass(&mut self) -> Result<(), Refusal> {
-        match self.0.take() {
-            None => Ok(()),
-            Some(answer) => answer
+    /// A gate already recorded, waiting for `answer`.
+    #[must_use]
+    pub fn sent(answer: tokio::sync::oneshot::Receiver<Result<(), String>>) -> Gate {
+        Gate(GateState::Sent(answer))
+    }
+
+    /// Records the message as in flight (once): called right before `MAIL FROM`, so that a
+    /// message that never got that far (the relay was down) is not left `in_flight`.
+    pub fn start(&mut self, message: &OutgoingMessage) {
+        if let GateState::Ready { journal, id } = &self.0 {
+            let sent = journal.in_flight(*id, &message.locale, &message.message_id, &message.bytes);
+            *self = sent;
+        }
+    }
+
+    /// Records the message if not yet done, and waits until that is durable (once; later
+    /// calls pass at once).
+    pub async fn pass(&mut self, message: &OutgoingMessage) -> Result<(), Refusal> {
+        self.start(message);
+        match std::mem::replace(&mut self.0, GateState::Open) {
+            GateState::Open | GateState::Ready { .. } => Ok(()),
+            GateState::Sent(answer) => answer
                 .await
                 .unwrap_or_else(|_| Err("the journal writer has stopped".to_owned()))
                 .map_err(Refusal::Unrecorded),
@@ -254,7 +282,7 @@ impl Worker {
     ) -> Result<Attempt, Refusal> {
         match self {
             Worker::File(outbox) => {
-                gate.pass().await?;
+                gate.pass(message).await?;
                 Ok(outbox.write(message).await?)
             }
             Worker::DryRun => Ok(Attempt::without_reply(State::Sent, "dry run")),
@@ -334,12 +362,10 @@ async fn work(
             continue;
         };
         let message = &job.message;
-        // The `in_flight` record goes to the journal now; the transport waits for it to be
-        // durable before the body (see `Gate`).
+        // The transport records the message `in_flight` right before MAIL FROM and waits for
+        // that to be durable before the body (see `Gate`).
         let mut gate = match (&journal, job.id) {
-            (Some(journal), Some(row)) => {
-                journal.in_flight(row, &message.locale, &message.message_id, &message.bytes)
-            }
+            (Some(journal), Some(row)) => Gate::journal(journal.clone(), row),
             _ => Gate::open(),
         };
         let verdict = match worker.deliver(message, &mut gate).await {

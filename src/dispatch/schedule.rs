@@ -394,7 +394,9 @@ impl Scheduler {
                 })
             }
             Verdict::Unrecorded(error) => {
-                // Not sent: it stays pending (its row was never committed as in flight).
+                // Its body was not sent. Its row stays as the journal has it: `pending`, or
+                // `in_flight` if the record was committed but could not be synced (then the
+                // next run reports it ambiguous, which errs on the side of not sending).
                 self.idle.push(worker);
                 self.enqueue(job, true);
                 Some(GaveUp::Halt(format!(
@@ -453,6 +455,14 @@ impl Scheduler {
         }
     }
 
+    /// Records a halt in the journal as soon as it happens, so that it holds even if this
+    /// process dies while the messages on the wire finish (a `mailer stop` is there already).
+    fn record_halt(&self, reason: &str) {
+        if let Some(journal) = &self.journal {
+            journal.halt(reason);
+        }
+    }
+
     /// Reports a final outcome for this run, and records it in the journal. `retry_in`: for
     /// a recipient left deferred, when a later run may try it again.
     async fn report(
@@ -506,6 +516,7 @@ impl Scheduler {
                 && let Some(reason) = halt.borrow_and_update().clone()
             {
                 tracing::error!(reason = %reason, "halted: no new message starts");
+                self.record_halt(&reason);
                 gave_up = Some(GaveUp::Halt(reason));
             }
             let now = Instant::now();
@@ -552,7 +563,10 @@ impl Scheduler {
                     {
                         match &end {
                             GaveUp::Relay(failure) => tracing::error!(reason = %failure.reason, "relay unavailable; giving up for this run"),
-                            GaveUp::Halt(reason) => tracing::error!(reason = %reason, "halted: no new message starts"),
+                            GaveUp::Halt(reason) => {
+                                tracing::error!(reason = %reason, "halted: no new message starts");
+                                self.record_halt(reason);
+                            }
                         }
                         gave_up = Some(end);
                     }

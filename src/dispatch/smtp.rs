@@ -219,7 +219,15 @@ impl Connection {
                 let tls = tokio::time::timeout(smtp.connect_timeout, connector.connect(name, tcp))
                     .await
                     .map_err(|_| fail("timed out in the TLS handshake with", &"no answer"))?
-                    .map_err(|e| refused("TLS handshake failed with", &e))?;
+                    .map_err(|e| {
+                        // rustls reports a refused certificate or a TLS alert as invalid data;
+                        // anything else (a reset, say) is the network, not a rejection.
+                        if e.kind() == std::io::ErrorKind::InvalidData {
+                            refused("TLS handshake failed with", &e)
+                        } else {
+                            fail("TLS handshake failed with", &e)
+                        }
+                    })?;
                 Box::new(ImplicitTls(tls))
             }
             None => Box::new(tcp),
@@ -238,12 +246,25 @@ impl Connection {
                     &"remove the risk: fix the relay, or use smtps://",
                 ));
             }
-            timed(
+            match tokio::time::timeout(
                 smtp.command_timeout,
                 connection.starttls(tls.clone(), &s.hello),
             )
             .await
-            .map_err(|e| refused("STARTTLS failed with", &e))?;
+            {
+                Ok(Ok(())) => {}
+                // A certificate or TLS failure: waiting will not fix it.
+                Ok(Err(e)) if rejected_tls(&e) => {
+                    return Err(refused("STARTTLS failed with", &describe(&e)));
+                }
+                Ok(Err(e)) => return Err(fail("STARTTLS failed with", &describe(&e))),
+                Err(_) => {
+                    return Err(fail(
+                        "no reply to STARTTLS within",
+                        &humantime::format_duration(smtp.command_timeout),
+                    ));
+                }
+            }
         }
         if let Some(credentials) = &s.credentials {
             let auth = tokio::time::timeout(
@@ -331,6 +352,23 @@ impl Connection {
     }
 }
 
+/// Whether a STARTTLS error is the relay's TLS being refused (a certificate we do not trust,
+/// a TLS alert) rather than the network: rustls reports those as invalid data, and lettre
+/// wraps them as a connection error.
+fn rejected_tls(error: &lettre::transport::smtp::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(inner) = cause {
+        if let Some(io) = inner.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::InvalidData;
+        }
+        if inner.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        cause = inner.source();
+    }
+    error.is_tls()
+}
+
 /// Runs `future` with a deadline, folding the timeout into lettre's error type's place.
 async fn timed<T>(
     limit: Duration,
@@ -413,6 +451,9 @@ async fn transaction(
         parameters.push(MailParameter::SmtpUtfEight);
     }
 
+    // From MAIL FROM on, this message is in flight: the record goes to the journal now, and
+    // its commit overlaps MAIL, RCPT and DATA.
+    gate.start(message);
     match tokio::time::timeout(
         smtp.command_timeout,
         connection.command(Mail::new(Some(envelope.mail_from.clone()), parameters)),
@@ -463,7 +504,7 @@ async fn transaction(
     // this recipient is durably in flight (the commit ran while MAIL, RCPT and DATA went back
     // and forth). A crash before this point leaves the row `pending` or `in_flight` with
     // nothing delivered; either way nothing is sent twice.
-    if let Err(refusal) = gate.pass().await {
+    if let Err(refusal) = gate.pass(message).await {
         return Step::Unrecorded(refusal);
     }
     // From here on the server may have the whole message: a broken connection or a missing

@@ -4,9 +4,9 @@
 //! schedule slot, holding where that recipient is: `pending → in_flight → sent | deferred |
 //! failed | ambiguous`, or `suppressed` / `invalid`. [`Journal::sync`] brings it in line with
 //! the loaded list at the start of a run — a dead run's `in_flight` rows become `ambiguous`
-//! then — and says who is due. During the run a single writer thread ([`writer`])
+//! then — and says who is due. During the run a single writer task ([`writer`])
 //! group-commits every change; a recipient's `in_flight` record is durable before its
-//! `MAIL FROM` goes out. Halts (`mailer stop`, breakers) and the frozen inputs live here too.
+//! message body goes out. Halts (`mailer stop`, breakers) and the frozen inputs live here too.
 //!
 //! I/O at the edge: only this module talks SQL.
 
@@ -58,6 +58,8 @@ CREATE TABLE recipients (
     content_hash TEXT,
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
+    -- Sent again once by on_ambiguous = retry (never twice).
+    resent INTEGER NOT NULL DEFAULT 0,
     reply_code INTEGER,
     reply_enhanced TEXT,
     reply_text TEXT,
@@ -100,9 +102,11 @@ pub type RecentAttempts = (Option<i64>, Vec<(String, i64)>);
 /// How hard each commit is pushed to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// `synchronous = FULL`: a commit survives a power cut. The default.
+    /// A commit survives a power cut before any gate opens: `synchronous = FULL` for the
+    /// commands' own connections; for the run's writer, its write-ahead log is fdatasync'ed
+    /// by a flusher thread. The default.
     Full,
-    /// `synchronous = NORMAL`: survives a killed process, not a power cut. For benchmarks
+    /// `synchronous = NORMAL`: survives a killed process, not a power cut
     /// (`MAILER_JOURNAL_SYNC=normal`).
     Relaxed,
 }
@@ -197,6 +201,9 @@ pub struct Roster<'a> {
     /// Lines that cannot be sent (bad row, or a message that cannot be made), with why.
     pub invalid: &'a BTreeMap<u64, String>,
 }
+
+/// What `sync` reads of a known row: id, state, attempts, next attempt, line.
+type Known = (i64, String, u32, Option<i64>, i64);
 
 fn state_of(name: &str) -> Option<State> {
     State::ALL.into_iter().find(|s| s.name() == name)
@@ -391,7 +398,7 @@ impl Journal {
         Ok(())
     }
 
-    /// The last attempt times of `slot` since `since` (ms): the latest of all, and each
+    /// The last attempt times since `since` (ms), in any slot: the latest of all, and each
     /// domain's latest — so limits can hold across a restart.
     pub fn recent_attempts(&self, since: i64) -> anyhow::Result<RecentAttempts> {
         let mut statement = self.conn.prepare(
@@ -403,6 +410,22 @@ impl Journal {
             .collect::<Result<_, _>>()?;
         let latest = domains.iter().map(|(_, at)| *at).max();
         Ok((latest, domains))
+    }
+
+    /// Schedule slots before `slot` with recipients of the given states, oldest first, with
+    /// how many: for a cron campaign, the runs an earlier slot left unfinished.
+    pub fn slots_with(&self, before: &str, states: &[&str]) -> anyhow::Result<Vec<(String, u64)>> {
+        let mut statement = self.conn.prepare(
+            "SELECT slot, count(*) FROM recipients
+             WHERE slot != '' AND slot < ?1 AND state IN (SELECT value FROM json_each(?2))
+             GROUP BY slot ORDER BY slot",
+        )?;
+        let rows = statement
+            .query_map(params![before, serde_json::to_string(states)?], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
     }
 
     /// Brings the journal's rows for `slot` in line with `roster` and says who is due at
@@ -459,9 +482,10 @@ impl Journal {
             )?;
         }
         if retry_ambiguous {
+            // Once: a recipient whose second try is ambiguous too stays ambiguous.
             sync.retried_ambiguous = tx.execute(
-                "UPDATE recipients SET state = 'pending', updated_at = ?2
-                 WHERE slot = ?1 AND state = 'ambiguous'",
+                "UPDATE recipients SET state = 'pending', resent = 1, updated_at = ?2
+                 WHERE slot = ?1 AND state = 'ambiguous' AND resent = 0",
                 params![slot, now],
             )?;
         }
@@ -469,20 +493,39 @@ impl Journal {
             "DELETE FROM recipients WHERE slot = ?1 AND state = 'invalid'",
             params![slot],
         )?;
-        // address → (id, state, attempts, next attempt)
-        let mut known: HashMap<Box<str>, (i64, String, u32, Option<i64>)> = HashMap::new();
+        // address → (id, state, attempts, next attempt, line)
+        let mut known: HashMap<Box<str>, Known> = HashMap::new();
         {
             let mut rows = tx.prepare(
-                "SELECT id, address, state, attempts, next_attempt_at FROM recipients
+                "SELECT id, address, state, attempts, next_attempt_at, line FROM recipients
                  WHERE slot = ?1 AND address IS NOT NULL",
             )?;
             let mut rows = rows.query(params![slot])?;
             while let Some(row) = rows.next()? {
                 let address: String = row.get(1)?;
+                let state: String = row.get(2)?;
+                if state_of(&state).is_none() && state != IN_FLIGHT {
+                    anyhow::bail!(
+                        "the journal `{}` has a recipient in an unknown state `{state}`; it is damaged or from another version of mailer",
+                        self.path.display()
+                    );
+                }
                 known.insert(
                     address.into_boxed_str(),
-                    (row.get(0)?, row.get(2)?, row.get(3)?, row.get(4)?),
+                    (row.get(0)?, state, row.get(3)?, row.get(4)?, row.get(5)?),
                 );
+            }
+        }
+        {
+            // A recipient that moved in the list (changed inputs, accepted) is recorded at
+            // its new line.
+            let mut moved = tx.prepare("UPDATE recipients SET line = ?2 WHERE id = ?1")?;
+            for recipient in roster.recipients.iter().chain(roster.suppressed) {
+                if let Some((id, _, _, _, line)) = known.get(&*recipient.address.key)
+                    && u64::try_from(*line).ok() != Some(recipient.line)
+                {
+                    moved.execute(params![id, i64::try_from(recipient.line)?])?;
+                }
             }
         }
         let mut seen: HashSet<&str> = HashSet::with_capacity(roster.recipients.len());
@@ -528,7 +571,7 @@ impl Journal {
                         ])?;
                         settle(State::Invalid, &mut sync);
                     }
-                    (Some((id, state, attempts, next)), invalid) => {
+                    (Some((id, state, attempts, next, _)), invalid) => {
                         let waiting =
                             matches!(state.as_str(), "pending" | "deferred" | "suppressed");
                         if let (true, Some(why)) = (waiting, invalid) {
@@ -590,7 +633,9 @@ impl Journal {
                         ])?;
                         settle(State::Suppressed, &mut sync);
                     }
-                    Some((id, state, _, _)) if matches!(state.as_str(), "pending" | "deferred") => {
+                    Some((id, state, _, _, _))
+                        if matches!(state.as_str(), "pending" | "deferred") =>
+                    {
                         update.execute(params![
                             id,
                             "suppressed",
@@ -600,7 +645,7 @@ impl Journal {
                         ])?;
                         settle(State::Suppressed, &mut sync);
                     }
-                    Some((_, state, _, _)) => {
+                    Some((_, state, _, _, _)) => {
                         settle(state_of(state).unwrap_or(State::Ambiguous), &mut sync);
                     }
                 }
@@ -620,7 +665,7 @@ impl Journal {
                     settle(State::Invalid, &mut sync);
                 }
             }
-            for (address, (id, state, _, _)) in &known {
+            for (address, (id, state, _, _, _)) in &known {
                 if seen.contains(&**address) {
                     continue;
                 }
@@ -690,13 +735,794 @@ pub fn watch_halts(
     )?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     loop {
-        if let Some(halt) = active_halt(&conn)? {
-            on_halt(halt);
-            return Ok(());
+        match active_halt(&conn) {
+            Ok(Some(halt)) => {
+                on_halt(halt);
+                return Ok(());
+            }
+            Ok(None) => {}
+            // A busy or briefly unreadable journal: look again at the next tick.
+            Err(error) => {
+                tracing::warn!("cannot read the journal for a stop (trying again): {error}");
+            }
         }
         match done.recv_timeout(every) {
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             _ => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashSet};
+    use std::path::Path;
+    use std::time::{Duration, SystemTime};
+
+    use rusqlite::Connection;
+
+    use super::*;
+    use crate::dispatch::{Gate, Reply};
+    use crate::recipients::{RecipientList, parse_reader};
+    use crate::render::{Envelope, OutgoingMessage};
+
+    /// Any message: a gate already recorded does not look at it.
+    static MESSAGE: std::sync::LazyLock<OutgoingMessage> =
+        std::sync::LazyLock::new(|| OutgoingMessage {
+            line: 2,
+            envelope: Envelope {
+                mail_from: "ops@example.org".parse().unwrap(),
+                rcpt_to: "r@example.com".parse().unwrap(),
+            },
+            message_id: "x@example.org".to_owned(),
+            locale: "en".to_owned(),
+            bytes: b"x".to_vec(),
+        });
+
+    /// Ann (2), Bob (3), a bad row (4), Cat (5), Dan (6).
+    const CSV: &str = "email,name\nann@example.com,Ann\nbob@example.com,Bob\nnot-an-address,X\ncat@example.com,Cat\ndan@example.org,Dan\n";
+
+    fn list(csv: &str, suppressed: &[&str]) -> RecipientList {
+        let suppressed: HashSet<String> = suppressed.iter().map(|s| (*s).to_owned()).collect();
+        parse_reader(Path::new("r.csv"), csv.as_bytes(), &suppressed)
+    }
+
+    /// The list's bad rows, as `send` hands them to the journal.
+    fn invalid_of(list: &RecipientList) -> BTreeMap<u64, String> {
+        list.problems
+            .0
+            .iter()
+            .filter_map(|p| p.line.map(|line| (line, p.message.clone())))
+            .collect()
+    }
+
+    fn now() -> i64 {
+        millis(SystemTime::now())
+    }
+
+    /// A fresh journal of campaign `c` whose slot `""` has frozen inputs.
+    fn journal(durability: Durability) -> (tempfile::TempDir, Journal) {
+        let dir = tempfile::tempdir().unwrap();
+        let journal =
+            Journal::open(&dir.path().join("state/c.journal"), "c", true, durability).unwrap();
+        journal
+            .freeze_inputs("", "fp", &BTreeMap::new(), None)
+            .unwrap();
+        (dir, journal)
+    }
+
+    fn sync_with(
+        journal: &mut Journal,
+        list: &RecipientList,
+        invalid: &BTreeMap<u64, String>,
+        retry_ambiguous: bool,
+    ) -> Sync {
+        let roster = Roster {
+            recipients: &list.recipients,
+            suppressed: &list.suppressed,
+            invalid,
+        };
+        journal.sync("", &roster, retry_ambiguous, now()).unwrap()
+    }
+
+    fn sync(journal: &mut Journal, list: &RecipientList) -> Sync {
+        sync_with(journal, list, &invalid_of(list), false)
+    }
+
+    /// (line, address, state, attempts, reply text)
+    type RowSummary = (u64, Option<String>, String, u32, Option<String>);
+
+    /// Every row of slot `""`, in CSV order.
+    fn rows(journal: &Journal) -> Vec<RowSummary> {
+        let mut rows = Vec::new();
+        journal
+            .rows("", |r| {
+                rows.push((r.line, r.address, r.state, r.attempts, r.reply_text));
+                Ok(())
+            })
+            .unwrap();
+        rows
+    }
+
+    fn state_of_line(journal: &Journal, line: u64) -> String {
+        let found: Vec<String> = rows(journal)
+            .into_iter()
+            .filter(|r| r.0 == line)
+            .map(|r| r.2)
+            .collect();
+        assert_eq!(found.len(), 1, "line {line}: {:?}", rows(journal));
+        found[0].clone()
+    }
+
+    fn due_lines(sync: &Sync) -> Vec<u64> {
+        let mut lines: Vec<u64> = sync.due.keys().copied().collect();
+        lines.sort_unstable();
+        lines
+    }
+
+    fn settled(pairs: &[(State, usize)]) -> BTreeMap<State, usize> {
+        pairs.iter().copied().collect()
+    }
+
+    fn events(path: &Path, kind: &str) -> Vec<(String, String)> {
+        let conn = Connection::open(path).unwrap();
+        let mut statement = conn
+            .prepare("SELECT slot, detail FROM events WHERE kind = ?1 ORDER BY id")
+            .unwrap();
+        statement
+            .query_map([kind], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// Runs a writer over `journal` while `record` uses its recorder, and waits for the
+    /// gates it returns and for the writer to finish.
+    async fn record(
+        journal: &Journal,
+        durability: Durability,
+        record: impl FnOnce(&Recorder) -> Vec<Gate>,
+    ) {
+        let (writer, recorder) = Writer::start(journal, durability).unwrap();
+        let gates = record(&recorder);
+        drop(recorder);
+        let passed = async {
+            for mut gate in gates {
+                gate.pass(&MESSAGE).await.unwrap();
+            }
+        };
+        let (ran, ()) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(writer.run(), passed)
+        })
+        .await
+        .expect("the writer finishes");
+        ran.unwrap();
+    }
+
+    fn reply(code: u16) -> Reply {
+        Reply {
+            code,
+            enhanced: Some(format!("{}.0.0", code / 100)),
+            text: "ok".to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_fresh_sync_lists_everyone_pending_suppressed_or_invalid_and_the_counts_add_up() {
+        let (_dir, mut journal) = journal(Durability::Relaxed);
+        let list = list(CSV, &["dan@example.org"]);
+        let mut invalid = invalid_of(&list);
+        assert_eq!(invalid.keys().copied().collect::<Vec<_>>(), [4]);
+        // A listed row whose message cannot be made: invalid, with its address.
+        invalid.insert(5, "the template cannot be rendered".to_owned());
+        let found = sync_with(&mut journal, &list, &invalid, false);
+
+        assert_eq!(due_lines(&found), [2, 3]);
+        assert!(found.due.values().all(|e| e.attempts == 0));
+        assert_ne!(found.due[&2].id, found.due[&3].id);
+        assert_eq!(
+            found.settled,
+            settled(&[(State::Suppressed, 1), (State::Invalid, 2)])
+        );
+        assert!(found.recovered.is_empty());
+        assert_eq!((found.retried_ambiguous, found.next_due), (0, None));
+
+        let rows = rows(&journal);
+        let summary: Vec<(u64, Option<&str>, &str)> = rows
+            .iter()
+            .map(|r| (r.0, r.1.as_deref(), r.2.as_str()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (2, Some("ann@example.com"), "pending"),
+                (3, Some("bob@example.com"), "pending"),
+                (4, None, "invalid"),
+                (5, Some("cat@example.com"), "invalid"),
+                (6, Some("dan@example.org"), "suppressed"),
+            ]
+        );
+        let texts: Vec<Option<&str>> = rows.iter().map(|r| r.4.as_deref()).collect();
+        assert!(
+            texts[2].is_some_and(|t| t.contains("is not a valid address")),
+            "{texts:?}"
+        );
+        assert_eq!(texts[3], Some("the template cannot be rendered"));
+        assert_eq!(texts[4], Some("on a suppression list"));
+
+        // The due entries point at the rows of their lines.
+        let address_of = |id: i64| -> String {
+            journal
+                .conn
+                .query_row("SELECT address FROM recipients WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
+                .unwrap()
+        };
+        assert_eq!(address_of(found.due[&2].id), "ann@example.com");
+        assert_eq!(address_of(found.due[&3].id), "bob@example.com");
+
+        let counts = journal.counts("").unwrap();
+        assert_eq!(counts["pending"], 2);
+        assert_eq!(counts["suppressed"], 1);
+        assert_eq!(counts["invalid"], 2);
+        assert_eq!(counts[IN_FLIGHT], 0);
+        assert_eq!(counts["sent"], 0);
+        let total = found.due.len() + found.settled.values().sum::<usize>();
+        assert_eq!(total, 5);
+        assert_eq!(counts.values().sum::<u64>(), 5);
+        assert_eq!(journal.status("c", "").unwrap().total, 5);
+
+        // Again with the same list: the same rows, the same ids, nothing doubled.
+        let again = sync_with(&mut journal, &list, &invalid, false);
+        assert_eq!(again.due, found.due);
+        assert_eq!(again.settled, found.settled);
+        assert_eq!(journal.counts("").unwrap(), counts);
+    }
+
+    #[test]
+    fn slots_are_kept_apart() {
+        let (_dir, mut journal) = journal(Durability::Relaxed);
+        let list = list(CSV, &[]);
+        let invalid = invalid_of(&list);
+        sync(&mut journal, &list);
+        let roster = Roster {
+            recipients: &list.recipients,
+            suppressed: &list.suppressed,
+            invalid: &invalid,
+        };
+        let other = journal
+            .sync("2030-01-01T00:00:00Z", &roster, false, now())
+            .unwrap();
+        assert_eq!(due_lines(&other), [2, 3, 5, 6]);
+        assert_eq!(journal.counts("").unwrap()["pending"], 4);
+        assert_eq!(
+            journal.counts("2030-01-01T00:00:00Z").unwrap()["pending"],
+            4
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn rows_left_in_flight_become_ambiguous_and_are_retried_only_when_asked() {
+        let (dir, mut journal) = journal(Durability::Relaxed);
+        let list = list("email\nann@example.com\nbob@example.com\n", &[]);
+        let first = sync(&mut journal, &list);
+        let (ann, bob) = (first.due[&2], first.due[&3]);
+        // The run dies after ann's record is durable, before any outcome.
+        record(&journal, Durability::Relaxed, |r| {
+            vec![r.in_flight(ann.id, "en", "<1@x>", b"body")]
+        })
+        .await;
+        assert_eq!(state_of_line(&journal, 2), IN_FLIGHT);
+
+        let next = sync(&mut journal, &list);
+        assert_eq!(next.recovered, [(2, "ann@example.com".to_owned())]);
+        assert_eq!(due_lines(&next), [3]);
+        assert_eq!(next.settled, settled(&[(State::Ambiguous, 1)]));
+        assert_eq!(next.retried_ambiguous, 0);
+        let ann_row = rows(&journal).remove(0);
+        assert_eq!((ann_row.2.as_str(), ann_row.3), ("ambiguous", 1));
+        assert!(
+            ann_row.4.is_some_and(|t| t.starts_with("outcome unknown")),
+            "the reason is recorded"
+        );
+        let recovered = events(&journal.path, "recovered");
+        assert_eq!(recovered.len(), 1);
+        assert!(
+            recovered[0].1.contains("line 2 <ann@example.com>"),
+            "{recovered:?}"
+        );
+
+        // Once recovered, it is not recovered again, and stays unsent.
+        let calm = sync(&mut journal, &list);
+        assert!(calm.recovered.is_empty());
+        assert_eq!(due_lines(&calm), [3]);
+        assert_eq!(events(&journal.path, "recovered").len(), 1);
+
+        // Bob dies in flight too; this time ambiguous ones are retried.
+        record(&journal, Durability::Full, |r| {
+            vec![r.in_flight(bob.id, "en", "<2@x>", b"body")]
+        })
+        .await;
+        let retried = sync_with(&mut journal, &list, &BTreeMap::new(), true);
+        assert_eq!(retried.recovered, [(3, "bob@example.com".to_owned())]);
+        assert_eq!(retried.retried_ambiguous, 2);
+        assert_eq!(due_lines(&retried), [2, 3]);
+        assert_eq!(
+            retried.due[&2],
+            Entry {
+                id: ann.id,
+                attempts: 1
+            }
+        );
+        assert_eq!(
+            retried.due[&3],
+            Entry {
+                id: bob.id,
+                attempts: 1
+            }
+        );
+        assert!(retried.settled.is_empty(), "{:?}", retried.settled);
+        assert_eq!(journal.counts("").unwrap()["pending"], 2);
+        drop(dir);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn outcomes_decide_who_is_due_next_time() {
+        let (_dir, mut journal) = journal(Durability::Relaxed);
+        let list = list(
+            "email\nann@example.com\nbob@example.com\ncat@example.com\ndan@example.com\n",
+            &[],
+        );
+        let first = sync(&mut journal, &list);
+        assert_eq!(due_lines(&first), [2, 3, 4, 5]);
+        let id = |line: u64| first.due[&line].id;
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        let earlier = SystemTime::now() - Duration::from_secs(1);
+        record(&journal, Durability::Relaxed, |r| {
+            let gates = (2..=5)
+                .map(|line| r.in_flight(id(line), "en", &format!("<{line}@x>"), b"body"))
+                .collect();
+            r.outcome(
+                id(2),
+                State::Sent,
+                1,
+                Some(reply(250)),
+                "250 ok".to_owned(),
+                None,
+            );
+            r.outcome(
+                id(3),
+                State::Deferred,
+                1,
+                Some(reply(451)),
+                "451 later".to_owned(),
+                Some(later),
+            );
+            r.outcome(
+                id(4),
+                State::Deferred,
+                2,
+                Some(reply(421)),
+                "421 busy".to_owned(),
+                Some(earlier),
+            );
+            r.requeued(id(5));
+            gates
+        })
+        .await;
+        let states: Vec<(u64, String, u32)> = rows(&journal)
+            .into_iter()
+            .map(|r| (r.0, r.2, r.3))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                (2, "sent".to_owned(), 1),
+                (3, "deferred".to_owned(), 1),
+                (4, "deferred".to_owned(), 2),
+                (5, "pending".to_owned(), 0),
+            ]
+        );
+
+        let next = sync(&mut journal, &list);
+        assert_eq!(due_lines(&next), [4, 5]);
+        assert_eq!(
+            next.due[&4],
+            Entry {
+                id: id(4),
+                attempts: 2
+            }
+        );
+        assert_eq!(
+            next.due[&5],
+            Entry {
+                id: id(5),
+                attempts: 0
+            }
+        );
+        assert_eq!(
+            next.settled,
+            settled(&[(State::Sent, 1), (State::Deferred, 1)])
+        );
+        assert_eq!(next.next_due, Some(millis(later)));
+        assert!(next.recovered.is_empty());
+
+        // Requeuing touches only rows in flight: a sent row stays sent.
+        record(&journal, Durability::Relaxed, |r| {
+            r.requeued(id(2));
+            vec![]
+        })
+        .await;
+        assert_eq!(state_of_line(&journal, 2), "sent");
+
+        // The attempts count towards the pacing of the next run, per domain.
+        let (latest, domains) = journal.recent_attempts(now() - 60_000).unwrap();
+        assert!(latest.is_some_and(|at| at <= now()));
+        assert_eq!(
+            domains.iter().map(|(d, _)| d.as_str()).collect::<Vec<_>>(),
+            ["example.com"]
+        );
+        assert_eq!(
+            journal.recent_attempts(now() + 60_000).unwrap(),
+            (None, vec![])
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn next_due_is_the_earliest_deferral_whatever_the_order() {
+        let (_dir, mut journal) = journal(Durability::Relaxed);
+        let list = list(
+            "email\nann@example.com\nbob@example.com\ncat@example.com\n",
+            &[],
+        );
+        let first = sync(&mut journal, &list);
+        let base = SystemTime::now() + Duration::from_secs(3600);
+        let offsets = [(2, 300), (3, 100), (4, 200)];
+        record(&journal, Durability::Relaxed, |r| {
+            for (line, secs) in offsets {
+                r.outcome(
+                    first.due[&line].id,
+                    State::Deferred,
+                    1,
+                    Some(reply(451)),
+                    "451".to_owned(),
+                    Some(base + Duration::from_secs(secs)),
+                );
+            }
+            vec![]
+        })
+        .await;
+        let next = sync(&mut journal, &list);
+        assert!(next.due.is_empty());
+        assert_eq!(next.next_due, Some(millis(base + Duration::from_secs(100))));
+        assert_eq!(next.settled, settled(&[(State::Deferred, 3)]));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_recipient_taken_off_the_list_is_suppressed_unless_already_sent() {
+        let (_dir, mut journal) = journal(Durability::Relaxed);
+        let all = list(
+            "email\nann@example.com\nbob@example.com\ncat@example.com\n",
+            &[],
+        );
+        let first = sync(&mut journal, &all);
+        record(&journal, Durability::Relaxed, |r| {
+            r.outcome(
+                first.due[&3].id,
+                State::Sent,
+                1,
+                Some(reply(250)),
+                "250".to_owned(),
+                None,
+            );
+            vec![]
+        })
+        .await;
+
+        let only_cat = list("email\ncat@example.com\n", &[]);
+        let next = sync(&mut journal, &only_cat);
+        assert_eq!(due_lines(&next), [2]);
+        assert_eq!(next.due[&2].id, first.due[&4].id, "cat moved to line 2");
+        assert_eq!(
+            next.settled,
+            settled(&[(State::Sent, 1), (State::Suppressed, 1)])
+        );
+        let by_address: BTreeMap<String, (String, Option<String>)> = rows(&journal)
+            .into_iter()
+            .map(|r| (r.1.unwrap(), (r.2, r.4)))
+            .collect();
+        assert_eq!(
+            by_address["ann@example.com"],
+            (
+                "suppressed".to_owned(),
+                Some("no longer in the recipient list".to_owned())
+            )
+        );
+        assert_eq!(by_address["bob@example.com"].0, "sent");
+        assert_eq!(by_address["cat@example.com"].0, "pending");
+
+        // Put back on the list, the waiting one is due again; the sent one is not.
+        let back = sync(&mut journal, &all);
+        assert_eq!(due_lines(&back), [2, 4]);
+        assert_eq!(back.due[&2].id, first.due[&2].id);
+        assert_eq!(back.settled, settled(&[(State::Sent, 1)]));
+        assert_eq!(state_of_line(&journal, 2), "pending");
+        assert_eq!(journal.counts("").unwrap()["suppressed"], 0);
+    }
+
+    #[test]
+    fn a_suppression_applies_to_waiting_recipients_only_and_a_later_invalid_row_is_recorded() {
+        let (_dir, mut journal) = journal(Durability::Relaxed);
+        let plain = list("email\nann@example.com\nbob@example.com\n", &[]);
+        sync(&mut journal, &plain);
+        let suppressed = list(
+            "email\nann@example.com\nbob@example.com\n",
+            &["ann@example.com"],
+        );
+        let next = sync(&mut journal, &suppressed);
+        assert_eq!(due_lines(&next), [3]);
+        assert_eq!(next.settled, settled(&[(State::Suppressed, 1)]));
+        assert_eq!(state_of_line(&journal, 2), "suppressed");
+
+        let mut invalid = BTreeMap::new();
+        invalid.insert(3, "cannot render".to_owned());
+        let later = sync_with(&mut journal, &suppressed, &invalid, false);
+        assert!(later.due.is_empty());
+        assert_eq!(
+            later.settled,
+            settled(&[(State::Suppressed, 1), (State::Invalid, 1)])
+        );
+        assert_eq!(state_of_line(&journal, 3), "invalid");
+        // Fixed, it is due again.
+        let fixed = sync(&mut journal, &plain);
+        assert_eq!(due_lines(&fixed), [2, 3]);
+    }
+
+    #[test]
+    fn frozen_inputs_round_trip_and_an_accepted_change_is_recorded() {
+        let (dir, journal) = journal(Durability::Relaxed);
+        assert_eq!(journal.frozen_inputs("").unwrap(), Some(BTreeMap::new()));
+        assert_eq!(journal.frozen_inputs("2030-01-01T00:00:00Z").unwrap(), None);
+        let inputs: BTreeMap<String, String> = [("campaign", "aa"), ("recipients", "bb")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        journal.freeze_inputs("s", "fp1", &inputs, None).unwrap();
+        assert_eq!(journal.frozen_inputs("s").unwrap(), Some(inputs.clone()));
+        assert!(events(&journal.path, "inputs-accepted").is_empty());
+
+        let mut changed = inputs.clone();
+        changed.insert("recipients".to_owned(), "cc".to_owned());
+        journal
+            .freeze_inputs("s", "fp2", &changed, Some("recipients"))
+            .unwrap();
+        assert_eq!(journal.frozen_inputs("s").unwrap(), Some(changed));
+        let accepted = events(&journal.path, "inputs-accepted");
+        assert_eq!(accepted.len(), 1, "{accepted:?}");
+        assert_eq!(accepted[0].0, "s");
+        assert!(
+            accepted[0].1.contains("recipients") && accepted[0].1.contains("fp2"),
+            "{accepted:?}"
+        );
+        let fingerprint: String = journal
+            .conn
+            .query_row("SELECT fingerprint FROM runs WHERE slot = 's'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(fingerprint, "fp2");
+        drop(dir);
+    }
+
+    #[test]
+    fn a_second_halt_keeps_the_first_and_clearing_gives_it_back() {
+        let (_dir, journal) = journal(Durability::Relaxed);
+        assert_eq!(journal.active_halt().unwrap(), None);
+        assert_eq!(journal.clear_halt("me").unwrap(), None);
+        assert!(events(&journal.path, "resumed").is_empty());
+
+        journal.halt("", "mailer stop", "first").unwrap();
+        journal.halt("", "breaker", "second").unwrap();
+        let halt = journal.active_halt().unwrap().unwrap();
+        assert_eq!(
+            (halt.by.as_str(), halt.reason.as_str()),
+            ("mailer stop", "first")
+        );
+        assert_eq!(events(&journal.path, "halted").len(), 1);
+        assert_eq!(
+            journal.status("c", "").unwrap().halt.map(|h| h.reason),
+            Some("first".to_owned())
+        );
+
+        assert_eq!(journal.clear_halt("me").unwrap(), Some(halt));
+        assert_eq!(journal.active_halt().unwrap(), None);
+        assert_eq!(journal.clear_halt("me").unwrap(), None);
+        assert_eq!(events(&journal.path, "resumed").len(), 1);
+
+        // A new halt is recorded after the old one was cleared.
+        journal.halt("", "breaker", "third").unwrap();
+        assert_eq!(journal.active_halt().unwrap().unwrap().reason, "third");
+    }
+
+    #[test]
+    fn watch_halts_sees_a_halt_recorded_by_another_connection() {
+        let (_dir, journal) = journal(Durability::Relaxed);
+        let (_done, waiting) = std::sync::mpsc::channel::<()>();
+        let path = journal.path().to_owned();
+        let seen = std::thread::scope(|scope| {
+            let path = &path;
+            let watcher = scope.spawn(move || {
+                let mut seen = None;
+                watch_halts(path, Duration::from_millis(10), &waiting, |h| {
+                    seen = Some(h);
+                })
+                .unwrap();
+                seen
+            });
+            std::thread::sleep(Duration::from_millis(30));
+            journal.halt("", "mailer stop", "enough").unwrap();
+            watcher.join().unwrap()
+        });
+        assert_eq!(seen.map(|h| h.reason), Some("enough".to_owned()));
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_journal_is_refused_and_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, garbage) in [
+            ("short", b"hello".to_vec()),
+            ("long", b"not a database\n".repeat(400)),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, &garbage).unwrap();
+            let error = Journal::open(&path, "c", true, Durability::Full)
+                .err()
+                .unwrap();
+            let text = format!("{error:#}");
+            assert!(
+                text.contains("damaged or not a mailer journal"),
+                "{name}: {text}"
+            );
+            assert_eq!(std::fs::read(&path).unwrap(), garbage, "{name}");
+        }
+
+        // Another program's SQLite databases: empty but tagged, and with tables.
+        let path = dir.path().join("tagged.db");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "application_id", 42)
+            .unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let error = Journal::open(&path, "c", true, Durability::Full)
+            .err()
+            .unwrap();
+        assert!(
+            format!("{error:#}").contains("another program"),
+            "{error:#}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        let path = dir.path().join("other.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let error = Journal::open(&path, "c", true, Durability::Full)
+            .err()
+            .unwrap();
+        let text = format!("{error:#}");
+        assert!(
+            text.contains("damaged or not a mailer journal") && text.contains("another program"),
+            "{text}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        let tables: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(tables, 1);
+    }
+
+    #[test]
+    fn a_journal_opens_only_as_its_own_campaign() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.journal");
+        drop(Journal::open(&path, "a", true, Durability::Full).unwrap());
+        let error = Journal::open(&path, "b", true, Durability::Full)
+            .err()
+            .unwrap();
+        let text = format!("{error:#}");
+        assert!(text.contains("belongs to campaign `a`, not `b`"), "{text}");
+        Journal::open(&path, "a", false, Durability::Full).unwrap();
+    }
+
+    #[test]
+    fn a_missing_journal_is_created_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("deep/er/c.journal");
+        let error = Journal::open(&path, "c", false, Durability::Full)
+            .err()
+            .unwrap();
+        assert!(format!("{error:#}").contains("no journal at"), "{error:#}");
+        assert!(!path.exists());
+        let journal = Journal::open(&path, "c", true, Durability::Full).unwrap();
+        assert_eq!(journal.path(), path);
+        assert!(path.exists());
+    }
+
+    #[test]
+    fn an_empty_file_becomes_a_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.journal");
+        std::fs::write(&path, b"").unwrap();
+        let journal = Journal::open(&path, "c", false, Durability::Full).unwrap();
+        let application_id: i64 = journal
+            .conn
+            .pragma_query_value(None, "application_id", |r| r.get(0))
+            .unwrap();
+        assert_eq!(application_id, APPLICATION_ID);
+        let mode: String = journal
+            .conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        drop(journal);
+        // And it stays one.
+        Journal::open(&path, "c", false, Durability::Relaxed).unwrap();
+    }
+
+    #[test]
+    fn a_journal_of_another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.journal");
+        drop(Journal::open(&path, "c", true, Durability::Full).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 2)
+            .unwrap();
+        let error = Journal::open(&path, "c", false, Durability::Full)
+            .err()
+            .unwrap();
+        assert!(format!("{error:#}").contains("has format 2"), "{error:#}");
+    }
+
+    #[test]
+    fn the_place_is_beside_the_campaign_unless_a_state_folder_is_given() {
+        let place = Place::new(Path::new("/x/y/campaign.toml"), None, "c1");
+        assert_eq!(place.journal, Path::new("/x/y/mailer-state/c1.journal"));
+        assert_eq!(place.lock, Path::new("/x/y/mailer-state/c1.lock"));
+        let place = Place::new(Path::new("campaign.toml"), Some(Path::new("/s")), "c1");
+        assert_eq!(place.journal, Path::new("/s/c1.journal"));
+        assert_eq!(millis(UNIX_EPOCH + Duration::from_millis(1234)), 1234);
+        assert_eq!(millis(UNIX_EPOCH - Duration::from_secs(1)), 0);
+    }
+
+    /// A recipient whose row moved in the CSV keeps its old line in the journal while it is
+    /// waiting: `due` says line 4, the journal (and so `mailer report`, and a later
+    /// "recovered" message) still says line 2, which is now another row's line.
+    #[test]
+    fn a_waiting_recipient_that_moved_in_the_list_is_recorded_at_its_new_line() {
+        let (_dir, mut journal) = journal(Durability::Relaxed);
+        sync(
+            &mut journal,
+            &list("email\nann@example.com\nbob@example.com\n", &[]),
+        );
+        let moved = list(
+            "email\nnot an address\nbob@example.com\nann@example.com\n",
+            &[],
+        );
+        let found = sync(&mut journal, &moved);
+        assert_eq!(due_lines(&found), [3, 4]);
+        let lines: Vec<(u64, Option<String>)> =
+            rows(&journal).into_iter().map(|r| (r.0, r.1)).collect();
+        assert_eq!(
+            lines,
+            [
+                (2, None),
+                (3, Some("bob@example.com".to_owned())),
+                (4, Some("ann@example.com".to_owned())),
+            ]
+        );
     }
 }

@@ -264,3 +264,196 @@ impl Journal {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashSet};
+    use std::path::Path;
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::dispatch::Reply;
+    use crate::journal::{Durability, Roster, Sync, Writer, millis};
+    use crate::render::{Envelope, OutgoingMessage};
+
+    /// Any message: a gate already recorded does not look at it.
+    static MESSAGE: std::sync::LazyLock<OutgoingMessage> =
+        std::sync::LazyLock::new(|| OutgoingMessage {
+            line: 2,
+            envelope: Envelope {
+                mail_from: "ops@example.org".parse().unwrap(),
+                rcpt_to: "r@example.com".parse().unwrap(),
+            },
+            message_id: "x@example.org".to_owned(),
+            locale: "en".to_owned(),
+            bytes: b"x".to_vec(),
+        });
+
+    const CSV: &str = "email\nann@example.com\nbob@example.com\ncat@example.org\n";
+
+    fn journal() -> (tempfile::TempDir, Journal) {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(
+            &dir.path().join("c.journal"),
+            "c",
+            true,
+            Durability::Relaxed,
+        )
+        .unwrap();
+        (dir, journal)
+    }
+
+    fn sync(journal: &mut Journal) -> Sync {
+        let list =
+            crate::recipients::parse_reader(Path::new("r.csv"), CSV.as_bytes(), &HashSet::new());
+        let roster = Roster {
+            recipients: &list.recipients,
+            suppressed: &list.suppressed,
+            invalid: &BTreeMap::new(),
+        };
+        journal
+            .sync("", &roster, false, millis(SystemTime::now()))
+            .unwrap()
+    }
+
+    /// Records `state` for every due recipient of `sync` (after its `in_flight`).
+    async fn settle(journal: &Journal, sync: &Sync, state: State, next: Option<SystemTime>) {
+        let (writer, recorder) = Writer::start(journal, Durability::Relaxed).unwrap();
+        let mut gates = Vec::new();
+        for entry in sync.due.values() {
+            gates.push(recorder.in_flight(entry.id, "en", "<m@x>", b"x"));
+            let reply = Reply {
+                code: if state == State::Sent { 250 } else { 451 },
+                enhanced: None,
+                text: String::new(),
+            };
+            recorder.outcome(entry.id, state, 1, Some(reply), "reply".to_owned(), next);
+        }
+        drop(recorder);
+        let passed = async {
+            for gate in &mut gates {
+                gate.pass(&MESSAGE).await.unwrap();
+            }
+        };
+        let (ran, ()) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(writer.run(), passed)
+        })
+        .await
+        .expect("the writer finishes");
+        ran.unwrap();
+    }
+
+    #[test]
+    fn times_are_rfc3339_utc_to_the_millisecond() {
+        assert_eq!(time(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(time(1_234), "1970-01-01T00:00:01.234Z");
+        assert_eq!(time(i64::MAX), i64::MAX.to_string());
+    }
+
+    #[test]
+    fn the_latest_slot_is_the_last_one_frozen() {
+        let (_dir, journal) = journal();
+        assert_eq!(journal.latest_slot().unwrap(), None);
+        journal
+            .freeze_inputs("2030-01-01T00:00:00Z", "fp", &BTreeMap::new(), None)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        journal
+            .freeze_inputs("2030-01-02T00:00:00Z", "fp", &BTreeMap::new(), None)
+            .unwrap();
+        assert_eq!(
+            journal.latest_slot().unwrap().as_deref(),
+            Some("2030-01-02T00:00:00Z")
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn status_is_complete_only_once_listed_and_all_sent() {
+        let (_dir, mut journal) = journal();
+        journal
+            .freeze_inputs("", "fp", &BTreeMap::new(), None)
+            .unwrap();
+        let before = journal.status("c", "").unwrap();
+        assert!(!before.listed && !before.complete, "{before:?}");
+        assert_eq!(before.total, 0);
+        assert_eq!(before.slot, None);
+        assert!(before.counts.values().all(|n| *n == 0));
+        assert!(before.counts.contains_key(IN_FLIGHT) && before.counts.contains_key("sent"));
+        assert_eq!(before.counts.len(), State::ALL.len() + 1);
+
+        let first = sync(&mut journal);
+        let listed = journal.status("c", "").unwrap();
+        assert!(listed.listed && !listed.complete, "{listed:?}");
+        assert_eq!((listed.total, listed.counts["pending"]), (3, 3));
+        assert_eq!(listed.first_attempt_at, None);
+        assert_eq!((listed.rate_per_second, listed.eta_seconds), (None, None));
+
+        settle(&journal, &first, State::Sent, None).await;
+        let again = sync(&mut journal);
+        assert!(again.due.is_empty());
+        let done = journal.status("c", "").unwrap();
+        assert!(done.listed && done.complete, "{done:?}");
+        assert_eq!((done.total, done.counts["sent"]), (3, 3));
+        assert!(done.first_attempt_at.is_some() && done.last_attempt_at.is_some());
+        assert!(done.rate_per_second.is_some_and(|r| r > 0.0));
+        assert_eq!(done.eta_seconds, None);
+        assert_eq!(done.replies.len(), 1);
+        assert_eq!((done.replies[0].code, done.replies[0].count), (250, 3));
+        let domains: Vec<(&str, u64)> = done
+            .domains
+            .iter()
+            .map(|d| (d.domain.as_str(), d.total))
+            .collect();
+        assert_eq!(domains, [("example.com", 2), ("example.org", 1)]);
+        assert_eq!(done.domains[0].counts["sent"], 2);
+        assert!(done.halt.is_none());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn deferred_recipients_keep_the_status_incomplete_with_a_next_retry() {
+        let (_dir, mut journal) = journal();
+        journal
+            .freeze_inputs("", "fp", &BTreeMap::new(), None)
+            .unwrap();
+        let first = sync(&mut journal);
+        let next = SystemTime::now() + Duration::from_secs(600);
+        settle(&journal, &first, State::Deferred, Some(next)).await;
+        let status = journal.status("c", "").unwrap();
+        assert!(status.listed && !status.complete, "{status:?}");
+        assert_eq!(status.counts["deferred"], 3);
+        assert_eq!(status.next_retry_at, Some(time(millis(next))));
+        assert!(status.eta_seconds.is_some_and(|s| s > 0), "{status:?}");
+    }
+
+    #[test]
+    fn rows_come_in_csv_order_with_their_details() {
+        let (_dir, mut journal) = journal();
+        journal
+            .freeze_inputs("", "fp", &BTreeMap::new(), None)
+            .unwrap();
+        sync(&mut journal);
+        let mut seen = Vec::new();
+        journal
+            .rows("", |row| {
+                seen.push((row.line, row.address.unwrap_or_default(), row.state));
+                Ok(())
+            })
+            .unwrap();
+        let expected: Vec<(u64, String, String)> = [
+            (2, "ann@example.com"),
+            (3, "bob@example.com"),
+            (4, "cat@example.org"),
+        ]
+        .into_iter()
+        .map(|(l, a)| (l, a.to_owned(), "pending".to_owned()))
+        .collect();
+        assert_eq!(seen, expected);
+        // An error from the callback stops the walk and comes back.
+        let mut calls = 0;
+        let stopped = journal.rows("", |_| {
+            calls += 1;
+            anyhow::bail!("enough")
+        });
+        assert_eq!((calls, stopped.is_err()), (1, true));
+    }
+}

@@ -51,12 +51,16 @@ enum Change {
     },
     /// Not sent after all (the relay failed before the message): back to `pending`.
     Requeued { id: i64, at: i64 },
+    /// A breaker tripped: recorded at once, so it holds even if the run dies before its end.
+    Halt { slot: String, reason: String },
 }
 
 /// The sending side, for the scheduler and workers. Cheap to clone.
 #[derive(Clone)]
 pub struct Recorder {
     changes: mpsc::UnboundedSender<Change>,
+    /// The schedule slot of the run, for the halts it records.
+    slot: std::sync::Arc<str>,
 }
 
 /// The writer; [`Writer::run`] is its task.
@@ -64,7 +68,7 @@ pub struct Writer {
     conn: Connection,
     changes: mpsc::UnboundedReceiver<Change>,
     /// The journal's write-ahead log, synced by the flusher thread (full durability only).
-    wal: Option<std::fs::File>,
+    wal: Option<std::sync::Arc<std::fs::File>>,
 }
 
 /// A gate waiting for the commit numbered `.0` to be on disk.
@@ -80,7 +84,7 @@ impl Writer {
             Durability::Full => {
                 let mut name = journal.path().as_os_str().to_owned();
                 name.push("-wal");
-                Some(
+                Some(std::sync::Arc::new(
                     std::fs::OpenOptions::new()
                         .read(true)
                         .write(true)
@@ -91,7 +95,7 @@ impl Writer {
                                 name.display()
                             )
                         })?,
-                )
+                ))
             }
             Durability::Relaxed => None,
         };
@@ -102,7 +106,10 @@ impl Writer {
                 changes: received,
                 wal,
             },
-            Recorder { changes },
+            Recorder {
+                changes,
+                slot: "".into(),
+            },
         ))
     }
 
@@ -110,20 +117,26 @@ impl Writer {
     /// (and, for full durability, synced). On an error it refuses every waiting `in_flight`
     /// record and stops, so no message goes out without its record.
     pub async fn run(mut self) -> anyhow::Result<()> {
-        let (flush, flushed, flusher) = match self.wal.take() {
+        let (flush, flushed, flusher) = match &self.wal {
             Some(wal) => {
-                let (flush, flushed, flusher) = start_flusher(wal)?;
+                let (flush, flushed, flusher) = start_flusher(std::sync::Arc::clone(wal))?;
                 (Some(flush), Some(flushed), Some(flusher))
             }
             None => (None, None, None),
         };
         let result = self.commit_all(flush.as_ref(), flushed).await;
         drop(flush);
-        // They end as soon as their channel closes (after their last sync, if any).
-        for flusher in flusher.into_iter().flatten() {
+        // It ends as soon as its channel closes.
+        if let Some(flusher) = flusher {
             let _ = flusher.join();
         }
-        result
+        result?;
+        // The last outcomes go to disk too, however the run ended.
+        if let Some(wal) = &self.wal {
+            wal.sync_data()
+                .map_err(|e| anyhow::anyhow!("cannot sync the journal to disk: {e}"))?;
+        }
+        Ok(())
     }
 
     async fn commit_all(
@@ -146,10 +159,6 @@ impl Writer {
                 taken = self.changes.recv_many(&mut group, MAX_GROUP), if open => {
                     if taken == 0 {
                         open = false;
-                        // The last outcomes go to disk too, however the run ended.
-                        if let Some(flush) = flush {
-                            let _ = flush.send(commits);
-                        }
                         continue;
                     }
                     let applied = apply(&self.conn, &group).map_err(|e| e.to_string());
@@ -163,9 +172,17 @@ impl Writer {
                         }
                         anyhow::bail!("cannot write to the journal: {error}");
                     }
+                    let stray = applied.unwrap_or_default();
                     let mut gates = false;
                     for change in group.drain(..) {
-                        if let Change::InFlight { done, .. } = change {
+                        if let Change::InFlight { id, done, .. } = change {
+                            if stray.contains(&id) {
+                                // Not a recipient waiting to be sent: never let it go.
+                                let _ = done.send(Err(format!(
+                                    "journal row {id} is not a recipient waiting to be sent"
+                                )));
+                                continue;
+                            }
                             gates = true;
                             match flush {
                                 Some(_) => waiting.push_back((commits, done)),
@@ -229,55 +246,35 @@ fn refuse(
     }
 }
 
-/// Flusher threads: each syncs the write-ahead log whenever asked, once for however many
-/// commits asked meanwhile, and says up to which commit the log is on disk. The fsyncs run
-/// while the runtime goes on committing and sending. There are [`FLUSHERS`] of them, so a
-/// commit that lands while one fsync is under way does not wait for it to end before its own
-/// starts (the kernel merges fsyncs that overlap).
-const FLUSHERS: usize = 3;
-
-#[allow(clippy::type_complexity)]
+/// The flusher: a thread that syncs the write-ahead log whenever asked, once for however many
+/// commits asked meanwhile, and says up to which commit the log is on disk. The fsync runs
+/// while the runtime goes on committing and sending. One thread, so that a failed fsync (which
+/// the kernel reports to one caller only) can never be followed by a success that covers it.
+#[allow(clippy::type_complexity)] // the three ends of one mechanism, used together once
 fn start_flusher(
-    wal: std::fs::File,
+    wal: std::sync::Arc<std::fs::File>,
 ) -> anyhow::Result<(
     std::sync::mpsc::Sender<u64>,
     mpsc::UnboundedReceiver<Result<u64, String>>,
-    Vec<std::thread::JoinHandle<()>>,
+    std::thread::JoinHandle<()>,
 )> {
     let (flush, requests) = std::sync::mpsc::channel::<u64>();
-    let requests = std::sync::Arc::new(std::sync::Mutex::new(requests));
-    let wal = std::sync::Arc::new(wal);
     let (report, flushed) = mpsc::unbounded_channel();
-    let mut threads = Vec::new();
-    for n in 0..FLUSHERS {
-        let (requests, wal, report) = (
-            std::sync::Arc::clone(&requests),
-            std::sync::Arc::clone(&wal),
-            report.clone(),
-        );
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("journal-sync-{n}"))
-                .spawn(move || {
-                    loop {
-                        let upto = {
-                            let Ok(requests) = requests.lock() else { break };
-                            let Ok(mut upto) = requests.recv() else { break };
-                            while let Ok(later) = requests.try_recv() {
-                                upto = upto.max(later);
-                            }
-                            upto
-                        };
-                        let synced = wal.sync_data().map(|()| upto).map_err(|e| e.to_string());
-                        let failed = synced.is_err();
-                        if report.send(synced).is_err() || failed {
-                            break;
-                        }
-                    }
-                })?,
-        );
-    }
-    Ok((flush, flushed, threads))
+    let thread = std::thread::Builder::new()
+        .name("journal-sync".into())
+        .spawn(move || {
+            while let Ok(mut upto) = requests.recv() {
+                while let Ok(later) = requests.try_recv() {
+                    upto = upto.max(later);
+                }
+                let synced = wal.sync_data().map(|()| upto).map_err(|e| e.to_string());
+                let failed = synced.is_err();
+                if report.send(synced).is_err() || failed {
+                    break;
+                }
+            }
+        })?;
+    Ok((flush, flushed, thread))
 }
 
 fn open(path: &Path, durability: Durability) -> anyhow::Result<Connection> {
@@ -287,14 +284,17 @@ fn open(path: &Path, durability: Durability) -> anyhow::Result<Connection> {
     Ok(conn)
 }
 
-fn apply(conn: &Connection, group: &[Change]) -> rusqlite::Result<()> {
+/// Applies `group` in one transaction. Gives the `in_flight` records that matched no waiting
+/// recipient (their gates must stay shut).
+fn apply(conn: &Connection, group: &[Change]) -> rusqlite::Result<Vec<i64>> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let result = (|| {
         let mut in_flight = conn.prepare_cached(
             "UPDATE recipients SET state = 'in_flight', locale = ?2, message_id = ?3, content_hash = ?4,
                  first_attempt_at = coalesce(first_attempt_at, ?5), last_attempt_at = ?5, updated_at = ?5
-             WHERE id = ?1",
+             WHERE id = ?1 AND state IN ('pending', 'deferred')",
         )?;
+        let mut stray = Vec::new();
         let mut outcome = conn.prepare_cached(
             "UPDATE recipients SET state = ?2, attempts = ?3, reply_code = ?4, reply_enhanced = ?5,
                  reply_text = ?6, next_attempt_at = ?7, updated_at = ?8
@@ -313,7 +313,9 @@ fn apply(conn: &Connection, group: &[Change]) -> rusqlite::Result<()> {
                     at,
                     ..
                 } => {
-                    in_flight.execute(params![id, locale, message_id, content_hash, at])?;
+                    if in_flight.execute(params![id, locale, message_id, content_hash, at])? == 0 {
+                        stray.push(*id);
+                    }
                 }
                 Change::Outcome {
                     id,
@@ -338,12 +340,15 @@ fn apply(conn: &Connection, group: &[Change]) -> rusqlite::Result<()> {
                 Change::Requeued { id, at } => {
                     requeued.execute(params![id, at])?;
                 }
+                Change::Halt { slot, reason } => {
+                    super::halt(conn, slot, "breaker", reason)?;
+                }
             }
         }
-        Ok(())
+        Ok(stray)
     })();
     match result {
-        Ok(()) => conn.execute_batch("COMMIT"),
+        Ok(stray) => conn.execute_batch("COMMIT").map(|()| stray),
         Err(error) => {
             let _ = conn.execute_batch("ROLLBACK");
             Err(error)
@@ -368,7 +373,7 @@ impl Recorder {
             at: millis(SystemTime::now()),
             done,
         });
-        Gate::new(wait)
+        Gate::sent(wait)
     }
 
     /// Records an outcome (not waited for: a crash before it commits leaves the row
@@ -393,11 +398,352 @@ impl Recorder {
         });
     }
 
+    /// The same recorder, recording halts for schedule slot `slot`.
+    #[must_use]
+    pub fn with_slot(mut self, slot: &str) -> Recorder {
+        self.slot = slot.into();
+        self
+    }
+
+    /// Records a halt (a breaker tripped) at once; no-op when one is in force already.
+    pub fn halt(&self, reason: &str) {
+        let _ = self.changes.send(Change::Halt {
+            slot: self.slot.to_string(),
+            reason: reason.to_owned(),
+        });
+    }
+
     /// Puts `id` back to `pending`: it was not sent after all.
     pub fn requeued(&self, id: i64) {
         let _ = self.changes.send(Change::Requeued {
             id,
             at: millis(SystemTime::now()),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashSet};
+    use std::time::Duration;
+
+    use sha2::Digest as _;
+
+    use super::*;
+    use crate::dispatch::Refusal;
+    use crate::journal::{Entry, Roster};
+    use crate::render::{Envelope, OutgoingMessage};
+
+    /// Any message: a gate already recorded does not look at it.
+    static MESSAGE: std::sync::LazyLock<OutgoingMessage> =
+        std::sync::LazyLock::new(|| OutgoingMessage {
+            line: 2,
+            envelope: Envelope {
+                mail_from: "ops@example.org".parse().unwrap(),
+                rcpt_to: "r@example.com".parse().unwrap(),
+            },
+            message_id: "x@example.org".to_owned(),
+            locale: "en".to_owned(),
+            bytes: b"x".to_vec(),
+        });
+
+    /// A journal of campaign `c` listing `count` recipients (lines 2…), and their entries.
+    fn journal(durability: Durability, count: usize) -> (tempfile::TempDir, Journal, Vec<Entry>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal =
+            Journal::open(&dir.path().join("c.journal"), "c", true, durability).unwrap();
+        journal
+            .freeze_inputs("", "fp", &BTreeMap::new(), None)
+            .unwrap();
+        let csv: String = std::iter::once("email\n".to_owned())
+            .chain((0..count).map(|n| format!("r{n}@example.com\n")))
+            .collect();
+        let list =
+            crate::recipients::parse_reader(Path::new("r.csv"), csv.as_bytes(), &HashSet::new());
+        assert_eq!(list.recipients.len(), count);
+        let roster = Roster {
+            recipients: &list.recipients,
+            suppressed: &list.suppressed,
+            invalid: &BTreeMap::new(),
+        };
+        let sync = journal
+            .sync("", &roster, false, millis(SystemTime::now()))
+            .unwrap();
+        let entries = (0..count as u64).map(|n| sync.due[&(n + 2)]).collect();
+        (dir, journal, entries)
+    }
+
+    /// (state, locale, message id, content hash, first attempt) of row `id`, read on a
+    /// connection of its own.
+    #[allow(clippy::type_complexity)]
+    fn row(
+        path: &Path,
+        id: i64,
+    ) -> (
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+    ) {
+        Connection::open(path)
+            .unwrap()
+            .query_row(
+                "SELECT state, locale, message_id, content_hash, first_attempt_at
+                 FROM recipients WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .unwrap()
+    }
+
+    fn states(path: &Path) -> BTreeMap<String, u64> {
+        let conn = Connection::open(path).unwrap();
+        let mut statement = conn
+            .prepare("SELECT state, count(*) FROM recipients GROUP BY state")
+            .unwrap();
+        statement
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    const PATIENCE: Duration = Duration::from_secs(20);
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn with_full_durability_a_gate_opens_on_a_record_other_connections_can_read() {
+        let (_dir, journal, entries) = journal(Durability::Full, 2);
+        let path = journal.path().to_owned();
+        let (writer, recorder) = Writer::start(&journal, Durability::Full).unwrap();
+        let running = tokio::spawn(writer.run());
+        let before = millis(SystemTime::now());
+        let mut gate = recorder.in_flight(entries[0].id, "de-CH", "<1@example.com>", b"body");
+        tokio::time::timeout(PATIENCE, gate.pass(&MESSAGE))
+            .await
+            .expect("the gate opens")
+            .unwrap();
+        // Later calls pass at once.
+        gate.pass(&MESSAGE).await.unwrap();
+
+        let (state, locale, message_id, hash, first) = row(&path, entries[0].id);
+        assert_eq!(state, "in_flight");
+        assert_eq!(locale.as_deref(), Some("de-CH"));
+        assert_eq!(message_id.as_deref(), Some("<1@example.com>"));
+        let expected = hex::encode(&sha2::Sha256::digest(b"body")[..16]);
+        assert_eq!(hash, Some(expected));
+        assert!(first.is_some_and(|at| at >= before), "{first:?}");
+        assert_eq!(row(&path, entries[1].id).0, "pending");
+
+        recorder.outcome(
+            entries[0].id,
+            State::Sent,
+            1,
+            Some(Reply {
+                code: 250,
+                enhanced: Some("2.0.0".to_owned()),
+                text: "queued".to_owned(),
+            }),
+            "250 2.0.0 queued".to_owned(),
+            None,
+        );
+        drop(recorder);
+        tokio::time::timeout(PATIENCE, running)
+            .await
+            .expect("the writer ends once its recorders are gone")
+            .unwrap()
+            .unwrap();
+        let (state, ..) = row(&path, entries[0].id);
+        assert_eq!(state, "sent");
+        let (code, enhanced, text): (u16, Option<String>, String) = Connection::open(&path)
+            .unwrap()
+            .query_row(
+                "SELECT reply_code, reply_enhanced, reply_text FROM recipients WHERE id = ?1",
+                [entries[0].id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            (code, enhanced.as_deref(), text.as_str()),
+            (250, Some("2.0.0"), "250 2.0.0 queued")
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_writer_runs_until_every_recorder_is_dropped() {
+        for durability in [Durability::Full, Durability::Relaxed] {
+            let (_dir, journal, entries) = journal(durability, 2);
+            let (writer, recorder) = Writer::start(&journal, durability).unwrap();
+            let clone = recorder.clone();
+            let running = tokio::spawn(writer.run());
+            drop(recorder);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(!running.is_finished(), "{durability:?}: a recorder is left");
+
+            let mut gate = clone.in_flight(entries[1].id, "en", "<2@x>", b"x");
+            tokio::time::timeout(PATIENCE, gate.pass(&MESSAGE))
+                .await
+                .expect("the gate opens")
+                .unwrap();
+            clone.outcome(
+                entries[1].id,
+                State::Failed,
+                1,
+                None,
+                "550 no".to_owned(),
+                None,
+            );
+            drop(clone);
+            tokio::time::timeout(PATIENCE, running)
+                .await
+                .expect("the writer ends")
+                .unwrap()
+                .unwrap();
+            // What was sent before the last recorder went is committed.
+            assert_eq!(
+                row(journal.path(), entries[1].id).0,
+                "failed",
+                "{durability:?}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn many_gates_all_open_and_every_record_is_committed() {
+        let (_dir, journal, entries) = journal(Durability::Full, 300);
+        let (writer, recorder) = Writer::start(&journal, Durability::Full).unwrap();
+        let running = tokio::spawn(writer.run());
+        let mut gates = Vec::new();
+        for (n, entry) in entries.iter().enumerate() {
+            gates.push(recorder.in_flight(entry.id, "en", &format!("<{n}@x>"), b"x"));
+            if n % 7 == 0 {
+                // Let the writer take what is waiting: commits of every size.
+                tokio::task::yield_now().await;
+            }
+        }
+        for gate in &mut gates {
+            tokio::time::timeout(PATIENCE, gate.pass(&MESSAGE))
+                .await
+                .expect("every gate opens")
+                .unwrap();
+        }
+        assert_eq!(states(journal.path()).get("in_flight"), Some(&300));
+        for entry in &entries[..100] {
+            recorder.outcome(entry.id, State::Sent, 1, None, "250".to_owned(), None);
+        }
+        for entry in &entries[100..200] {
+            recorder.requeued(entry.id);
+        }
+        drop(recorder);
+        tokio::time::timeout(PATIENCE, running)
+            .await
+            .expect("the writer ends")
+            .unwrap()
+            .unwrap();
+        let expected: BTreeMap<String, u64> = [("sent", 100), ("pending", 100), ("in_flight", 100)]
+            .into_iter()
+            .map(|(s, n)| (s.to_owned(), n))
+            .collect();
+        assert_eq!(states(journal.path()), expected);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_gate_is_refused_when_the_writer_is_gone() {
+        let (_dir, journal, entries) = journal(Durability::Relaxed, 1);
+        let (writer, recorder) = Writer::start(&journal, Durability::Relaxed).unwrap();
+        drop(writer);
+        let mut gate = recorder.in_flight(entries[0].id, "en", "<1@x>", b"x");
+        match gate.pass(&MESSAGE).await {
+            Err(Refusal::Unrecorded(why)) => assert!(why.contains("stopped"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(row(journal.path(), entries[0].id).0, "pending");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_commit_refuses_every_gate_and_stops_the_writer() {
+        for durability in [Durability::Full, Durability::Relaxed] {
+            let (_dir, journal, entries) = journal(durability, 2);
+            let (writer, recorder) = Writer::start(&journal, durability).unwrap();
+            Connection::open(journal.path())
+                .unwrap()
+                .execute_batch("DROP TABLE recipients")
+                .unwrap();
+            let mut first = recorder.in_flight(entries[0].id, "en", "<1@x>", b"x");
+            let mut second = recorder.in_flight(entries[1].id, "en", "<2@x>", b"x");
+            let ran = tokio::time::timeout(PATIENCE, writer.run())
+                .await
+                .expect("the writer stops");
+            let error = format!("{:#}", ran.unwrap_err());
+            assert!(
+                error.contains("cannot write to the journal"),
+                "{durability:?}: {error}"
+            );
+            for gate in [&mut first, &mut second] {
+                assert!(
+                    matches!(gate.pass(&MESSAGE).await, Err(Refusal::Unrecorded(_))),
+                    "{durability:?}"
+                );
+            }
+            // And nothing recorded later gets through.
+            let mut late = recorder.in_flight(entries[0].id, "en", "<3@x>", b"x");
+            assert!(matches!(
+                late.pass(&MESSAGE).await,
+                Err(Refusal::Unrecorded(_))
+            ));
+        }
+    }
+
+    /// The transport's path: a gate for the row, started right before `MAIL FROM`, passed
+    /// right before the body. Passing must still wait for the record, and a refusal must
+    /// still stop the body.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_journal_gate_started_before_mail_from_waits_for_its_record_at_the_body() {
+        let (_dir, journal, entries) = journal(Durability::Full, 2);
+        let path = journal.path().to_owned();
+        let (writer, recorder) = Writer::start(&journal, Durability::Full).unwrap();
+
+        // The writer is not running yet: nothing is recorded, so the gate must not open.
+        let mut early = Gate::journal(recorder.clone(), entries[0].id);
+        early.start(&MESSAGE);
+        let passed = tokio::time::timeout(Duration::from_millis(100), early.pass(&MESSAGE)).await;
+        assert!(
+            passed.is_err(),
+            "the gate opened before the record was written: {passed:?}"
+        );
+
+        let mut gate = Gate::journal(recorder.clone(), entries[1].id);
+        gate.start(&MESSAGE);
+        let running = tokio::spawn(writer.run());
+        tokio::time::timeout(PATIENCE, gate.pass(&MESSAGE))
+            .await
+            .expect("the gate opens")
+            .unwrap();
+        let (state, locale, message_id, hash, _) = row(&path, entries[1].id);
+        assert_eq!(state, "in_flight", "passed before its record was committed");
+        assert_eq!(locale.as_deref(), Some("en"));
+        assert_eq!(message_id.as_deref(), Some("x@example.org"));
+        assert_eq!(hash, Some(hex::encode(&sha2::Sha256::digest(b"x")[..16])));
+        drop(recorder);
+        tokio::time::timeout(PATIENCE, running)
+            .await
+            .expect("the writer ends")
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_journal_gate_started_on_a_stopped_writer_refuses_the_body() {
+        let (_dir, journal, entries) = journal(Durability::Relaxed, 1);
+        let (writer, recorder) = Writer::start(&journal, Durability::Relaxed).unwrap();
+        drop(writer);
+        let mut gate = Gate::journal(recorder, entries[0].id);
+        gate.start(&MESSAGE);
+        let passed = gate.pass(&MESSAGE).await;
+        assert!(
+            matches!(passed, Err(Refusal::Unrecorded(_))),
+            "the body would go out unrecorded: {passed:?}"
+        );
+        assert!(Gate::open().pass(&MESSAGE).await.is_ok());
     }
 }

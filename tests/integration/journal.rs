@@ -814,3 +814,99 @@ fn the_report_has_one_row_per_recipient_with_its_message_id() {
         );
     }
 }
+
+#[test]
+fn an_unfinished_slot_is_finished_before_the_next_one_starts() {
+    // The relay takes three messages of the 2026-03-02 slot, then goes away.
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let limit = Arc::new(AtomicUsize::new(3));
+    let script: Script = {
+        let (accepted, limit) = (Arc::clone(&accepted), Arc::clone(&limit));
+        Arc::new(move |phase, _| match phase {
+            Phase::Greeting | Phase::Mail
+                if accepted.load(Ordering::SeqCst) >= limit.load(Ordering::SeqCst) =>
+            {
+                Some("421 4.3.2 service not available".to_owned())
+            }
+            Phase::EndOfData => {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                None
+            }
+            _ => None,
+        })
+    };
+    let sink = Sink::scripted(script);
+    let campaign = Campaign::example()
+        .smtp(&sink, 1)
+        .rows(people(8))
+        .extra("[schedule]\ncron = \"0 9 * * *\"\n");
+    let path = campaign.write();
+    let send_at = |now: &str| mailer(&["send", arg(&path)], &[("MAILER_NOW", now)]);
+
+    let first = send_at("2026-03-02T09:30:00Z");
+    assert_eq!(first.code, 69, "{first:?}");
+    assert_eq!(received(&sink).len(), 3);
+
+    // The next day's run comes while 5 of the first slot's recipients are pending: it
+    // finishes that slot rather than leave them behind, and says so.
+    limit.store(usize::MAX, Ordering::SeqCst);
+    let next_day = send_at("2026-03-03T09:10:00Z");
+    assert_eq!(next_day.code, 0, "{next_day:?}");
+    assert!(
+        next_day.stderr.contains("2026-03-02T09:00:00Z"),
+        "names the unfinished slot: {}",
+        next_day.stderr
+    );
+    let accepted_now = received(&sink);
+    assert_eq!(accepted_now.len(), 8, "{accepted_now:?}");
+    assert!(accepted_now.values().all(|&n| n == 1), "{accepted_now:?}");
+    let finished = status(&path);
+    assert_eq!(finished["slot"], "2026-03-02T09:00:00Z", "{finished}");
+    assert_eq!(state_count(&finished, "sent"), 8, "{finished}");
+
+    // Then the current slot runs: everyone once more.
+    let current = send_at("2026-03-03T09:20:00Z");
+    assert_eq!(current.code, 0, "{current:?}");
+    let twice = received(&sink);
+    assert!(twice.values().all(|&n| n == 2), "{twice:?}");
+    assert_eq!(twice.len(), 8);
+    assert_eq!(status(&path)["slot"], "2026-03-03T09:00:00Z");
+}
+
+#[test]
+fn on_ambiguous_retry_sends_an_ambiguous_recipient_again_once_and_no_more() {
+    // The relay hangs up after every body for one address: its outcome is never known.
+    let script: Script = Arc::new(|phase, rcpt| {
+        (phase == Phase::EndOfData && rcpt == "user2@example2.com").then(|| "DROP".to_owned())
+    });
+    let sink = Sink::scripted(script);
+    let campaign = Campaign::example()
+        .smtp(&sink, 1)
+        .rows(people(4))
+        .retry("on_ambiguous = \"retry\"");
+    let path = campaign.write();
+    let first = campaign.run("send", &[]);
+    assert_eq!(first.code, 1, "{first:?}");
+    assert_eq!(rcpts_for(&sink, "user2@example2.com"), 1);
+
+    // The next run sends it again, once; it is ambiguous again, and the runs after that
+    // leave it alone: "retry" means one more try, not a copy per cron call.
+    let second = campaign.run("send", &[]);
+    assert_eq!(second.code, 1, "{second:?}");
+    assert_eq!(rcpts_for(&sink, "user2@example2.com"), 2);
+    for _ in 0..2 {
+        let again = campaign.run("send", &[]);
+        assert_eq!(again.code, 1, "{again:?}");
+    }
+    assert_eq!(rcpts_for(&sink, "user2@example2.com"), 2, "no third copy");
+    let done = status(&path);
+    assert_eq!(state_count(&done, "ambiguous"), 1, "{done}");
+    assert_eq!(state_count(&done, "sent"), 3, "{done}");
+    for address in [
+        "user0@example0.com",
+        "user1@example1.com",
+        "user3@example3.com",
+    ] {
+        assert_eq!(rcpts_for(&sink, address), 1, "{address}");
+    }
+}
