@@ -647,6 +647,8 @@ struct Journaled {
     journal: journal::Journal,
     slot: String,
     durability: journal::Durability,
+    /// The inputs differ from those frozen (and the change was accepted).
+    inputs_changed: bool,
 }
 
 /// Takes the campaign's lock, opens its journal, refuses a halted campaign and checks the
@@ -707,6 +709,7 @@ fn open_for_send(
     }
     let inputs = fingerprint::inputs(campaign)?;
     let combined = fingerprint::combine(&inputs);
+    let mut inputs_changed = false;
     match journal.frozen_inputs(&slot)? {
         None => journal.freeze_inputs(&slot, &combined, &inputs, None)?,
         Some(frozen) => {
@@ -724,6 +727,7 @@ fn open_for_send(
                     .into());
                 }
                 tracing::warn!(changes = %changes.join(", "), "changed inputs accepted");
+                inputs_changed = true;
                 journal.freeze_inputs(&slot, &combined, &inputs, Some(&changes.join(", ")))?;
             }
         }
@@ -733,6 +737,7 @@ fn open_for_send(
         journal,
         slot,
         durability,
+        inputs_changed,
     })
 }
 
@@ -752,6 +757,29 @@ fn send(
     } else {
         Some(open_for_send(path, &campaign, options)?)
     };
+    // A cron call on a campaign with nothing due (finished, or waiting for a backoff) with
+    // unchanged inputs: nothing to render, nothing to send. Say where it stands and stop.
+    if let Some(j) = journaled.as_ref().filter(|j| !j.inputs_changed)
+        && let Some(counts) = j.journal.idle(
+            &j.slot,
+            journal::millis(std::time::SystemTime::now()),
+            campaign.retry.on_ambiguous == config::OnAmbiguous::Retry,
+        )?
+    {
+        let mut summary = Summary {
+            elapsed: Some(std::time::Duration::ZERO),
+            ..Summary::default()
+        };
+        for state in State::ALL {
+            summary.add(state, counts.get(state.name()).copied().unwrap_or(0));
+        }
+        summary.print(out)?;
+        writeln!(
+            out,
+            "nothing due: every recipient of this run is settled or waiting for its retry time (`mailer status` shows when)"
+        )?;
+        return Ok(summary.exit());
+    }
     let mut loaded = load_campaign(campaign)?.map_err(Problems::into_failure)?;
     if let Some(j) = &journaled {
         loaded.renderer.for_slot(&j.slot);

@@ -122,6 +122,37 @@ impl Journal {
         Ok(counts)
     }
 
+    /// For a slot a run has listed where nobody is due at `now` (ms) — nobody `pending` or
+    /// `in_flight`, no `deferred` recipient whose retry time has come — its counts per state;
+    /// `None` when there is work to do (or the slot was never listed). With `retry_ambiguous`,
+    /// an ambiguous recipient not sent again yet is work to do.
+    pub fn idle(
+        &self,
+        slot: &str,
+        now: i64,
+        retry_ambiguous: bool,
+    ) -> anyhow::Result<Option<BTreeMap<String, usize>>> {
+        let (listed, busy): (bool, bool) = self.conn.query_row(
+            "SELECT
+                 EXISTS (SELECT 1 FROM runs WHERE slot = ?1 AND listed_at IS NOT NULL),
+                 EXISTS (SELECT 1 FROM recipients WHERE slot = ?1 AND (state IN ('pending', 'in_flight')
+                     OR (state = 'deferred' AND coalesce(next_attempt_at, 0) <= ?2)
+                     OR (?3 AND state = 'ambiguous' AND resent = 0)))",
+            params![slot, now, retry_ambiguous],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        if !listed || busy {
+            return Ok(None);
+        }
+        let counts = self.counts(slot)?;
+        Ok(Some(
+            counts
+                .into_iter()
+                .map(|(state, n)| (state, usize::try_from(n).unwrap_or(usize::MAX)))
+                .collect(),
+        ))
+    }
+
     /// The status of `slot` (see [`Status`]).
     pub fn status(&self, campaign: &str, slot: &str) -> anyhow::Result<Status> {
         let counts = self.counts(slot)?;

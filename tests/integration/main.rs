@@ -426,6 +426,22 @@ fn the_password_comes_from_the_environment_and_never_shows() {
         "{run:?}"
     );
 
+    // Nor in the journal (nor its write-ahead log, if any is left).
+    let state = campaign.dir().join("mailer-state");
+    for entry in std::fs::read_dir(&state).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "the secret is in the state folder"
+        );
+    }
+
+    // A fresh campaign (the first one is complete: a run would find nothing to do).
+    let fresh = Campaign::example()
+        .smtp(&sink, 1)
+        .transport("username = \"mailer-user\"\npassword_env = \"TEST_SMTP_PASSWORD\"")
+        .rows(people(3));
+    let path = fresh.write();
     let missing = mailer(&["send", path.to_str().unwrap()], &[]);
     assert_eq!(missing.code, 65, "{missing:?}");
     assert!(
