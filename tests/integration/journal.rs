@@ -910,3 +910,54 @@ fn on_ambiguous_retry_sends_an_ambiguous_recipient_again_once_and_no_more() {
         assert_eq!(rcpts_for(&sink, address), 1, "{address}");
     }
 }
+
+#[test]
+fn credentials_refused_for_good_trip_the_breaker_but_a_temporary_refusal_does_not() {
+    // 535: the credentials are wrong. Waiting does not help: halt, sticky, nothing sent.
+    let refused: Script =
+        Arc::new(|phase, _| (phase == Phase::Auth).then(|| "535 5.7.8 bad credentials".into()));
+    let sink = Sink::scripted(refused);
+    let campaign = Campaign::example()
+        .smtp(&sink, 2)
+        .transport("username = \"mailer-user\"\npassword_env = \"TEST_SMTP_PASSWORD\"")
+        .rows(people(4));
+    let path = campaign.write();
+    let env = [("TEST_SMTP_PASSWORD", "wrong")];
+    let run = mailer(&["send", arg(&path)], &env);
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(
+        run.stderr.contains("authentication was refused"),
+        "{}",
+        run.stderr
+    );
+    assert!(sink.transactions().is_empty());
+    let halted = status(&path);
+    assert_eq!(halted["halt"]["by"], "breaker", "{halted}");
+    assert_eq!(
+        state_count(&halted, "pending"),
+        4,
+        "nobody's state changed: {halted}"
+    );
+    let connections = sink.connections();
+    let again = mailer(&["send", arg(&path)], &env);
+    assert_eq!(again.code, 3, "{again:?}");
+    assert_eq!(
+        sink.connections(),
+        connections,
+        "the halted send connected to nothing"
+    );
+
+    // 454: a temporary refusal is the relay's trouble: pauses, then exit 69; no halt.
+    let busy: Script =
+        Arc::new(|phase, _| (phase == Phase::Auth).then(|| "454 4.7.0 try again later".into()));
+    let sink = Sink::scripted(busy);
+    let campaign = Campaign::example()
+        .smtp(&sink, 1)
+        .transport("username = \"mailer-user\"\npassword_env = \"TEST_SMTP_PASSWORD\"")
+        .rows(people(2));
+    let path = campaign.write();
+    let run = mailer(&["send", arg(&path)], &env);
+    assert_eq!(run.code, 69, "{run:?}");
+    assert_eq!(status(&path)["halt"], serde_json::Value::Null);
+    assert!(sink.connections() > 1, "tried again after a pause");
+}

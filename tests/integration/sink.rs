@@ -15,6 +15,8 @@ pub enum Phase {
     Greeting,
     /// The reply to EHLO: a script may replace the list of extensions.
     Ehlo,
+    /// The reply to `AUTH PLAIN` (the credentials are recorded either way).
+    Auth,
     Mail,
     Rcpt,
     Data,
@@ -305,7 +307,7 @@ async fn serve(
                 parts.get(1).cloned().unwrap_or_default(),
                 parts.get(2).cloned().unwrap_or_default()
             ));
-            let _ = read.write_all(b"235 2.7.0 accepted\r\n").await;
+            let _ = reply!(Phase::Auth, "", "235 2.7.0 accepted");
         } else if upper.starts_with("MAIL FROM:") {
             mail_from = Some(angle(&command));
             rcpt_to.clear();
