@@ -961,3 +961,64 @@ fn credentials_refused_for_good_trip_the_breaker_but_a_temporary_refusal_does_no
     assert_eq!(status(&path)["halt"], serde_json::Value::Null);
     assert!(sink.connections() > 1, "tried again after a pause");
 }
+
+/// The most arrivals within any 1-second window.
+fn busiest_second(mut times: Vec<Instant>) -> usize {
+    times.sort();
+    let (mut best, mut start) = (0, 0);
+    for end in 0..times.len() {
+        while times[end].duration_since(times[start]) >= Duration::from_secs(1) {
+            start += 1;
+        }
+        best = best.max(end - start + 1);
+    }
+    best
+}
+
+#[test]
+fn limits_hold_across_a_restart() {
+    // 4/s with a burst of 10. The first run spends its burst on 10 messages, then the relay
+    // goes away and the run ends (69). A second run started right away must not spend a
+    // second burst: at the sink, no second holds more than 4 + 10. One connection, so that
+    // the sink sees each message only after mailer let it go.
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let limit = Arc::new(AtomicUsize::new(10));
+    let script: Script = {
+        let (accepted, limit) = (Arc::clone(&accepted), Arc::clone(&limit));
+        Arc::new(move |phase, _| match phase {
+            Phase::Greeting | Phase::Mail
+                if accepted.load(Ordering::SeqCst) >= limit.load(Ordering::SeqCst) =>
+            {
+                Some("421 4.3.2 service not available".to_owned())
+            }
+            Phase::EndOfData => {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                None
+            }
+            _ => None,
+        })
+    };
+    let sink = Sink::scripted(script);
+    let campaign = Campaign::example()
+        .smtp(&sink, 1)
+        .rows(people(20))
+        // The first run ends at the first refusal, so that the second starts at once.
+        .retry("relay_attempts = 1")
+        .extra("[rate]\nper_second = 4\nburst = 10\n");
+    let first = campaign.run("send", &[]);
+    assert_eq!(first.code, 69, "{first:?}");
+    assert_eq!(received(&sink).len(), 10);
+    limit.store(usize::MAX, Ordering::SeqCst);
+    let second = campaign.run("send", &[]);
+    assert_eq!(second.code, 0, "{second:?}");
+    let accepted_all = received(&sink);
+    assert_eq!(accepted_all.len(), 20);
+    assert!(accepted_all.values().all(|&n| n == 1), "{accepted_all:?}");
+    let arrivals: Vec<Instant> = sink.rcpts().iter().map(|r| r.at).collect();
+    assert_eq!(arrivals.len(), 20, "one RCPT per recipient");
+    let busiest = busiest_second(arrivals);
+    assert!(
+        busiest <= 4 + 10,
+        "{busiest} in one second across the restart"
+    );
+}
