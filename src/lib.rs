@@ -683,28 +683,42 @@ fn open_for_send(
         .into());
     }
     if !slot.is_empty() && options.slot.is_none() {
-        // A cron slot left unfinished (the relay was down, say) is finished first: its
-        // recipients would otherwise be skipped for good. The current slot comes next.
-        if let Some((earlier, waiting)) = journal
-            .slots_with(&slot, &["pending", "in_flight"])?
-            .into_iter()
-            .next()
-        {
-            tracing::warn!(
-                slot = %earlier,
-                waiting,
-                next = %slot,
-                "an earlier schedule slot is not finished: finishing it first"
-            );
-            slot = earlier;
-        } else {
-            for (earlier, deferred) in journal.slots_with(&slot, &["deferred"])? {
+        // A cron slot left unfinished (the relay was down, say) is finished first, with the
+        // inputs it started with: its recipients would otherwise be skipped for good. The
+        // current slot comes next. If the inputs changed since (the next edition is ready),
+        // it is named and left to --slot instead of being finished with the new ones.
+        let current = fingerprint::inputs(campaign)?;
+        let mut finish_first = None;
+        for (earlier, waiting) in journal.slots_with(&slot, &["pending", "in_flight"])? {
+            if finish_first.is_none() && journal.frozen_inputs(&earlier)?.as_ref() == Some(&current)
+            {
                 tracing::warn!(
                     slot = %earlier,
-                    deferred,
-                    "an earlier schedule slot still has deferred recipients; they are tried again only with --slot"
+                    waiting,
+                    next = %slot,
+                    "an earlier schedule slot is not finished: finishing it first"
+                );
+                finish_first = Some(earlier);
+            } else {
+                tracing::warn!(
+                    slot = %earlier,
+                    waiting,
+                    "an earlier schedule slot is not finished and its inputs have changed since; it is left as it is (`--slot` finishes it, with its own inputs restored)"
                 );
             }
+        }
+        for (earlier, deferred) in journal.slots_with(&slot, &["deferred"])? {
+            if finish_first.as_ref() == Some(&earlier) {
+                continue;
+            }
+            tracing::warn!(
+                slot = %earlier,
+                deferred,
+                "an earlier schedule slot still has deferred recipients; they are tried again only with --slot"
+            );
+        }
+        if let Some(earlier) = finish_first {
+            slot = earlier;
         }
     }
     let inputs = fingerprint::inputs(campaign)?;
@@ -1016,7 +1030,11 @@ fn send(
         summary.exit()
     };
     if let Some(j) = &journaled {
-        if let Some(reason) = &halted
+        // The scheduler records the halts it acts on the moment they happen (so that a
+        // `mailer resume` while the last messages drain is not undone here); these are the
+        // ones it could not: the journal itself failing, the rendering thread dying.
+        if ended.halted.is_none()
+            && let Some(reason) = &halted
             && let Err(error) = j.journal.halt(&j.slot, "breaker", reason)
         {
             tracing::error!("cannot record the halt in the journal: {error:#}");

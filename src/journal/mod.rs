@@ -29,7 +29,7 @@ pub use writer::{Recorder, Writer};
 /// `PRAGMA application_id` of a mailer journal ("MLRJ").
 const APPLICATION_ID: i64 = 0x4d4c_524a;
 /// `PRAGMA user_version`: the schema below.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 /// The state a recipient has while its message may be on the wire.
 pub const IN_FLIGHT: &str = "in_flight";
 
@@ -385,7 +385,10 @@ impl Journal {
         let text = serde_json::to_string(inputs)?;
         self.conn.execute(
             "INSERT INTO runs (slot, fingerprint, inputs, created_at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (slot) DO UPDATE SET fingerprint = excluded.fingerprint, inputs = excluded.inputs",
+             ON CONFLICT (slot) DO UPDATE SET fingerprint = excluded.fingerprint, inputs = excluded.inputs,
+                 -- Changed inputs: the slot is listed again (new rows, removed ones) before any
+                 -- run may call it idle, even if the run that accepted them dies first.
+                 listed_at = NULL",
             params![slot, fingerprint, text, millis(SystemTime::now())],
         )?;
         if let Some(changed) = accepted_change {
@@ -1479,12 +1482,13 @@ mod tests {
         drop(Journal::open(&path, "c", true, Durability::Full).unwrap());
         Connection::open(&path)
             .unwrap()
-            .pragma_update(None, "user_version", 2)
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
             .unwrap();
         let error = Journal::open(&path, "c", false, Durability::Full)
             .err()
             .unwrap();
-        assert!(format!("{error:#}").contains("has format 2"), "{error:#}");
+        let other = format!("has format {}", SCHEMA_VERSION + 1);
+        assert!(format!("{error:#}").contains(&other), "{error:#}");
     }
 
     #[test]

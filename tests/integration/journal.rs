@@ -1022,3 +1022,95 @@ fn limits_hold_across_a_restart() {
         "{busiest} in one second across the restart"
     );
 }
+
+#[test]
+fn an_accepted_change_whose_run_died_before_listing_is_listed_by_the_next_run() {
+    let sink = Sink::start();
+    let campaign = Campaign::example()
+        .smtp(&sink, 1)
+        .transport("username = \"mailer-user\"\npassword_env = \"TEST_SMTP_PASSWORD\"")
+        .rows(people(5));
+    let path = campaign.write();
+    let env = [("TEST_SMTP_PASSWORD", "pw")];
+    let first = mailer(&["send", arg(&path)], &env);
+    assert_eq!(first.code, 0, "{first:?}");
+    // Two more rows, accepted; that run fails after the inputs are frozen and before the
+    // recipients are listed (no password in its environment).
+    let campaign = campaign.rows(people(7).into_iter().skip(5));
+    let path = campaign.write();
+    let failed = mailer(&["send", arg(&path), "--accept-changed-inputs"], &[]);
+    assert_eq!(failed.code, 65, "{failed:?}");
+    // The next call has the password and unchanged inputs: it must still send the two.
+    let next = mailer(&["send", arg(&path)], &env);
+    assert_eq!(next.code, 0, "{next:?}");
+    let accepted = received(&sink);
+    assert_eq!(accepted.len(), 7, "{accepted:?}");
+    assert!(accepted.values().all(|&n| n == 1), "{accepted:?}");
+}
+
+#[test]
+fn an_unfinished_slot_is_not_finished_with_the_next_editions_inputs() {
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let limit = Arc::new(AtomicUsize::new(3));
+    let script: Script = {
+        let (accepted, limit) = (Arc::clone(&accepted), Arc::clone(&limit));
+        Arc::new(move |phase, _| match phase {
+            Phase::Greeting | Phase::Mail
+                if accepted.load(Ordering::SeqCst) >= limit.load(Ordering::SeqCst) =>
+            {
+                Some("421 4.3.2 service not available".to_owned())
+            }
+            Phase::EndOfData => {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                None
+            }
+            _ => None,
+        })
+    };
+    let sink = Sink::scripted(script);
+    let campaign = Campaign::example()
+        .smtp(&sink, 1)
+        .rows(people(8))
+        .extra("[schedule]\ncron = \"0 9 * * *\"\n");
+    let path = campaign.write();
+    let send_at = |now: &str, args: &[&str]| {
+        mailer(
+            &[&["send", arg(&path)], args].concat(),
+            &[("MAILER_NOW", now)],
+        )
+    };
+    let first = send_at("2026-03-02T09:30:00Z", &[]);
+    assert_eq!(first.code, 69, "{first:?}");
+    limit.store(usize::MAX, Ordering::SeqCst);
+
+    // The next edition has a new template. The next day's call sends that edition to
+    // everyone, once, and names the unfinished slot instead of finishing it with the new text.
+    let text = std::fs::read_to_string(campaign.dir().join("templates/text.hbs")).unwrap();
+    let campaign = campaign.file(
+        "templates/text.hbs",
+        &format!("{text}\nP.S. the next edition\n"),
+    );
+    campaign.write();
+    let next_day = send_at("2026-03-03T09:10:00Z", &[]);
+    assert_eq!(next_day.code, 0, "{next_day:?}");
+    assert!(
+        next_day.stderr.contains("2026-03-02T09:00:00Z") && next_day.stderr.contains("--slot"),
+        "names the unfinished slot: {}",
+        next_day.stderr
+    );
+    let transactions = sink.transactions();
+    assert_eq!(
+        transactions.len(),
+        3 + 8,
+        "three of the old slot, eight of the new"
+    );
+    let new_edition = transactions
+        .iter()
+        .filter(|t| String::from_utf8_lossy(&t.data).contains("the next edition"))
+        .count();
+    assert_eq!(
+        new_edition, 8,
+        "only the new slot's messages have the new text"
+    );
+    assert_eq!(status(&path)["slot"], "2026-03-03T09:00:00Z");
+}
