@@ -756,6 +756,25 @@ pub fn watch_halts(
     }
 }
 
+/// What the journal's tests share.
+#[cfg(test)]
+mod fixtures {
+    use crate::render::{Envelope, OutgoingMessage};
+
+    /// Any message: a gate already recorded does not look at it.
+    pub static MESSAGE: std::sync::LazyLock<OutgoingMessage> =
+        std::sync::LazyLock::new(|| OutgoingMessage {
+            line: 2,
+            envelope: Envelope {
+                mail_from: "ops@example.org".parse().unwrap(),
+                rcpt_to: "r@example.com".parse().unwrap(),
+            },
+            message_id: "x@example.org".to_owned(),
+            locale: "en".to_owned(),
+            bytes: b"x".to_vec(),
+        });
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, HashSet};
@@ -767,20 +786,8 @@ mod tests {
     use super::*;
     use crate::dispatch::{Gate, Reply};
     use crate::recipients::{RecipientList, parse_reader};
-    use crate::render::{Envelope, OutgoingMessage};
 
-    /// Any message: a gate already recorded does not look at it.
-    static MESSAGE: std::sync::LazyLock<OutgoingMessage> =
-        std::sync::LazyLock::new(|| OutgoingMessage {
-            line: 2,
-            envelope: Envelope {
-                mail_from: "ops@example.org".parse().unwrap(),
-                rcpt_to: "r@example.com".parse().unwrap(),
-            },
-            message_id: "x@example.org".to_owned(),
-            locale: "en".to_owned(),
-            bytes: b"x".to_vec(),
-        });
+    use super::fixtures::MESSAGE;
 
     /// Ann (2), Bob (3), a bad row (4), Cat (5), Dan (6).
     const CSV: &str = "email,name\nann@example.com,Ann\nbob@example.com,Bob\nnot-an-address,X\ncat@example.com,Cat\ndan@example.org,Dan\n";

@@ -305,20 +305,8 @@ mod tests {
     use super::*;
     use crate::dispatch::Reply;
     use crate::journal::{Durability, Roster, Sync, Writer, millis};
-    use crate::render::{Envelope, OutgoingMessage};
 
-    /// Any message: a gate already recorded does not look at it.
-    static MESSAGE: std::sync::LazyLock<OutgoingMessage> =
-        std::sync::LazyLock::new(|| OutgoingMessage {
-            line: 2,
-            envelope: Envelope {
-                mail_from: "ops@example.org".parse().unwrap(),
-                rcpt_to: "r@example.com".parse().unwrap(),
-            },
-            message_id: "x@example.org".to_owned(),
-            locale: "en".to_owned(),
-            bytes: b"x".to_vec(),
-        });
+    use crate::journal::fixtures::MESSAGE;
 
     const CSV: &str = "email\nann@example.com\nbob@example.com\ncat@example.org\n";
 

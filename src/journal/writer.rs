@@ -432,20 +432,8 @@ mod tests {
     use super::*;
     use crate::dispatch::Refusal;
     use crate::journal::{Entry, Roster};
-    use crate::render::{Envelope, OutgoingMessage};
 
-    /// Any message: a gate already recorded does not look at it.
-    static MESSAGE: std::sync::LazyLock<OutgoingMessage> =
-        std::sync::LazyLock::new(|| OutgoingMessage {
-            line: 2,
-            envelope: Envelope {
-                mail_from: "ops@example.org".parse().unwrap(),
-                rcpt_to: "r@example.com".parse().unwrap(),
-            },
-            message_id: "x@example.org".to_owned(),
-            locale: "en".to_owned(),
-            bytes: b"x".to_vec(),
-        });
+    use crate::journal::fixtures::MESSAGE;
 
     /// A journal of campaign `c` listing `count` recipients (lines 2…), and their entries.
     fn journal(durability: Durability, count: usize) -> (tempfile::TempDir, Journal, Vec<Entry>) {

@@ -429,7 +429,7 @@ fn a_throttled_domain_slows_down_without_holding_up_the_others() {
 }
 
 /// The most RCPTs in any half-open window `[t, t + 1 s)`.
-fn busiest_second(mut times: Vec<Instant>) -> usize {
+pub(crate) fn busiest_second(mut times: Vec<Instant>) -> usize {
     times.sort();
     let mut best = 0;
     let mut start = 0;

@@ -144,12 +144,11 @@ fn rcpts_for(sink: &Sink, address: &str) -> usize {
     sink.rcpts().iter().filter(|r| r.rcpt == address).count()
 }
 
-#[test]
-fn after_a_relay_outage_the_next_run_sends_only_the_rest() {
-    // The relay takes six messages, then refuses the sender and every new connection (421)
-    // until `limit` is lifted.
+/// A relay that accepts `first` messages, then refuses the sender and every new connection
+/// (421) until the limit it gives back is raised.
+fn relay_that_takes(first: usize) -> (Sink, Arc<AtomicUsize>) {
     let accepted = Arc::new(AtomicUsize::new(0));
-    let limit = Arc::new(AtomicUsize::new(6));
+    let limit = Arc::new(AtomicUsize::new(first));
     let script: Script = {
         let (accepted, limit) = (Arc::clone(&accepted), Arc::clone(&limit));
         Arc::new(move |phase, _| match phase {
@@ -165,7 +164,14 @@ fn after_a_relay_outage_the_next_run_sends_only_the_rest() {
             _ => None,
         })
     };
-    let sink = Sink::scripted(script);
+    (Sink::scripted(script), limit)
+}
+
+#[test]
+fn after_a_relay_outage_the_next_run_sends_only_the_rest() {
+    // The relay takes six messages, then refuses the sender and every new connection (421)
+    // until `limit` is lifted.
+    let (sink, limit) = relay_that_takes(6);
     let campaign = Campaign::example().smtp(&sink, 1).rows(people(20));
     let path = campaign.write();
 
@@ -818,24 +824,7 @@ fn the_report_has_one_row_per_recipient_with_its_message_id() {
 #[test]
 fn an_unfinished_slot_is_finished_before_the_next_one_starts() {
     // The relay takes three messages of the 2026-03-02 slot, then goes away.
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let limit = Arc::new(AtomicUsize::new(3));
-    let script: Script = {
-        let (accepted, limit) = (Arc::clone(&accepted), Arc::clone(&limit));
-        Arc::new(move |phase, _| match phase {
-            Phase::Greeting | Phase::Mail
-                if accepted.load(Ordering::SeqCst) >= limit.load(Ordering::SeqCst) =>
-            {
-                Some("421 4.3.2 service not available".to_owned())
-            }
-            Phase::EndOfData => {
-                accepted.fetch_add(1, Ordering::SeqCst);
-                None
-            }
-            _ => None,
-        })
-    };
-    let sink = Sink::scripted(script);
+    let (sink, limit) = relay_that_takes(3);
     let campaign = Campaign::example()
         .smtp(&sink, 1)
         .rows(people(8))
@@ -962,43 +951,13 @@ fn credentials_refused_for_good_trip_the_breaker_but_a_temporary_refusal_does_no
     assert!(sink.connections() > 1, "tried again after a pause");
 }
 
-/// The most arrivals within any 1-second window.
-fn busiest_second(mut times: Vec<Instant>) -> usize {
-    times.sort();
-    let (mut best, mut start) = (0, 0);
-    for end in 0..times.len() {
-        while times[end].duration_since(times[start]) >= Duration::from_secs(1) {
-            start += 1;
-        }
-        best = best.max(end - start + 1);
-    }
-    best
-}
-
 #[test]
 fn limits_hold_across_a_restart() {
     // 4/s with a burst of 10. The first run spends its burst on 10 messages, then the relay
     // goes away and the run ends (69). A second run started right away must not spend a
     // second burst: at the sink, no second holds more than 4 + 10. One connection, so that
     // the sink sees each message only after mailer let it go.
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let limit = Arc::new(AtomicUsize::new(10));
-    let script: Script = {
-        let (accepted, limit) = (Arc::clone(&accepted), Arc::clone(&limit));
-        Arc::new(move |phase, _| match phase {
-            Phase::Greeting | Phase::Mail
-                if accepted.load(Ordering::SeqCst) >= limit.load(Ordering::SeqCst) =>
-            {
-                Some("421 4.3.2 service not available".to_owned())
-            }
-            Phase::EndOfData => {
-                accepted.fetch_add(1, Ordering::SeqCst);
-                None
-            }
-            _ => None,
-        })
-    };
-    let sink = Sink::scripted(script);
+    let (sink, limit) = relay_that_takes(10);
     let campaign = Campaign::example()
         .smtp(&sink, 1)
         .rows(people(20))
@@ -1016,7 +975,7 @@ fn limits_hold_across_a_restart() {
     assert!(accepted_all.values().all(|&n| n == 1), "{accepted_all:?}");
     let arrivals: Vec<Instant> = sink.rcpts().iter().map(|r| r.at).collect();
     assert_eq!(arrivals.len(), 20, "one RCPT per recipient");
-    let busiest = busiest_second(arrivals);
+    let busiest = crate::delivery::busiest_second(arrivals);
     assert!(
         busiest <= 4 + 10,
         "{busiest} in one second across the restart"
@@ -1050,24 +1009,7 @@ fn an_accepted_change_whose_run_died_before_listing_is_listed_by_the_next_run() 
 
 #[test]
 fn an_unfinished_slot_is_not_finished_with_the_next_editions_inputs() {
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let limit = Arc::new(AtomicUsize::new(3));
-    let script: Script = {
-        let (accepted, limit) = (Arc::clone(&accepted), Arc::clone(&limit));
-        Arc::new(move |phase, _| match phase {
-            Phase::Greeting | Phase::Mail
-                if accepted.load(Ordering::SeqCst) >= limit.load(Ordering::SeqCst) =>
-            {
-                Some("421 4.3.2 service not available".to_owned())
-            }
-            Phase::EndOfData => {
-                accepted.fetch_add(1, Ordering::SeqCst);
-                None
-            }
-            _ => None,
-        })
-    };
-    let sink = Sink::scripted(script);
+    let (sink, limit) = relay_that_takes(3);
     let campaign = Campaign::example()
         .smtp(&sink, 1)
         .rows(people(8))
