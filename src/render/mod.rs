@@ -137,16 +137,18 @@ impl Renderer {
         if subject.is_empty() {
             return Err("the rendered subject is empty".to_owned());
         }
-        let text = self
-            .templates
-            .has_text()
-            .then(|| self.templates.render(Part::Text, &data))
-            .transpose()?;
         let html = self
             .templates
             .has_html()
             .then(|| self.templates.render(Part::Html, &data))
             .transpose()?;
+        let text = if self.templates.has_text() {
+            Some(self.templates.render(Part::Text, &data)?)
+        } else {
+            // HTML only: the text part is made from it, so that every client (and every spam
+            // filter) gets one. Same words, same translation.
+            html.as_deref().map(text_from_html).transpose()?
+        };
         if [text.as_deref(), html.as_deref()]
             .into_iter()
             .flatten()
@@ -186,5 +188,39 @@ impl Renderer {
             locale: locale.to_owned(),
             bytes,
         })
+    }
+}
+
+/// Line width of a text part made from HTML: short enough to read anywhere.
+const TEXT_WIDTH: usize = 76;
+
+/// The text part of an HTML-only campaign (html2text: paragraphs, lists, links as footnotes).
+fn text_from_html(html: &str) -> Result<String, String> {
+    html2text::from_read(html.as_bytes(), TEXT_WIDTH)
+        .map_err(|e| format!("cannot make the text part from the HTML: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_part_of_html_keeps_the_words_and_drops_the_markup() {
+        let html = "<html><head><title>T</title><style>p { color: red }</style></head><body>\
+                    <p>Bonjour <strong>Zoé</strong>,</p><p>Votre formule : Pro.</p>\
+                    <p><a href=\"https://example.com/aide\">Aide</a></p></body></html>";
+        let text = text_from_html(html).unwrap();
+        assert!(text.contains("Bonjour"), "{text}");
+        assert!(text.contains("Zoé"), "{text}");
+        assert!(text.contains("Votre formule : Pro."), "{text}");
+        assert!(
+            text.contains("https://example.com/aide"),
+            "the link survives: {text}"
+        );
+        assert!(!text.contains('<') && !text.contains("color"), "{text}");
+        assert!(
+            text.lines().all(|l| l.chars().count() <= TEXT_WIDTH),
+            "{text}"
+        );
     }
 }

@@ -4,6 +4,7 @@
 mod campaign;
 mod corpus;
 mod crash;
+mod deliverability;
 mod delivery;
 mod journal;
 mod properties;
@@ -17,7 +18,7 @@ use campaign::{Campaign, mailer, people};
 use mail_parser::{Message, MessageParser};
 use sink::{Phase, Sink};
 
-fn parse(data: &[u8]) -> Message<'_> {
+pub(crate) fn parse(data: &[u8]) -> Message<'_> {
     MessageParser::default()
         .parse(data)
         .expect("a parseable message")
