@@ -110,6 +110,18 @@ pub enum Command {
         /// The campaign file (campaign.toml).
         campaign: PathBuf,
     },
+    /// A recipient's one-click unsubscribe token and link, or, with `--verify`, whether a token
+    /// is theirs (exit 0 if it is, 1 if not): for whoever implements the unsubscribe endpoint.
+    /// Reads the key from the variable `[unsubscribe] secret_env` names.
+    UnsubscribeToken {
+        /// The campaign file (campaign.toml).
+        campaign: PathBuf,
+        /// The recipient's address.
+        address: String,
+        /// A token to check instead of printing one.
+        #[arg(long, value_name = "TOKEN")]
+        verify: Option<String>,
+    },
     /// Every recipient's outcome from the journal: state, attempts, last reply, timestamps,
     /// Message-ID.
     Report {

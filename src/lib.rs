@@ -86,6 +86,11 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
         ),
         Command::Stop { campaign, reason } => stop(campaign, cli.state_dir.as_deref(), reason),
         Command::Resume { campaign } => resume(campaign, cli.state_dir.as_deref()),
+        Command::UnsubscribeToken {
+            campaign,
+            address,
+            verify,
+        } => unsubscribe_token(campaign, address, verify.as_deref()),
         Command::Report { campaign, format } => report_rows(
             campaign,
             cli.state_dir.as_deref(),
@@ -187,13 +192,19 @@ fn guard_rules(campaign: &Campaign, list: &RecipientList) -> guard::Rules {
         );
     let sender = campaign.from.email.to_string();
     let reply_to = campaign.reply_to.as_ref().map(|r| r.email.to_string());
+    let unsubscribe = campaign
+        .unsubscribe
+        .as_ref()
+        .and_then(|u| u.mailto.as_ref())
+        .map(ToString::to_string);
     let allowed = campaign
         .safety
         .allow_addresses
         .iter()
         .map(String::as_str)
         .chain([sender.as_str()])
-        .chain(reply_to.as_deref());
+        .chain(reply_to.as_deref())
+        .chain(unsubscribe.as_deref());
     guard::Rules::new(campaign.from.email.clone(), everyone, allowed)
 }
 
@@ -570,6 +581,59 @@ fn report_rows(
         }
     }
     Ok(Exit::Complete)
+}
+
+fn unsubscribe_token(path: &Path, address: &str, verify: Option<&str>) -> anyhow::Result<Exit> {
+    let campaign = config::parse(path, &read(path)?).map_err(Problems::into_failure)?;
+    let Some(config::Unsubscribe {
+        url: Some(url),
+        secret_env: Some(name),
+        ..
+    }) = &campaign.unsubscribe
+    else {
+        return Err(Failure::new(
+            Exit::Usage,
+            format!(
+                "campaign `{}` has no `[unsubscribe] url`: there is no token",
+                campaign.id
+            ),
+        )
+        .into());
+    };
+    let key = std::env::var(name).map_err(|_| {
+        Failure::new(
+            Exit::InvalidInput,
+            format!(
+                "the environment variable `{name}` named by [unsubscribe] secret_env is not set"
+            ),
+        )
+    })?;
+    let address = recipients::normalise(address).map_err(|why| {
+        Failure::new(Exit::Usage, format!("`{address}` is not an address: {why}"))
+    })?;
+    let key = key.as_bytes();
+    match verify {
+        Some(token) => {
+            let valid = render::unsubscribe::verify(key, &campaign.id, &address.key, token);
+            println!("{}", if valid { "valid" } else { "invalid" });
+            Ok(if valid {
+                Exit::Complete
+            } else {
+                Exit::PermanentFailures
+            })
+        }
+        None => {
+            println!(
+                "{}",
+                render::unsubscribe::token(key, &campaign.id, &address.key)
+            );
+            println!(
+                "{}",
+                render::unsubscribe::link(url, key, &campaign.id, &address.key)
+            );
+            Ok(Exit::Complete)
+        }
+    }
 }
 
 /// How `send` was asked to run.

@@ -7,6 +7,7 @@
 mod delivery;
 pub mod raw;
 mod schedule;
+mod unsubscribe;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -24,6 +25,7 @@ use crate::problem::{Problem, Problems, line_of};
 pub use delivery::{Batch, OnAmbiguous, Pace, Rate, Retry};
 use raw::{RawFile, RawKind, RawTransport, RawTransportKind};
 pub use schedule::{Cron, CronError, Due, Schedule};
+pub use unsubscribe::Unsubscribe;
 
 /// A campaign whose every value has been checked. Paths are absolute or relative to the
 /// working directory, already joined to the campaign file's folder.
@@ -45,6 +47,10 @@ pub struct Campaign {
     pub safety: Safety,
     /// When a `send` may run; by default at any time.
     pub schedule: Schedule,
+    /// `[unsubscribe]`: how recipients leave the list (required for marketing).
+    pub unsubscribe: Option<Unsubscribe>,
+    /// `[campaign] list_id`: the `List-Id` header (RFC 2919), when given.
+    pub list_id: Option<String>,
 }
 
 /// `[safety]`: what the guard lets through, how many bad rows a send may skip, and when a run
@@ -167,6 +173,11 @@ pub struct Secret(String);
 
 impl Secret {
     #[must_use]
+    pub fn new(secret: String) -> Secret {
+        Secret(secret)
+    }
+
+    #[must_use]
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -247,14 +258,25 @@ impl Validator<'_> {
 
     fn campaign(mut self, raw: RawFile) -> Result<Campaign, Problems> {
         let c = raw.campaign;
-        for (name, section) in [("unsubscribe", &raw.unsubscribe), ("dkim", &raw.dkim)] {
-            if let Some(section) = section {
-                self.error(
-                    section,
-                    format!("the `[{name}]` section is not supported by this version of mailer yet; remove it rather than have it ignored"),
-                );
-            }
+        if let Some(section) = &raw.dkim {
+            self.error(
+                section,
+                "the `[dkim]` section is not supported by this version of mailer yet; remove it rather than have it ignored",
+            );
         }
+        let unsubscribe = raw.unsubscribe.as_ref().and_then(|u| self.unsubscribe(u));
+        let list_id = c.list_id.as_ref().and_then(|value| {
+            let text = value.get_ref();
+            if unsubscribe::valid_list_id(text) {
+                Some(text.clone())
+            } else {
+                self.error(
+                    value,
+                    format!("`list_id` = `{text}` must look like `Description <label.example.com>` (RFC 2919), on one line"),
+                );
+                None
+            }
+        });
 
         let id = c.id.get_ref().clone();
         let id_ok = !id.is_empty()
@@ -288,10 +310,12 @@ impl Validator<'_> {
         let kind = match c.kind.as_ref().map(|k| (*k.get_ref(), k)) {
             None | Some((RawKind::Announcement, _)) => Kind::Announcement,
             Some((RawKind::Marketing, at)) => {
-                self.error(
-                    at,
-                    "`kind = \"marketing\"` needs one-click unsubscribe, which this version does not support yet; use `announcement`",
-                );
+                if raw.unsubscribe.is_none() {
+                    self.error(
+                        at,
+                        "`kind = \"marketing\"` needs an `[unsubscribe]` section (one-click unsubscribe, RFC 8058): mailbox providers reject bulk mail without it",
+                    );
+                }
                 Kind::Marketing
             }
         };
@@ -362,6 +386,8 @@ impl Validator<'_> {
                     retry,
                     safety,
                     schedule,
+                    unsubscribe,
+                    list_id,
                 })
             }
             _ => Err(self.problems),

@@ -16,10 +16,18 @@ pub struct RawFile {
     pub retry: Option<RawRetry>,
     pub safety: Option<RawSafety>,
     pub schedule: Option<RawSchedule>,
+    pub unsubscribe: Option<Spanned<RawUnsubscribe>>,
     // Sections of the public interface that a later version implements. They are parsed so the
     // error can say "not supported yet" with a line, rather than pretend to honour them.
-    pub unsubscribe: Option<Spanned<toml::Table>>,
     pub dkim: Option<Spanned<toml::Table>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUnsubscribe {
+    pub url: Option<Spanned<String>>,
+    pub mailto: Option<Spanned<String>>,
+    pub secret_env: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -32,6 +40,7 @@ pub struct RawCampaign {
     pub locales: Spanned<String>,
     pub default_locale: Spanned<String>,
     pub kind: Option<Spanned<RawKind>>,
+    pub list_id: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

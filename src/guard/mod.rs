@@ -89,7 +89,7 @@ impl Rules {
 
 /// The only top-level headers mailer writes. Anything else means something upstream injected
 /// a header, and `Cc`, `Bcc`, `Resent-*` and `Apparently-To` are among the "anything else".
-const ALLOWED_HEADERS: [&str; 9] = [
+const ALLOWED_HEADERS: [&str; 12] = [
     "from",
     "reply-to",
     "to",
@@ -99,6 +99,9 @@ const ALLOWED_HEADERS: [&str; 9] = [
     "mime-version",
     "content-type",
     "content-transfer-encoding",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+    "list-id",
 ];
 
 /// The longest line SMTP allows, without its CRLF (RFC 5321 §4.5.3.1.6).

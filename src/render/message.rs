@@ -42,7 +42,37 @@ pub struct Content<'a> {
     pub html: Option<&'a str>,
     pub message_id: &'a str,
     pub date: SystemTime,
+    /// `List-Unsubscribe` (the value), and whether it offers one-click (`List-Unsubscribe-Post`).
+    pub list_unsubscribe: Option<(String, bool)>,
+    /// `List-Id`.
+    pub list_id: Option<&'a str>,
 }
+
+/// A header mailer writes whose value it has made itself (ASCII, one line, checked).
+macro_rules! list_header {
+    ($type:ident, $name:literal) => {
+        #[derive(Clone)]
+        struct $type(String);
+
+        impl lettre::message::header::Header for $type {
+            fn name() -> lettre::message::header::HeaderName {
+                lettre::message::header::HeaderName::new_from_ascii_str($name)
+            }
+
+            fn parse(s: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+                Ok($type(s.to_owned()))
+            }
+
+            fn display(&self) -> lettre::message::header::HeaderValue {
+                lettre::message::header::HeaderValue::new(Self::name(), self.0.clone())
+            }
+        }
+    };
+}
+
+list_header!(ListUnsubscribe, "List-Unsubscribe");
+list_header!(ListUnsubscribePost, "List-Unsubscribe-Post");
+list_header!(ListId, "List-Id");
 
 /// The Message-ID of (campaign, recipient): stable across runs and retries, unique per
 /// recipient, on the sender's domain.
@@ -99,6 +129,16 @@ pub fn build(content: &Content<'_>) -> Result<Vec<u8>, String> {
         .message_id(Some(format!("<{}>", content.message_id)));
     if let Some(reply_to) = content.reply_to {
         builder = builder.reply_to(reply_to.clone());
+    }
+    if let Some((value, one_click)) = &content.list_unsubscribe {
+        builder = builder.header(ListUnsubscribe(value.clone()));
+        if *one_click {
+            // RFC 8058: the link takes a POST with this body; no confirmation page.
+            builder = builder.header(ListUnsubscribePost("List-Unsubscribe=One-Click".to_owned()));
+        }
+    }
+    if let Some(list_id) = content.list_id {
+        builder = builder.header(ListId(list_id.to_owned()));
     }
     let boundary = format!(
         "=_{}",

@@ -8,6 +8,7 @@
 pub mod locale;
 pub mod message;
 pub mod template;
+pub mod unsubscribe;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,6 +40,10 @@ fn files_with_extension(dir: &Path, extension: &str) -> anyhow::Result<Vec<PathB
 /// Everything needed to render any recipient's message.
 pub struct Renderer {
     campaign_id: String,
+    /// What Message-IDs are keyed by: the campaign id, and the schedule slot if any.
+    message_key: String,
+    unsubscribe: Option<Unsubscribing>,
+    list_id: Option<String>,
     from: Mailbox,
     reply_to: Option<Mailbox>,
     templates: Templates,
@@ -51,7 +56,7 @@ impl Renderer {
     /// own mailing, so its messages must not share ids with the last slot's.
     pub fn for_slot(&mut self, slot: &str) {
         if !slot.is_empty() {
-            self.campaign_id = format!("{}/{slot}", self.campaign_id);
+            self.message_key = format!("{}/{slot}", self.campaign_id);
         }
     }
 
@@ -68,7 +73,22 @@ impl Renderer {
             Ok(templates) => templates,
             Err(problems) => return Ok(Err(problems)),
         };
-        Ok(Ok(Renderer::new(campaign, templates, locales, columns)))
+        let unsubscribe = match &campaign.unsubscribe {
+            None => None,
+            Some(config) => match Unsubscribing::new(config) {
+                Ok(unsubscribing) => Some(unsubscribing),
+                Err(message) => {
+                    return Ok(Err(Problems(vec![crate::problem::Problem::error(
+                        &campaign.file,
+                        None,
+                        message,
+                    )])));
+                }
+            },
+        };
+        let mut renderer = Renderer::new(campaign, templates, locales, columns);
+        renderer.unsubscribe = unsubscribe;
+        Ok(Ok(renderer))
     }
 
     #[must_use]
@@ -80,6 +100,9 @@ impl Renderer {
     ) -> Renderer {
         Renderer {
             campaign_id: campaign.id.clone(),
+            message_key: campaign.id.clone(),
+            unsubscribe: None,
+            list_id: campaign.list_id.clone(),
             from: campaign.from.clone(),
             reply_to: campaign.reply_to.clone(),
             templates,
@@ -159,10 +182,24 @@ impl Renderer {
             );
         }
         let message_id = message::message_id(
-            &self.campaign_id,
+            &self.message_key,
             &recipient.address.key,
             self.from.email.domain(),
         );
+        let list_unsubscribe = self.unsubscribe.as_ref().map(|u| {
+            let link = u.url.as_ref().map(|url| {
+                unsubscribe::link(
+                    url,
+                    u.key.expose().as_bytes(),
+                    &self.campaign_id,
+                    &recipient.address.key,
+                )
+            });
+            (
+                unsubscribe::header(link.as_deref(), u.mailto.as_ref()),
+                link.is_some(),
+            )
+        });
         let rcpt_to = recipient.address.to_lettre();
         let to = Mailbox::new(
             recipient.name(&self.columns).map(str::to_owned),
@@ -177,6 +214,8 @@ impl Renderer {
             html: html.as_deref(),
             message_id: &message_id,
             date,
+            list_unsubscribe,
+            list_id: self.list_id.as_deref(),
         })?;
         Ok(OutgoingMessage {
             line: recipient.line,
@@ -187,6 +226,40 @@ impl Renderer {
             message_id,
             locale: locale.to_owned(),
             bytes,
+        })
+    }
+}
+
+/// `[unsubscribe]` with its key read.
+struct Unsubscribing {
+    url: Option<url::Url>,
+    key: crate::config::Secret,
+    mailto: Option<lettre::Address>,
+}
+
+impl Unsubscribing {
+    /// Reads the key from the environment variable `secret_env` names.
+    fn new(config: &crate::config::Unsubscribe) -> Result<Unsubscribing, String> {
+        let key = match &config.secret_env {
+            Some(name) => match std::env::var(name) {
+                Ok(key) if key.len() >= 16 => crate::config::Secret::new(key),
+                Ok(_) => {
+                    return Err(format!(
+                        "the environment variable `{name}` named by [unsubscribe] secret_env holds fewer than 16 bytes: too short a key for the unsubscribe links"
+                    ));
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "the environment variable `{name}` named by [unsubscribe] secret_env is not set"
+                    ));
+                }
+            },
+            None => crate::config::Secret::new(String::new()),
+        };
+        Ok(Unsubscribing {
+            url: config.url.clone(),
+            key,
+            mailto: config.mailto.clone(),
         })
     }
 }

@@ -1,6 +1,6 @@
 //! Deliverability (issue 7): what the messages carry besides the campaign's words.
 
-use crate::campaign::Campaign;
+use crate::campaign::{Campaign, mailer};
 use crate::sink::Sink;
 
 #[test]
@@ -12,7 +12,7 @@ fn an_html_only_campaign_delivers_a_text_part_with_the_translated_words() {
         .row("bob@example.com,Bob,de,Team");
     let path = campaign.write();
     std::fs::remove_file(campaign.dir().join("templates/text.hbs")).unwrap();
-    let run = crate::campaign::mailer(&["send", path.to_str().unwrap()], &[]);
+    let run = mailer(&["send", path.to_str().unwrap()], &[]);
     assert_eq!(run.code, 0, "{run:?}");
     let transactions = sink.transactions();
     assert_eq!(transactions.len(), 2);
@@ -39,4 +39,140 @@ fn an_html_only_campaign_delivers_a_text_part_with_the_translated_words() {
             assert!(text.contains(words), "{words:?} in {text}");
         }
     }
+}
+
+/// The key the marketing campaign's links are signed with (in the child's environment only).
+const KEY: &str = "test-unsubscribe-key-0123456789";
+
+/// A marketing campaign with one-click unsubscribe and a List-Id, over SMTP to `sink`.
+fn marketing(sink: &Sink, rows: &[&str]) -> (Campaign, std::path::PathBuf) {
+    let mut campaign = Campaign::example().smtp(sink, 1).extra(
+        "[unsubscribe]\nurl = \"https://example.com/unsubscribe?list=news\"\nmailto = \"leave@example.com\"\nsecret_env = \"TEST_UNSUBSCRIBE_KEY\"\n",
+    );
+    for row in rows {
+        campaign = campaign.row(row);
+    }
+    let path = campaign.write();
+    let toml = std::fs::read_to_string(&path).unwrap().replacen(
+        "default_locale = \"en\"",
+        "default_locale = \"en\"\nkind = \"marketing\"\nlist_id = \"Example news <news.example.com>\"",
+        1,
+    );
+    std::fs::write(&path, toml).unwrap();
+    (campaign, path)
+}
+
+/// The header block of a message, its `Date` (the only line that changes) blanked.
+fn headers(data: &[u8]) -> String {
+    let text = String::from_utf8_lossy(data);
+    let head = text.split("\r\n\r\n").next().unwrap();
+    head.lines()
+        .map(|l| {
+            if l.starts_with("Date: ") {
+                "Date: (the run's date)"
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn a_marketing_message_carries_one_click_unsubscribe_and_its_list_id() {
+    let sink = Sink::start();
+    let (_campaign, path) = marketing(
+        &sink,
+        &["ann@example.com,Ann,en,Pro", "bob@example.org,Bob,fr,Team"],
+    );
+    let path = path.to_str().unwrap();
+    let env = [("TEST_UNSUBSCRIBE_KEY", KEY)];
+    let run = mailer(&["send", path], &env);
+    assert_eq!(run.code, 0, "{run:?}");
+    let transactions = sink.transactions();
+    assert_eq!(transactions.len(), 2);
+    let ann = transactions
+        .iter()
+        .find(|t| t.rcpt_to[0] == "ann@example.com")
+        .unwrap();
+    insta::assert_snapshot!("marketing_headers", headers(&ann.data));
+
+    // Each link names its own recipient, with a token that verifies for that recipient only.
+    let mut tokens = Vec::new();
+    for t in &transactions {
+        let message = crate::parse(&t.data);
+        let value = message
+            .header_raw("List-Unsubscribe")
+            .expect("List-Unsubscribe")
+            .trim()
+            .replace("\r\n", "");
+        assert_eq!(
+            message.header_raw("List-Unsubscribe-Post").map(str::trim),
+            Some("List-Unsubscribe=One-Click")
+        );
+        let link = value.split(['<', '>']).nth(1).unwrap().to_owned();
+        let url = url::Url::parse(&link).unwrap();
+        let query: std::collections::BTreeMap<String, String> =
+            url.query_pairs().into_owned().collect();
+        assert_eq!(query["r"], t.rcpt_to[0], "{link}");
+        assert_eq!(query["c"], "test-campaign");
+        assert_eq!(query["list"], "news", "the URL's own query is kept");
+        assert!(
+            value.contains("<mailto:leave@example.com?subject=unsubscribe>"),
+            "{value}"
+        );
+        let own = mailer(
+            &[
+                "unsubscribe-token",
+                path,
+                &t.rcpt_to[0],
+                "--verify",
+                &query["t"],
+            ],
+            &env,
+        );
+        assert_eq!((own.code, own.stdout.trim()), (0, "valid"), "{own:?}");
+        tokens.push((t.rcpt_to[0].clone(), query["t"].clone()));
+    }
+    assert_ne!(tokens[0].1, tokens[1].1, "tokens differ per recipient");
+    let swapped = mailer(
+        &[
+            "unsubscribe-token",
+            path,
+            &tokens[0].0,
+            "--verify",
+            &tokens[1].1,
+        ],
+        &env,
+    );
+    assert_eq!(
+        (swapped.code, swapped.stdout.trim()),
+        (1, "invalid"),
+        "{swapped:?}"
+    );
+    let printed = mailer(&["unsubscribe-token", path, &tokens[0].0], &env);
+    assert_eq!(
+        printed.stdout.lines().next(),
+        Some(tokens[0].1.as_str()),
+        "{printed:?}"
+    );
+    assert!(
+        !run.stderr.contains(KEY) && !run.stdout.contains(KEY),
+        "the key never shows"
+    );
+}
+
+#[test]
+fn a_marketing_campaign_without_its_key_sends_nothing() {
+    let sink = Sink::start();
+    let (_campaign, path) = marketing(&sink, &["ann@example.com,Ann,en,Pro"]);
+    let run = mailer(&["send", path.to_str().unwrap()], &[]);
+    assert_eq!(run.code, 65, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("`TEST_UNSUBSCRIBE_KEY` named by [unsubscribe] secret_env is not set"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(sink.connections(), 0);
 }
