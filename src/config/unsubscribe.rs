@@ -111,12 +111,27 @@ mod tests {
         assert_eq!(ok.secret_env.as_deref(), Some("K"));
         assert_eq!(ok.mailto.unwrap().to_string(), "leave@example.com");
         let errors = [
-            ("[unsubscribe]\nurl = \"http://example.com/u\"\nsecret_env = \"K\"\n", "must be an https URL"),
-            ("[unsubscribe]\nurl = \"https://example.com/u\"\n", "`url` needs `secret_env`"),
-            ("[unsubscribe]\nmailto = \"leave@example.com\"\nsecret_env = \"K\"\n", "only used with `url`"),
-            ("[unsubscribe]\nmailto = \"not an address\"\n", "is not an address"),
+            (
+                "[unsubscribe]\nurl = \"http://example.com/u\"\nsecret_env = \"K\"\n",
+                "must be an https URL",
+            ),
+            (
+                "[unsubscribe]\nurl = \"https://example.com/u\"\n",
+                "`url` needs `secret_env`",
+            ),
+            (
+                "[unsubscribe]\nmailto = \"leave@example.com\"\nsecret_env = \"K\"\n",
+                "only used with `url`",
+            ),
+            (
+                "[unsubscribe]\nmailto = \"not an address\"\n",
+                "is not an address",
+            ),
             ("[unsubscribe]\n", "needs `url`"),
-            ("[unsubscribe]\nurl = \"https://example.com/u\"\nsecret_env = \"K\"\nsecret = \"x\"\n", "unknown field"),
+            (
+                "[unsubscribe]\nurl = \"https://example.com/u\"\nsecret_env = \"K\"\nsecret = \"x\"\n",
+                "unknown field",
+            ),
         ];
         for (section, expected) in errors {
             let error = check(section).unwrap_err();
