@@ -986,10 +986,35 @@ fn send(
     let (halt_in, halt_out) = tokio::sync::watch::channel::<Option<String>>(None);
     let (watch_stop, watching) = std::sync::mpsc::channel::<()>();
     let journal_path = journaled.as_ref().map(|j| j.journal.path().to_owned());
+    // The suppression lists, read again whenever a file changes during the run, and checked
+    // just before each message goes (not in a dry run: it sends nothing).
+    let (suppress_stop, suppress_watching) = std::sync::mpsc::channel::<()>();
+    let suppressed: Option<dispatch::Suppressed> = if dry_run || loaded.campaign.suppress.is_empty()
+    {
+        None
+    } else {
+        let (set, _) = recipients::read_suppressions(&loaded.campaign.suppress)?;
+        Some(std::sync::Arc::new(std::sync::RwLock::new(set)))
+    };
 
     let started = std::time::Instant::now();
     let interactive = options.interactive;
     let (produced, (ended, written)) = std::thread::scope(|scope| {
+        if let Some(live) = &suppressed {
+            let files = &loaded.campaign.suppress;
+            scope.spawn(move || {
+                recipients::watch_suppressions(
+                    files,
+                    std::time::Duration::from_millis(200),
+                    &suppress_watching,
+                    |set| {
+                        if let Ok(mut live) = live.write() {
+                            *live = set;
+                        }
+                    },
+                );
+            });
+        }
         // A `mailer stop` from another process, seen within a fifth of a second.
         if let Some(journal_path) = &journal_path {
             let halt_in = &halt_in;
@@ -1033,6 +1058,7 @@ fn send(
                 safety: &loaded.campaign.safety,
                 journal: recorder.take(),
                 halt: halt_out,
+                suppressed: suppressed.clone(),
             };
             let dispatching = dispatch::run(transport, settings, pacer, messages_out, results_in);
             let writing = async {
@@ -1056,6 +1082,7 @@ fn send(
             (ended, written)
         });
         drop(watch_stop);
+        drop(suppress_stop);
         (producer.join(), ended)
     });
     // A journal that cannot be written halts the campaign: nothing may go out unrecorded.

@@ -181,7 +181,13 @@ pub struct Settings<'a> {
     /// Becomes `Some(reason)` when the run must stop handing out messages (`mailer stop`,
     /// a guard violation found while rendering).
     pub halt: tokio::sync::watch::Receiver<Option<String>>,
+    /// The suppression lists as they are now (read again when a file changes), checked just
+    /// before each message goes; `None` when nothing watches them (a dry run).
+    pub suppressed: Option<Suppressed>,
 }
+
+/// The live set of suppressed keys (see `recipients::suppression_key`).
+pub type Suppressed = Arc<std::sync::RwLock<std::collections::HashSet<String>>>;
 
 /// What one attempt to deliver one message gave.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{Job, Outcome, Pacer, Queued, RelayFailure, Reply, Settings, Verdict};
+use super::{Job, Outcome, Pacer, Queued, RelayFailure, Reply, Settings, Suppressed, Verdict};
 
 use crate::config::{Batch, Retry};
 use crate::journal::Recorder;
@@ -57,6 +57,9 @@ pub struct Scheduler {
     pacer: Pacer,
     retry: Retry,
     journal: Option<Recorder>,
+    suppressed: Option<Suppressed>,
+    /// Jobs whose recipient was suppressed after the run started: reported, never sent.
+    dropped: Vec<Job>,
     /// The permanent-failure breaker: `[safety] halt_failure_ratio` after `halt_min_sample`.
     halt_ratio: f64,
     halt_sample: usize,
@@ -114,6 +117,8 @@ impl Scheduler {
             pacer,
             retry: settings.retry.clone(),
             journal: settings.journal.clone(),
+            suppressed: settings.suppressed.clone(),
+            dropped: Vec::new(),
             halt_ratio: settings.safety.halt_failure_ratio,
             halt_sample: settings.safety.halt_min_sample.get(),
             answered: 0,
@@ -228,6 +233,10 @@ impl Scheduler {
             }
             self.parked -= 1;
             self.global_held = false;
+            if self.is_suppressed(&job) {
+                self.dropped.push(job);
+                continue;
+            }
             job.epoch = self.epoch;
             let worker = self.idle.pop().expect("a worker is idle: checked above");
             let Some(Some(sender)) = self.workers.get(worker) else {
@@ -256,6 +265,15 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    /// Whether the job's recipient is on a suppression list now (it may have been added since
+    /// the run started: the last check before the message goes).
+    fn is_suppressed(&self, job: &Job) -> bool {
+        self.suppressed.as_ref().is_some_and(|set| {
+            let key = crate::recipients::suppression_key(job.message.envelope.rcpt_to.as_ref());
+            set.read().map_or(true, |set| set.contains(&key))
+        })
     }
 
     /// Pauses sending until `until`, or longer if a longer pause is on.
@@ -474,7 +492,11 @@ impl Scheduler {
         retry_in: Option<Duration>,
     ) {
         let message = &job.message;
-        let attempts = job.attempts + u32::from(state != State::Deferred);
+        let attempts = job.attempts
+            + u32::from(matches!(
+                state,
+                State::Sent | State::Failed | State::Ambiguous
+            ));
         if let (Some(journal), Some(id)) = (&self.journal, job.id) {
             journal.outcome(
                 id,
@@ -533,6 +555,17 @@ impl Scheduler {
             } else {
                 None
             };
+            for job in std::mem::take(&mut self.dropped) {
+                tracing::info!(line = job.message.line, recipient = %job.message.envelope.rcpt_to, "suppressed while the campaign was sending; not sent");
+                self.report(
+                    &results,
+                    &job,
+                    State::Suppressed,
+                    "added to a suppression list while the campaign was sending".to_owned(),
+                    None,
+                )
+                .await;
+            }
             if self.in_flight == 0 {
                 if gave_up.is_some() {
                     break;

@@ -124,19 +124,74 @@ impl RecipientList {
 
 /// Reads the recipient CSV at `path`, leaving out the addresses in the `suppress` files.
 pub fn load(path: &Path, suppress: &[PathBuf]) -> anyhow::Result<RecipientList> {
-    let mut suppressed = HashSet::new();
-    let mut problems = Problems::default();
-    for file in suppress {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read the suppression file `{}`", file.display()))?;
-        problems.extend(parse_suppressions(file, &text, &mut suppressed));
-    }
+    let (suppressed, mut problems) = read_suppressions(suppress)?;
     let reader = std::fs::File::open(path)
         .with_context(|| format!("cannot open the recipient list `{}`", path.display()))?;
     let mut list = parse_reader(path, reader, &suppressed);
     problems.extend(std::mem::take(&mut list.problems));
     list.problems = problems;
     Ok(list)
+}
+
+/// Reads every suppression file: the suppressed keys (see [`suppression_key`]), and the
+/// entries that could not be read.
+pub fn read_suppressions(files: &[PathBuf]) -> anyhow::Result<(HashSet<String>, Problems)> {
+    let mut suppressed = HashSet::new();
+    let mut problems = Problems::default();
+    for file in files {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the suppression file `{}`", file.display()))?;
+        problems.extend(parse_suppressions(file, &text, &mut suppressed));
+    }
+    Ok((suppressed, problems))
+}
+
+/// The key an address is suppressed under: its normal form, lower-cased whole.
+#[must_use]
+pub fn suppression_key(address: &str) -> String {
+    address.to_lowercase()
+}
+
+/// Watches the suppression files while a send runs: every `every`, a file whose size or
+/// modification time changed is read again, and `on_change` gets the whole new set (entries
+/// that cannot be read are left out and logged; a file that cannot be read keeps the set as it
+/// was). Returns when `done` is dropped or sent to.
+pub fn watch_suppressions(
+    files: &[PathBuf],
+    every: std::time::Duration,
+    done: &std::sync::mpsc::Receiver<()>,
+    mut on_change: impl FnMut(HashSet<String>),
+) {
+    let stamp = |file: &PathBuf| {
+        std::fs::metadata(file)
+            .ok()
+            .map(|m| (m.len(), m.modified().ok()))
+    };
+    let mut seen: Vec<_> = files.iter().map(stamp).collect();
+    loop {
+        match done.recv_timeout(every) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        let now: Vec<_> = files.iter().map(stamp).collect();
+        if now == seen {
+            continue;
+        }
+        match read_suppressions(files) {
+            Ok((suppressed, problems)) => {
+                for problem in problems.0 {
+                    tracing::warn!("suppression list changed: {problem}");
+                }
+                tracing::info!(
+                    addresses = suppressed.len(),
+                    "a suppression list changed; read again"
+                );
+                on_change(suppressed);
+                seen = now;
+            }
+            Err(error) => tracing::warn!("cannot read a suppression list again: {error:#}"),
+        }
+    }
 }
 
 /// Adds a suppression file's addresses to `into`: one address per line (`#` starts a comment),
@@ -211,7 +266,7 @@ fn suppress_one(
     }
     match normalise(entry) {
         Ok(address) => {
-            into.insert(address.key.to_lowercase());
+            into.insert(suppression_key(&address.key));
         }
         Err(reason) => problems.push(Problem::error(
             path,
@@ -318,7 +373,9 @@ pub fn parse_reader(path: &Path, reader: impl Read, suppressed: &HashSet<String>
     let duplicates = deduplicate(&mut rows);
     // Suppression ignores case even in the local part: when in doubt, do not send.
     let suppressed_rows: Vec<Recipient> = rows
-        .extract_if(.., |r| suppressed.contains(&r.address.key.to_lowercase()))
+        .extract_if(.., |r| {
+            suppressed.contains(&suppression_key(&r.address.key))
+        })
         .collect();
     rows.shrink_to_fit();
     let recipients = rows;

@@ -176,3 +176,81 @@ fn a_marketing_campaign_without_its_key_sends_nothing() {
     );
     assert_eq!(sink.connections(), 0);
 }
+
+#[test]
+fn an_address_suppressed_while_the_send_runs_never_reaches_the_relay() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    // One connection, 50 ms a message: about a second for 20 recipients.
+    let delivered = Arc::new(AtomicUsize::new(0));
+    let script: crate::sink::Script = {
+        let delivered = Arc::clone(&delivered);
+        Arc::new(move |phase, _| {
+            (phase == crate::sink::Phase::EndOfData).then(|| {
+                delivered.fetch_add(1, Ordering::SeqCst);
+                "SLEEP 50 250 2.0.0 queued".to_owned()
+            })
+        })
+    };
+    let sink = Sink::scripted(script);
+    let campaign = Campaign::example()
+        .smtp(&sink, 1)
+        .rows(crate::campaign::people(20));
+    let path = campaign.write();
+    let suppress_file = campaign.dir().join("suppressed.txt");
+    std::fs::write(&suppress_file, "user3@example3.com\n").unwrap();
+    let toml = std::fs::read_to_string(&path).unwrap().replacen(
+        "path = \"recipients.csv\"",
+        "path = \"recipients.csv\"\nsuppress = [\"suppressed.txt\"]",
+        1,
+    );
+    std::fs::write(&path, toml).unwrap();
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mailer"))
+        .args(["send", path.to_str().unwrap()])
+        .env_remove("MAILER_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once a few messages are through, two more addresses are suppressed, near the end of
+    // the list: by the time their turn comes the run must know.
+    let started = std::time::Instant::now();
+    while delivered.load(Ordering::SeqCst) < 3 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "no progress"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::fs::write(
+        &suppress_file,
+        "user3@example3.com\n# asked to leave during the send\nUSER17@example3.com\nuser18@example4.com\n",
+    )
+    .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    let received: std::collections::BTreeSet<String> = sink
+        .transactions()
+        .iter()
+        .map(|t| t.rcpt_to[0].clone())
+        .collect();
+    for never in [
+        "user3@example3.com",
+        "user17@example3.com",
+        "user18@example4.com",
+    ] {
+        assert!(!received.contains(never), "{never} was sent to");
+    }
+    assert_eq!(received.len(), 17, "everyone else: {received:?}");
+    assert_eq!(crate::count(&stdout, "suppressed"), Some(3), "{stdout}");
+    let report = mailer(&["report", path.to_str().unwrap()], &[]);
+    let suppressed_rows = report
+        .stdout
+        .lines()
+        .filter(|l| l.contains(",suppressed,"))
+        .count();
+    assert_eq!(suppressed_rows, 3, "{}", report.stdout);
+}
