@@ -316,6 +316,20 @@ fn warnings(loaded: &Loaded) -> Vec<Problem> {
             ));
         }
     }
+    if let Some(dkim) = &loaded.campaign.dkim {
+        let from = loaded.campaign.from.email.domain().to_lowercase();
+        let aligned = from == dkim.domain || from.ends_with(&format!(".{}", dkim.domain));
+        if !aligned {
+            found.push(Problem::warning(
+                &loaded.campaign.file,
+                None,
+                format!(
+                    "[dkim] domain `{}` does not align with the From domain `{from}`: DMARC will not count the signature",
+                    dkim.domain
+                ),
+            ));
+        }
+    }
     for (line, first) in &loaded.list.duplicates {
         found.push(Problem::warning(
             &loaded.list.path,

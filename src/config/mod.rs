@@ -5,6 +5,7 @@
 //! problem is collected with its line. Only [`load`] touches the file system.
 
 mod delivery;
+mod dkim;
 pub mod raw;
 mod schedule;
 mod unsubscribe;
@@ -23,6 +24,7 @@ use unic_langid::LanguageIdentifier;
 
 use crate::problem::{Problem, Problems, line_of};
 pub use delivery::{Batch, OnAmbiguous, Pace, Rate, Retry};
+pub use dkim::Dkim;
 use raw::{RawFile, RawKind, RawTransport, RawTransportKind};
 pub use schedule::{Cron, CronError, Due, Schedule};
 pub use unsubscribe::Unsubscribe;
@@ -51,6 +53,8 @@ pub struct Campaign {
     pub unsubscribe: Option<Unsubscribe>,
     /// `[campaign] list_id`: the `List-Id` header (RFC 2919), when given.
     pub list_id: Option<String>,
+    /// `[dkim]`: signing, when configured.
+    pub dkim: Option<Dkim>,
 }
 
 /// `[safety]`: what the guard lets through, how many bad rows a send may skip, and when a run
@@ -258,12 +262,7 @@ impl Validator<'_> {
 
     fn campaign(mut self, raw: RawFile) -> Result<Campaign, Problems> {
         let c = raw.campaign;
-        if let Some(section) = &raw.dkim {
-            self.error(
-                section,
-                "the `[dkim]` section is not supported by this version of mailer yet; remove it rather than have it ignored",
-            );
-        }
+        let dkim = raw.dkim.as_ref().and_then(|d| self.dkim(d));
         let unsubscribe = raw.unsubscribe.as_ref().and_then(|u| self.unsubscribe(u));
         let list_id = c.list_id.as_ref().and_then(|value| {
             let text = value.get_ref();
@@ -388,6 +387,7 @@ impl Validator<'_> {
                     schedule,
                     unsubscribe,
                     list_id,
+                    dkim,
                 })
             }
             _ => Err(self.problems),

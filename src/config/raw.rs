@@ -17,9 +17,15 @@ pub struct RawFile {
     pub safety: Option<RawSafety>,
     pub schedule: Option<RawSchedule>,
     pub unsubscribe: Option<Spanned<RawUnsubscribe>>,
-    // Sections of the public interface that a later version implements. They are parsed so the
-    // error can say "not supported yet" with a line, rather than pretend to honour them.
-    pub dkim: Option<Spanned<toml::Table>>,
+    pub dkim: Option<Spanned<RawDkim>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDkim {
+    pub selector: Spanned<String>,
+    pub domain: Spanned<String>,
+    pub key_path: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]

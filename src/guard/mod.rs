@@ -89,7 +89,7 @@ impl Rules {
 
 /// The only top-level headers mailer writes. Anything else means something upstream injected
 /// a header, and `Cc`, `Bcc`, `Resent-*` and `Apparently-To` are among the "anything else".
-const ALLOWED_HEADERS: [&str; 12] = [
+const ALLOWED_HEADERS: [&str; 13] = [
     "from",
     "reply-to",
     "to",
@@ -102,6 +102,7 @@ const ALLOWED_HEADERS: [&str; 12] = [
     "list-unsubscribe",
     "list-unsubscribe-post",
     "list-id",
+    "dkim-signature",
 ];
 
 /// The longest line SMTP allows, without its CRLF (RFC 5321 §4.5.3.1.6).

@@ -46,6 +46,8 @@ pub struct Content<'a> {
     pub list_unsubscribe: Option<(String, bool)>,
     /// `List-Id`.
     pub list_id: Option<&'a str>,
+    /// Signs the message, last, when the campaign has `[dkim]`.
+    pub dkim: Option<&'a super::dkim::Signer>,
 }
 
 /// A header mailer writes whose value it has made itself (ASCII, one line, checked).
@@ -155,9 +157,13 @@ pub fn build(content: &Content<'_>) -> Result<Vec<u8>, String> {
         (None, Some(html)) => builder.singlepart(part(ContentType::TEXT_HTML, html)),
         (None, None) => return Err("the message has neither a text nor an HTML part".to_owned()),
     };
-    message
-        .map(|m| m.formatted())
-        .map_err(|error| format!("the message cannot be built: {error}"))
+    let message = message
+        .map_err(|error| format!("the message cannot be built: {error}"))?
+        .formatted();
+    Ok(match content.dkim {
+        Some(signer) => signer.sign(&message, content.date),
+        None => message,
+    })
 }
 
 #[cfg(test)]

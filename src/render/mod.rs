@@ -5,6 +5,7 @@
 //! current recipient (`r.<column>`), its resolved `locale` and campaign-level values only —
 //! never other recipients.
 
+mod dkim;
 pub mod locale;
 pub mod message;
 pub mod template;
@@ -44,6 +45,7 @@ pub struct Renderer {
     message_key: String,
     unsubscribe: Option<Unsubscribing>,
     list_id: Option<String>,
+    dkim: Option<dkim::Signer>,
     from: Mailbox,
     reply_to: Option<Mailbox>,
     templates: Templates,
@@ -86,8 +88,22 @@ impl Renderer {
                 }
             },
         };
+        let signer = match &campaign.dkim {
+            None => None,
+            Some(config) => match dkim::Signer::load(campaign, config) {
+                Ok(signer) => Some(signer),
+                Err(message) => {
+                    return Ok(Err(Problems(vec![crate::problem::Problem::error(
+                        &campaign.file,
+                        None,
+                        message,
+                    )])));
+                }
+            },
+        };
         let mut renderer = Renderer::new(campaign, templates, locales, columns);
         renderer.unsubscribe = unsubscribe;
+        renderer.dkim = signer;
         Ok(Ok(renderer))
     }
 
@@ -103,6 +119,7 @@ impl Renderer {
             message_key: campaign.id.clone(),
             unsubscribe: None,
             list_id: campaign.list_id.clone(),
+            dkim: None,
             from: campaign.from.clone(),
             reply_to: campaign.reply_to.clone(),
             templates,
@@ -216,6 +233,7 @@ impl Renderer {
             date,
             list_unsubscribe,
             list_id: self.list_id.as_deref(),
+            dkim: self.dkim.as_ref(),
         })?;
         Ok(OutgoingMessage {
             line: recipient.line,

@@ -254,3 +254,126 @@ fn an_address_suppressed_while_the_send_runs_never_reaches_the_relay() {
         .count();
     assert_eq!(suppressed_rows, 3, "{}", report.stdout);
 }
+
+/// Verifies a DKIM signature with Python's dkimpy (an implementation independent of lettre),
+/// answering the key lookup with `record`. Gives dkimpy's verdict and the signed header names.
+fn dkimpy_verify(message: &[u8], record: &str) -> (bool, String) {
+    use std::io::Write as _;
+    const SCRIPT: &str = r#"
+import sys, dkim
+record = sys.argv[1].encode()
+message = sys.stdin.buffer.read()
+def dns(name, timeout=5):
+    assert name == b"s2026._domainkey.example.com.", name
+    return record
+ok = dkim.verify(message, dnsfunc=dns)
+signature = dkim.util.parse_tag_value(dkim.rfc822_parse(message)[0][0][1]) if False else None
+headers = [v for k, v in dkim.rfc822_parse(message)[0] if k.lower() == b"dkim-signature"]
+tags = dkim.util.parse_tag_value(b"".join(headers[0].split()))
+print("ok" if ok else "bad", tags[b"h"].decode())
+"#;
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", SCRIPT, record])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("/usr/bin/python3 (scripts/test installs python3-dkim)");
+    child.stdin.take().unwrap().write_all(message).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "dkimpy failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (verdict, headers) = stdout.trim().split_once(' ').unwrap();
+    (verdict == "ok", headers.to_owned())
+}
+
+#[test]
+fn dkim_signatures_verify_with_an_independent_implementation_for_rsa_and_ed25519() {
+    let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/integration/dkim");
+    let rsa = std::fs::read_to_string(keys.join("rsa.pub.b64")).unwrap();
+    let ed25519 = std::fs::read_to_string(keys.join("ed25519.pub.b64")).unwrap();
+    for (key, record) in [
+        ("rsa-pkcs1.pem", format!("v=DKIM1; k=rsa; p={}", rsa.trim())),
+        ("rsa-pkcs8.pem", format!("v=DKIM1; k=rsa; p={}", rsa.trim())),
+        (
+            "ed25519.pem",
+            format!("v=DKIM1; k=ed25519; p={}", ed25519.trim()),
+        ),
+    ] {
+        let sink = Sink::start();
+        let (campaign, path) = marketing(
+            &sink,
+            &["ann@example.com,Ann,fr,Pro", "bob@example.org,Bob,de,Team"],
+        );
+        std::fs::copy(keys.join(key), campaign.dir().join("dkim.pem")).unwrap();
+        let toml = std::fs::read_to_string(&path).unwrap()
+            + "\n[dkim]\nselector = \"s2026\"\ndomain = \"example.com\"\nkey_path = \"dkim.pem\"\n";
+        std::fs::write(&path, toml).unwrap();
+        let run = mailer(
+            &["send", path.to_str().unwrap()],
+            &[("TEST_UNSUBSCRIBE_KEY", KEY)],
+        );
+        assert_eq!(run.code, 0, "{key}: {run:?}");
+        let transactions = sink.transactions();
+        assert_eq!(transactions.len(), 2);
+        for t in &transactions {
+            let (ok, signed) = dkimpy_verify(&t.data, &record);
+            assert!(
+                ok,
+                "{key}: the signature of the message to {} does not verify",
+                t.rcpt_to[0]
+            );
+            for header in [
+                "from",
+                "to",
+                "subject",
+                "date",
+                "message-id",
+                "mime-version",
+                "content-type",
+                "list-unsubscribe",
+                "list-unsubscribe-post",
+            ] {
+                assert!(
+                    signed.split(':').any(|h| h == header),
+                    "{key}: {header} not in h={signed}"
+                );
+            }
+            // Tampering with a signed header breaks it: the check can fail.
+            let tampered =
+                String::from_utf8_lossy(&t.data).replacen("Subject: ", "Subject: Re: ", 1);
+            assert!(
+                !dkimpy_verify(tampered.as_bytes(), &record).0,
+                "{key}: tampering went unnoticed"
+            );
+        }
+    }
+}
+
+#[test]
+fn check_warns_when_the_dkim_domain_does_not_align_with_the_from_domain() {
+    let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/integration/dkim");
+    for (domain, aligned) in [("example.com", true), ("mail.example.net", false)] {
+        let campaign = Campaign::example().rows(crate::campaign::people(2));
+        let path = campaign.write();
+        std::fs::copy(keys.join("ed25519.pem"), campaign.dir().join("dkim.pem")).unwrap();
+        let toml = std::fs::read_to_string(&path).unwrap()
+            + &format!(
+                "\n[dkim]\nselector = \"s\"\ndomain = \"{domain}\"\nkey_path = \"dkim.pem\"\n"
+            );
+        std::fs::write(&path, toml).unwrap();
+        let run = mailer(&["check", path.to_str().unwrap()], &[]);
+        assert_eq!(run.code, 0, "a warning, not an error: {run:?}");
+        assert_eq!(
+            run.stdout
+                .contains("does not align with the From domain `example.com`"),
+            !aligned,
+            "{domain}: {}",
+            run.stdout
+        );
+    }
+}
