@@ -742,10 +742,10 @@ path = "r.csv"
     #[test]
     fn every_problem_is_reported_at_once() {
         let dir = folder();
-        let text = "[campaign]\nid = \"bad id\"\nfrom = \"not an address\"\ntemplate = \"missing\"\nlocales = \"l\"\ndefault_locale = \"en\"\n[recipients]\npath = \"nope.csv\"\n[dkim]\nselector = \"s1\"\n[safety]\ncanary = [\"x@example.com\"]\nallow_addresses = [\"nope\"]\nmax_invalid = -1\n";
+        let text = "[campaign]\nid = \"bad id\"\nfrom = \"not an address\"\ntemplate = \"missing\"\nlocales = \"l\"\ndefault_locale = \"en\"\n[recipients]\npath = \"nope.csv\"\n[dkim]\nselector = \"bad selector\"\ndomain = \"example.com\"\nkey_path = \"k.pem\"\n[safety]\ncanary = [\"x@example.com\"]\nallow_addresses = [\"nope\"]\nmax_invalid = -1\n";
         let problems = parse(&dir.path().join("c.toml"), text).unwrap_err();
         let lines: Vec<_> = problems.0.iter().map(|p| p.line.unwrap()).collect();
-        assert_eq!(lines, vec![9, 2, 3, 4, 8, 12, 13, 14], "{problems:?}");
+        assert_eq!(lines, vec![10, 2, 3, 4, 8, 14, 15, 16], "{problems:?}");
     }
 
     #[test]

@@ -98,7 +98,7 @@ fn cases() -> Vec<(&'static str, Campaign, Option<Fixup>)> {
         ("unknown_key", ok().transport("speed = 9"), None),
         (
             "unsupported_section",
-            ok().extra("[dkim]\nselector = \"s1\"\n"),
+            ok().extra("[safety]\ncanary = [\"seed@example.com\"]\n"),
             None,
         ),
         (
