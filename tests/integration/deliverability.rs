@@ -377,3 +377,38 @@ fn check_warns_when_the_dkim_domain_does_not_align_with_the_from_domain() {
         );
     }
 }
+
+#[test]
+fn non_ascii_subjects_are_encoded_and_a_non_ascii_mailbox_fails_without_smtputf8() {
+    // A relay that offers 8BITMIME but not SMTPUTF8.
+    let script: crate::sink::Script = std::sync::Arc::new(|phase, _| {
+        (phase == crate::sink::Phase::Ehlo)
+            .then(|| "250-sink.test\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES".to_owned())
+    });
+    let sink = Sink::scripted(script);
+    let campaign = Campaign::example()
+        .smtp(&sink, 1)
+        .row("ann@example.com,Ann,fr,Pro")
+        .row("jörg@example.de,Jörg,de,Team");
+    let path = campaign.write();
+    let run = mailer(&["send", path.to_str().unwrap()], &[]);
+    assert_eq!(run.code, 1, "one permanent failure: {run:?}");
+    assert!(
+        run.stdout
+            .contains("the address has non-ASCII characters and the server lacks SMTPUTF8"),
+        "{}",
+        run.stdout
+    );
+    let transactions = sink.transactions();
+    assert_eq!(transactions.len(), 1, "only Ann's message went");
+    let raw = String::from_utf8_lossy(&transactions[0].data);
+    let head = raw.split("\r\n\r\n").next().unwrap();
+    assert!(head.is_ascii(), "headers are ASCII: {head}");
+    let subject = head.lines().find(|l| l.starts_with("Subject: ")).unwrap();
+    assert!(subject.contains("=?utf-8?"), "RFC 2047: {subject}");
+    assert_eq!(
+        crate::parse(&transactions[0].data).subject(),
+        Some("Modification de nos conditions d’utilisation"),
+        "and it decodes to the French subject"
+    );
+}
