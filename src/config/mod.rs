@@ -55,6 +55,9 @@ pub struct Campaign {
     pub list_id: Option<String>,
     /// `[dkim]`: signing, when configured.
     pub dkim: Option<Dkim>,
+    /// `[campaign] inline_css`: move the HTML's `<style>` rules into `style` attributes (for
+    /// mail clients that drop `<style>`).
+    pub inline_css: bool,
 }
 
 /// `[safety]`: what the guard lets through, how many bad rows a send may skip, and when a run
@@ -388,6 +391,7 @@ impl Validator<'_> {
                     unsubscribe,
                     list_id,
                     dkim,
+                    inline_css: c.inline_css.unwrap_or(false),
                 })
             }
             _ => Err(self.problems),

@@ -47,6 +47,7 @@ pub struct RawCampaign {
     pub default_locale: Spanned<String>,
     pub kind: Option<Spanned<RawKind>>,
     pub list_id: Option<Spanned<String>>,
+    pub inline_css: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

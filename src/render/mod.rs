@@ -46,6 +46,8 @@ pub struct Renderer {
     unsubscribe: Option<Unsubscribing>,
     list_id: Option<String>,
     dkim: Option<dkim::Signer>,
+    /// `[campaign] inline_css`: never loads anything (no remote stylesheets).
+    inliner: Option<css_inline::CSSInliner<'static>>,
     from: Mailbox,
     reply_to: Option<Mailbox>,
     templates: Templates,
@@ -120,6 +122,11 @@ impl Renderer {
             unsubscribe: None,
             list_id: campaign.list_id.clone(),
             dkim: None,
+            inliner: campaign.inline_css.then(|| {
+                css_inline::CSSInliner::options()
+                    .load_remote_stylesheets(false)
+                    .build()
+            }),
             from: campaign.from.clone(),
             reply_to: campaign.reply_to.clone(),
             templates,
@@ -177,11 +184,16 @@ impl Renderer {
         if subject.is_empty() {
             return Err("the rendered subject is empty".to_owned());
         }
-        let html = self
+        let mut html = self
             .templates
             .has_html()
             .then(|| self.templates.render(Part::Html, &data))
             .transpose()?;
+        if let (Some(inliner), Some(rendered)) = (&self.inliner, html.as_mut()) {
+            *rendered = inliner
+                .inline(rendered)
+                .map_err(|e| format!("cannot inline the HTML's CSS: {e}"))?;
+        }
         let text = if self.templates.has_text() {
             Some(self.templates.render(Part::Text, &data)?)
         } else {

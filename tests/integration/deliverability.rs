@@ -412,3 +412,57 @@ fn non_ascii_subjects_are_encoded_and_a_non_ascii_mailbox_fails_without_smtputf8
         "and it decodes to the French subject"
     );
 }
+
+#[test]
+fn inline_css_moves_style_rules_into_the_elements() {
+    let sink = Sink::start();
+    let campaign = Campaign::example()
+        .smtp(&sink, 1)
+        .row("ann@example.com,Ann,en,Pro")
+        .file(
+            "templates/html.hbs",
+            "<html><head><style>p.note { color: #666666 }</style></head>\
+             <body><p class=\"note\">{{t \"body\"}}</p></body></html>\n",
+        );
+    let path = campaign.write();
+    for (inline, styled) in [(false, false), (true, true)] {
+        let toml = std::fs::read_to_string(&path).unwrap();
+        let toml = toml.replace("inline_css = true\n", "");
+        let toml = if inline {
+            toml.replacen(
+                "default_locale = \"en\"",
+                "default_locale = \"en\"\ninline_css = true",
+                1,
+            )
+        } else {
+            toml
+        };
+        std::fs::write(&path, toml).unwrap();
+        let before = sink.transactions().len();
+        // A fresh journal each time: the same recipient is sent to twice on purpose.
+        let state = tempfile::tempdir().unwrap();
+        let run = mailer(
+            &[
+                "send",
+                path.to_str().unwrap(),
+                "--state-dir",
+                state.path().to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert_eq!(run.code, 0, "{run:?}");
+        let data = &sink.transactions()[before].data;
+        let message = crate::parse(data);
+        let html = message.body_html(0).unwrap();
+        assert_eq!(
+            html.contains("style=\"color: #666666"),
+            styled,
+            "inline_css = {inline}: {html}"
+        );
+        assert_eq!(
+            html.contains("<style>"),
+            !styled,
+            "inline_css = {inline}: {html}"
+        );
+    }
+}
