@@ -317,8 +317,13 @@ fn warnings(loaded: &Loaded) -> Vec<Problem> {
         }
     }
     if let Some(dkim) = &loaded.campaign.dkim {
-        let from = loaded.campaign.from.email.domain().to_lowercase();
-        let aligned = from == dkim.domain || from.ends_with(&format!(".{}", dkim.domain));
+        // Relaxed DMARC alignment: the same organisational domain, either side a subdomain.
+        let from = idna::domain_to_ascii(loaded.campaign.from.email.domain())
+            .unwrap_or_default()
+            .to_lowercase();
+        let d = &dkim.domain;
+        let aligned =
+            from == *d || from.ends_with(&format!(".{d}")) || d.ends_with(&format!(".{from}"));
         if !aligned {
             found.push(Problem::warning(
                 &loaded.campaign.file,
@@ -806,8 +811,12 @@ fn open_for_send(
         None => journal.freeze_inputs(&slot, &combined, &inputs, None)?,
         Some(frozen) => {
             let changes = fingerprint::changes(&frozen, &inputs);
+            // Suppression lists only ever take recipients away, and an unsubscribe endpoint
+            // appends to them while a campaign is under way: a change to them alone is taken
+            // (and recorded), not refused.
+            let suppression_only = changes.iter().all(|c| c.starts_with("suppress["));
             if !changes.is_empty() {
-                if !options.accept_changed_inputs {
+                if !options.accept_changed_inputs && !suppression_only {
                     return Err(Failure::new(
                         Exit::InvalidInput,
                         format!(
@@ -818,9 +827,15 @@ fn open_for_send(
                     )
                     .into());
                 }
-                tracing::warn!(changes = %changes.join(", "), "changed inputs accepted");
+                let how = if suppression_only {
+                    "suppression lists only, taken without the flag"
+                } else {
+                    "--accept-changed-inputs"
+                };
+                tracing::warn!(changes = %changes.join(", "), how, "changed inputs accepted");
                 inputs_changed = true;
-                journal.freeze_inputs(&slot, &combined, &inputs, Some(&changes.join(", ")))?;
+                let accepted = format!("{} ({how})", changes.join(", "));
+                journal.freeze_inputs(&slot, &combined, &inputs, Some(&accepted))?;
             }
         }
     }
@@ -1023,7 +1038,7 @@ fn send(
                     &suppress_watching,
                     |set| {
                         if let Ok(mut live) = live.write() {
-                            *live = set;
+                            live.extend(set);
                         }
                     },
                 );

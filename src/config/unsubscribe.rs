@@ -29,7 +29,7 @@ pub fn valid_list_id(text: &str) -> bool {
         return false;
     };
     let description = &text[..open];
-    !text.contains(['\r', '\n'])
+    text.chars().all(|c| c == ' ' || c.is_ascii_graphic())
         && description.is_ascii()
         && id.contains('.')
         && id.split('.').all(|label| {
@@ -44,11 +44,19 @@ impl Validator<'_> {
         let url = section.url.as_ref().and_then(|value| {
             let text = value.get_ref();
             match url::Url::parse(text) {
-                Ok(url) if url.scheme() == "https" && url.fragment().is_none() && url.host().is_some() => Some(url),
+                Ok(url)
+                    if url.scheme() == "https"
+                        && url.fragment().is_none()
+                        && url.host().is_some()
+                        && url.username().is_empty()
+                        && url.password().is_none() =>
+                {
+                    Some(url)
+                }
                 Ok(_) => {
                     self.error(
                         value,
-                        format!("`url` = `{text}` must be an https URL without a #fragment (RFC 8058 one-click unsubscribe is https only)"),
+                        format!("`url` = `{text}` must be an https URL without credentials or a #fragment (RFC 8058 one-click unsubscribe is https only; the URL is in every message)"),
                     );
                     None
                 }
@@ -60,8 +68,23 @@ impl Validator<'_> {
         });
         let mailto = section.mailto.as_ref().and_then(|value| {
             let text = value.get_ref();
-            match text.parse::<lettre::Address>() {
-                Ok(address) => Some(address),
+            // Normalised (IDNA domain), with a plain ASCII local part: it goes into a mailto:
+            // URI in a header, with nothing to escape.
+            let plain = |address: &crate::recipients::NormalisedAddress| {
+                address
+                    .local()
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".+-_".contains(c))
+            };
+            match crate::recipients::normalise(text) {
+                Ok(address) if plain(&address) => Some(address.to_lettre()),
+                Ok(_) => {
+                    self.error(
+                        value,
+                        format!("`mailto` = `{text}` must have a plain local part (letters, digits, `.`, `+`, `-`, `_`)"),
+                    );
+                    None
+                }
                 Err(error) => {
                     self.error(
                         value,
@@ -129,6 +152,14 @@ mod tests {
             ),
             ("[unsubscribe]\n", "needs `url`"),
             (
+                "[unsubscribe]\nurl = \"https://u:p@example.com/u\"\nsecret_env = \"K\"\n",
+                "without credentials",
+            ),
+            (
+                "[unsubscribe]\nmailto = \"a?b@example.com\"\n",
+                "plain local part",
+            ),
+            (
                 "[unsubscribe]\nurl = \"https://example.com/u\"\nsecret_env = \"K\"\nsecret = \"x\"\n",
                 "unknown field",
             ),
@@ -147,5 +178,9 @@ mod tests {
         assert!(!valid_list_id("Example <news>"));
         assert!(!valid_list_id("Example <news..example.com>"));
         assert!(!valid_list_id("Example\r\nBcc: x <news.example.com>"));
+        assert!(
+            !valid_list_id("Example\u{b} <news.example.com>"),
+            "no control characters"
+        );
     }
 }

@@ -395,7 +395,7 @@ impl Journal {
             self.event(
                 slot,
                 "inputs-accepted",
-                &format!("changed inputs accepted (--accept-changed-inputs): {changed}; fingerprint now {fingerprint}"),
+                &format!("changed inputs accepted: {changed}; fingerprint now {fingerprint}"),
             )?;
         }
         Ok(())

@@ -153,9 +153,10 @@ pub fn suppression_key(address: &str) -> String {
 }
 
 /// Watches the suppression files while a send runs: every `every`, a file whose size or
-/// modification time changed is read again, and `on_change` gets the whole new set (entries
-/// that cannot be read are left out and logged; a file that cannot be read keeps the set as it
-/// was). Returns when `done` is dropped or sent to.
+/// modification time changed is read again, and `on_change` gets what it holds now (entries
+/// that cannot be read are left out and logged; a file that cannot be read changes nothing).
+/// The caller adds them to what it had: nobody is un-suppressed during a run, even by a file
+/// caught half-rewritten. Returns when `done` is dropped or sent to.
 pub fn watch_suppressions(
     files: &[PathBuf],
     every: std::time::Duration,

@@ -125,6 +125,9 @@ impl Renderer {
             inliner: campaign.inline_css.then(|| {
                 css_inline::CSSInliner::options()
                     .load_remote_stylesheets(false)
+                    // @media rules cannot be inlined; keep them in <style> for clients that
+                    // honour them (mobile layouts).
+                    .keep_at_rules(true)
                     .build()
             }),
             from: campaign.from.clone(),
@@ -298,8 +301,13 @@ impl Unsubscribing {
 const TEXT_WIDTH: usize = 76;
 
 /// The text part of an HTML-only campaign (html2text: paragraphs, lists, links as footnotes).
+/// Raw mode: layout tables become text, not box drawings; deep nesting overflows the width
+/// instead of failing the recipient.
 fn text_from_html(html: &str) -> Result<String, String> {
-    html2text::from_read(html.as_bytes(), TEXT_WIDTH)
+    html2text::config::plain()
+        .raw_mode(true)
+        .allow_width_overflow()
+        .string_from_read(html.as_bytes(), TEXT_WIDTH)
         .map_err(|e| format!("cannot make the text part from the HTML: {e}"))
 }
 

@@ -1056,3 +1056,42 @@ fn an_unfinished_slot_is_not_finished_with_the_next_editions_inputs() {
     );
     assert_eq!(status(&path)["slot"], "2026-03-03T09:00:00Z");
 }
+
+#[test]
+fn a_suppression_list_that_grew_between_runs_is_taken_and_honoured() {
+    let (sink, limit) = relay_that_takes(2);
+    let campaign = Campaign::example().smtp(&sink, 1).rows(people(6));
+    let path = campaign.write();
+    let suppress = campaign.dir().join("suppressed.txt");
+    std::fs::write(&suppress, "# none yet\n").unwrap();
+    let toml = std::fs::read_to_string(&path).unwrap().replacen(
+        "path = \"recipients.csv\"",
+        "path = \"recipients.csv\"\nsuppress = [\"suppressed.txt\"]",
+        1,
+    );
+    std::fs::write(&path, toml).unwrap();
+    let first = mailer(&["send", arg(&path)], &[]);
+    assert_eq!(first.code, 69, "{first:?}");
+    assert_eq!(received(&sink).len(), 2);
+
+    // Someone unsubscribes meanwhile. The next run goes on without --accept-changed-inputs,
+    // and does not send to them.
+    std::fs::write(&suppress, "user4@example4.com\n").unwrap();
+    limit.store(usize::MAX, Ordering::SeqCst);
+    let second = mailer(&["send", arg(&path)], &[]);
+    assert_eq!(second.code, 0, "{second:?}");
+    let accepted = received(&sink);
+    assert_eq!(accepted.len(), 5, "{accepted:?}");
+    assert!(!accepted.contains_key("user4@example4.com"));
+    assert!(accepted.values().all(|&n| n == 1), "{accepted:?}");
+    let done = status(&path);
+    assert_eq!(state_count(&done, "suppressed"), 1, "{done}");
+    // A template change is still refused.
+    std::fs::write(
+        campaign.dir().join("templates/subject.hbs"),
+        "New subject\n",
+    )
+    .unwrap();
+    let changed = mailer(&["send", arg(&path)], &[]);
+    assert_eq!(changed.code, 65, "{changed:?}");
+}
