@@ -144,7 +144,7 @@ impl Renderer {
     }
 
     /// The template context of one recipient.
-    fn context(&self, recipient: &Recipient, locale: &str) -> Value {
+    fn context(&self, recipient: &Recipient, locale: &str, link: Option<&str>) -> Value {
         let mut r = Map::new();
         for (index, value) in recipient.fields().enumerate() {
             r.insert(
@@ -163,6 +163,12 @@ impl Renderer {
         root.insert("r".to_owned(), Value::Object(r));
         root.insert("locale".to_owned(), Value::String(locale.to_owned()));
         root.insert("campaign".to_owned(), Value::Object(campaign));
+        // `{{unsubscribe_url}}`: the recipient's own one-click link, for a visible
+        // "unsubscribe" in the body (empty without `[unsubscribe] url`).
+        root.insert(
+            "unsubscribe_url".to_owned(),
+            Value::String(link.unwrap_or_default().to_owned()),
+        );
         Value::Object(root)
     }
 
@@ -174,8 +180,18 @@ impl Renderer {
     ) -> Result<OutgoingMessage, String> {
         let locale_index = self.locales.resolve(recipient.locale(&self.columns));
         let locale = self.locales.tag(locale_index);
+        let link = self.unsubscribe.as_ref().and_then(|u| {
+            u.url.as_ref().map(|url| {
+                unsubscribe::link(
+                    url,
+                    u.key.expose().as_bytes(),
+                    &self.campaign_id,
+                    &recipient.address.key,
+                )
+            })
+        });
         // One context for the three templates: `Handlebars::render` would copy the data each time.
-        let data = handlebars::Context::from(self.context(recipient, locale));
+        let data = handlebars::Context::from(self.context(recipient, locale, link.as_deref()));
         let subject = self.templates.render(Part::Subject, &data)?;
         if subject.contains(['\r', '\n']) {
             return Err(
@@ -219,14 +235,6 @@ impl Renderer {
             self.from.email.domain(),
         );
         let list_unsubscribe = self.unsubscribe.as_ref().map(|u| {
-            let link = u.url.as_ref().map(|url| {
-                unsubscribe::link(
-                    url,
-                    u.key.expose().as_bytes(),
-                    &self.campaign_id,
-                    &recipient.address.key,
-                )
-            });
             (
                 unsubscribe::header(link.as_deref(), u.mailto.as_ref()),
                 link.is_some(),

@@ -466,3 +466,33 @@ fn inline_css_moves_style_rules_into_the_elements() {
         );
     }
 }
+
+#[test]
+fn templates_get_the_recipients_own_unsubscribe_link() {
+    let sink = Sink::start();
+    let (campaign, path) = marketing(&sink, &["ann@example.com,Ann,en,Pro"]);
+    std::fs::write(
+        campaign.dir().join("templates/html.hbs"),
+        "<p>{{t \"body\"}}</p><p><a href=\"{{unsubscribe_url}}\">Unsubscribe</a></p>\n",
+    )
+    .unwrap();
+    let run = mailer(
+        &["send", path.to_str().unwrap()],
+        &[("TEST_UNSUBSCRIBE_KEY", KEY)],
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    let data = &sink.transactions()[0].data;
+    let message = crate::parse(data);
+    let header = message
+        .header_raw("List-Unsubscribe")
+        .unwrap()
+        .replace("\r\n", "");
+    let link = header.split(['<', '>']).nth(1).unwrap().to_owned();
+    let html = message.body_html(0).unwrap();
+    // The body's link is the header's (HTML-escaped in the attribute, as it should be).
+    let decoded = html_escape::decode_html_entities(&html);
+    assert!(
+        decoded.contains(&format!("href=\"{link}\"")),
+        "{link} in {html}"
+    );
+}
