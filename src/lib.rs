@@ -316,6 +316,28 @@ fn warnings(loaded: &Loaded) -> Vec<Problem> {
             ));
         }
     }
+    let campaign = &loaded.campaign;
+    if campaign.kind == config::Kind::Marketing {
+        // What the large mailbox providers ask of bulk senders since 2024.
+        if campaign.dkim.is_none() {
+            found.push(Problem::warning(
+                &campaign.file,
+                None,
+                "a marketing campaign without [dkim]: one-click unsubscribe (RFC 8058) needs a DKIM signature covering it, and bulk mail without one is rejected or junked",
+            ));
+        }
+        if campaign
+            .unsubscribe
+            .as_ref()
+            .is_some_and(|u| u.url.is_none())
+        {
+            found.push(Problem::warning(
+                &campaign.file,
+                None,
+                "[unsubscribe] has no url: a mailto alone is not one-click unsubscribe, which the large mailbox providers require of bulk senders",
+            ));
+        }
+    }
     if let Some(dkim) = &loaded.campaign.dkim {
         // Relaxed DMARC alignment: the same organisational domain, either side a subdomain.
         let from = idna::domain_to_ascii(loaded.campaign.from.email.domain())

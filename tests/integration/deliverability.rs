@@ -496,3 +496,31 @@ fn templates_get_the_recipients_own_unsubscribe_link() {
         "{link} in {html}"
     );
 }
+
+#[test]
+fn check_warns_about_marketing_without_dkim_or_without_one_click() {
+    let sink = Sink::start();
+    let (_campaign, path) = marketing(&sink, &["ann@example.com,Ann,en,Pro"]);
+    let env = [("TEST_UNSUBSCRIBE_KEY", KEY)];
+    let run = mailer(&["check", path.to_str().unwrap()], &env);
+    assert_eq!(run.code, 0, "warnings, not errors: {run:?}");
+    assert!(
+        run.stdout.contains("a marketing campaign without [dkim]"),
+        "{}",
+        run.stdout
+    );
+    assert!(!run.stdout.contains("has no url"), "{}", run.stdout);
+    // mailto only.
+    let toml = std::fs::read_to_string(&path).unwrap();
+    let toml = toml
+        .replace("url = \"https://example.com/unsubscribe?list=news\"\n", "")
+        .replace("secret_env = \"TEST_UNSUBSCRIBE_KEY\"\n", "");
+    std::fs::write(&path, toml).unwrap();
+    let run = mailer(&["check", path.to_str().unwrap()], &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout.contains("[unsubscribe] has no url"),
+        "{}",
+        run.stdout
+    );
+}
