@@ -526,12 +526,7 @@ fn campaign_id(path: &Path) -> anyhow::Result<String> {
     let id = toml::from_str::<toml::Table>(&text)
         .ok()
         .and_then(|table| Some(table.get("campaign")?.get("id")?.as_str()?.to_owned()))
-        .filter(|id| {
-            !id.is_empty()
-                && id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        });
+        .filter(|id| config::valid_id(id));
     match id {
         Some(id) => Ok(id),
         None => Ok(config::parse(path, &text)
@@ -787,15 +782,15 @@ fn open_for_send(
         )
         .into());
     }
+    let inputs = fingerprint::inputs(campaign)?;
     if !slot.is_empty() && options.slot.is_none() {
         // A cron slot left unfinished (the relay was down, say) is finished first, with the
         // inputs it started with: its recipients would otherwise be skipped for good. The
         // current slot comes next. If the inputs changed since (the next edition is ready),
         // it is named and left to --slot instead of being finished with the new ones.
-        let current = fingerprint::inputs(campaign)?;
         let mut finish_first = None;
         for (earlier, waiting) in journal.slots_with(&slot, &["pending", "in_flight"])? {
-            if finish_first.is_none() && journal.frozen_inputs(&earlier)?.as_ref() == Some(&current)
+            if finish_first.is_none() && journal.frozen_inputs(&earlier)?.as_ref() == Some(&inputs)
             {
                 tracing::warn!(
                     slot = %earlier,
@@ -826,7 +821,6 @@ fn open_for_send(
             slot = earlier;
         }
     }
-    let inputs = fingerprint::inputs(campaign)?;
     let combined = fingerprint::combine(&inputs);
     let mut inputs_changed = false;
     match journal.frozen_inputs(&slot)? {
@@ -914,7 +908,7 @@ fn send(
         loaded.renderer.for_slot(&j.slot);
     }
     let validation = validated(loaded, date, options.keep_bytes)?;
-    let (loaded, validation) = validation;
+    let (mut loaded, validation) = validation;
     let mut summary = validation.summary;
     let skipped = validation.problems.errors_of(problem::Kind::Row);
     for group in validation
@@ -1044,7 +1038,7 @@ fn send(
     {
         None
     } else {
-        let (set, _) = recipients::read_suppressions(&loaded.campaign.suppress)?;
+        let set = std::mem::take(&mut loaded.list.suppression);
         Some(std::sync::Arc::new(std::sync::RwLock::new(set)))
     };
 

@@ -202,6 +202,16 @@ impl fmt::Display for Secret {
     }
 }
 
+/// A campaign id: 1 to 64 letters, digits, `-`, `_` or `.` (it names the journal's files).
+#[must_use]
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+}
+
 /// Reads and validates the campaign file at `path`.
 pub fn load(path: &Path) -> anyhow::Result<Campaign> {
     let source = std::fs::read_to_string(path)
@@ -281,12 +291,7 @@ impl Validator<'_> {
         });
 
         let id = c.id.get_ref().clone();
-        let id_ok = !id.is_empty()
-            && id.len() <= 64
-            && id
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
-        if !id_ok {
+        if !valid_id(&id) {
             self.error(
                 &c.id,
                 format!("campaign `id` = `{id}` must be 1 to 64 letters, digits, `-`, `_` or `.`"),

@@ -759,7 +759,34 @@ pub fn watch_halts(
 /// What the journal's tests share.
 #[cfg(test)]
 mod fixtures {
+    use std::time::Duration;
+
+    use super::{Durability, Journal, Recorder, Writer};
+    use crate::dispatch::Gate;
     use crate::render::{Envelope, OutgoingMessage};
+
+    /// Runs a writer over `journal` while `record` uses its recorder, and waits for the
+    /// gates it returns and for the writer to finish.
+    pub async fn record(
+        journal: &Journal,
+        durability: Durability,
+        record: impl FnOnce(&Recorder) -> Vec<Gate>,
+    ) {
+        let (writer, recorder) = Writer::start(journal, durability).unwrap();
+        let gates = record(&recorder);
+        drop(recorder);
+        let passed = async {
+            for mut gate in gates {
+                gate.pass(&MESSAGE).await.unwrap();
+            }
+        };
+        let (ran, ()) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(writer.run(), passed)
+        })
+        .await
+        .expect("the writer finishes");
+        ran.unwrap();
+    }
 
     /// Any message: a gate already recorded does not look at it.
     pub static MESSAGE: std::sync::LazyLock<OutgoingMessage> =
@@ -784,10 +811,10 @@ mod tests {
     use rusqlite::Connection;
 
     use super::*;
-    use crate::dispatch::{Gate, Reply};
+    use crate::dispatch::Reply;
     use crate::recipients::{RecipientList, parse_reader};
 
-    use super::fixtures::MESSAGE;
+    use super::fixtures::record;
 
     /// Ann (2), Bob (3), a bad row (4), Cat (5), Dan (6).
     const CSV: &str = "email,name\nann@example.com,Ann\nbob@example.com,Bob\nnot-an-address,X\ncat@example.com,Cat\ndan@example.org,Dan\n";
@@ -884,29 +911,6 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap()
-    }
-
-    /// Runs a writer over `journal` while `record` uses its recorder, and waits for the
-    /// gates it returns and for the writer to finish.
-    async fn record(
-        journal: &Journal,
-        durability: Durability,
-        record: impl FnOnce(&Recorder) -> Vec<Gate>,
-    ) {
-        let (writer, recorder) = Writer::start(journal, durability).unwrap();
-        let gates = record(&recorder);
-        drop(recorder);
-        let passed = async {
-            for mut gate in gates {
-                gate.pass(&MESSAGE).await.unwrap();
-            }
-        };
-        let (ran, ()) = tokio::time::timeout(Duration::from_secs(20), async {
-            tokio::join!(writer.run(), passed)
-        })
-        .await
-        .expect("the writer finishes");
-        ran.unwrap();
     }
 
     fn reply(code: u16) -> Reply {

@@ -112,6 +112,9 @@ pub struct RecipientList {
     pub refused: Vec<(NormalisedAddress, u64)>,
     /// Rows that cannot be sent, and anything else wrong with the file.
     pub problems: Problems,
+    /// Every suppressed key (see [`suppression_key`]), as the suppression files held them when
+    /// the list was loaded: the start of the live set a send keeps checking.
+    pub suppression: HashSet<String>,
 }
 
 impl RecipientList {
@@ -130,6 +133,7 @@ pub fn load(path: &Path, suppress: &[PathBuf]) -> anyhow::Result<RecipientList> 
     let mut list = parse_reader(path, reader, &suppressed);
     problems.extend(std::mem::take(&mut list.problems));
     list.problems = problems;
+    list.suppression = suppressed;
     Ok(list)
 }
 
@@ -302,6 +306,7 @@ pub fn parse_reader(path: &Path, reader: impl Read, suppressed: &HashSet<String>
                 }),
                 recipients: vec![],
                 suppressed: vec![],
+                suppression: HashSet::new(),
                 duplicates: vec![],
                 refused: vec![],
                 problems,
@@ -385,6 +390,7 @@ pub fn parse_reader(path: &Path, reader: impl Read, suppressed: &HashSet<String>
         columns,
         recipients,
         suppressed: suppressed_rows,
+        suppression: HashSet::new(),
         duplicates,
         refused,
         problems,
