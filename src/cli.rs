@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::exit::Exit;
+use crate::plan::Approval;
 
 /// Send bulk email campaigns safely: one envelope per recipient, every message rendered,
 /// translated and checked before the first one leaves.
@@ -32,6 +33,13 @@ pub struct Cli {
 pub enum ReportFormat {
     Csv,
     Json,
+}
+
+/// Stages of `mailer send`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Stage {
+    /// The `[safety] canary` addresses, one message each.
+    Canary,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -63,6 +71,16 @@ pub enum Command {
         #[arg(long, default_value_t = 3)]
         per_locale: usize,
     },
+    /// Everything `check` does, then the plan: counts, batches, the least duration at the
+    /// configured limits, the canary messages, and the fingerprint of every input that
+    /// `send --approve` pins. The plan is recorded in the campaign's journal.
+    Plan {
+        /// The campaign file (campaign.toml).
+        campaign: PathBuf,
+        /// One JSON object (with the full `fingerprint`) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Render, check and deliver the campaign: one message, one envelope, per recipient.
     ///
     /// Every outcome is recorded in the campaign's journal: running `send` again resumes
@@ -86,6 +104,17 @@ pub enum Command {
         /// current one: how a missed slot is sent.
         #[arg(long, value_name = "TIME")]
         slot: Option<String>,
+        /// The fingerprint `mailer plan` printed for the reviewed inputs (at least 6 hex
+        /// digits). Required to send over SMTP; a send whose inputs differ is refused.
+        #[arg(long, value_name = "FINGERPRINT")]
+        approve: Option<Approval>,
+        /// `canary`: send only the `[safety] canary` messages, and stop. A full send waits
+        /// for them when a canary is configured.
+        #[arg(long, value_enum)]
+        stage: Option<Stage>,
+        /// Send at most N messages in this run; exit 75 when recipients remain.
+        #[arg(long, value_name = "N", conflicts_with = "stage")]
+        limit: Option<usize>,
     },
     /// Show a campaign's progress from its journal: counts per state, rate, ETA, top replies,
     /// domains, and the halt in force if any.

@@ -16,9 +16,9 @@ pub mod cli;
 pub mod config;
 pub mod dispatch;
 pub mod exit;
-pub mod fingerprint;
 pub mod guard;
 pub mod journal;
+pub mod plan;
 pub mod problem;
 pub mod recipients;
 pub mod render;
@@ -35,6 +35,7 @@ use rayon::prelude::*;
 use cli::{Cli, Command, LogFormat};
 use config::Campaign;
 use exit::{Exit, Failure};
+use plan::fingerprint;
 use problem::{Problem, Problems};
 use recipients::{Recipient, RecipientList};
 use render::{OutgoingMessage, Renderer};
@@ -59,11 +60,20 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
             out,
             per_locale,
         } => preview(campaign, out, *per_locale),
+        Command::Plan { campaign, json } => plan(
+            campaign,
+            cli.state_dir.as_deref(),
+            *json,
+            &mut std::io::stdout().lock(),
+        ),
         Command::Send {
             campaign,
             dry_run,
             accept_changed_inputs,
             slot,
+            approve,
+            stage,
+            limit,
         } => send(
             campaign,
             &SendOptions {
@@ -75,6 +85,9 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
                 state_dir: cli.state_dir.as_deref(),
                 accept_changed_inputs: *accept_changed_inputs,
                 slot: slot.as_deref(),
+                approve: approve.as_ref(),
+                stage: *stage,
+                limit: *limit,
             },
             &mut std::io::stdout().lock(),
         ),
@@ -405,20 +418,42 @@ fn validated(
     Ok((loaded, validation))
 }
 
-fn check(path: &Path, out: &mut impl std::io::Write) -> anyhow::Result<Exit> {
-    let problems = match load(path)? {
-        Err(problems) => problems,
-        Ok(loaded) => {
-            let Validation {
-                problems: rendering,
-                summary,
-                ..
-            } = validate(&loaded, now(), 0);
+/// What `check` found: the loaded campaign and its counts when it could be loaded, and every
+/// problem.
+struct Examination {
+    loaded: Option<(Loaded, Summary)>,
+    /// Messages that rendered and passed the guard.
+    rendered: usize,
+    problems: Problems,
+}
+
+impl Examination {
+    fn failed(problems: Problems) -> Examination {
+        Examination {
+            loaded: None,
+            rendered: 0,
+            problems,
+        }
+    }
+
+    /// Whether `send` would go ahead: nothing wrong but the invalid rows `[safety]
+    /// max_invalid` lets it skip.
+    fn sendable(&self) -> bool {
+        let Some((loaded, _)) = &self.loaded else {
+            return false;
+        };
+        let rows = self.problems.errors_of(problem::Kind::Row);
+        self.problems.errors() == rows && rows <= loaded.campaign.safety.max_invalid
+    }
+
+    /// `check`'s report.
+    fn print(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        if let Some((loaded, summary)) = &self.loaded {
             let list = &loaded.list;
-            let rendered = list.recipients.len() - rendering.errors();
             writeln!(
                 out,
-                "{rendered} of {} messages rendered and checked",
+                "{} of {} messages rendered and checked",
+                self.rendered,
                 list.recipients.len()
             )?;
             writeln!(
@@ -429,29 +464,207 @@ fn check(path: &Path, out: &mut impl std::io::Write) -> anyhow::Result<Exit> {
                 list.suppressed.len()
             )?;
             writeln!(out, "{}", summary.locale_line())?;
-            let mut problems = list.problems.clone();
-            problems.extend(rendering);
-            problems.extend(warnings(&loaded));
-            problems
         }
-    };
-    for group in problems.grouped() {
-        writeln!(out, "{group}")?;
+        for group in self.problems.grouped() {
+            writeln!(out, "{group}")?;
+        }
+        writeln!(
+            out,
+            "{} errors ({} in the campaign files, {} in rows, {} stopped by the guard), {} warnings",
+            self.problems.errors(),
+            self.problems.errors_of(problem::Kind::Input),
+            self.problems.errors_of(problem::Kind::Row),
+            self.problems.errors_of(problem::Kind::Guard),
+            self.problems.warnings()
+        )
     }
-    writeln!(
-        out,
-        "{} errors ({} in the campaign files, {} in rows, {} stopped by the guard), {} warnings",
-        problems.errors(),
-        problems.errors_of(problem::Kind::Input),
-        problems.errors_of(problem::Kind::Row),
-        problems.errors_of(problem::Kind::Guard),
-        problems.warnings()
-    )?;
-    Ok(if problems.errors() > 0 {
+}
+
+/// Loads, renders and guards every recipient, and checks the `[safety]` expectations.
+fn examine(campaign: Campaign) -> anyhow::Result<Examination> {
+    let loaded = match load_campaign(campaign)? {
+        Ok(loaded) => loaded,
+        Err(problems) => return Ok(Examination::failed(problems)),
+    };
+    let Validation {
+        problems: rendering,
+        summary,
+        ..
+    } = validate(&loaded, now(), 0);
+    let rendered = summary.locales.values().sum();
+    let mut problems = loaded.list.problems.clone();
+    problems.extend(rendering);
+    problems.extend(expectations(&loaded, &problems));
+    problems.extend(warnings(&loaded));
+    Ok(Examination {
+        loaded: Some((loaded, summary)),
+        rendered,
+        problems,
+    })
+}
+
+/// The lines of rows that cannot be sent, from validation's problems.
+fn invalid_lines(problems: &Problems) -> std::collections::BTreeSet<u64> {
+    problems
+        .0
+        .iter()
+        .filter(|p| p.kind == problem::Kind::Row && p.severity == problem::Severity::Error)
+        .filter_map(|p| p.line)
+        .collect()
+}
+
+/// What `[safety]` expects of the list: `expect_count` addresses, and rows for the canary.
+fn expectations(loaded: &Loaded, problems: &Problems) -> Vec<Problem> {
+    let mut found: Vec<Problem> = miscount(loaded).into_iter().collect();
+    if let Err(problem) = plan::canary_rows(
+        &loaded.campaign,
+        &loaded.list,
+        loaded.renderer.locales(),
+        &invalid_lines(problems),
+    ) {
+        found.push(problem);
+    }
+    found
+}
+
+/// `[safety] expect_count` against the distinct addresses of the list (suppressed ones
+/// included, so that unsubscribes arriving do not change it).
+fn miscount(loaded: &Loaded) -> Option<Problem> {
+    let list = &loaded.list;
+    let count = list.recipients.len() + list.suppressed.len();
+    let expected = loaded.campaign.safety.expect_count?;
+    (expected != count).then(|| {
+        Problem::error(
+            &loaded.campaign.file,
+            None,
+            format!(
+                "`[safety] expect_count` is {expected}, but `{}` holds {count} distinct addresses (suppressed ones included): check that it is the right list, or correct expect_count",
+                list.path.display()
+            ),
+        )
+    })
+}
+
+/// Refuses a send whose list does not hold `[safety] expect_count` addresses (exit 65).
+fn expect_count(loaded: &Loaded) -> anyhow::Result<()> {
+    match miscount(loaded) {
+        None => Ok(()),
+        Some(problem) => {
+            Err(Failure::new(Exit::InvalidInput, format!("{problem}; nothing was sent")).into())
+        }
+    }
+}
+
+fn check(path: &Path, out: &mut impl std::io::Write) -> anyhow::Result<Exit> {
+    let examination = match config::parse(path, &read(path)?) {
+        Ok(campaign) => examine(campaign)?,
+        Err(problems) => Examination::failed(problems),
+    };
+    examination.print(out)?;
+    Ok(if examination.problems.errors() > 0 {
         Exit::InvalidInput
     } else {
         Exit::Complete
     })
+}
+
+/// `mailer plan`: `check`, then what a send would do and the fingerprint that approves it.
+/// A plan that can be sent is recorded in the journal, so that a later `send --approve`
+/// with a stale fingerprint can say what changed since.
+fn plan(
+    path: &Path,
+    state_dir: Option<&Path>,
+    json: bool,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<Exit> {
+    let mut report = Vec::new();
+    let campaign = match config::parse(path, &read(path)?) {
+        Ok(campaign) => campaign,
+        Err(problems) => {
+            Examination::failed(problems).print(&mut report)?;
+            return plan_refused(&report, json, out);
+        }
+    };
+    // The inputs are hashed before they are loaded: if a file changes in between, the
+    // fingerprint is of the older version and a send of what was shown here is refused,
+    // never the other way round.
+    let inputs = fingerprint::inputs(&campaign)?;
+    let examination = examine(campaign)?;
+    examination.print(&mut report)?;
+    let Some((loaded, summary)) = &examination.loaded else {
+        return plan_refused(&report, json, out);
+    };
+    let invalid = invalid_lines(&examination.problems);
+    let canary = plan::canary_rows(
+        &loaded.campaign,
+        &loaded.list,
+        loaded.renderer.locales(),
+        &invalid,
+    )
+    .unwrap_or_default()
+    .into_iter()
+    .map(|(address, row)| plan::CanaryPick {
+        address: address.key.to_string(),
+        line: row.line,
+        locale: loaded
+            .renderer
+            .locales()
+            .tag(
+                loaded
+                    .renderer
+                    .locales()
+                    .resolve(row.locale(&loaded.list.columns)),
+            )
+            .to_owned(),
+    })
+    .collect();
+    let sendable = examination.sendable();
+    let counts = plan::Counts {
+        messages: examination.rendered,
+        invalid: invalid.len(),
+        locales: &summary.locales,
+        domains: &summary.domains,
+        errors: examination.problems.errors(),
+        warnings: examination.problems.warnings(),
+        sendable,
+    };
+    let plan = plan::Plan::new(&loaded.campaign, &loaded.list, &counts, inputs, canary);
+    let text = serde_json::to_string(&plan)?;
+    if json {
+        writeln!(out, "{text}")?;
+    } else {
+        out.write_all(&report)?;
+        plan.print(&path.display().to_string(), out)?;
+    }
+    if !sendable {
+        if json {
+            std::io::Write::write_all(&mut std::io::stderr(), &report)?;
+        }
+        return Ok(Exit::InvalidInput);
+    }
+    let place = journal::Place::new(path, state_dir, &loaded.campaign.id);
+    let recorded = journal::Journal::open(
+        &place.journal,
+        &loaded.campaign.id,
+        true,
+        journal::Durability::Full,
+    )
+    .and_then(|journal| journal.record_plan(&plan.fingerprint, &plan.inputs, &text));
+    if let Err(error) = recorded {
+        // The fingerprint approves a send all the same; only "what changed since" is lost.
+        tracing::warn!("the plan could not be recorded in the journal: {error:#}");
+    }
+    Ok(Exit::Complete)
+}
+
+/// A campaign that cannot be planned: `check`'s report (on stderr for `--json`), exit 65.
+fn plan_refused(report: &[u8], json: bool, out: &mut impl std::io::Write) -> anyhow::Result<Exit> {
+    if json {
+        std::io::Write::write_all(&mut std::io::stderr(), report)?;
+    } else {
+        out.write_all(report)?;
+    }
+    Ok(Exit::InvalidInput)
 }
 
 fn preview(path: &Path, out: &Path, per_locale: usize) -> anyhow::Result<Exit> {
@@ -684,6 +897,18 @@ pub struct SendOptions<'a> {
     pub accept_changed_inputs: bool,
     /// An explicit schedule slot (RFC 3339).
     pub slot: Option<&'a str>,
+    /// `--approve`: the reviewed plan's fingerprint (required over SMTP).
+    pub approve: Option<&'a plan::Approval>,
+    /// `--stage canary`: only the `[safety] canary` messages.
+    pub stage: Option<cli::Stage>,
+    /// `--limit`: at most this many messages in this run.
+    pub limit: Option<usize>,
+}
+
+impl SendOptions<'_> {
+    fn canary(&self) -> bool {
+        self.stage == Some(cli::Stage::Canary)
+    }
 }
 
 /// The wall clock for schedules. `MAILER_NOW` (RFC 3339) replaces it, so that schedules can
@@ -749,6 +974,8 @@ struct Journaled {
     durability: journal::Durability,
     /// The inputs differ from those frozen (and the change was accepted).
     inputs_changed: bool,
+    /// The fingerprint of the inputs as reviewed: the canary stage is recorded under it.
+    approved: String,
 }
 
 /// Takes the campaign's lock, opens its journal, refuses a halted campaign and checks the
@@ -758,7 +985,12 @@ fn open_for_send(
     campaign: &Campaign,
     options: &SendOptions<'_>,
 ) -> anyhow::Result<Journaled> {
-    let mut slot = slot_of(campaign, options.slot)?;
+    // The canary stage belongs to no schedule slot: it runs before the first one is due.
+    let mut slot = if options.canary() {
+        String::new()
+    } else {
+        slot_of(campaign, options.slot)?
+    };
     let place = journal::Place::new(path, options.state_dir, &campaign.id);
     if let Some(dir) = place.lock.parent() {
         use anyhow::Context as _;
@@ -783,6 +1015,26 @@ fn open_for_send(
         .into());
     }
     let inputs = fingerprint::inputs(campaign)?;
+    let combined = fingerprint::combine(&inputs);
+    let approved = approved(
+        path,
+        campaign,
+        &journal,
+        options.approve,
+        &inputs,
+        &combined,
+    )?;
+    if options.canary() {
+        return Ok(Journaled {
+            _lock: lock,
+            journal,
+            slot,
+            durability,
+            inputs_changed: false,
+            approved,
+        });
+    }
+    canary_done(path, campaign, &journal, &approved)?;
     if !slot.is_empty() && options.slot.is_none() {
         // A cron slot left unfinished (the relay was down, say) is finished first, with the
         // inputs it started with: its recipients would otherwise be skipped for good. The
@@ -821,7 +1073,6 @@ fn open_for_send(
             slot = earlier;
         }
     }
-    let combined = fingerprint::combine(&inputs);
     let mut inputs_changed = false;
     match journal.frozen_inputs(&slot)? {
         None => journal.freeze_inputs(&slot, &combined, &inputs, None)?,
@@ -861,7 +1112,108 @@ fn open_for_send(
         slot,
         durability,
         inputs_changed,
+        approved,
     })
+}
+
+/// Refuses a send over SMTP without `--approve` (exit 64), before anything else: an
+/// unreviewed send is never a default. The file transport and dry runs send to no one.
+fn require_approval(
+    path: &Path,
+    campaign: &Campaign,
+    options: &SendOptions<'_>,
+) -> anyhow::Result<()> {
+    if options.dry_run
+        || options.approve.is_some()
+        || !matches!(campaign.transport, config::Transport::Smtp(_))
+    {
+        return Ok(());
+    }
+    Err(Failure::new(
+        Exit::Usage,
+        format!(
+            "campaign `{}` sends over SMTP, which needs --approve: run `mailer plan {}`, review it, then send with the fingerprint it prints; nothing was sent",
+            campaign.id,
+            path.display()
+        ),
+    )
+    .into())
+}
+
+/// The fingerprint the send is approved for: `--approve` must match the inputs as they are
+/// now (exit 65 if not, naming what changed since when the journal knows the plan). Without
+/// `--approve` (file transport), the current inputs'.
+fn approved(
+    path: &Path,
+    campaign: &Campaign,
+    journal: &journal::Journal,
+    approve: Option<&plan::Approval>,
+    inputs: &fingerprint::Inputs,
+    combined: &str,
+) -> anyhow::Result<String> {
+    let Some(approval) = approve else {
+        return Ok(combined.to_owned());
+    };
+    if approval.matches(combined) {
+        return Ok(combined.to_owned());
+    }
+    let why = match journal.known_inputs(approval.as_str())? {
+        Some(known) => format!(
+            "since the {} of {} with fingerprint {}: {}",
+            known.source,
+            journal::query::time(known.at),
+            &known.fingerprint[..plan::SHORT],
+            fingerprint::changes(&known.inputs, inputs).join(", ")
+        ),
+        None => format!(
+            "this journal knows no plan with a fingerprint starting `{approval}` (made with another --state-dir, or mistyped?)"
+        ),
+    };
+    Err(Failure::new(
+        Exit::InvalidInput,
+        format!(
+            "--approve {approval} does not match the inputs of campaign `{}` as they are now; {why}; nothing was sent — run `mailer plan {}`, review it, and approve its fingerprint",
+            campaign.id,
+            path.display()
+        ),
+    )
+    .into())
+}
+
+/// A campaign with a canary sends to its recipients only once every canary address has
+/// accepted its message for these same inputs (exit 64 otherwise).
+fn canary_done(
+    path: &Path,
+    campaign: &Campaign,
+    journal: &journal::Journal,
+    approved: &str,
+) -> anyhow::Result<()> {
+    let canary = &campaign.safety.canary;
+    if canary.is_empty() {
+        return Ok(());
+    }
+    let sent = journal.canary_sent(approved)?;
+    let waiting: Vec<&str> = canary
+        .iter()
+        .map(|a| &*a.key)
+        .filter(|a| !sent.contains(*a))
+        .collect();
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    Err(Failure::new(
+        Exit::Usage,
+        format!(
+            "campaign `{}` has a canary, and {} of its {} addresses have not accepted their message for these inputs ({}); nothing was sent — run `mailer send {} --stage canary --approve {}` first, look at what the canary mailboxes got, then send again",
+            campaign.id,
+            waiting.len(),
+            canary.len(),
+            waiting.join(", "),
+            path.display(),
+            &approved[..plan::SHORT]
+        ),
+    )
+    .into())
 }
 
 /// `send` and `send --dry-run`: validate everything, then deliver what the journal says is
@@ -874,6 +1226,10 @@ fn send(
     let dry_run = options.dry_run;
     let date = now();
     let campaign = config::parse(path, &read(path)?).map_err(Problems::into_failure)?;
+    require_approval(path, &campaign, options)?;
+    if options.canary() {
+        return send_canary(path, campaign, options, out);
+    }
     // Refuse a halted, locked, changed or not-yet-due campaign before the long work.
     let mut journaled = if dry_run {
         None
@@ -909,6 +1265,7 @@ fn send(
     }
     let validation = validated(loaded, date, options.keep_bytes)?;
     let (mut loaded, validation) = validation;
+    expect_count(&loaded)?;
     let mut summary = validation.summary;
     let skipped = validation.problems.errors_of(problem::Kind::Row);
     for group in validation
@@ -1084,10 +1441,10 @@ fn send(
         let producer = scope.spawn(|| {
             let produced = match validation.messages {
                 Some(messages) => {
-                    feed(messages, due.as_ref(), &messages_in);
+                    feed(messages, due.as_ref(), options.limit, &messages_in);
                     Ok(())
                 }
-                None => produce(&loaded, date, due.as_ref(), &messages_in),
+                None => produce(&loaded, date, due.as_ref(), options.limit, &messages_in),
             };
             if let Err(problem) = &produced {
                 // A guard violation: nothing more leaves, not even what is already queued.
@@ -1113,7 +1470,10 @@ fn send(
                 }
             };
             let collecting = async {
-                let mut progress = report::Progress::new(due_count as u64, interactive);
+                let mut progress = report::Progress::new(
+                    options.limit.map_or(due_count, |n| n.min(due_count)) as u64,
+                    interactive,
+                );
                 while let Some(delivery) = results_out.recv().await {
                     if delivery.state != State::Sent {
                         tracing::warn!(line = delivery.line, recipient = %delivery.recipient, state = %delivery.state, attempts = delivery.attempts, detail = %delivery.detail);
@@ -1215,6 +1575,199 @@ fn send(
     Ok(exit)
 }
 
+/// `send --stage canary`: the `[safety] canary` addresses get one message each, rendered from
+/// real rows (see [`plan::canary_rows`]), through the campaign's transport, limits and guard.
+/// Their outcomes are journaled apart from the recipients', under the approved fingerprint;
+/// an address already accepted for these inputs is not sent again.
+fn send_canary(
+    path: &Path,
+    campaign: Campaign,
+    options: &SendOptions<'_>,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<Exit> {
+    if campaign.safety.canary.is_empty() {
+        return Err(Failure::new(
+            Exit::Usage,
+            format!(
+                "campaign `{}` has no `[safety] canary` addresses: there is no canary stage to send",
+                campaign.id
+            ),
+        )
+        .into());
+    }
+    let date = now();
+    let mut journaled = if options.dry_run {
+        None
+    } else {
+        Some(open_for_send(path, &campaign, options)?)
+    };
+    let loaded = load_campaign(campaign)?.map_err(Problems::into_failure)?;
+    let (loaded, validation) = validated(loaded, date, 0)?;
+    expect_count(&loaded)?;
+    let rows = plan::canary_rows(
+        &loaded.campaign,
+        &loaded.list,
+        loaded.renderer.locales(),
+        &invalid_lines(&validation.problems),
+    )
+    .map_err(|problem| Failure::new(Exit::InvalidInput, problem.to_string()))?;
+    let done = match &journaled {
+        Some(j) => j.journal.canary_sent(&j.approved)?,
+        None => std::collections::HashSet::new(),
+    };
+    let mut messages = Vec::new();
+    for (address, row) in rows {
+        if done.contains(&*address.key) {
+            continue;
+        }
+        let refused = |why: String| {
+            Failure::new(
+                Exit::InvalidInput,
+                format!(
+                    "the canary message to `{address}` (from line {} of `{}`) {why}; nothing was sent",
+                    row.line,
+                    loaded.list.path.display()
+                ),
+            )
+        };
+        let message = loaded
+            .renderer
+            .render_canary(row, &address, date)
+            .map_err(|reason| refused(format!("cannot be made: {reason}")))?;
+        guard::check(&message, &loaded.rules).map_err(|violations| {
+            let reasons: Vec<String> = violations.iter().map(ToString::to_string).collect();
+            refused(format!("was stopped by the guard: {}", reasons.join("; ")))
+        })?;
+        messages.push(message);
+    }
+    let approved = journaled
+        .as_ref()
+        .map(|j| j.approved[..plan::SHORT].to_owned());
+    let next = format!(
+        "mailer send {}{}",
+        path.display(),
+        approved
+            .as_ref()
+            .map(|a| format!(" --approve {a}"))
+            .unwrap_or_default()
+    );
+    if messages.is_empty() {
+        writeln!(
+            out,
+            "the canary stage is already done for these inputs: every canary address accepted its message; next: {next}"
+        )?;
+        return Ok(Exit::Complete);
+    }
+    let transport = dispatch::Transport::for_campaign(&loaded.campaign.transport, options.dry_run)?;
+    let rate = if options.dry_run {
+        config::Rate::default()
+    } else {
+        loaded.campaign.rate.clone()
+    };
+    let count = messages.len();
+    let (ended, deliveries) = deliver_all(transport, &rate, &loaded.campaign, messages)?;
+    if let Some(j) = journaled.as_mut() {
+        let outcomes: Vec<journal::review::CanaryOutcome> = deliveries
+            .iter()
+            .map(|d| journal::review::CanaryOutcome {
+                address: d.recipient.clone(),
+                line: d.line,
+                locale: d.locale.clone(),
+                state: d.state.name().to_owned(),
+                attempts: d.attempts,
+                detail: d.detail.clone(),
+            })
+            .collect();
+        j.journal.record_canary(&j.approved, &outcomes)?;
+    }
+    let dry = if options.dry_run { " (dry run)" } else { "" };
+    writeln!(out, "canary stage{dry}: {count} message(s)")?;
+    let mut summary = Summary::default();
+    for delivery in deliveries {
+        writeln!(
+            out,
+            "  {:<10} {}  (line {}, {}){}",
+            delivery.state.name(),
+            delivery.recipient,
+            delivery.line,
+            delivery.locale,
+            if delivery.detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", delivery.detail)
+            }
+        )?;
+        summary.record(delivery);
+    }
+    summary.add(State::Pending, count - summary.total());
+    if let Some(reason) = ended.halted {
+        return Err(Failure::new(Exit::Halted, format!("halted: {reason}")).into());
+    }
+    if let Some(failure) = ended.failure {
+        return Err(Failure::new(
+            Exit::RelayUnavailable,
+            format!(
+                "relay unavailable during the canary stage: {}",
+                failure.reason
+            ),
+        )
+        .into());
+    }
+    let exit = summary.exit();
+    if exit == Exit::Complete && !options.dry_run {
+        writeln!(
+            out,
+            "canary stage done: look at what the canary mailboxes got; the campaign is sent with: {next}"
+        )?;
+    }
+    Ok(exit)
+}
+
+/// Delivers a handful of messages (the canary's) with the campaign's transport and limits,
+/// without a journal row per message; gives back every outcome.
+fn deliver_all(
+    transport: dispatch::Transport,
+    rate: &config::Rate,
+    campaign: &Campaign,
+    messages: Vec<OutgoingMessage>,
+) -> anyhow::Result<(dispatch::Ended, Vec<Delivery>)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+    let (messages_in, messages_out) = async_channel::unbounded::<dispatch::Queued>();
+    for message in messages {
+        // Unbounded and still open: this cannot fail.
+        let _ = messages_in.try_send(dispatch::Queued {
+            message,
+            entry: None,
+        });
+    }
+    messages_in.close();
+    let (results_in, mut results_out) = tokio::sync::mpsc::channel::<Delivery>(64);
+    let (_halt_in, halt_out) = tokio::sync::watch::channel::<Option<String>>(None);
+    let pacer = dispatch::Pacer::new(rate);
+    Ok(runtime.block_on(async {
+        let settings = dispatch::Settings {
+            rate,
+            retry: &campaign.retry,
+            safety: &campaign.safety,
+            journal: None,
+            halt: halt_out,
+            suppressed: None,
+        };
+        let dispatching = dispatch::run(transport, settings, pacer, messages_out, results_in);
+        let collecting = async {
+            let mut all = Vec::new();
+            while let Some(delivery) = results_out.recv().await {
+                all.push(delivery);
+            }
+            all
+        };
+        tokio::join!(dispatching, collecting)
+    }))
+}
+
 /// A message for the workers, when its recipient is due (`due`: `None` means everyone).
 fn queued(
     message: OutgoingMessage,
@@ -1232,31 +1785,43 @@ fn queued(
     }
 }
 
-/// Feeds the workers the messages validation kept (already guarded), in file order.
+/// Feeds the workers the messages validation kept (already guarded), in file order, at most
+/// `limit` of them.
 fn feed(
     messages: Vec<OutgoingMessage>,
     due: Option<&HashMap<u64, journal::Entry>>,
+    limit: Option<usize>,
     channel: &async_channel::Sender<dispatch::Queued>,
 ) {
+    let mut left = limit.unwrap_or(usize::MAX);
     for message in messages {
+        if left == 0 {
+            break;
+        }
         let Some(queued) = queued(message, due) else {
             continue;
         };
+        left -= 1;
         if channel.send_blocking(queued).is_err() {
             break;
         }
     }
 }
 
-/// Renders and guards in parallel, a chunk at a time, and feeds the workers in file order.
-/// Stops quietly when the workers stop taking messages.
+/// Renders and guards in parallel, a chunk at a time, and feeds the workers in file order, at
+/// most `limit` messages. Stops quietly when the workers stop taking messages.
 fn produce(
     loaded: &Loaded,
     date: SystemTime,
     due: Option<&HashMap<u64, journal::Entry>>,
+    limit: Option<usize>,
     messages: &async_channel::Sender<dispatch::Queued>,
 ) -> Result<(), Problem> {
+    let mut left = limit.unwrap_or(usize::MAX);
     for chunk in loaded.list.recipients.chunks(CHUNK) {
+        if left == 0 {
+            break;
+        }
         let rendered: Vec<Result<OutgoingMessage, Problem>> = chunk
             .par_iter()
             .filter(|r| due.is_none_or(|due| due.contains_key(&r.line)))
@@ -1269,9 +1834,13 @@ fn produce(
                 Err(problem) if problem.kind == problem::Kind::Row => continue,
                 Err(problem) => return Err(problem),
             };
+            if left == 0 {
+                break;
+            }
             let Some(queued) = queued(message, due) else {
                 continue;
             };
+            left -= 1;
             if messages.send_blocking(queued).is_err() {
                 return Ok(());
             }
@@ -1295,6 +1864,9 @@ mod tests {
             state_dir: None,
             accept_changed_inputs: false,
             slot: None,
+            approve: None,
+            stage: None,
+            limit: None,
         };
         let exit = send(&path, &options, &mut out).unwrap();
         // Timings differ from run to run.

@@ -23,6 +23,7 @@ use toml::Spanned;
 use unic_langid::LanguageIdentifier;
 
 use crate::problem::{Problem, Problems, line_of};
+use crate::recipients::NormalisedAddress;
 pub use delivery::{Batch, OnAmbiguous, Pace, Rate, Retry};
 pub use dkim::Dkim;
 use raw::{RawFile, RawKind, RawTransport, RawTransportKind};
@@ -76,6 +77,15 @@ pub struct Safety {
     /// Answered recipients (sent or failed) a run needs before the breaker may trip, so that a
     /// few early failures do not halt it; 100 by default.
     pub halt_min_sample: NonZeroUsize,
+    /// Seed addresses `send --stage canary` sends one message each before the campaign; a
+    /// full send waits for them to be accepted.
+    pub canary: Vec<NormalisedAddress>,
+    /// The rows (by address) the canary messages are rendered from, in turn; when empty, the
+    /// first row of each locale.
+    pub canary_rows: Vec<NormalisedAddress>,
+    /// The number of distinct addresses the recipient list must hold (suppressed ones
+    /// included); any other count refuses the send.
+    pub expect_count: Option<usize>,
 }
 
 impl Default for Safety {
@@ -85,6 +95,9 @@ impl Default for Safety {
             max_invalid: 0,
             halt_failure_ratio: 0.2,
             halt_min_sample: NonZeroUsize::new(100).unwrap_or(NonZeroUsize::MIN),
+            canary: Vec::new(),
+            canary_rows: Vec::new(),
+            expect_count: None,
         }
     }
 }
@@ -407,11 +420,22 @@ impl Validator<'_> {
         let Some(raw) = raw else {
             return Safety::default();
         };
-        for (key, value) in [("canary", &raw.canary), ("expect_count", &raw.expect_count)] {
-            if let Some(value) = value {
-                self.error(value, format!("`{key}` is not supported by this version of mailer yet; remove it rather than have it ignored"));
-            }
+        let canary = self.addresses("canary", &raw.canary);
+        let canary_rows = self.addresses("canary_rows", &raw.canary_rows);
+        if canary.is_empty()
+            && let Some(first) = raw.canary_rows.first()
+        {
+            self.error(
+                first,
+                "`canary_rows` chooses the rows the canary messages are made from, but there is no `canary` address to send them to",
+            );
         }
+        let expect_count = raw.expect_count.as_ref().map(|value| {
+            usize::try_from(*value.get_ref()).unwrap_or_else(|_| {
+                self.error(value, "`expect_count` must be a whole number, 0 or more");
+                0
+            })
+        });
         let mut allow_addresses = Vec::new();
         for value in &raw.allow_addresses {
             match crate::recipients::normalise(value.get_ref()) {
@@ -457,7 +481,31 @@ impl Validator<'_> {
             max_invalid,
             halt_failure_ratio,
             halt_min_sample,
+            canary,
+            canary_rows,
+            expect_count,
         }
+    }
+
+    /// A list of addresses, each checked and normalised; a repeated one is an error.
+    fn addresses(&mut self, key: &str, values: &[Spanned<String>]) -> Vec<NormalisedAddress> {
+        let mut found: Vec<NormalisedAddress> = Vec::new();
+        for value in values {
+            match crate::recipients::normalise(value.get_ref()) {
+                Ok(address) if found.contains(&address) => {
+                    self.error(value, format!("`{key}` names `{}` twice", value.get_ref()));
+                }
+                Ok(address) => found.push(address),
+                Err(reason) => self.error(
+                    value,
+                    format!(
+                        "`{key}` entry `{}` is not a valid address: {reason}",
+                        value.get_ref()
+                    ),
+                ),
+            }
+        }
+        found
     }
 
     fn positive(
@@ -751,7 +799,7 @@ path = "r.csv"
     #[test]
     fn every_problem_is_reported_at_once() {
         let dir = folder();
-        let text = "[campaign]\nid = \"bad id\"\nfrom = \"not an address\"\ntemplate = \"missing\"\nlocales = \"l\"\ndefault_locale = \"en\"\n[recipients]\npath = \"nope.csv\"\n[dkim]\nselector = \"bad selector\"\ndomain = \"example.com\"\nkey_path = \"k.pem\"\n[safety]\ncanary = [\"x@example.com\"]\nallow_addresses = [\"nope\"]\nmax_invalid = -1\n";
+        let text = "[campaign]\nid = \"bad id\"\nfrom = \"not an address\"\ntemplate = \"missing\"\nlocales = \"l\"\ndefault_locale = \"en\"\n[recipients]\npath = \"nope.csv\"\n[dkim]\nselector = \"bad selector\"\ndomain = \"example.com\"\nkey_path = \"k.pem\"\n[safety]\ncanary = [\"x@example.com\", \"x@EXAMPLE.com\"]\nallow_addresses = [\"nope\"]\nmax_invalid = -1\n";
         let problems = parse(&dir.path().join("c.toml"), text).unwrap_err();
         let lines: Vec<_> = problems.0.iter().map(|p| p.line.unwrap()).collect();
         assert_eq!(lines, vec![10, 2, 3, 4, 8, 14, 15, 16], "{problems:?}");

@@ -66,10 +66,11 @@ pub struct RawSafety {
     /// A fraction: serde reads a TOML integer (`1`) as a float too.
     pub halt_failure_ratio: Option<Spanned<f64>>,
     pub halt_min_sample: Option<Spanned<i64>>,
-    /// Not supported yet: parsed to refuse it with its line.
-    pub canary: Option<Spanned<toml::Value>>,
-    /// Not supported yet: parsed to refuse it with its line.
-    pub expect_count: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub canary: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub canary_rows: Vec<Spanned<String>>,
+    pub expect_count: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -12,6 +12,7 @@
 
 mod lock;
 pub mod query;
+pub mod review;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -29,7 +30,7 @@ pub use writer::{Recorder, Writer};
 /// `PRAGMA application_id` of a mailer journal ("MLRJ").
 const APPLICATION_ID: i64 = 0x4d4c_524a;
 /// `PRAGMA user_version`: the schema below.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 /// The state a recipient has while its message may be on the wire.
 pub const IN_FLIGHT: &str = "in_flight";
 
@@ -86,6 +87,29 @@ CREATE TABLE events (
     slot TEXT NOT NULL,
     kind TEXT NOT NULL,
     detail TEXT NOT NULL
+);
+";
+
+/// Format 3 added the review tables: a format-2 journal gets them on opening.
+const REVIEW_SCHEMA: &str = "
+-- Every plan made (`mailer plan`), by fingerprint: what an approval refers to.
+CREATE TABLE IF NOT EXISTS plans (
+    fingerprint TEXT PRIMARY KEY,
+    inputs TEXT NOT NULL,
+    plan TEXT NOT NULL,
+    made_at INTEGER NOT NULL
+);
+-- The canary stage, per fingerprint of the inputs it was sent with; apart from recipients.
+CREATE TABLE IF NOT EXISTS canary (
+    fingerprint TEXT NOT NULL,
+    address TEXT NOT NULL,
+    line INTEGER NOT NULL,
+    locale TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    detail TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (fingerprint, address)
 );
 ";
 
@@ -261,10 +285,14 @@ impl Journal {
             return Err(damaged(&"another program's database"));
         }
         journal.configure(durability).map_err(|e| damaged(&e))?;
-        let version: i64 = journal
+        let mut version: i64 = journal
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(|e| damaged(&e))?;
+        if version == 2 {
+            journal.upgrade().map_err(|e| damaged(&e))?;
+            version = SCHEMA_VERSION;
+        }
         if version != SCHEMA_VERSION {
             anyhow::bail!(
                 "the journal `{}` has format {version}, this mailer reads format {SCHEMA_VERSION}; use the mailer version that wrote it",
@@ -300,7 +328,7 @@ impl Journal {
         self.conn.execute_batch("BEGIN")?;
         let created = (|| {
             self.conn.execute_batch(&format!(
-                "{SCHEMA} PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"
+                "{SCHEMA} {REVIEW_SCHEMA} PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"
             ))?;
             self.conn.execute(
                 "INSERT INTO campaign (id, created_at) VALUES (?1, ?2)",
@@ -312,6 +340,19 @@ impl Journal {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
         created
+    }
+
+    /// Format 2 → 3: adds the review tables, in one transaction.
+    fn upgrade(&self) -> rusqlite::Result<()> {
+        // Two processes may open the same old journal at once: the tables are created only
+        // if missing, and the second one's upgrade changes nothing.
+        let upgraded = self.conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {REVIEW_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        ));
+        if upgraded.is_err() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        upgraded
     }
 
     fn configure(&self, durability: Durability) -> rusqlite::Result<()> {

@@ -83,6 +83,15 @@ impl Recipient {
         Some(&self.text[start..end]).filter(|field| !field.is_empty())
     }
 
+    /// The same row sent to another address (a canary message): every field stays.
+    #[must_use]
+    pub fn with_address(&self, address: NormalisedAddress) -> Recipient {
+        Recipient {
+            address,
+            ..self.clone()
+        }
+    }
+
     /// The `name` column's value, if the CSV has one and it is not empty.
     #[must_use]
     pub fn name<'a>(&'a self, columns: &Columns) -> Option<&'a str> {

@@ -178,6 +178,28 @@ impl Renderer {
         recipient: &Recipient,
         date: SystemTime,
     ) -> Result<OutgoingMessage, String> {
+        self.render_keyed(recipient, date, &self.message_key)
+    }
+
+    /// The canary message to `canary`: the row's message as its recipient would get it, but
+    /// addressed to the canary (envelope, `To`, `{{r.email}}`, unsubscribe link), with a
+    /// Message-ID of its own.
+    pub fn render_canary(
+        &self,
+        row: &Recipient,
+        canary: &crate::recipients::NormalisedAddress,
+        date: SystemTime,
+    ) -> Result<OutgoingMessage, String> {
+        let key = format!("{}\0canary", self.message_key);
+        self.render_keyed(&row.with_address(canary.clone()), date, &key)
+    }
+
+    fn render_keyed(
+        &self,
+        recipient: &Recipient,
+        date: SystemTime,
+        message_key: &str,
+    ) -> Result<OutgoingMessage, String> {
         let locale_index = self.locales.resolve(recipient.locale(&self.columns));
         let locale = self.locales.tag(locale_index);
         let link = self.unsubscribe.as_ref().and_then(|u| {
@@ -230,7 +252,7 @@ impl Renderer {
             );
         }
         let message_id = message::message_id(
-            &self.message_key,
+            message_key,
             &recipient.address.key,
             self.from.email.domain(),
         );

@@ -161,8 +161,44 @@ impl Campaign {
     }
 }
 
-/// Runs the real binary with `args` and extra environment variables.
+/// `args` as an operator who reviewed the plan runs them: a `send` over SMTP gets
+/// `--approve` with the fingerprint of the campaign's inputs as they are now, as `mailer plan`
+/// prints it. Left as they are: dry runs, sends that already say `--approve`, campaign files
+/// that do not parse (the send refuses them itself) and the file transport.
+pub fn approved(args: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = args.iter().map(ToString::to_string).collect();
+    let Some(at) = args.iter().position(|a| a == "send") else {
+        return args;
+    };
+    if args.iter().any(|a| a == "--dry-run" || a == "--approve") {
+        return args;
+    }
+    let Some(path) = args.get(at + 1).map(PathBuf::from) else {
+        return args;
+    };
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return args;
+    };
+    if let Ok(campaign) = mailer::config::parse(&path, &text)
+        && matches!(campaign.transport, mailer::config::Transport::Smtp(_))
+    {
+        let inputs = mailer::plan::fingerprint::inputs(&campaign).unwrap();
+        args.push("--approve".to_owned());
+        args.push(mailer::plan::fingerprint::combine(&inputs));
+    }
+    args
+}
+
+/// Runs the real binary with `args` (a `send` approved, see [`approved`]) and extra
+/// environment variables.
 pub fn mailer(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let args = approved(args);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    unapproved(&args, env)
+}
+
+/// Runs the real binary with exactly `args` and extra environment variables.
+pub fn unapproved(args: &[&str], env: &[(&str, &str)]) -> Run {
     let output = Command::new(env!("CARGO_BIN_EXE_mailer"))
         .args(args)
         .envs(env.iter().copied())

@@ -97,8 +97,8 @@ fn cases() -> Vec<(&'static str, Campaign, Option<Fixup>)> {
         ("no_subject_template", ok(), Some(remove_subject)),
         ("unknown_key", ok().transport("speed = 9"), None),
         (
-            "unsupported_section",
-            ok().extra("[safety]\ncanary = [\"seed@example.com\"]\n"),
+            "bad_canary",
+            ok().extra("[safety]\ncanary = [\"seed@example.com\", \"seed at example.com\"]\ncanary_rows = [\"nope\"]\n"),
             None,
         ),
         (

@@ -277,7 +277,10 @@ fn spawn_send(campaign: &Path, dir: &Path, run: usize) -> (Child, PathBuf) {
     let stdout = dir.join(format!("run-{run:02}.out"));
     let stderr = dir.join(format!("run-{run:02}.err"));
     let child = Command::new(env!("CARGO_BIN_EXE_mailer"))
-        .args(["send", campaign.to_str().unwrap()])
+        .args(crate::campaign::approved(&[
+            "send",
+            campaign.to_str().unwrap(),
+        ]))
         .env_remove("MAILER_LOG")
         .stdin(Stdio::null())
         .stdout(File::create(&stdout).unwrap())

@@ -208,7 +208,7 @@ fn an_address_suppressed_while_the_send_runs_never_reaches_the_relay() {
     std::fs::write(&path, toml).unwrap();
 
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailer"))
-        .args(["send", path.to_str().unwrap()])
+        .args(crate::campaign::approved(&["send", path.to_str().unwrap()]))
         .env_remove("MAILER_LOG")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -54,7 +54,7 @@ struct Running(Option<Child>);
 impl Running {
     fn send(path: &Path) -> Running {
         let child = Command::new(env!("CARGO_BIN_EXE_mailer"))
-            .args(["send", arg(path)])
+            .args(crate::campaign::approved(&["send", arg(path)]))
             .env_remove("MAILER_LOG")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

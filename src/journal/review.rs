@@ -1,0 +1,213 @@
+//! The review records of a journal: the plans made (what an approval refers to) and the
+//! canary stage, kept apart from the recipients.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+use rusqlite::{OptionalExtension as _, params};
+
+use super::{Journal, millis};
+
+/// Inputs the journal knows by their fingerprint: from a plan, or a run's frozen inputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    pub fingerprint: String,
+    pub inputs: BTreeMap<String, String>,
+    /// When the plan was made or the run first froze them (ms).
+    pub at: i64,
+    /// `plan` or `run`.
+    pub source: &'static str,
+}
+
+/// One canary message's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanaryOutcome {
+    pub address: String,
+    pub line: u64,
+    pub locale: String,
+    /// A state name (`sent`, `deferred`, `failed`, …).
+    pub state: String,
+    pub attempts: u32,
+    pub detail: String,
+}
+
+impl Journal {
+    /// Records a plan: its fingerprint, the inputs it covers and the plan itself (JSON).
+    /// Planning the same inputs again refreshes the record.
+    pub fn record_plan(
+        &self,
+        fingerprint: &str,
+        inputs: &BTreeMap<String, String>,
+        plan: &str,
+    ) -> anyhow::Result<()> {
+        self.conn.execute(
+            "INSERT INTO plans (fingerprint, inputs, plan, made_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (fingerprint) DO UPDATE SET plan = excluded.plan, made_at = excluded.made_at",
+            params![
+                fingerprint,
+                serde_json::to_string(inputs)?,
+                plan,
+                millis(SystemTime::now())
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The latest plan whose fingerprint starts with `prefix` (lower-case hex), or else a
+    /// run's frozen inputs with such a fingerprint.
+    pub fn known_inputs(&self, prefix: &str) -> anyhow::Result<Option<Known>> {
+        // Hex digits only (checked by the caller), so the pattern has no wildcard in it.
+        let pattern = format!("{prefix}%");
+        let found = |sql: &str, source: &'static str| -> anyhow::Result<Option<Known>> {
+            let row: Option<(String, String, i64)> = self
+                .conn
+                .query_row(sql, params![pattern], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()?;
+            row.map(|(fingerprint, inputs, at)| {
+                Ok(Known {
+                    fingerprint,
+                    inputs: serde_json::from_str(&inputs)
+                        .context("the journal's recorded inputs are unreadable")?,
+                    at,
+                    source,
+                })
+            })
+            .transpose()
+        };
+        if let Some(plan) = found(
+            "SELECT fingerprint, inputs, made_at FROM plans WHERE fingerprint LIKE ?1
+             ORDER BY made_at DESC LIMIT 1",
+            "plan",
+        )? {
+            return Ok(Some(plan));
+        }
+        found(
+            "SELECT fingerprint, inputs, created_at FROM runs WHERE fingerprint LIKE ?1
+             ORDER BY created_at DESC LIMIT 1",
+            "run",
+        )
+    }
+
+    /// The canary addresses already accepted (`sent`) for inputs `fingerprint`.
+    pub fn canary_sent(&self, fingerprint: &str) -> anyhow::Result<HashSet<String>> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT address FROM canary WHERE fingerprint = ?1 AND state = 'sent'")?;
+        let rows = statement.query_map(params![fingerprint], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records canary outcomes for inputs `fingerprint`, in one transaction. A canary already
+    /// `sent` keeps that state.
+    pub fn record_canary(
+        &mut self,
+        fingerprint: &str,
+        outcomes: &[CanaryOutcome],
+    ) -> anyhow::Result<()> {
+        let now = millis(SystemTime::now());
+        let transaction = self.conn.transaction()?;
+        for outcome in outcomes {
+            transaction.execute(
+                "INSERT INTO canary (fingerprint, address, line, locale, state, attempts, detail, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (fingerprint, address) DO UPDATE SET line = excluded.line,
+                     locale = excluded.locale, state = excluded.state,
+                     attempts = canary.attempts + excluded.attempts, detail = excluded.detail,
+                     at = excluded.at
+                 WHERE canary.state <> 'sent'",
+                params![
+                    fingerprint,
+                    outcome.address,
+                    i64::try_from(outcome.line).unwrap_or(i64::MAX),
+                    outcome.locale,
+                    outcome.state,
+                    outcome.attempts,
+                    outcome.detail,
+                    now
+                ],
+            )?;
+        }
+        transaction.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Durability, Journal};
+    use super::*;
+
+    fn journal() -> (tempfile::TempDir, Journal) {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(
+            &dir.path().join("c.journal"),
+            "c",
+            true,
+            Durability::Relaxed,
+        )
+        .unwrap();
+        (dir, journal)
+    }
+
+    fn inputs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_plan_is_found_by_a_prefix_of_its_fingerprint() {
+        let (_dir, journal) = journal();
+        let first = inputs(&[("recipients", "aa")]);
+        journal.record_plan("abcdef0123", &first, "{}").unwrap();
+        journal
+            .record_plan("abc9990000", &inputs(&[("recipients", "bb")]), "{}")
+            .unwrap();
+        let known = journal.known_inputs("abcdef").unwrap().unwrap();
+        assert_eq!(
+            (known.fingerprint.as_str(), &known.inputs, known.source),
+            ("abcdef0123", &first, "plan")
+        );
+        assert_eq!(journal.known_inputs("abcdee").unwrap(), None);
+        // Frozen inputs of a run count too.
+        journal
+            .freeze_inputs("", "feed01", &inputs(&[("recipients", "cc")]), None)
+            .unwrap();
+        assert_eq!(journal.known_inputs("feed").unwrap().unwrap().source, "run");
+    }
+
+    #[test]
+    fn a_canary_once_sent_stays_sent() {
+        let (_dir, mut journal) = journal();
+        let outcome = |address: &str, state: &str| CanaryOutcome {
+            address: address.to_owned(),
+            line: 2,
+            locale: "en".to_owned(),
+            state: state.to_owned(),
+            attempts: 1,
+            detail: String::new(),
+        };
+        journal
+            .record_canary(
+                "fp",
+                &[outcome("a@x.org", "sent"), outcome("b@x.org", "deferred")],
+            )
+            .unwrap();
+        assert_eq!(
+            journal.canary_sent("fp").unwrap(),
+            HashSet::from(["a@x.org".to_owned()])
+        );
+        journal
+            .record_canary(
+                "fp",
+                &[outcome("a@x.org", "failed"), outcome("b@x.org", "sent")],
+            )
+            .unwrap();
+        assert_eq!(journal.canary_sent("fp").unwrap().len(), 2);
+        assert!(journal.canary_sent("other").unwrap().is_empty());
+    }
+}
