@@ -60,16 +60,30 @@ pub enum Command {
         /// The campaign file (campaign.toml).
         campaign: PathBuf,
     },
-    /// Write the first few messages of each locale as .eml files, for review before sending.
+    /// Write the first few messages of each locale as .eml files and an HTML gallery of them,
+    /// for review before sending; or print one row's message.
+    ///
+    /// The gallery, `index.html` in the `--out` folder, is one self-contained page that loads
+    /// nothing from the network. For each locale it shows the untranslated message ids and each
+    /// sample's headers and parts, read back from the bytes that would be sent; it also counts
+    /// the rows per locale and domain, suppressed, invalid and duplicated.
     Preview {
         /// The campaign file (campaign.toml).
         campaign: PathBuf,
-        /// Folder to write the .eml files into (one sub-folder per locale).
-        #[arg(long)]
-        out: PathBuf,
-        /// How many messages to write per locale.
-        #[arg(long, default_value_t = 3)]
+        /// Folder to write into: `index.html`, and the .eml files in one sub-folder per locale.
+        #[arg(long, value_name = "DIR", required_unless_present = "show")]
+        out: Option<PathBuf>,
+        /// How many messages to write per locale: the first rows of each, in file order.
+        #[arg(long, value_name = "N", default_value_t = 3)]
         per_locale: usize,
+        /// Include this recipient's message too, marked as asked for (repeatable). The address
+        /// must be on a row that would be sent.
+        #[arg(long = "recipient", value_name = "ADDRESS", requires = "out")]
+        recipients: Vec<String>,
+        /// Print the message of the CSV row on this line to standard output: its headers as a
+        /// mail client shows them, a blank line, then its text part. `--out` is optional then.
+        #[arg(long, value_name = "LINE")]
+        show: Option<u64>,
     },
     /// Everything `check` does, then the plan: counts, batches, the least duration at the
     /// configured limits, the canary messages, and the fingerprint of every input that

@@ -59,7 +59,17 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
             campaign,
             out,
             per_locale,
-        } => preview(campaign, out, *per_locale),
+            recipients,
+            show,
+        } => preview(
+            campaign,
+            out.as_deref(),
+            &report::preview::Request {
+                per_locale: *per_locale,
+                recipients,
+            },
+            *show,
+        ),
         Command::Plan { campaign, json } => plan(
             campaign,
             cli.state_dir.as_deref(),
@@ -667,37 +677,54 @@ fn plan_refused(report: &[u8], json: bool, out: &mut impl std::io::Write) -> any
     Ok(Exit::InvalidInput)
 }
 
-fn preview(path: &Path, out: &Path, per_locale: usize) -> anyhow::Result<Exit> {
-    use anyhow::Context as _;
+/// `mailer preview`: everything is rendered, read back and checked before anything is
+/// written or printed, so an unknown `--recipient` or `--show` line leaves no files behind.
+fn preview(
+    path: &Path,
+    out: Option<&Path>,
+    request: &report::preview::Request<'_>,
+    show: Option<u64>,
+) -> anyhow::Result<Exit> {
     let date = now();
     let (loaded, validation) = load_valid(path, date, 0)?;
-    let mut written: BTreeMap<String, usize> = BTreeMap::new();
-    // The locales that have messages at all: once each has its share, stop rendering.
-    let wanted = validation.summary.locales.len();
-    for recipient in &loaded.list.recipients {
-        let message = match prepare(&loaded, recipient, date) {
-            Ok(message) => message,
-            // A row `[safety] max_invalid` lets the campaign skip.
-            Err(problem) if problem.kind == problem::Kind::Row => continue,
-            Err(problem) => {
-                return Err(Failure::new(Exit::InvalidInput, problem.to_string()).into());
-            }
-        };
-        let count = written.entry(message.locale.clone()).or_default();
-        if *count >= per_locale {
-            if written.len() == wanted && written.values().all(|&n| n >= per_locale) {
-                break;
-            }
-            continue;
+    let render = |recipient: &Recipient| prepare(&loaded, recipient, date);
+    let shown = show
+        .map(|line| report::preview::show(&loaded.list, line, render))
+        .transpose()?;
+    let gallery = match out {
+        None => None,
+        Some(out) => {
+            let list = &loaded.list;
+            let counts = report::preview::Counts::new(
+                &validation.summary,
+                list.suppressed.len(),
+                validation.problems.errors_of(problem::Kind::Row),
+                list.duplicates.len(),
+            );
+            let preview = report::preview::collect(
+                &loaded.campaign.id,
+                list,
+                loaded.renderer.locales(),
+                counts,
+                request,
+                render,
+            )?;
+            Some((out, preview))
         }
-        *count += 1;
-        let dir = out.join(&message.locale);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create `{}`", dir.display()))?;
-        let file = dir.join(format!("line-{:06}.eml", recipient.line));
-        std::fs::write(&file, &message.bytes)
-            .with_context(|| format!("cannot write `{}`", file.display()))?;
-        println!("{}  {}", file.display(), message.envelope.rcpt_to);
+    };
+    if let Some(shown) = shown {
+        print!("{shown}");
+    }
+    if let Some((out, preview)) = gallery {
+        let written = report::preview::write(out, &preview, &report::gallery::page(&preview))?;
+        for line in written {
+            // With `--show`, standard output is the message alone.
+            if show.is_some() {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
+        }
     }
     Ok(Exit::Complete)
 }

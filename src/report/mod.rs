@@ -1,7 +1,11 @@
 //! Report: what happened to each recipient, counted, and the one-screen summary.
 //!
-//! Pure: [`Summary`] is fed [`Delivery`] values and prints into any `impl Write`.
+//! Pure: [`Summary`] is fed [`Delivery`] values and prints into any `impl Write`. The preview
+//! ([`preview`] picks and reads back sample messages, [`gallery`] makes the HTML page of them)
+//! is pure too, but for [`preview::write`], which writes the files.
 
+pub mod gallery;
+pub mod preview;
 mod progress;
 mod status;
 

@@ -6,6 +6,7 @@ mod corpus;
 mod crash;
 mod deliverability;
 mod delivery;
+mod gallery;
 mod journal;
 mod properties;
 mod sink;
