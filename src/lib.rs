@@ -659,7 +659,14 @@ fn plan(
         true,
         journal::Durability::Full,
     )
-    .and_then(|journal| journal.record_plan(&plan.fingerprint, &plan.inputs, &text));
+    .and_then(|journal| {
+        journal.record_plan(
+            &plan.fingerprint,
+            &plan.inputs,
+            &text,
+            &loaded.list.suppression,
+        )
+    });
     if let Err(error) = recorded {
         // The fingerprint approves a send all the same; only "what changed since" is lost.
         tracing::warn!("the plan could not be recorded in the journal: {error:#}");
@@ -1185,13 +1192,22 @@ fn approved(
         return Ok(combined.to_owned());
     }
     let why = match journal.known_inputs(approval.as_str())? {
-        Some(known) => format!(
-            "since the {} of {} with fingerprint {}: {}",
-            known.source,
-            journal::query::time(known.at),
-            &known.fingerprint[..plan::SHORT],
-            fingerprint::changes(&known.inputs, inputs).join(", ")
-        ),
+        Some(known) => {
+            let changes = fingerprint::changes(&known.inputs, inputs);
+            if suppression_only_grew(campaign, &known, &changes)? {
+                // Unsubscribes arrive while a reviewed campaign waits for its time: a list
+                // that only gained addresses sends to fewer people, never to others.
+                tracing::warn!(changes = %changes.join(", "), "the suppression lists only grew since the approved plan: taken");
+                return Ok(known.fingerprint);
+            }
+            format!(
+                "since the {} of {} with fingerprint {}: {}",
+                known.source,
+                journal::query::time(known.at),
+                &known.fingerprint[..plan::SHORT],
+                changes.join(", ")
+            )
+        }
         None => format!(
             "this journal knows no plan with a fingerprint starting `{approval}` (made with another --state-dir, or mistyped?)"
         ),
@@ -1205,6 +1221,23 @@ fn approved(
         ),
     )
     .into())
+}
+
+/// Whether the only inputs that changed since a plan are suppression lists, and together
+/// they still hold every address the plan saw suppressed.
+fn suppression_only_grew(
+    campaign: &Campaign,
+    known: &journal::review::Known,
+    changes: &[String],
+) -> anyhow::Result<bool> {
+    let Some(before) = &known.suppression else {
+        return Ok(false);
+    };
+    if changes.is_empty() || !changes.iter().all(|c| c.starts_with("suppress[")) {
+        return Ok(false);
+    }
+    let (now, problems) = recipients::read_suppressions(&campaign.suppress)?;
+    Ok(problems.errors() == 0 && before.is_subset(&now))
 }
 
 /// A campaign with a canary sends to its recipients only once every canary address has

@@ -97,6 +97,9 @@ CREATE TABLE IF NOT EXISTS plans (
     fingerprint TEXT PRIMARY KEY,
     inputs TEXT NOT NULL,
     plan TEXT NOT NULL,
+    -- The suppressed keys the plan saw, one per line: a later send may take lists that only
+    -- grew since.
+    suppression TEXT NOT NULL,
     made_at INTEGER NOT NULL
 );
 -- The canary stage, per fingerprint of the inputs it was sent with; apart from recipients.

@@ -18,6 +18,8 @@ pub struct Known {
     pub at: i64,
     /// `plan` or `run`.
     pub source: &'static str,
+    /// The suppressed keys a plan saw (none for a run's inputs).
+    pub suppression: Option<HashSet<String>>,
 }
 
 /// One canary message's outcome.
@@ -33,21 +35,25 @@ pub struct CanaryOutcome {
 }
 
 impl Journal {
-    /// Records a plan: its fingerprint, the inputs it covers and the plan itself (JSON).
-    /// Planning the same inputs again refreshes the record.
+    /// Records a plan: its fingerprint, the inputs it covers, the plan itself (JSON) and the
+    /// suppressed keys it saw. Planning the same inputs again refreshes the record.
     pub fn record_plan(
         &self,
         fingerprint: &str,
         inputs: &BTreeMap<String, String>,
         plan: &str,
+        suppression: &HashSet<String>,
     ) -> anyhow::Result<()> {
+        let mut keys: Vec<&str> = suppression.iter().map(String::as_str).collect();
+        keys.sort_unstable();
         self.conn.execute(
-            "INSERT INTO plans (fingerprint, inputs, plan, made_at) VALUES (?1, ?2, ?3, ?4)
+            "INSERT INTO plans (fingerprint, inputs, plan, suppression, made_at) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (fingerprint) DO UPDATE SET plan = excluded.plan, made_at = excluded.made_at",
             params![
                 fingerprint,
                 serde_json::to_string(inputs)?,
                 plan,
+                keys.join("\n"),
                 millis(SystemTime::now())
             ],
         )?;
@@ -60,32 +66,38 @@ impl Journal {
         // Hex digits only (checked by the caller), so the pattern has no wildcard in it.
         let pattern = format!("{prefix}%");
         let found = |sql: &str, source: &'static str| -> anyhow::Result<Option<Known>> {
-            let row: Option<(String, String, i64)> = self
+            let row: Option<(String, String, i64, Option<String>)> = self
                 .conn
                 .query_row(sql, params![pattern], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
                 })
                 .optional()?;
-            row.map(|(fingerprint, inputs, at)| {
+            row.map(|(fingerprint, inputs, at, suppression)| {
                 Ok(Known {
                     fingerprint,
                     inputs: serde_json::from_str(&inputs)
                         .context("the journal's recorded inputs are unreadable")?,
                     at,
                     source,
+                    suppression: suppression.map(|keys| {
+                        keys.split('\n')
+                            .filter(|k| !k.is_empty())
+                            .map(str::to_owned)
+                            .collect()
+                    }),
                 })
             })
             .transpose()
         };
         if let Some(plan) = found(
-            "SELECT fingerprint, inputs, made_at FROM plans WHERE fingerprint LIKE ?1
+            "SELECT fingerprint, inputs, made_at, suppression FROM plans WHERE fingerprint LIKE ?1
              ORDER BY made_at DESC LIMIT 1",
             "plan",
         )? {
             return Ok(Some(plan));
         }
         found(
-            "SELECT fingerprint, inputs, created_at FROM runs WHERE fingerprint LIKE ?1
+            "SELECT fingerprint, inputs, created_at, NULL FROM runs WHERE fingerprint LIKE ?1
              ORDER BY created_at DESC LIMIT 1",
             "run",
         )
@@ -163,21 +175,33 @@ mod tests {
     fn a_plan_is_found_by_a_prefix_of_its_fingerprint() {
         let (_dir, journal) = journal();
         let first = inputs(&[("recipients", "aa")]);
-        journal.record_plan("abcdef0123", &first, "{}").unwrap();
+        let suppressed = HashSet::from(["a@x.org".to_owned(), "b@y.org".to_owned()]);
         journal
-            .record_plan("abc9990000", &inputs(&[("recipients", "bb")]), "{}")
+            .record_plan("abcdef0123", &first, "{}", &suppressed)
+            .unwrap();
+        journal
+            .record_plan(
+                "abc9990000",
+                &inputs(&[("recipients", "bb")]),
+                "{}",
+                &HashSet::new(),
+            )
             .unwrap();
         let known = journal.known_inputs("abcdef").unwrap().unwrap();
         assert_eq!(
             (known.fingerprint.as_str(), &known.inputs, known.source),
             ("abcdef0123", &first, "plan")
         );
+        assert_eq!(known.suppression, Some(suppressed));
+        let empty = journal.known_inputs("abc999").unwrap().unwrap();
+        assert_eq!(empty.suppression, Some(HashSet::new()));
         assert_eq!(journal.known_inputs("abcdee").unwrap(), None);
         // Frozen inputs of a run count too.
         journal
             .freeze_inputs("", "feed01", &inputs(&[("recipients", "cc")]), None)
             .unwrap();
-        assert_eq!(journal.known_inputs("feed").unwrap().unwrap().source, "run");
+        let run = journal.known_inputs("feed").unwrap().unwrap();
+        assert_eq!((run.source, run.suppression), ("run", None));
     }
 
     #[test]

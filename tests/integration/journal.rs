@@ -1095,3 +1095,47 @@ fn a_suppression_list_that_grew_between_runs_is_taken_and_honoured() {
     let changed = mailer(&["send", arg(&path)], &[]);
     assert_eq!(changed.code, 65, "{changed:?}");
 }
+
+/// An approval pins the reviewed inputs, but unsubscribes keep arriving while a reviewed
+/// campaign waits: a suppression list that only gained addresses since the plan (even
+/// rewritten in another order) is taken; one that lost an address the plan saw is refused.
+#[test]
+fn an_approval_takes_suppression_lists_that_only_grew_since_the_plan() {
+    let sink = Sink::start();
+    let campaign = Campaign::example().smtp(&sink, 1).rows(people(6));
+    let path = campaign.write();
+    let suppress = campaign.dir().join("suppressed.txt");
+    std::fs::write(&suppress, "user1@example1.com\n").unwrap();
+    let toml = std::fs::read_to_string(&path).unwrap().replacen(
+        "path = \"recipients.csv\"",
+        "path = \"recipients.csv\"\nsuppress = [\"suppressed.txt\"]",
+        1,
+    );
+    std::fs::write(&path, toml).unwrap();
+    let plan = crate::campaign::unapproved(&["plan", arg(&path), "--json"], &[]);
+    assert_eq!(plan.code, 0, "{plan:?}");
+    let plan: serde_json::Value = serde_json::from_str(&plan.stdout).unwrap();
+    let approval = plan["fingerprint"].as_str().unwrap()[..8].to_owned();
+    let send = || crate::campaign::unapproved(&["send", arg(&path), "--approve", &approval], &[]);
+
+    // user1 was suppressed when the plan was reviewed: a list without them is not the
+    // reviewed one, whatever else it holds.
+    std::fs::write(&suppress, "user2@example2.com\n").unwrap();
+    let shrunk = send();
+    assert_eq!(shrunk.code, 65, "{shrunk:?}");
+    assert!(
+        shrunk.stderr.contains("suppress[0] changed"),
+        "{}",
+        shrunk.stderr
+    );
+    assert!(received(&sink).is_empty());
+
+    std::fs::write(&suppress, "user2@example2.com\nUSER1@example1.com\n").unwrap();
+    let grown = send();
+    assert_eq!(grown.code, 0, "{grown:?}");
+    let accepted = received(&sink);
+    assert_eq!(accepted.len(), 4, "{accepted:?}");
+    assert!(!accepted.contains_key("user1@example1.com"));
+    assert!(!accepted.contains_key("user2@example2.com"));
+    assert!(accepted.values().all(|&n| n == 1), "{accepted:?}");
+}
