@@ -1110,6 +1110,24 @@ fn open_for_send(
     let mut inputs_changed = false;
     match journal.frozen_inputs(&slot)? {
         None => journal.freeze_inputs(&slot, &combined, &inputs, None)?,
+        Some(frozen) if !journal.slot_has_rows(&slot)? => {
+            // The runs that froze these inputs listed nobody — refused by validation or
+            // `expect_count`, say — so nothing was sent under them: the fixed inputs are frozen
+            // in their place, without a flag.
+            let changes = fingerprint::changes(&frozen, &inputs);
+            if !changes.is_empty() {
+                inputs_changed = true;
+                journal.freeze_inputs(&slot, &combined, &inputs, None)?;
+                journal.event(
+                    &slot,
+                    "inputs-refrozen",
+                    &format!(
+                        "{} (no recipient was listed under the earlier inputs)",
+                        changes.join(", ")
+                    ),
+                )?;
+            }
+        }
         Some(frozen) => {
             let changes = fingerprint::changes(&frozen, &inputs);
             // Suppression lists only ever take recipients away, and an unsubscribe endpoint

@@ -445,6 +445,15 @@ impl Journal {
         Ok(())
     }
 
+    /// Whether any recipient of `slot` has a row (a run listed them).
+    pub fn slot_has_rows(&self, slot: &str) -> anyhow::Result<bool> {
+        Ok(self.conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM recipients WHERE slot = ?1)",
+            params![slot],
+            |r| r.get(0),
+        )?)
+    }
+
     /// The last attempt times since `since` (ms), in any slot: the latest of all, and each
     /// domain's latest — so limits can hold across a restart.
     pub fn recent_attempts(&self, since: i64) -> anyhow::Result<RecentAttempts> {

@@ -22,12 +22,12 @@ fn journal_file(campaign: &Campaign) -> PathBuf {
         .join("test-campaign.journal")
 }
 
-fn arg(path: &Path) -> &str {
+pub(crate) fn arg(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
 /// `mailer status FILE --json`, parsed; checks that its counts add up to its total.
-fn status(path: &Path) -> serde_json::Value {
+pub(crate) fn status(path: &Path) -> serde_json::Value {
     let run = mailer(&["status", arg(path), "--json"], &[]);
     assert_eq!(run.code, 0, "{run:?}");
     let status: serde_json::Value = serde_json::from_str(&run.stdout).expect("status JSON");
@@ -41,8 +41,25 @@ fn status(path: &Path) -> serde_json::Value {
     status
 }
 
+/// The rows `sql` gives from the journal at `path`, opened read-only.
+pub(crate) fn query<T>(
+    path: &Path,
+    sql: &str,
+    row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Vec<T> {
+    let db =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut statement = db.prepare(sql).unwrap();
+    statement
+        .query_map([], row)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
 /// A state's count in a status.
-fn state_count(status: &serde_json::Value, state: &str) -> u64 {
+pub(crate) fn state_count(status: &serde_json::Value, state: &str) -> u64 {
     status["counts"][state]
         .as_u64()
         .unwrap_or_else(|| panic!("no count for {state}: {status}"))
@@ -324,19 +341,11 @@ fn changed_inputs_are_refused_unless_accepted_and_the_acceptance_is_recorded() {
     }
 
     // The journal records the acceptance, naming what changed.
-    let db = rusqlite::Connection::open_with_flags(
-        journal_file(&campaign),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    let events: Vec<String> = db
-        .prepare("SELECT detail FROM events WHERE kind = 'inputs-accepted'")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    drop(db);
+    let events: Vec<String> = query(
+        &journal_file(&campaign),
+        "SELECT detail FROM events WHERE kind = 'inputs-accepted'",
+        |r| r.get(0),
+    );
     assert_eq!(events.len(), 1, "{events:?}");
     assert!(
         events[0].contains("recipients changed") && events[0].contains("templates/text.hbs"),

@@ -9,6 +9,7 @@ mod delivery;
 mod gallery;
 mod journal;
 mod properties;
+mod review;
 mod sink;
 mod snapshots;
 
