@@ -1540,6 +1540,39 @@ mod tests {
     }
 
     #[test]
+    fn a_format_2_journal_gains_the_review_tables_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.journal");
+        let journal = Journal::open(&path, "c", true, Durability::Full).unwrap();
+        journal
+            .freeze_inputs("", "fp", &BTreeMap::new(), None)
+            .unwrap();
+        drop(journal);
+        // What a format-2 journal is: no review tables.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("DROP TABLE plans; DROP TABLE canary; PRAGMA user_version = 2;")
+            .unwrap();
+        let journal = Journal::open(&path, "c", false, Durability::Full).unwrap();
+        assert_eq!(journal.frozen_inputs("").unwrap(), Some(BTreeMap::new()));
+        journal
+            .record_plan(
+                "ab12cd",
+                &BTreeMap::new(),
+                "{}",
+                &std::collections::HashSet::new(),
+            )
+            .unwrap();
+        assert!(journal.known_inputs("ab12cd").unwrap().is_some());
+        assert!(journal.canary_sent("ab12cd").unwrap().is_empty());
+        let version: i64 = journal
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
     fn a_journal_of_another_format_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.journal");
