@@ -818,6 +818,19 @@ mod fixtures {
     use crate::dispatch::Gate;
     use crate::render::{Envelope, OutgoingMessage};
 
+    /// A new journal of campaign `c` in a temporary folder (kept while the folder lives).
+    pub fn journal() -> (tempfile::TempDir, Journal) {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(
+            &dir.path().join("c.journal"),
+            "c",
+            true,
+            Durability::Relaxed,
+        )
+        .unwrap();
+        (dir, journal)
+    }
+
     /// Runs a writer over `journal` while `record` uses its recorder, and waits for the
     /// gates it returns and for the writer to finish.
     pub async fn record(

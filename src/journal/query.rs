@@ -306,21 +306,9 @@ mod tests {
     use crate::dispatch::Reply;
     use crate::journal::{Durability, Roster, Sync, millis};
 
-    use crate::journal::fixtures::record;
+    use crate::journal::fixtures::{journal, record};
 
     const CSV: &str = "email\nann@example.com\nbob@example.com\ncat@example.org\n";
-
-    fn journal() -> (tempfile::TempDir, Journal) {
-        let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::open(
-            &dir.path().join("c.journal"),
-            "c",
-            true,
-            Durability::Relaxed,
-        )
-        .unwrap();
-        (dir, journal)
-    }
 
     fn sync(journal: &mut Journal) -> Sync {
         let list =

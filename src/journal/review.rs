@@ -149,20 +149,8 @@ impl Journal {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Durability, Journal};
+    use super::super::fixtures::journal;
     use super::*;
-
-    fn journal() -> (tempfile::TempDir, Journal) {
-        let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::open(
-            &dir.path().join("c.journal"),
-            "c",
-            true,
-            Durability::Relaxed,
-        )
-        .unwrap();
-        (dir, journal)
-    }
 
     fn inputs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
