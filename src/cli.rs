@@ -100,9 +100,11 @@ pub enum Command {
     /// Every outcome is recorded in the campaign's journal: running `send` again resumes
     /// where the last run stopped and never sends anyone twice. Delivery keeps to `[rate]`
     /// (global and per domain), retries 4xx replies as `[retry]` says, pauses when the relay
-    /// fails, and ends with a summary. Exit codes: 0 done, 1 done with failures, 3 halted,
-    /// 65 invalid input, 69 relay unavailable, 75 work remaining, not due yet or locked (see
-    /// the README).
+    /// fails, and ends with a summary. Over SMTP it needs `--approve` with the fingerprint
+    /// `mailer plan` printed for these inputs. Exit codes: 0 done, 1 done with failures, 3
+    /// halted, 64 no approval or canary not done, 65 invalid input or inputs not those
+    /// approved, 69 relay unavailable, 75 work remaining, not due yet or locked (see the
+    /// README).
     Send {
         /// The campaign file (campaign.toml).
         campaign: PathBuf,

@@ -1222,7 +1222,7 @@ fn approved(
                 "since the {} of {} with fingerprint {}: {}",
                 known.source,
                 journal::query::time(known.at),
-                &known.fingerprint[..plan::SHORT],
+                plan::short(&known.fingerprint),
                 changes.join(", ")
             )
         }
@@ -1288,7 +1288,7 @@ fn canary_done(
             canary.len(),
             waiting.join(", "),
             path.display(),
-            &approved[..plan::SHORT]
+            plan::short(approved)
         ),
     )
     .into())
@@ -1720,7 +1720,7 @@ fn send_canary(
     }
     let approved = journaled
         .as_ref()
-        .map(|j| j.approved[..plan::SHORT].to_owned());
+        .map(|j| plan::short(&j.approved).to_owned());
     let next = format!(
         "mailer send {}{}",
         path.display(),

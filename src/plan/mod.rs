@@ -25,6 +25,12 @@ use crate::render::Locales;
 pub const SHORT: usize = 12;
 pub const APPROVAL_MIN: usize = 6;
 
+/// A fingerprint as people read it: its first [`SHORT`] hex digits.
+#[must_use]
+pub fn short(fingerprint: &str) -> &str {
+    fingerprint.get(..SHORT).unwrap_or(fingerprint)
+}
+
 /// `--approve FINGERPRINT`: a prefix (at least [`APPROVAL_MIN`] hex digits) of the plan's
 /// fingerprint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,7 +250,7 @@ impl Plan {
     /// The fingerprint as people read it: its first [`SHORT`] hex digits.
     #[must_use]
     pub fn short(&self) -> &str {
-        &self.fingerprint[..SHORT.min(self.fingerprint.len())]
+        short(&self.fingerprint)
     }
 
     /// The plan for people, after `check`'s report.
