@@ -1762,10 +1762,14 @@ fn send_canary(
     writeln!(out, "canary stage{dry}: {count} message(s)")?;
     let mut summary = Summary::default();
     for delivery in deliveries {
+        let state = if options.dry_run && delivery.state == State::Sent {
+            "would send"
+        } else {
+            delivery.state.name()
+        };
         writeln!(
             out,
-            "  {:<10} {}  (line {}, {}){}",
-            delivery.state.name(),
+            "  {state:<10} {}  (line {}, {}){}",
             delivery.recipient,
             delivery.line,
             delivery.locale,

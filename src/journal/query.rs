@@ -35,6 +35,19 @@ pub struct Status {
     pub domains: Vec<DomainCounts>,
     /// The stop or breaker trip in force: every `send` exits 3 until `mailer resume`.
     pub halt: Option<HaltView>,
+    /// The latest canary stage (its inputs' fingerprint), apart from the counts.
+    pub canary: Vec<CanaryView>,
+}
+
+/// One canary message of the latest canary stage.
+#[derive(Debug, Serialize)]
+pub struct CanaryView {
+    pub fingerprint: String,
+    pub address: String,
+    pub line: u64,
+    pub locale: String,
+    pub state: String,
+    pub at: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -245,6 +258,23 @@ impl Journal {
             by,
             reason,
         });
+        let mut statement = self.conn.prepare(
+            "SELECT fingerprint, address, line, locale, state, at FROM canary
+             WHERE fingerprint = (SELECT fingerprint FROM canary ORDER BY at DESC LIMIT 1)
+             ORDER BY address",
+        )?;
+        let canary = statement
+            .query_map([], |r| {
+                Ok(CanaryView {
+                    fingerprint: r.get(0)?,
+                    address: r.get(1)?,
+                    line: r.get(2)?,
+                    locale: r.get(3)?,
+                    state: r.get(4)?,
+                    at: time(r.get(5)?),
+                })
+            })?
+            .collect::<Result<_, _>>()?;
         Ok(Status {
             campaign: campaign.to_owned(),
             slot: (!slot.is_empty()).then(|| slot.to_owned()),
@@ -260,6 +290,7 @@ impl Journal {
             replies,
             domains,
             halt,
+            canary,
         })
     }
 
@@ -363,6 +394,41 @@ mod tests {
             journal.latest_slot().unwrap().as_deref(),
             Some("2030-01-02T00:00:00Z")
         );
+    }
+
+    #[test]
+    fn status_shows_the_latest_canary_stage_apart_from_the_counts() {
+        let (_dir, mut journal) = journal();
+        assert!(journal.status("c", "").unwrap().canary.is_empty());
+        let outcome = |address: &str, state: &str| crate::journal::review::CanaryOutcome {
+            address: address.to_owned(),
+            line: 2,
+            locale: "en".to_owned(),
+            state: state.to_owned(),
+            attempts: 1,
+            detail: String::new(),
+        };
+        journal
+            .record_canary("old", &[outcome("a@x.org", "sent")])
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        journal
+            .record_canary(
+                "new",
+                &[outcome("b@x.org", "deferred"), outcome("c@x.org", "sent")],
+            )
+            .unwrap();
+        let status = journal.status("c", "").unwrap();
+        let canary: Vec<(&str, &str, &str)> = status
+            .canary
+            .iter()
+            .map(|c| (c.fingerprint.as_str(), c.address.as_str(), c.state.as_str()))
+            .collect();
+        assert_eq!(
+            canary,
+            [("new", "b@x.org", "deferred"), ("new", "c@x.org", "sent")]
+        );
+        assert_eq!(status.total, 0, "canary messages are not recipients");
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -75,6 +75,18 @@ pub fn print_status(status: &Status, out: &mut impl Write) -> io::Result<()> {
             )?;
         }
     }
+    for canary in &status.canary {
+        writeln!(
+            out,
+            "  canary {:<25} {:<10} line {} ({}), inputs {}, {}",
+            canary.address,
+            canary.state,
+            canary.line,
+            canary.locale,
+            crate::plan::short(&canary.fingerprint),
+            canary.at
+        )?;
+    }
     match &status.halt {
         Some(halt) => writeln!(
             out,
