@@ -513,14 +513,19 @@ fn examine(campaign: Campaign) -> anyhow::Result<Examination> {
     })
 }
 
-/// The lines of rows that cannot be sent, from validation's problems.
-fn invalid_lines(problems: &Problems) -> std::collections::BTreeSet<u64> {
+/// The rows that cannot be sent, from validation's problems: line → why.
+fn invalid_rows(problems: &Problems) -> BTreeMap<u64, String> {
     problems
         .0
         .iter()
         .filter(|p| p.kind == problem::Kind::Row && p.severity == problem::Severity::Error)
-        .filter_map(|p| p.line)
+        .filter_map(|p| p.line.map(|line| (line, p.message.clone())))
         .collect()
+}
+
+/// The lines of the rows that cannot be sent.
+fn invalid_lines(problems: &Problems) -> std::collections::BTreeSet<u64> {
+    invalid_rows(problems).into_keys().collect()
 }
 
 /// What `[safety]` expects of the list: `expect_count` addresses, and rows for the canary.
@@ -1354,13 +1359,7 @@ fn send(
     {
         tracing::warn!("skipped as invalid ([safety] max_invalid): {group}");
     }
-    let invalid: BTreeMap<u64, String> = validation
-        .problems
-        .0
-        .iter()
-        .filter(|p| p.kind == problem::Kind::Row && p.severity == problem::Severity::Error)
-        .filter_map(|p| p.line.map(|line| (line, p.message.clone())))
-        .collect();
+    let invalid = invalid_rows(&validation.problems);
     let transport = dispatch::Transport::for_campaign(&loaded.campaign.transport, dry_run)?;
     summary.dry_run = dry_run;
     // Who is due: from the journal, or, in a dry run, every row that rendered.

@@ -818,6 +818,18 @@ mod fixtures {
     use crate::dispatch::Gate;
     use crate::render::{Envelope, OutgoingMessage};
 
+    /// A canary outcome for `address` (line 2, `en`, one attempt).
+    pub fn canary(address: &str, state: &str) -> super::review::CanaryOutcome {
+        super::review::CanaryOutcome {
+            address: address.to_owned(),
+            line: 2,
+            locale: "en".to_owned(),
+            state: state.to_owned(),
+            attempts: 1,
+            detail: String::new(),
+        }
+    }
+
     /// A new journal of campaign `c` in a temporary folder (kept while the folder lives).
     pub fn journal() -> (tempfile::TempDir, Journal) {
         let dir = tempfile::tempdir().unwrap();

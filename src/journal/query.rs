@@ -400,14 +400,7 @@ mod tests {
     fn status_shows_the_latest_canary_stage_apart_from_the_counts() {
         let (_dir, mut journal) = journal();
         assert!(journal.status("c", "").unwrap().canary.is_empty());
-        let outcome = |address: &str, state: &str| crate::journal::review::CanaryOutcome {
-            address: address.to_owned(),
-            line: 2,
-            locale: "en".to_owned(),
-            state: state.to_owned(),
-            attempts: 1,
-            detail: String::new(),
-        };
+        let outcome = crate::journal::fixtures::canary;
         journal
             .record_canary("old", &[outcome("a@x.org", "sent")])
             .unwrap();

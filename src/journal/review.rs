@@ -195,14 +195,7 @@ mod tests {
     #[test]
     fn a_canary_once_sent_stays_sent() {
         let (_dir, mut journal) = journal();
-        let outcome = |address: &str, state: &str| CanaryOutcome {
-            address: address.to_owned(),
-            line: 2,
-            locale: "en".to_owned(),
-            state: state.to_owned(),
-            attempts: 1,
-            detail: String::new(),
-        };
+        let outcome = crate::journal::fixtures::canary;
         journal
             .record_canary(
                 "fp",
