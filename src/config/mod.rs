@@ -22,8 +22,8 @@ use lettre::message::Mailbox;
 use toml::Spanned;
 use unic_langid::LanguageIdentifier;
 
+use crate::address::NormalisedAddress;
 use crate::problem::{Problem, Problems, line_of};
-use crate::recipients::NormalisedAddress;
 pub use delivery::{Batch, OnAmbiguous, Pace, Rate, Retry};
 pub use dkim::Dkim;
 use raw::{RawFile, RawKind, RawTransport, RawTransportKind};
@@ -227,9 +227,19 @@ pub fn valid_id(id: &str) -> bool {
 
 /// Reads and validates the campaign file at `path`.
 pub fn load(path: &Path) -> anyhow::Result<Campaign> {
-    let source = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the campaign file `{}`", path.display()))?;
-    parse(path, &source).map_err(|problems| problems.into_failure().into())
+    parse_file(path)?.map_err(|problems| problems.into_failure().into())
+}
+
+/// Reads and validates the campaign file at `path`, giving its problems as values (for the
+/// commands that list them): `Err` only when it cannot be read.
+pub fn parse_file(path: &Path) -> anyhow::Result<Result<Campaign, Problems>> {
+    Ok(parse(path, &read(path)?))
+}
+
+/// The campaign file's text, for [`parse`].
+pub fn read(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the campaign file `{}`", path.display()))
 }
 
 /// Validates campaign.toml text; `path` names the file in errors and anchors relative paths.
@@ -290,97 +300,17 @@ impl Validator<'_> {
         let c = raw.campaign;
         let dkim = raw.dkim.as_ref().and_then(|d| self.dkim(d));
         let unsubscribe = raw.unsubscribe.as_ref().and_then(|u| self.unsubscribe(u));
-        let list_id = c.list_id.as_ref().and_then(|value| {
-            let text = value.get_ref();
-            if unsubscribe::valid_list_id(text) {
-                Some(text.clone())
-            } else {
-                self.error(
-                    value,
-                    format!("`list_id` = `{text}` must look like `Description <label.example.com>` (RFC 2919), on one line"),
-                );
-                None
-            }
-        });
-
-        let id = c.id.get_ref().clone();
-        if !valid_id(&id) {
-            self.error(
-                &c.id,
-                format!("campaign `id` = `{id}` must be 1 to 64 letters, digits, `-`, `_` or `.`"),
-            );
-        }
+        let list_id = self.list_id(c.list_id.as_ref());
+        let id = self.campaign_id(&c.id);
         let from = self.mailbox("from", &c.from);
         let reply_to = c
             .reply_to
             .as_ref()
             .and_then(|r| self.mailbox("reply_to", r));
-
-        let default_locale = match c.default_locale.get_ref().parse::<LanguageIdentifier>() {
-            Ok(locale) => Some(locale),
-            Err(_) => {
-                let locale = c.default_locale.get_ref().clone();
-                self.error(
-                    &c.default_locale,
-                    format!("`default_locale` = `{locale}` is not a language tag such as `en` or `fr-CA`"),
-                );
-                None
-            }
-        };
-        let kind = match c.kind.as_ref().map(|k| (*k.get_ref(), k)) {
-            None | Some((RawKind::Announcement, _)) => Kind::Announcement,
-            Some((RawKind::Marketing, at)) => {
-                if raw.unsubscribe.is_none() {
-                    self.error(
-                        at,
-                        "`kind = \"marketing\"` needs an `[unsubscribe]` section (one-click unsubscribe, RFC 8058): mailbox providers reject bulk mail without it",
-                    );
-                }
-                Kind::Marketing
-            }
-        };
-        let template_dir = self.relative(&c.template);
-        let locales_dir = self.relative(&c.locales);
-        for (key, value, dir) in [
-            ("template", &c.template, &template_dir),
-            ("locales", &c.locales, &locales_dir),
-        ] {
-            if !dir.is_dir() {
-                self.error(
-                    value,
-                    format!(
-                        "`{key}` = `{}` is not a folder (looked for `{}`)",
-                        value.get_ref(),
-                        dir.display()
-                    ),
-                );
-            }
-        }
-        let recipients = self.relative(&raw.recipients.path);
-        if !recipients.is_file() {
-            self.error(
-                &raw.recipients.path,
-                format!(
-                    "recipients `path` = `{}` is not a file (looked for `{}`)",
-                    raw.recipients.path.get_ref(),
-                    recipients.display()
-                ),
-            );
-        }
-        let suppress: Vec<PathBuf> = raw
-            .recipients
-            .suppress
-            .iter()
-            .map(|s| self.relative(s))
-            .collect();
-        for (value, file) in raw.recipients.suppress.iter().zip(&suppress) {
-            if !file.is_file() {
-                self.error(
-                    value,
-                    format!("suppress file `{}` does not exist", value.get_ref()),
-                );
-            }
-        }
+        let default_locale = self.default_locale(&c.default_locale);
+        let kind = self.kind(c.kind.as_ref(), raw.unsubscribe.is_some());
+        let (template_dir, locales_dir) = self.folders(&c);
+        let (recipients, suppress) = self.recipients(&raw.recipients);
         let safety = self.safety(raw.safety.as_ref());
         let rate = self.rate(raw.rate.as_ref());
         let retry = self.retry(raw.retry.as_ref());
@@ -416,6 +346,110 @@ impl Validator<'_> {
         }
     }
 
+    /// `[campaign] list_id`, when given.
+    fn list_id(&mut self, value: Option<&Spanned<String>>) -> Option<String> {
+        let value = value?;
+        let text = value.get_ref();
+        if unsubscribe::valid_list_id(text) {
+            Some(text.clone())
+        } else {
+            self.error(
+                value,
+                format!("`list_id` = `{text}` must look like `Description <label.example.com>` (RFC 2919), on one line"),
+            );
+            None
+        }
+    }
+
+    /// `[campaign] id`; an invalid one is reported and still given back.
+    fn campaign_id(&mut self, value: &Spanned<String>) -> String {
+        let id = value.get_ref().clone();
+        if !valid_id(&id) {
+            self.error(
+                value,
+                format!("campaign `id` = `{id}` must be 1 to 64 letters, digits, `-`, `_` or `.`"),
+            );
+        }
+        id
+    }
+
+    fn default_locale(&mut self, value: &Spanned<String>) -> Option<LanguageIdentifier> {
+        match value.get_ref().parse::<LanguageIdentifier>() {
+            Ok(locale) => Some(locale),
+            Err(_) => {
+                let locale = value.get_ref().clone();
+                self.error(
+                    value,
+                    format!("`default_locale` = `{locale}` is not a language tag such as `en` or `fr-CA`"),
+                );
+                None
+            }
+        }
+    }
+
+    /// `[campaign] kind`: an announcement by default; marketing needs `[unsubscribe]`.
+    fn kind(&mut self, value: Option<&Spanned<RawKind>>, has_unsubscribe: bool) -> Kind {
+        match value.map(|k| (*k.get_ref(), k)) {
+            None | Some((RawKind::Announcement, _)) => Kind::Announcement,
+            Some((RawKind::Marketing, at)) => {
+                if !has_unsubscribe {
+                    self.error(
+                        at,
+                        "`kind = \"marketing\"` needs an `[unsubscribe]` section (one-click unsubscribe, RFC 8058): mailbox providers reject bulk mail without it",
+                    );
+                }
+                Kind::Marketing
+            }
+        }
+    }
+
+    /// `[campaign] template` and `locales`: the two folders, each checked to exist.
+    fn folders(&mut self, c: &raw::RawCampaign) -> (PathBuf, PathBuf) {
+        let template_dir = self.relative(&c.template);
+        let locales_dir = self.relative(&c.locales);
+        for (key, value, dir) in [
+            ("template", &c.template, &template_dir),
+            ("locales", &c.locales, &locales_dir),
+        ] {
+            if !dir.is_dir() {
+                self.error(
+                    value,
+                    format!(
+                        "`{key}` = `{}` is not a folder (looked for `{}`)",
+                        value.get_ref(),
+                        dir.display()
+                    ),
+                );
+            }
+        }
+        (template_dir, locales_dir)
+    }
+
+    /// `[recipients]`: the list and the suppression files, each checked to exist.
+    fn recipients(&mut self, raw: &raw::RawRecipients) -> (PathBuf, Vec<PathBuf>) {
+        let recipients = self.relative(&raw.path);
+        if !recipients.is_file() {
+            self.error(
+                &raw.path,
+                format!(
+                    "recipients `path` = `{}` is not a file (looked for `{}`)",
+                    raw.path.get_ref(),
+                    recipients.display()
+                ),
+            );
+        }
+        let suppress: Vec<PathBuf> = raw.suppress.iter().map(|s| self.relative(s)).collect();
+        for (value, file) in raw.suppress.iter().zip(&suppress) {
+            if !file.is_file() {
+                self.error(
+                    value,
+                    format!("suppress file `{}` does not exist", value.get_ref()),
+                );
+            }
+        }
+        (recipients, suppress)
+    }
+
     fn safety(&mut self, raw: Option<&raw::RawSafety>) -> Safety {
         let Some(raw) = raw else {
             return Safety::default();
@@ -438,7 +472,7 @@ impl Validator<'_> {
         });
         let mut allow_addresses = Vec::new();
         for value in &raw.allow_addresses {
-            match crate::recipients::normalise(value.get_ref()) {
+            match crate::address::normalise(value.get_ref()) {
                 Ok(address) => allow_addresses.push(address.key.into_string()),
                 Err(reason) => self.error(
                     value,
@@ -491,7 +525,7 @@ impl Validator<'_> {
     fn addresses(&mut self, key: &str, values: &[Spanned<String>]) -> Vec<NormalisedAddress> {
         let mut found: Vec<NormalisedAddress> = Vec::new();
         for value in values {
-            match crate::recipients::normalise(value.get_ref()) {
+            match crate::address::normalise(value.get_ref()) {
                 Ok(address) if found.contains(&address) => {
                     self.error(value, format!("`{key}` names `{}` twice", value.get_ref()));
                 }
@@ -562,23 +596,34 @@ impl Validator<'_> {
             .as_ref()
             .map_or(RawTransportKind::File, |k| *k.get_ref());
         if kind == RawTransportKind::File {
-            let smtp_only = [
-                &t.url,
-                &t.hello_name,
-                &t.username,
-                &t.password_env,
-                &t.password_file,
-                &t.ca_file,
-            ];
-            if let Some(key) = smtp_only.into_iter().flatten().next() {
-                self.error(key, "this key only applies to `kind = \"smtp\"`");
-            }
-            let outbox = t
-                .outbox
-                .as_ref()
-                .map_or_else(|| self.dir.join("outbox"), |o| self.relative(o));
-            return Some(Transport::File { outbox });
+            return Some(self.file_transport(t));
         }
+        self.smtp(t, hello_default).map(Transport::Smtp)
+    }
+
+    /// `kind = "file"`: the outbox, beside the campaign file by default.
+    fn file_transport(&mut self, t: &RawTransport) -> Transport {
+        let smtp_only = [
+            &t.url,
+            &t.hello_name,
+            &t.username,
+            &t.password_env,
+            &t.password_file,
+            &t.ca_file,
+        ];
+        if let Some(key) = smtp_only.into_iter().flatten().next() {
+            self.error(key, "this key only applies to `kind = \"smtp\"`");
+        }
+        let outbox = t
+            .outbox
+            .as_ref()
+            .map_or_else(|| self.dir.join("outbox"), |o| self.relative(o));
+        Transport::File { outbox }
+    }
+
+    /// `kind = "smtp"`: the relay's address and security, the credentials, the connection
+    /// pool and the timeouts.
+    fn smtp(&mut self, t: &RawTransport, hello_default: String) -> Option<Smtp> {
         if let Some(outbox) = &t.outbox {
             self.error(outbox, "`outbox` only applies to `kind = \"file\"`");
         }
@@ -590,72 +635,11 @@ impl Validator<'_> {
             );
             return None;
         };
-        let url = match url::Url::parse(url_value.get_ref()) {
-            Ok(url) => url,
-            Err(error) => {
-                self.error(
-                    url_value,
-                    format!("`url` = `{}` is not a URL ({error})", url_value.get_ref()),
-                );
-                return None;
-            }
-        };
-        if !url.username().is_empty() || url.password().is_some() {
-            self.error(url_value, "`url` must not carry credentials; use `username` with `password_env` or `password_file`");
-        }
-        let Some(host) = url
-            .host_str()
-            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
-        else {
-            self.error(url_value, "`url` has no host");
-            return None;
-        };
+        let (url, host) = self.smtp_url(url_value)?;
         let loopback = host.eq_ignore_ascii_case("localhost")
             || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
-        let plaintext_opt_out = t.dangerous_plaintext.as_ref().is_some_and(|v| *v.get_ref());
-        let require_starttls = t.require_starttls.as_ref().is_some_and(|v| *v.get_ref());
-        if let (true, Some(at)) = (require_starttls && plaintext_opt_out, &t.require_starttls) {
-            self.error(
-                at,
-                "`require_starttls` and `dangerous_plaintext` contradict each other",
-            );
-        }
-        let (security, default_port) = match url.scheme() {
-            "smtps" => (Security::ImplicitTls, 465),
-            "smtp" if require_starttls => (Security::StartTls, 587),
-            "smtp" if loopback || plaintext_opt_out => (Security::Plain, 25),
-            "smtp" => (Security::StartTls, 587),
-            other => {
-                self.error(
-                    url_value,
-                    format!("`url` scheme `{other}` is not `smtp` or `smtps`"),
-                );
-                return None;
-            }
-        };
-        let auth = match (&t.username, &t.password_env, &t.password_file) {
-            (None, None, None) => None,
-            (Some(user), Some(env), None) => Some(Auth {
-                username: user.get_ref().clone(),
-                password: PasswordSource::Env(env.get_ref().clone()),
-            }),
-            (Some(user), None, Some(file)) => Some(Auth {
-                username: user.get_ref().clone(),
-                password: PasswordSource::File(self.relative(file)),
-            }),
-            (Some(user), None, None) => {
-                self.error(user, "`username` needs `password_env` or `password_file`");
-                None
-            }
-            (None, Some(at), _) | (None, None, Some(at)) => {
-                self.error(at, "a password source needs a `username`");
-                None
-            }
-            (Some(_), Some(_), Some(file)) => {
-                self.error(file, "give `password_env` or `password_file`, not both");
-                None
-            }
-        };
+        let (security, default_port) = self.security(t, url_value, url.scheme(), loopback)?;
+        let auth = self.auth(t);
         if auth.is_some() && security == Security::Plain && !loopback {
             self.error(
                 url_value,
@@ -668,7 +652,7 @@ impl Validator<'_> {
             t.messages_per_connection.as_ref(),
             1000,
         );
-        Some(Transport::Smtp(Smtp {
+        Some(Smtp {
             port: url.port().unwrap_or(default_port),
             host,
             security,
@@ -699,7 +683,91 @@ impl Validator<'_> {
                 t.data_timeout.as_ref(),
                 Duration::from_secs(600),
             ),
-        }))
+        })
+    }
+
+    /// The relay's `url`, parsed, and its host (without an IPv6 address's brackets).
+    fn smtp_url(&mut self, url_value: &Spanned<String>) -> Option<(url::Url, String)> {
+        let url = match url::Url::parse(url_value.get_ref()) {
+            Ok(url) => url,
+            Err(error) => {
+                self.error(
+                    url_value,
+                    format!("`url` = `{}` is not a URL ({error})", url_value.get_ref()),
+                );
+                return None;
+            }
+        };
+        if !url.username().is_empty() || url.password().is_some() {
+            self.error(url_value, "`url` must not carry credentials; use `username` with `password_env` or `password_file`");
+        }
+        let Some(host) = url
+            .host_str()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+        else {
+            self.error(url_value, "`url` has no host");
+            return None;
+        };
+        Some((url, host))
+    }
+
+    /// The security the `url` scheme and the opt-ins ask for, with its default port: TLS
+    /// unless the relay is loopback or `dangerous_plaintext` says otherwise.
+    fn security(
+        &mut self,
+        t: &RawTransport,
+        url_value: &Spanned<String>,
+        scheme: &str,
+        loopback: bool,
+    ) -> Option<(Security, u16)> {
+        let plaintext_opt_out = t.dangerous_plaintext.as_ref().is_some_and(|v| *v.get_ref());
+        let require_starttls = t.require_starttls.as_ref().is_some_and(|v| *v.get_ref());
+        if let (true, Some(at)) = (require_starttls && plaintext_opt_out, &t.require_starttls) {
+            self.error(
+                at,
+                "`require_starttls` and `dangerous_plaintext` contradict each other",
+            );
+        }
+        match scheme {
+            "smtps" => Some((Security::ImplicitTls, 465)),
+            "smtp" if require_starttls => Some((Security::StartTls, 587)),
+            "smtp" if loopback || plaintext_opt_out => Some((Security::Plain, 25)),
+            "smtp" => Some((Security::StartTls, 587)),
+            other => {
+                self.error(
+                    url_value,
+                    format!("`url` scheme `{other}` is not `smtp` or `smtps`"),
+                );
+                None
+            }
+        }
+    }
+
+    /// The credentials: a `username` with exactly one password source, or none of them.
+    fn auth(&mut self, t: &RawTransport) -> Option<Auth> {
+        match (&t.username, &t.password_env, &t.password_file) {
+            (None, None, None) => None,
+            (Some(user), Some(env), None) => Some(Auth {
+                username: user.get_ref().clone(),
+                password: PasswordSource::Env(env.get_ref().clone()),
+            }),
+            (Some(user), None, Some(file)) => Some(Auth {
+                username: user.get_ref().clone(),
+                password: PasswordSource::File(self.relative(file)),
+            }),
+            (Some(user), None, None) => {
+                self.error(user, "`username` needs `password_env` or `password_file`");
+                None
+            }
+            (None, Some(at), _) | (None, None, Some(at)) => {
+                self.error(at, "a password source needs a `username`");
+                None
+            }
+            (Some(_), Some(_), Some(file)) => {
+                self.error(file, "give `password_env` or `password_file`, not both");
+                None
+            }
+        }
     }
 }
 

@@ -70,13 +70,13 @@ impl Validator<'_> {
             let text = value.get_ref();
             // Normalised (IDNA domain), with a plain ASCII local part: it goes into a mailto:
             // URI in a header, with nothing to escape.
-            let plain = |address: &crate::recipients::NormalisedAddress| {
+            let plain = |address: &crate::address::NormalisedAddress| {
                 address
                     .local()
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || ".+-_".contains(c))
             };
-            match crate::recipients::normalise(text) {
+            match crate::address::normalise(text) {
                 Ok(address) if plain(&address) => Some(address.to_lettre()),
                 Ok(_) => {
                     self.error(

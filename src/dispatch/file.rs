@@ -6,9 +6,9 @@
 
 use std::path::PathBuf;
 
-use super::{Attempt, RelayFailure};
+use super::RelayFailure;
+use crate::outcome::{Attempt, State};
 use crate::render::OutgoingMessage;
-use crate::report::State;
 
 #[derive(Debug, Clone)]
 pub struct Outbox {

@@ -11,7 +11,6 @@
 
 mod file;
 mod pace;
-mod reply;
 mod schedule;
 mod smtp;
 
@@ -20,11 +19,9 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::config;
-use crate::journal::{self, Recorder};
+use crate::outcome::{Attempt, Delivery, Reply, State};
 use crate::render::OutgoingMessage;
-use crate::report::{Delivery, State};
 pub use pace::Pacer;
-pub use reply::Reply;
 pub use schedule::Tally;
 pub use smtp::Settings as SmtpSettings;
 
@@ -110,6 +107,40 @@ impl From<RelayFailure> for Refusal {
     }
 }
 
+/// A recipient due in this run: its journal row and the attempts earlier runs made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub id: i64,
+    pub attempts: u32,
+}
+
+/// Where a run records what happens to each message: the journal, in a real send. Dispatch
+/// knows only this; the journal's writer implements it (the journal comes after dispatch in
+/// the pipeline).
+pub trait Record: Send + Sync {
+    /// Records row `id` as `in_flight`. The gate opens when that is durable; an error there
+    /// means the journal cannot be written and the message must not be sent.
+    fn in_flight(&self, id: i64, locale: &str, message_id: &str, bytes: &[u8]) -> Gate;
+    /// Records an outcome (not waited for: a crash before it commits leaves the row
+    /// `in_flight`, which the next run reports as ambiguous).
+    fn outcome(
+        &self,
+        id: i64,
+        state: State,
+        attempts: u32,
+        reply: Option<Reply>,
+        detail: String,
+        next_attempt_at: Option<std::time::SystemTime>,
+    );
+    /// Records a halt (a breaker tripped) at once.
+    fn halt(&self, reason: &str);
+    /// Puts row `id` back to `pending`: it was not sent after all.
+    fn requeued(&self, id: i64);
+}
+
+/// A shared handle on where outcomes are recorded.
+pub type Recorder = Arc<dyn Record>;
+
 /// The journal's "this recipient is in flight". The transport starts it (records the row
 /// `in_flight`) right before `MAIL FROM`, and nothing the server could accept — the message
 /// body — goes out before the journal says the record is durable.
@@ -168,7 +199,7 @@ impl Gate {
 /// A message to deliver, with its journal row when the run keeps a journal.
 pub struct Queued {
     pub message: OutgoingMessage,
-    pub entry: Option<journal::Entry>,
+    pub entry: Option<Entry>,
 }
 
 /// What a run needs besides the transport and the messages.
@@ -188,26 +219,6 @@ pub struct Settings<'a> {
 
 /// The live set of suppressed keys (see `recipients::suppression_key`).
 pub type Suppressed = Arc<std::sync::RwLock<std::collections::HashSet<String>>>;
-
-/// What one attempt to deliver one message gave.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Attempt {
-    pub state: State,
-    /// The reply as text, the file written, or what went wrong.
-    pub detail: String,
-    /// The server's reply, when there was one.
-    pub reply: Option<Reply>,
-}
-
-impl Attempt {
-    fn without_reply(state: State, detail: impl Into<String>) -> Attempt {
-        Attempt {
-            state,
-            detail: detail.into(),
-            reply: None,
-        }
-    }
-}
 
 /// A message on its way, with what the run knows about it so far.
 pub struct Job {

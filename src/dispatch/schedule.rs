@@ -22,16 +22,15 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{Job, Outcome, Pacer, Queued, RelayFailure, Reply, Settings, Suppressed, Verdict};
+use super::{Job, Outcome, Pacer, Queued, Recorder, RelayFailure, Settings, Suppressed, Verdict};
 
 use crate::config::{Batch, Retry};
-use crate::journal::Recorder;
-use crate::report::{Delivery, State};
+use crate::outcome::{Attempt, Delivery, Reply, State};
 
 /// Messages held in the per-domain queues at most. A domain that is much slower than the
 /// others can fill it; then everything waits for that domain (documented in the README).
@@ -306,171 +305,242 @@ impl Scheduler {
         self.in_flight -= 1;
         let Outcome {
             worker,
-            mut job,
+            job,
             verdict,
         } = outcome;
         match verdict {
             Verdict::Answered(attempt) => {
                 self.idle.push(worker);
-                // An answer about a recipient handed out since the last pause: the relay is
-                // working again. (An answer to an older one says nothing about now.)
-                if job.epoch == self.epoch {
-                    self.answers_in_epoch += 1;
-                    self.relay_failures = 0;
-                    self.probing = false;
-                }
-                let throttling = attempt.reply.as_ref().is_some_and(Reply::is_throttling);
-                let domain = job.message.envelope.rcpt_to.domain();
-                if let Some(per_second) = throttling.then(|| self.pacer.throttle(domain)).flatten()
-                {
-                    tracing::warn!(domain, per_second, reply = %attempt.detail, "throttled by the server; slowing this domain down");
-                    let slowest = self
-                        .tally
-                        .throttled
-                        .entry(domain.to_owned())
-                        .or_insert(per_second);
-                    *slowest = slowest.min(per_second);
-                }
-                if attempt.state == State::Deferred {
-                    job.attempts += 1;
-                    let more = job.attempts < self.retry.max_attempts.get();
-                    let wait = self.backoff(self.retry.backoff, job.prior + job.attempts);
-                    if more && self.retries.len() < RETRY_CAP {
-                        tracing::info!(
-                            line = job.message.line,
-                            recipient = %job.message.envelope.rcpt_to,
-                            attempt = job.attempts,
-                            retry_in = %humantime::format_duration(Duration::from_millis(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))),
-                            reply = %attempt.detail,
-                            "deferred"
-                        );
-                        self.tally.retried += 1;
-                        if let (Some(journal), Some(id)) = (&self.journal, job.id) {
-                            journal.outcome(
-                                id,
-                                State::Deferred,
-                                job.prior + job.attempts,
-                                attempt.reply.clone(),
-                                attempt.detail.clone(),
-                                Some(SystemTime::now() + wait),
-                            );
-                        }
-                        job.last_reply = attempt.detail;
-                        job.last_answer = attempt.reply;
-                        let key = (now + wait, self.next_sequence());
-                        self.retries.insert(key, job);
-                        return None;
-                    }
-                    let why = if more {
-                        "left for the next run: too many recipients waiting for a retry"
-                    } else {
-                        "left for the next run"
-                    };
-                    let detail = format!("{} ({why})", attempt.detail);
-                    job.last_answer = attempt.reply;
-                    self.report(results, &job, State::Deferred, detail, Some(wait))
-                        .await;
-                    return None;
-                }
-                job.last_answer = attempt.reply;
-                self.report(results, &job, attempt.state, attempt.detail, None)
-                    .await;
-                if matches!(attempt.state, State::Sent | State::Failed) {
-                    self.answered += 1;
-                    self.failed += usize::from(attempt.state == State::Failed);
-                    #[allow(clippy::cast_precision_loss)]
-                    let ratio = self.failed as f64 / self.answered as f64;
-                    if self.answered >= self.halt_sample && ratio > self.halt_ratio {
-                        return Some(GaveUp::Halt(format!(
-                            "{} of the last {} answered recipients failed permanently, over `[safety] halt_failure_ratio` {}",
-                            self.failed, self.answered, self.halt_ratio
-                        )));
-                    }
-                }
-                None
+                self.settle_answer(job, attempt, now, results).await
             }
-            Verdict::Crashed => {
-                self.workers[worker] = None;
-                tracing::error!(
-                    line = job.message.line,
-                    "a delivery worker stopped unexpectedly"
-                );
-                job.attempts += 1;
-                self.report(
-                    results,
-                    &job,
-                    State::Ambiguous,
-                    "the delivery worker stopped unexpectedly while sending this message"
-                        .to_owned(),
-                    None,
-                )
-                .await;
-                (self.alive() == 0).then(|| {
-                    GaveUp::Relay(RelayFailure::new(
-                        "every delivery worker stopped unexpectedly",
-                    ))
-                })
-            }
-            Verdict::Unrecorded(error) => {
-                // Its body was not sent. Its row stays as the journal has it: `pending`, or
-                // `in_flight` if the record was committed but could not be synced (then the
-                // next run reports it ambiguous, which errs on the side of not sending).
-                self.idle.push(worker);
-                self.enqueue(job, true);
-                Some(GaveUp::Halt(format!(
-                    "the journal cannot be written, so nothing more is sent: {error}"
-                )))
-            }
-            Verdict::Relay(failure) => {
-                if let (Some(journal), Some(id)) = (&self.journal, job.id) {
-                    journal.requeued(id);
-                }
-                let stale = job.epoch != self.epoch;
-                self.enqueue(job, true);
-                if failure.rejected {
-                    self.idle.push(worker);
-                    return Some(GaveUp::Halt(format!(
-                        "the relay rejected the connection: {}",
-                        failure.reason
-                    )));
-                }
-                if stale {
-                    // A connection that was already on its way when the relay failed.
-                    self.idle.push(worker);
-                    return None;
-                }
-                if self.answers_in_epoch > 0 && self.alive() > 1 {
-                    // The relay answers on other connections since the last pause: this is its
-                    // connection limit, not an outage.
-                    self.workers[worker] = None;
-                    tracing::warn!(
-                        reason = %failure.reason,
-                        connections = self.alive(),
-                        "the relay refused one more connection while serving the others; going on with fewer"
-                    );
-                    self.tally.connections_retired += 1;
-                    return None;
-                }
-                self.idle.push(worker);
-                self.relay_failures += 1;
-                self.epoch += 1;
-                self.answers_in_epoch = 0;
-                if self.relay_failures >= self.retry.relay_attempts.get() {
-                    return Some(GaveUp::Relay(failure));
-                }
-                let pause = self.backoff(self.retry.relay_backoff, self.relay_failures);
-                tracing::warn!(
-                    reason = %failure.reason,
-                    failures = self.relay_failures,
-                    pause = %humantime::format_duration(Duration::from_millis(u64::try_from(pause.as_millis()).unwrap_or(u64::MAX))),
-                    "relay unavailable; pausing"
-                );
-                self.tally.relay_pauses += 1;
-                self.pause_until(now + pause);
-                self.probing = true;
-                None
-            }
+            Verdict::Crashed => self.settle_crash(worker, job, results).await,
+            Verdict::Unrecorded(error) => Some(self.settle_unrecorded(worker, job, &error)),
+            Verdict::Relay(failure) => self.settle_relay_failure(worker, job, failure, now),
         }
+    }
+
+    /// The relay answered about the recipient (or the file was written): a 4xx is retried or
+    /// left deferred; sent, 5xx and ambiguous are final, and sent and 5xx count toward the
+    /// permanent-failure breaker.
+    async fn settle_answer(
+        &mut self,
+        mut job: Job,
+        attempt: Attempt,
+        now: Instant,
+        results: &mpsc::Sender<Delivery>,
+    ) -> Option<GaveUp> {
+        self.note_answer(&job, &attempt);
+        if attempt.state == State::Deferred {
+            self.defer(job, attempt, now, results).await;
+            return None;
+        }
+        job.last_answer = attempt.reply;
+        self.report(results, &job, attempt.state, attempt.detail, None)
+            .await;
+        if matches!(attempt.state, State::Sent | State::Failed) {
+            return self.count_answer(attempt.state == State::Failed);
+        }
+        None
+    }
+
+    /// What any answer says about the relay: that it works (when the job went out in this
+    /// epoch), and whether it throttles the recipient's domain.
+    fn note_answer(&mut self, job: &Job, attempt: &Attempt) {
+        // An answer about a recipient handed out since the last pause: the relay is
+        // working again. (An answer to an older one says nothing about now.)
+        if job.epoch == self.epoch {
+            self.answers_in_epoch += 1;
+            self.relay_failures = 0;
+            self.probing = false;
+        }
+        let throttling = attempt.reply.as_ref().is_some_and(Reply::is_throttling);
+        let domain = job.message.envelope.rcpt_to.domain();
+        if let Some(per_second) = throttling.then(|| self.pacer.throttle(domain)).flatten() {
+            tracing::warn!(domain, per_second, reply = %attempt.detail, "throttled by the server; slowing this domain down");
+            let slowest = self
+                .tally
+                .throttled
+                .entry(domain.to_owned())
+                .or_insert(per_second);
+            *slowest = slowest.min(per_second);
+        }
+    }
+
+    /// A 4xx: retried after a backoff while attempts remain and there is room among the
+    /// retries; otherwise reported `deferred`, for the next run.
+    async fn defer(
+        &mut self,
+        mut job: Job,
+        attempt: Attempt,
+        now: Instant,
+        results: &mpsc::Sender<Delivery>,
+    ) {
+        job.attempts += 1;
+        let more = job.attempts < self.retry.max_attempts.get();
+        let wait = self.backoff(self.retry.backoff, job.prior + job.attempts);
+        if more && self.retries.len() < RETRY_CAP {
+            self.retry_later(job, attempt, now, wait);
+            return;
+        }
+        let why = if more {
+            "left for the next run: too many recipients waiting for a retry"
+        } else {
+            "left for the next run"
+        };
+        let detail = format!("{} ({why})", attempt.detail);
+        job.last_answer = attempt.reply;
+        self.report(results, &job, State::Deferred, detail, Some(wait))
+            .await;
+    }
+
+    /// Holds a deferred recipient until `wait` has passed, and records it deferred meanwhile.
+    fn retry_later(&mut self, mut job: Job, attempt: Attempt, now: Instant, wait: Duration) {
+        tracing::info!(
+            line = job.message.line,
+            recipient = %job.message.envelope.rcpt_to,
+            attempt = job.attempts,
+            retry_in = %humantime::format_duration(Duration::from_millis(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))),
+            reply = %attempt.detail,
+            "deferred"
+        );
+        self.tally.retried += 1;
+        if let (Some(journal), Some(id)) = (&self.journal, job.id) {
+            journal.outcome(
+                id,
+                State::Deferred,
+                job.prior + job.attempts,
+                attempt.reply.clone(),
+                attempt.detail.clone(),
+                Some(crate::clock::now() + wait),
+            );
+        }
+        job.last_reply = attempt.detail;
+        job.last_answer = attempt.reply;
+        let key = (now + wait, self.next_sequence());
+        self.retries.insert(key, job);
+    }
+
+    /// Counts a final answer (sent, or `failed` permanently) for the permanent-failure
+    /// breaker; gives the halt when it trips.
+    fn count_answer(&mut self, failed: bool) -> Option<GaveUp> {
+        self.answered += 1;
+        self.failed += usize::from(failed);
+        #[allow(clippy::cast_precision_loss)]
+        let ratio = self.failed as f64 / self.answered as f64;
+        if self.answered >= self.halt_sample && ratio > self.halt_ratio {
+            return Some(GaveUp::Halt(format!(
+                "{} of the last {} answered recipients failed permanently, over `[safety] halt_failure_ratio` {}",
+                self.failed, self.answered, self.halt_ratio
+            )));
+        }
+        None
+    }
+
+    /// The worker stopped unexpectedly (a panic): it retires, and its message is reported
+    /// `ambiguous`, since it may have been sent.
+    async fn settle_crash(
+        &mut self,
+        worker: usize,
+        mut job: Job,
+        results: &mpsc::Sender<Delivery>,
+    ) -> Option<GaveUp> {
+        self.workers[worker] = None;
+        tracing::error!(
+            line = job.message.line,
+            "a delivery worker stopped unexpectedly"
+        );
+        job.attempts += 1;
+        self.report(
+            results,
+            &job,
+            State::Ambiguous,
+            "the delivery worker stopped unexpectedly while sending this message".to_owned(),
+            None,
+        )
+        .await;
+        (self.alive() == 0).then(|| {
+            GaveUp::Relay(RelayFailure::new(
+                "every delivery worker stopped unexpectedly",
+            ))
+        })
+    }
+
+    /// The journal could not record the message as in flight: it goes back to its queue, and
+    /// the run halts.
+    fn settle_unrecorded(&mut self, worker: usize, job: Job, error: &str) -> GaveUp {
+        // Its body was not sent. Its row stays as the journal has it: `pending`, or
+        // `in_flight` if the record was committed but could not be synced (then the
+        // next run reports it ambiguous, which errs on the side of not sending).
+        self.idle.push(worker);
+        self.enqueue(job, true);
+        GaveUp::Halt(format!(
+            "the journal cannot be written, so nothing more is sent: {error}"
+        ))
+    }
+
+    /// A relay-wide failure: the message goes back to its queue untouched. A rejection halts
+    /// the run; a refused connection while the relay serves the others retires the worker;
+    /// otherwise sending pauses (`relay_pause`).
+    fn settle_relay_failure(
+        &mut self,
+        worker: usize,
+        job: Job,
+        failure: RelayFailure,
+        now: Instant,
+    ) -> Option<GaveUp> {
+        if let (Some(journal), Some(id)) = (&self.journal, job.id) {
+            journal.requeued(id);
+        }
+        let stale = job.epoch != self.epoch;
+        self.enqueue(job, true);
+        if failure.rejected {
+            self.idle.push(worker);
+            return Some(GaveUp::Halt(format!(
+                "the relay rejected the connection: {}",
+                failure.reason
+            )));
+        }
+        if stale {
+            // A connection that was already on its way when the relay failed.
+            self.idle.push(worker);
+            return None;
+        }
+        if self.answers_in_epoch > 0 && self.alive() > 1 {
+            // The relay answers on other connections since the last pause: this is its
+            // connection limit, not an outage.
+            self.workers[worker] = None;
+            tracing::warn!(
+                reason = %failure.reason,
+                connections = self.alive(),
+                "the relay refused one more connection while serving the others; going on with fewer"
+            );
+            self.tally.connections_retired += 1;
+            return None;
+        }
+        self.idle.push(worker);
+        self.relay_pause(failure, now)
+    }
+
+    /// The relay is down: a new epoch begins, and sending pauses with backoff, then resumes
+    /// with one probe at a time; `relay_attempts` failures in a row give up.
+    fn relay_pause(&mut self, failure: RelayFailure, now: Instant) -> Option<GaveUp> {
+        self.relay_failures += 1;
+        self.epoch += 1;
+        self.answers_in_epoch = 0;
+        if self.relay_failures >= self.retry.relay_attempts.get() {
+            return Some(GaveUp::Relay(failure));
+        }
+        let pause = self.backoff(self.retry.relay_backoff, self.relay_failures);
+        tracing::warn!(
+            reason = %failure.reason,
+            failures = self.relay_failures,
+            pause = %humantime::format_duration(Duration::from_millis(u64::try_from(pause.as_millis()).unwrap_or(u64::MAX))),
+            "relay unavailable; pausing"
+        );
+        self.tally.relay_pauses += 1;
+        self.pause_until(now + pause);
+        self.probing = true;
+        None
     }
 
     /// Records a halt in the journal as soon as it happens, so that it holds even if this
@@ -504,7 +574,7 @@ impl Scheduler {
                 job.prior + attempts,
                 job.last_answer.clone(),
                 detail.clone(),
-                retry_in.map(|wait| SystemTime::now() + wait),
+                retry_in.map(|wait| crate::clock::now() + wait),
             );
         }
         let _ = results
@@ -537,9 +607,9 @@ impl Scheduler {
             if gave_up.is_none()
                 && let Some(reason) = halt.borrow_and_update().clone()
             {
-                tracing::error!(reason = %reason, "halted: no new message starts");
-                self.record_halt(&reason);
-                gave_up = Some(GaveUp::Halt(reason));
+                let end = GaveUp::Halt(reason);
+                self.give_up(&end);
+                gave_up = Some(end);
             }
             let now = Instant::now();
             while input_open && gave_up.is_none() && self.parked < POOL {
@@ -555,17 +625,7 @@ impl Scheduler {
             } else {
                 None
             };
-            for job in std::mem::take(&mut self.dropped) {
-                tracing::info!(line = job.message.line, recipient = %job.message.envelope.rcpt_to, "suppressed while the campaign was sending; not sent");
-                self.report(
-                    &results,
-                    &job,
-                    State::Suppressed,
-                    "added to a suppression list while the campaign was sending".to_owned(),
-                    None,
-                )
-                .await;
-            }
+            self.report_dropped(&results).await;
             if self.in_flight == 0 {
                 if gave_up.is_some() {
                     break;
@@ -594,13 +654,7 @@ impl Scheduler {
                     if let Some(end) = self.settle(outcome, Instant::now(), &results).await
                         && gave_up.is_none()
                     {
-                        match &end {
-                            GaveUp::Relay(failure) => tracing::error!(reason = %failure.reason, "relay unavailable; giving up for this run"),
-                            GaveUp::Halt(reason) => {
-                                tracing::error!(reason = %reason, "halted: no new message starts");
-                                self.record_halt(reason);
-                            }
-                        }
+                        self.give_up(&end);
                         gave_up = Some(end);
                     }
                 }
@@ -616,19 +670,51 @@ impl Scheduler {
         }
         // Dropping the job channels stops the workers.
         self.workers.clear();
-        // Recipients still waiting for a retry stay deferred, for the next run.
-        for ((due, _), job) in std::mem::take(&mut self.retries) {
-            let detail = format!("{} (left for the next run)", job.last_reply);
-            let wait = due.saturating_duration_since(Instant::now());
-            self.report(&results, &job, State::Deferred, detail, Some(wait))
-                .await;
-        }
+        self.report_retries_left(&results).await;
         let (failure, halted) = match gave_up {
             Some(GaveUp::Relay(failure)) => (Some(failure), None),
             Some(GaveUp::Halt(reason)) => (None, Some(reason)),
             None => (None, None),
         };
         (failure, halted, self.tally)
+    }
+
+    /// Says why the run gives up, and records a halt in the journal.
+    fn give_up(&self, end: &GaveUp) {
+        match end {
+            GaveUp::Relay(failure) => {
+                tracing::error!(reason = %failure.reason, "relay unavailable; giving up for this run");
+            }
+            GaveUp::Halt(reason) => {
+                tracing::error!(reason = %reason, "halted: no new message starts");
+                self.record_halt(reason);
+            }
+        }
+    }
+
+    /// Reports the jobs whose recipient was suppressed after the run started: never sent.
+    async fn report_dropped(&mut self, results: &mpsc::Sender<Delivery>) {
+        for job in std::mem::take(&mut self.dropped) {
+            tracing::info!(line = job.message.line, recipient = %job.message.envelope.rcpt_to, "suppressed while the campaign was sending; not sent");
+            self.report(
+                results,
+                &job,
+                State::Suppressed,
+                "added to a suppression list while the campaign was sending".to_owned(),
+                None,
+            )
+            .await;
+        }
+    }
+
+    /// Recipients still waiting for a retry when the run ends stay deferred, for the next run.
+    async fn report_retries_left(&mut self, results: &mpsc::Sender<Delivery>) {
+        for ((due, _), job) in std::mem::take(&mut self.retries) {
+            let detail = format!("{} (left for the next run)", job.last_reply);
+            let wait = due.saturating_duration_since(Instant::now());
+            self.report(results, &job, State::Deferred, detail, Some(wait))
+                .await;
+        }
     }
 }
 

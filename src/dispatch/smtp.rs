@@ -24,10 +24,10 @@ use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter,
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::{Attempt, Gate, Refusal, RelayFailure, Reply};
+use super::{Gate, Refusal, RelayFailure};
 use crate::config::{Security, Smtp};
+use crate::outcome::{Attempt, Reply, State};
 use crate::render::OutgoingMessage;
-use crate::report::State;
 
 /// Everything a worker needs to open a connection, prepared once per run.
 pub struct Settings {

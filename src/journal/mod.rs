@@ -17,13 +17,13 @@ pub mod writer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use rusqlite::{Connection, OpenFlags, OptionalExtension as _, params};
 
+use crate::dispatch::Entry;
+use crate::outcome::State;
 use crate::recipients::Recipient;
-use crate::report::State;
 pub use lock::Lock;
 pub use writer::{Recorder, Writer};
 
@@ -31,8 +31,6 @@ pub use writer::{Recorder, Writer};
 const APPLICATION_ID: i64 = 0x4d4c_524a;
 /// `PRAGMA user_version`: the schema below.
 const SCHEMA_VERSION: i64 = 3;
-/// The state a recipient has while its message may be on the wire.
-pub const IN_FLIGHT: &str = "in_flight";
 
 const SCHEMA: &str = "
 CREATE TABLE campaign (
@@ -116,12 +114,7 @@ CREATE TABLE IF NOT EXISTS canary (
 );
 ";
 
-/// Milliseconds since the Unix epoch: how the journal stores time.
-#[must_use]
-pub fn millis(time: SystemTime) -> i64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+pub use crate::clock::millis;
 
 /// The last attempt of all (ms), and each domain's last attempt.
 pub type RecentAttempts = (Option<i64>, Vec<(String, i64)>);
@@ -198,13 +191,6 @@ pub struct Halt {
     pub reason: String,
 }
 
-/// A recipient due in this run: its journal row and the attempts earlier runs made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Entry {
-    pub id: i64,
-    pub attempts: u32,
-}
-
 /// What [`Journal::sync`] found.
 #[derive(Debug, Default)]
 pub struct Sync {
@@ -229,12 +215,95 @@ pub struct Roster<'a> {
     pub invalid: &'a BTreeMap<u64, String>,
 }
 
-/// What `sync` reads of a known row: id, state, attempts, next attempt, line.
-type Known = (i64, String, u32, Option<i64>, i64);
-
-fn state_of(name: &str) -> Option<State> {
-    State::ALL.into_iter().find(|s| s.name() == name)
+/// Where a recipient's row stands, as the journal stores it (`recipients.state`): an outcome
+/// [`State`] under the same name, or `in_flight` while its message may be on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowState {
+    Pending,
+    InFlight,
+    Sent,
+    Deferred,
+    Failed,
+    Ambiguous,
+    Suppressed,
+    Invalid,
 }
+
+impl RowState {
+    pub const ALL: [RowState; 8] = [
+        RowState::Pending,
+        RowState::InFlight,
+        RowState::Sent,
+        RowState::Deferred,
+        RowState::Failed,
+        RowState::Ambiguous,
+        RowState::Suppressed,
+        RowState::Invalid,
+    ];
+
+    /// The name stored in the journal.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            RowState::Pending => "pending",
+            RowState::InFlight => "in_flight",
+            RowState::Sent => "sent",
+            RowState::Deferred => "deferred",
+            RowState::Failed => "failed",
+            RowState::Ambiguous => "ambiguous",
+            RowState::Suppressed => "suppressed",
+            RowState::Invalid => "invalid",
+        }
+    }
+
+    /// The state stored as `name`; `None` for a name no mailer writes.
+    #[must_use]
+    pub fn parse(name: &str) -> Option<RowState> {
+        RowState::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// The outcome a row counts as among the settled: `in_flight` as `ambiguous`, its outcome
+    /// being unknown.
+    #[must_use]
+    pub fn counted_as(self) -> State {
+        match self {
+            RowState::Pending => State::Pending,
+            RowState::InFlight | RowState::Ambiguous => State::Ambiguous,
+            RowState::Sent => State::Sent,
+            RowState::Deferred => State::Deferred,
+            RowState::Failed => State::Failed,
+            RowState::Suppressed => State::Suppressed,
+            RowState::Invalid => State::Invalid,
+        }
+    }
+}
+
+impl From<State> for RowState {
+    fn from(state: State) -> RowState {
+        match state {
+            State::Pending => RowState::Pending,
+            State::Sent => RowState::Sent,
+            State::Deferred => RowState::Deferred,
+            State::Failed => RowState::Failed,
+            State::Ambiguous => RowState::Ambiguous,
+            State::Suppressed => RowState::Suppressed,
+            State::Invalid => RowState::Invalid,
+        }
+    }
+}
+
+/// What `sync` reads of a row the journal already has for an address.
+#[derive(Debug)]
+struct KnownRow {
+    id: i64,
+    state: RowState,
+    attempts: u32,
+    next_attempt_at: Option<i64>,
+    line: i64,
+}
+
+/// The rows of a slot that have an address, by address.
+type Known = HashMap<Box<str>, KnownRow>;
 
 impl Journal {
     /// Opens the journal at `path`, creating it when `create` (and its folder), and checks
@@ -335,7 +404,7 @@ impl Journal {
             ))?;
             self.conn.execute(
                 "INSERT INTO campaign (id, created_at) VALUES (?1, ?2)",
-                params![campaign, millis(SystemTime::now())],
+                params![campaign, crate::clock::now_millis()],
             )?;
             self.conn.execute_batch("COMMIT")
         })();
@@ -385,7 +454,7 @@ impl Journal {
     pub fn clear_halt(&self, by: &str) -> anyhow::Result<Option<Halt>> {
         let halt = self.active_halt()?;
         if halt.is_some() {
-            let now = millis(SystemTime::now());
+            let now = crate::clock::now_millis();
             self.conn.execute(
                 "UPDATE halts SET cleared_at = ?1, cleared_by = ?2 WHERE cleared_at IS NULL",
                 params![now, by],
@@ -399,7 +468,7 @@ impl Journal {
     pub fn event(&self, slot: &str, kind: &str, detail: &str) -> anyhow::Result<()> {
         self.conn.execute(
             "INSERT INTO events (at, slot, kind, detail) VALUES (?1, ?2, ?3, ?4)",
-            params![millis(SystemTime::now()), slot, kind, detail],
+            params![crate::clock::now_millis(), slot, kind, detail],
         )?;
         Ok(())
     }
@@ -433,7 +502,7 @@ impl Journal {
                  -- Changed inputs: the slot is listed again (new rows, removed ones) before any
                  -- run may call it idle, even if the run that accepted them dies first.
                  listed_at = NULL",
-            params![slot, fingerprint, text, millis(SystemTime::now())],
+            params![slot, fingerprint, text, crate::clock::now_millis()],
         )?;
         if let Some(changed) = accepted_change {
             self.event(
@@ -470,14 +539,19 @@ impl Journal {
 
     /// Schedule slots before `slot` with recipients of the given states, oldest first, with
     /// how many: for a cron campaign, the runs an earlier slot left unfinished.
-    pub fn slots_with(&self, before: &str, states: &[&str]) -> anyhow::Result<Vec<(String, u64)>> {
+    pub fn slots_with(
+        &self,
+        before: &str,
+        states: &[RowState],
+    ) -> anyhow::Result<Vec<(String, u64)>> {
+        let names: Vec<&str> = states.iter().map(|s| s.name()).collect();
         let mut statement = self.conn.prepare(
             "SELECT slot, count(*) FROM recipients
              WHERE slot != '' AND slot < ?1 AND state IN (SELECT value FROM json_each(?2))
              GROUP BY slot ORDER BY slot",
         )?;
         let rows = statement
-            .query_map(params![before, serde_json::to_string(states)?], |r| {
+            .query_map(params![before, serde_json::to_string(&names)?], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })?
             .collect::<Result<_, _>>()?;
@@ -488,7 +562,8 @@ impl Journal {
     /// `now` (ms). One transaction:
     ///
     /// 1. `in_flight` rows (a run died with them on the wire) become `ambiguous`;
-    ///    with `retry_ambiguous`, every `ambiguous` row goes back to `pending`.
+    ///    with `retry_ambiguous`, every `ambiguous` row not sent again yet goes back to
+    ///    `pending`.
     /// 2. New addresses are added `pending`; suppressed ones and invalid rows are recorded
     ///    as such (unless already settled); addresses no longer on the list that were still
     ///    waiting become `suppressed`.
@@ -501,247 +576,345 @@ impl Journal {
         now: i64,
     ) -> anyhow::Result<Sync> {
         let tx = self.conn.transaction()?;
-        let mut sync = Sync::default();
-        {
-            let mut stuck = tx.prepare(
-                "SELECT line, coalesce(address, '') FROM recipients WHERE slot = ?1 AND state = 'in_flight'",
-            )?;
-            sync.recovered = stuck
-                .query_map(params![slot], |r| Ok((r.get::<_, i64>(0)?, r.get(1)?)))?
-                .map(|row| row.map(|(line, address)| (u64::try_from(line).unwrap_or(0), address)))
-                .collect::<Result<_, _>>()?;
-        }
-        tx.execute(
-            "UPDATE recipients SET state = 'ambiguous', attempts = attempts + 1,
-                 reply_code = NULL, reply_enhanced = NULL,
-                 reply_text = 'outcome unknown: the run sending it stopped before the server answered',
-                 updated_at = ?2
-             WHERE slot = ?1 AND state = 'in_flight'",
-            params![slot, now],
-        )?;
-        if !sync.recovered.is_empty() {
-            let lines: Vec<String> = sync
-                .recovered
-                .iter()
-                .map(|(line, address)| format!("line {line} <{address}>"))
-                .collect();
-            tx.execute(
-                "INSERT INTO events (at, slot, kind, detail) VALUES (?1, ?2, 'recovered', ?3)",
-                params![
-                    now,
-                    slot,
-                    format!(
-                        "in flight when the last run stopped, now ambiguous: {}",
-                        lines.join(", ")
-                    )
-                ],
-            )?;
-        }
+        let mut sync = Sync {
+            recovered: recover_in_flight(&tx, slot, now)?,
+            ..Sync::default()
+        };
         if retry_ambiguous {
-            // Once: a recipient whose second try is ambiguous too stays ambiguous.
-            sync.retried_ambiguous = tx.execute(
-                "UPDATE recipients SET state = 'pending', resent = 1, updated_at = ?2
-                 WHERE slot = ?1 AND state = 'ambiguous' AND resent = 0",
-                params![slot, now],
-            )?;
+            sync.retried_ambiguous = retry_ambiguous_once(&tx, slot, now)?;
         }
-        tx.execute(
-            "DELETE FROM recipients WHERE slot = ?1 AND state = 'invalid'",
-            params![slot],
-        )?;
-        // address → (id, state, attempts, next attempt, line)
-        let mut known: HashMap<Box<str>, Known> = HashMap::new();
-        {
-            let mut rows = tx.prepare(
-                "SELECT id, address, state, attempts, next_attempt_at, line FROM recipients
-                 WHERE slot = ?1 AND address IS NOT NULL",
-            )?;
-            let mut rows = rows.query(params![slot])?;
-            while let Some(row) = rows.next()? {
-                let address: String = row.get(1)?;
-                let state: String = row.get(2)?;
-                if state_of(&state).is_none() && state != IN_FLIGHT {
-                    anyhow::bail!(
-                        "the journal `{}` has a recipient in an unknown state `{state}`; it is damaged or from another version of mailer",
-                        self.path.display()
-                    );
-                }
-                known.insert(
-                    address.into_boxed_str(),
-                    (row.get(0)?, state, row.get(3)?, row.get(4)?, row.get(5)?),
-                );
-            }
-        }
-        {
-            // A recipient that moved in the list (changed inputs, accepted) is recorded at
-            // its new line.
-            let mut moved = tx.prepare("UPDATE recipients SET line = ?2 WHERE id = ?1")?;
-            for recipient in roster.recipients.iter().chain(roster.suppressed) {
-                if let Some((id, _, _, _, line)) = known.get(&*recipient.address.key)
-                    && u64::try_from(*line).ok() != Some(recipient.line)
-                {
-                    moved.execute(params![id, i64::try_from(recipient.line)?])?;
-                }
-            }
-        }
-        let mut seen: HashSet<&str> = HashSet::with_capacity(roster.recipients.len());
-        {
-            let mut insert = tx.prepare(
-                "INSERT INTO recipients (slot, address, domain, line, state, reply_text, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
-            )?;
-            let mut update = tx.prepare(
-                "UPDATE recipients SET state = ?2, reply_text = ?3, line = ?4, updated_at = ?5 WHERE id = ?1",
-            )?;
-            let settle = |state: State, sync: &mut Sync| {
-                *sync.settled.entry(state).or_default() += 1;
-            };
-            for recipient in roster.recipients {
-                let address = &*recipient.address.key;
-                seen.insert(address);
-                let line = i64::try_from(recipient.line)?;
-                let invalid = roster.invalid.get(&recipient.line);
-                match (known.get(address), invalid) {
-                    (None, None) => {
-                        insert.execute(params![
-                            slot,
-                            address,
-                            recipient.address.domain(),
-                            line,
-                            "pending",
-                            None::<String>,
-                            now
-                        ])?;
-                        let id = tx.last_insert_rowid();
-                        sync.due.insert(recipient.line, Entry { id, attempts: 0 });
-                    }
-                    (None, Some(why)) => {
-                        insert.execute(params![
-                            slot,
-                            address,
-                            recipient.address.domain(),
-                            line,
-                            "invalid",
-                            why,
-                            now
-                        ])?;
-                        settle(State::Invalid, &mut sync);
-                    }
-                    (Some((id, state, attempts, next, _)), invalid) => {
-                        let waiting =
-                            matches!(state.as_str(), "pending" | "deferred" | "suppressed");
-                        if let (true, Some(why)) = (waiting, invalid) {
-                            update.execute(params![id, "invalid", why, line, now])?;
-                            settle(State::Invalid, &mut sync);
-                            continue;
-                        }
-                        match state.as_str() {
-                            "pending" | "suppressed" => {
-                                if state == "suppressed" {
-                                    update.execute(params![
-                                        id,
-                                        "pending",
-                                        None::<String>,
-                                        line,
-                                        now
-                                    ])?;
-                                }
-                                sync.due.insert(
-                                    recipient.line,
-                                    Entry {
-                                        id: *id,
-                                        attempts: *attempts,
-                                    },
-                                );
-                            }
-                            "deferred" if next.is_none_or(|n| n <= now) => {
-                                sync.due.insert(
-                                    recipient.line,
-                                    Entry {
-                                        id: *id,
-                                        attempts: *attempts,
-                                    },
-                                );
-                            }
-                            "deferred" => {
-                                sync.next_due = sync.next_due.min(*next).or(*next);
-                                settle(State::Deferred, &mut sync);
-                            }
-                            other => settle(state_of(other).unwrap_or(State::Ambiguous), &mut sync),
-                        }
-                    }
-                }
-            }
-            for recipient in roster.suppressed {
-                let address = &*recipient.address.key;
-                seen.insert(address);
-                let line = i64::try_from(recipient.line)?;
-                match known.get(address) {
-                    None => {
-                        insert.execute(params![
-                            slot,
-                            address,
-                            recipient.address.domain(),
-                            line,
-                            "suppressed",
-                            "on a suppression list",
-                            now
-                        ])?;
-                        settle(State::Suppressed, &mut sync);
-                    }
-                    Some((id, state, _, _, _))
-                        if matches!(state.as_str(), "pending" | "deferred") =>
-                    {
-                        update.execute(params![
-                            id,
-                            "suppressed",
-                            "on a suppression list",
-                            line,
-                            now
-                        ])?;
-                        settle(State::Suppressed, &mut sync);
-                    }
-                    Some((_, state, _, _, _)) => {
-                        settle(state_of(state).unwrap_or(State::Ambiguous), &mut sync);
-                    }
-                }
-            }
-            let listed: HashSet<u64> = roster.recipients.iter().map(|r| r.line).collect();
-            for (line, why) in roster.invalid {
-                if !listed.contains(line) {
-                    insert.execute(params![
-                        slot,
-                        None::<String>,
-                        None::<String>,
-                        i64::try_from(*line)?,
-                        "invalid",
-                        why,
-                        now
-                    ])?;
-                    settle(State::Invalid, &mut sync);
-                }
-            }
-            for (address, (id, state, _, _, _)) in &known {
-                if seen.contains(&**address) {
-                    continue;
-                }
-                if matches!(state.as_str(), "pending" | "deferred") {
-                    tx.execute(
-                        "UPDATE recipients SET state = 'suppressed', reply_text = 'no longer in the recipient list', updated_at = ?2 WHERE id = ?1",
-                        params![id, now],
-                    )?;
-                    settle(State::Suppressed, &mut sync);
-                } else {
-                    settle(state_of(state).unwrap_or(State::Ambiguous), &mut sync);
-                }
-            }
-        }
+        drop_invalid(&tx, slot)?;
+        let known = known_rows(&tx, slot, &self.path)?;
+        record_moves(&tx, roster, &known)?;
+        let sync = match_roster(&tx, slot, now, roster, &known, sync)?;
         tx.execute(
             "UPDATE runs SET listed_at = coalesce(listed_at, ?2) WHERE slot = ?1",
             params![slot, now],
         )?;
         tx.commit()?;
         Ok(sync)
+    }
+}
+
+/// The rows of `slot` a dead run left `in_flight` become `ambiguous` (one attempt more, no
+/// reply), with an event naming them; gives them as (line, address).
+fn recover_in_flight(tx: &Connection, slot: &str, now: i64) -> anyhow::Result<Vec<(u64, String)>> {
+    let recovered: Vec<(u64, String)> = {
+        let mut stuck = tx.prepare(
+            "SELECT line, coalesce(address, '') FROM recipients WHERE slot = ?1 AND state = 'in_flight'",
+        )?;
+        stuck
+            .query_map(params![slot], |r| Ok((r.get::<_, i64>(0)?, r.get(1)?)))?
+            .map(|row| row.map(|(line, address)| (u64::try_from(line).unwrap_or(0), address)))
+            .collect::<Result<_, _>>()?
+    };
+    tx.execute(
+        "UPDATE recipients SET state = 'ambiguous', attempts = attempts + 1,
+             reply_code = NULL, reply_enhanced = NULL,
+             reply_text = 'outcome unknown: the run sending it stopped before the server answered',
+             updated_at = ?2
+         WHERE slot = ?1 AND state = 'in_flight'",
+        params![slot, now],
+    )?;
+    if !recovered.is_empty() {
+        let lines: Vec<String> = recovered
+            .iter()
+            .map(|(line, address)| format!("line {line} <{address}>"))
+            .collect();
+        tx.execute(
+            "INSERT INTO events (at, slot, kind, detail) VALUES (?1, ?2, 'recovered', ?3)",
+            params![
+                now,
+                slot,
+                format!(
+                    "in flight when the last run stopped, now ambiguous: {}",
+                    lines.join(", ")
+                )
+            ],
+        )?;
+    }
+    Ok(recovered)
+}
+
+/// `on_ambiguous = "retry"`: the `ambiguous` rows of `slot` go back to `pending`, once — a
+/// recipient whose second try is ambiguous too stays ambiguous. Gives how many.
+fn retry_ambiguous_once(tx: &Connection, slot: &str, now: i64) -> rusqlite::Result<usize> {
+    tx.execute(
+        "UPDATE recipients SET state = 'pending', resent = 1, updated_at = ?2
+         WHERE slot = ?1 AND state = 'ambiguous' AND resent = 0",
+        params![slot, now],
+    )
+}
+
+/// Drops the `invalid` rows of `slot`: this run's roster records them again, or sends to a
+/// row since fixed.
+fn drop_invalid(tx: &Connection, slot: &str) -> rusqlite::Result<()> {
+    tx.execute(
+        "DELETE FROM recipients WHERE slot = ?1 AND state = 'invalid'",
+        params![slot],
+    )?;
+    Ok(())
+}
+
+/// The rows of `slot` that have an address. A state no mailer writes is an error: the
+/// journal at `path` is damaged or from another version.
+fn known_rows(tx: &Connection, slot: &str, path: &Path) -> anyhow::Result<Known> {
+    let mut known = Known::new();
+    let mut statement = tx.prepare(
+        "SELECT id, address, state, attempts, next_attempt_at, line FROM recipients
+         WHERE slot = ?1 AND address IS NOT NULL",
+    )?;
+    let mut rows = statement.query(params![slot])?;
+    while let Some(row) = rows.next()? {
+        let address: String = row.get(1)?;
+        let name: String = row.get(2)?;
+        let Some(state) = RowState::parse(&name) else {
+            anyhow::bail!(
+                "the journal `{}` has a recipient in an unknown state `{name}`; it is damaged or from another version of mailer",
+                path.display()
+            );
+        };
+        let known_row = KnownRow {
+            id: row.get(0)?,
+            state,
+            attempts: row.get(3)?,
+            next_attempt_at: row.get(4)?,
+            line: row.get(5)?,
+        };
+        known.insert(address.into_boxed_str(), known_row);
+    }
+    Ok(known)
+}
+
+/// A known recipient that moved in the list (changed inputs, accepted) is recorded at its
+/// new line.
+fn record_moves(tx: &Connection, roster: &Roster<'_>, known: &Known) -> anyhow::Result<()> {
+    let mut moved = tx.prepare("UPDATE recipients SET line = ?2 WHERE id = ?1")?;
+    for recipient in roster.recipients.iter().chain(roster.suppressed) {
+        if let Some(row) = known.get(&*recipient.address.key)
+            && u64::try_from(row.line).ok() != Some(recipient.line)
+        {
+            moved.execute(params![row.id, i64::try_from(recipient.line)?])?;
+        }
+    }
+    Ok(())
+}
+
+/// Matches `roster` against the `known` rows of `slot`, in order: the recipients, the
+/// suppressed, the bad rows without an address, then the known addresses no longer listed.
+/// Adds to `sync` who is due and who is settled.
+fn match_roster(
+    tx: &Connection,
+    slot: &str,
+    now: i64,
+    roster: &Roster<'_>,
+    known: &Known,
+    sync: Sync,
+) -> anyhow::Result<Sync> {
+    let mut listing = Listing::new(tx, slot, now, sync)?;
+    for recipient in roster.recipients {
+        let invalid = roster.invalid.get(&recipient.line).map(String::as_str);
+        listing.recipient(recipient, known.get(&*recipient.address.key), invalid)?;
+    }
+    for recipient in roster.suppressed {
+        listing.suppressed(recipient, known.get(&*recipient.address.key))?;
+    }
+    let listed: HashSet<u64> = roster.recipients.iter().map(|r| r.line).collect();
+    for (line, why) in roster.invalid {
+        if !listed.contains(line) {
+            listing.invalid_line(*line, why)?;
+        }
+    }
+    let seen: HashSet<&str> = roster
+        .recipients
+        .iter()
+        .chain(roster.suppressed)
+        .map(|r| &*r.address.key)
+        .collect();
+    for (address, row) in known {
+        if !seen.contains(&**address) {
+            listing.unlisted(row)?;
+        }
+    }
+    Ok(listing.sync)
+}
+
+/// How `match_roster` writes the rows of a slot, and what it found so far.
+struct Listing<'t> {
+    conn: &'t Connection,
+    insert: rusqlite::Statement<'t>,
+    update: rusqlite::Statement<'t>,
+    slot: &'t str,
+    now: i64,
+    sync: Sync,
+}
+
+impl<'t> Listing<'t> {
+    fn new(conn: &'t Connection, slot: &'t str, now: i64, sync: Sync) -> rusqlite::Result<Self> {
+        Ok(Listing {
+            conn,
+            insert: conn.prepare(
+                "INSERT INTO recipients (slot, address, domain, line, state, reply_text, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+            )?,
+            update: conn.prepare(
+                "UPDATE recipients SET state = ?2, reply_text = ?3, line = ?4, updated_at = ?5 WHERE id = ?1",
+            )?,
+            slot,
+            now,
+            sync,
+        })
+    }
+
+    /// A recipient on the list: a new one is added `pending` and due, or `invalid` when its
+    /// message cannot be made (`invalid` says why).
+    fn recipient(
+        &mut self,
+        recipient: &Recipient,
+        known: Option<&KnownRow>,
+        invalid: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let line = i64::try_from(recipient.line)?;
+        match (known, invalid) {
+            (None, None) => {
+                let id = self.insert(Some(recipient), line, RowState::Pending, None)?;
+                self.sync
+                    .due
+                    .insert(recipient.line, Entry { id, attempts: 0 });
+            }
+            (None, Some(why)) => {
+                self.insert(Some(recipient), line, RowState::Invalid, Some(why))?;
+                self.settle(State::Invalid);
+            }
+            (Some(row), invalid) => self.known_recipient(recipient.line, line, row, invalid)?,
+        }
+        Ok(())
+    }
+
+    /// A recipient on the list the journal knows (at CSV `line`; `at` for SQL): one still
+    /// waiting whose message cannot be made becomes `invalid`; a `pending` one is due, and so
+    /// is a `suppressed` one listed again (back to `pending`) and a `deferred` one whose
+    /// backoff is over; any other is settled.
+    fn known_recipient(
+        &mut self,
+        line: u64,
+        at: i64,
+        row: &KnownRow,
+        invalid: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let waiting = matches!(
+            row.state,
+            RowState::Pending | RowState::Deferred | RowState::Suppressed
+        );
+        if waiting && let Some(why) = invalid {
+            self.update(row.id, RowState::Invalid, Some(why), at)?;
+            self.settle(State::Invalid);
+            return Ok(());
+        }
+        let due = Entry {
+            id: row.id,
+            attempts: row.attempts,
+        };
+        match row.state {
+            RowState::Pending => {
+                self.sync.due.insert(line, due);
+            }
+            RowState::Suppressed => {
+                self.update(row.id, RowState::Pending, None, at)?;
+                self.sync.due.insert(line, due);
+            }
+            RowState::Deferred if row.next_attempt_at.is_none_or(|n| n <= self.now) => {
+                self.sync.due.insert(line, due);
+            }
+            RowState::Deferred => {
+                let next = row.next_attempt_at;
+                self.sync.next_due = self.sync.next_due.min(next).or(next);
+                self.settle(State::Deferred);
+            }
+            other => self.settle(other.counted_as()),
+        }
+        Ok(())
+    }
+
+    /// A recipient on a suppression list: recorded `suppressed` unless it was settled.
+    fn suppressed(
+        &mut self,
+        recipient: &Recipient,
+        known: Option<&KnownRow>,
+    ) -> anyhow::Result<()> {
+        const WHY: &str = "on a suppression list";
+        let line = i64::try_from(recipient.line)?;
+        match known {
+            None => {
+                self.insert(Some(recipient), line, RowState::Suppressed, Some(WHY))?;
+                self.settle(State::Suppressed);
+            }
+            Some(row) if matches!(row.state, RowState::Pending | RowState::Deferred) => {
+                self.update(row.id, RowState::Suppressed, Some(WHY), line)?;
+                self.settle(State::Suppressed);
+            }
+            Some(row) => self.settle(row.state.counted_as()),
+        }
+        Ok(())
+    }
+
+    /// A bad row without an address: recorded `invalid`, with why.
+    fn invalid_line(&mut self, line: u64, why: &str) -> anyhow::Result<()> {
+        self.insert(None, i64::try_from(line)?, RowState::Invalid, Some(why))?;
+        self.settle(State::Invalid);
+        Ok(())
+    }
+
+    /// A known address no longer on the list: `suppressed` if it was still waiting.
+    fn unlisted(&mut self, row: &KnownRow) -> rusqlite::Result<()> {
+        if matches!(row.state, RowState::Pending | RowState::Deferred) {
+            self.conn.execute(
+                "UPDATE recipients SET state = 'suppressed', reply_text = 'no longer in the recipient list', updated_at = ?2 WHERE id = ?1",
+                params![row.id, self.now],
+            )?;
+            self.settle(State::Suppressed);
+        } else {
+            self.settle(row.state.counted_as());
+        }
+        Ok(())
+    }
+
+    /// Adds a row at `line` (of `recipient`, if any) in `state`, with `why` as its reply
+    /// text; gives its id.
+    fn insert(
+        &mut self,
+        recipient: Option<&Recipient>,
+        line: i64,
+        state: RowState,
+        why: Option<&str>,
+    ) -> rusqlite::Result<i64> {
+        self.insert.execute(params![
+            self.slot,
+            recipient.map(|r| &*r.address.key),
+            recipient.map(|r| r.address.domain()),
+            line,
+            state.name(),
+            why,
+            self.now
+        ])?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Moves row `id` to `state`, with `why` as its reply text, at `line`.
+    fn update(
+        &mut self,
+        id: i64,
+        state: RowState,
+        why: Option<&str>,
+        line: i64,
+    ) -> rusqlite::Result<()> {
+        self.update
+            .execute(params![id, state.name(), why, line, self.now])?;
+        Ok(())
+    }
+
+    fn settle(&mut self, state: State) {
+        *self.sync.settled.entry(state).or_default() += 1;
     }
 }
 
@@ -764,7 +937,7 @@ fn halt(conn: &Connection, slot: &str, by: &str, reason: &str) -> rusqlite::Resu
     if active_halt(conn)?.is_some() {
         return Ok(());
     }
-    let now = millis(SystemTime::now());
+    let now = crate::clock::now_millis();
     conn.execute(
         "INSERT INTO halts (at, by, reason) VALUES (?1, ?2, ?3)",
         params![now, by, reason],
@@ -884,12 +1057,13 @@ mod fixtures {
 mod tests {
     use std::collections::{BTreeMap, HashSet};
     use std::path::Path;
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
     use rusqlite::Connection;
 
     use super::*;
-    use crate::dispatch::Reply;
+    use crate::dispatch::Record as _;
+    use crate::outcome::Reply;
     use crate::recipients::{RecipientList, parse_reader};
 
     use super::fixtures::record;
@@ -912,7 +1086,7 @@ mod tests {
     }
 
     fn now() -> i64 {
-        millis(SystemTime::now())
+        crate::clock::now_millis()
     }
 
     /// A fresh journal of campaign `c` whose slot `""` has frozen inputs.
@@ -1000,6 +1174,20 @@ mod tests {
     }
 
     #[test]
+    fn row_states_are_stored_under_the_outcome_names() {
+        for state in State::ALL {
+            assert_eq!(RowState::from(state).name(), state.name());
+            assert_eq!(RowState::from(state).counted_as(), state);
+        }
+        for row_state in RowState::ALL {
+            assert_eq!(RowState::parse(row_state.name()), Some(row_state));
+        }
+        assert_eq!(RowState::InFlight.name(), "in_flight");
+        assert_eq!(RowState::InFlight.counted_as(), State::Ambiguous);
+        assert_eq!(RowState::parse("bounced"), None);
+    }
+
+    #[test]
     fn a_fresh_sync_lists_everyone_pending_suppressed_or_invalid_and_the_counts_add_up() {
         let (_dir, mut journal) = journal(Durability::Relaxed);
         let list = list(CSV, &["dan@example.org"]);
@@ -1058,7 +1246,7 @@ mod tests {
         assert_eq!(counts["pending"], 2);
         assert_eq!(counts["suppressed"], 1);
         assert_eq!(counts["invalid"], 2);
-        assert_eq!(counts[IN_FLIGHT], 0);
+        assert_eq!(counts[RowState::InFlight.name()], 0);
         assert_eq!(counts["sent"], 0);
         let total = found.due.len() + found.settled.values().sum::<usize>();
         assert_eq!(total, 5);
@@ -1105,7 +1293,7 @@ mod tests {
             vec![r.in_flight(ann.id, "en", "<1@x>", b"body")]
         })
         .await;
-        assert_eq!(state_of_line(&journal, 2), IN_FLIGHT);
+        assert_eq!(state_of_line(&journal, 2), RowState::InFlight.name());
 
         let next = sync(&mut journal, &list);
         assert_eq!(next.recovered, [(2, "ann@example.com".to_owned())]);
@@ -1169,8 +1357,8 @@ mod tests {
         let first = sync(&mut journal, &list);
         assert_eq!(due_lines(&first), [2, 3, 4, 5]);
         let id = |line: u64| first.due[&line].id;
-        let later = SystemTime::now() + Duration::from_secs(3600);
-        let earlier = SystemTime::now() - Duration::from_secs(1);
+        let later = crate::clock::now() + Duration::from_secs(3600);
+        let earlier = crate::clock::now() - Duration::from_secs(1);
         record(&journal, Durability::Relaxed, |r| {
             let gates = (2..=5)
                 .map(|line| r.in_flight(id(line), "en", &format!("<{line}@x>"), b"body"))
@@ -1269,7 +1457,7 @@ mod tests {
             &[],
         );
         let first = sync(&mut journal, &list);
-        let base = SystemTime::now() + Duration::from_secs(3600);
+        let base = crate::clock::now() + Duration::from_secs(3600);
         let offsets = [(2, 300), (3, 100), (4, 200)];
         record(&journal, Durability::Relaxed, |r| {
             for (line, secs) in offsets {
@@ -1620,8 +1808,6 @@ mod tests {
         assert_eq!(place.lock, Path::new("/x/y/mailer-state/c1.lock"));
         let place = Place::new(Path::new("campaign.toml"), Some(Path::new("/s")), "c1");
         assert_eq!(place.journal, Path::new("/s/c1.journal"));
-        assert_eq!(millis(UNIX_EPOCH + Duration::from_millis(1234)), 1234);
-        assert_eq!(millis(UNIX_EPOCH - Duration::from_secs(1)), 0);
     }
 
     /// A recipient whose row moved in the CSV keeps its old line in the journal while it is

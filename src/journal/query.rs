@@ -5,8 +5,7 @@ use std::collections::BTreeMap;
 use rusqlite::{OptionalExtension as _, params};
 use serde::Serialize;
 
-use super::{Halt, IN_FLIGHT, Journal, active_halt};
-use crate::report::State;
+use super::{Halt, Journal, RowState, active_halt};
 
 /// Recipients, attempts and outcomes of one run (slot) of a campaign.
 #[derive(Debug, Serialize)]
@@ -98,6 +97,17 @@ pub fn time(ms: i64) -> String {
     )
 }
 
+/// Seconds until `waiting` recipients are attempted at `rate` per second.
+#[allow(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
+fn eta(rate: Option<f64>, waiting: u64) -> Option<u64> {
+    rate.filter(|r| *r > 0.0 && waiting > 0)
+        .map(|r| (waiting as f64 / r).ceil() as u64)
+}
+
 /// How many domains `status` lists.
 const DOMAINS: usize = 10;
 /// How many reply codes `status` lists.
@@ -118,10 +128,9 @@ impl Journal {
 
     /// Counts per state of `slot`: every state present, zeros included.
     pub fn counts(&self, slot: &str) -> anyhow::Result<BTreeMap<String, u64>> {
-        let mut counts: BTreeMap<String, u64> = State::ALL
+        let mut counts: BTreeMap<String, u64> = RowState::ALL
             .iter()
             .map(|s| (s.name().to_owned(), 0))
-            .chain([(IN_FLIGHT.to_owned(), 0)])
             .collect();
         let mut statement = self
             .conn
@@ -170,48 +179,80 @@ impl Journal {
     pub fn status(&self, campaign: &str, slot: &str) -> anyhow::Result<Status> {
         let counts = self.counts(slot)?;
         let total = counts.values().sum();
-        let waiting = ["pending", "deferred", IN_FLIGHT]
+        let waiting = [RowState::Pending, RowState::Deferred, RowState::InFlight]
             .iter()
-            .map(|s| counts.get(*s).copied().unwrap_or(0))
+            .map(|s| counts.get(s.name()).copied().unwrap_or(0))
             .sum::<u64>();
-        let (first, last): (Option<i64>, Option<i64>) = self.conn.query_row(
+        let (first, last) = self.attempt_span(slot)?;
+        let rate = last.map(|last| self.rate(slot, last)).transpose()?;
+        let next_retry = self.next_retry(slot)?;
+        let replies = self.top_replies(slot)?;
+        let domains = self.top_domains(slot)?;
+        let listed = self.listed(slot)?;
+        let halt = active_halt(&self.conn)?.map(|Halt { at, by, reason }| HaltView {
+            at: time(at),
+            by,
+            reason,
+        });
+        let canary = self.latest_canary()?;
+        Ok(Status {
+            campaign: campaign.to_owned(),
+            slot: (!slot.is_empty()).then(|| slot.to_owned()),
+            total,
+            listed,
+            complete: listed && waiting == 0,
+            counts,
+            first_attempt_at: first.map(time),
+            last_attempt_at: last.map(time),
+            rate_per_second: rate,
+            eta_seconds: eta(rate, waiting),
+            next_retry_at: next_retry.map(time),
+            replies,
+            domains,
+            halt,
+            canary,
+        })
+    }
+
+    /// The first and the last attempt of `slot` (ms), if any.
+    fn attempt_span(&self, slot: &str) -> rusqlite::Result<(Option<i64>, Option<i64>)> {
+        self.conn.query_row(
             "SELECT min(first_attempt_at), max(last_attempt_at) FROM recipients WHERE slot = ?1",
             params![slot],
             |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+    }
+
+    /// Attempts per second in `slot` over the minute up to its `last` attempt (ms).
+    fn rate(&self, slot: &str, last: i64) -> rusqlite::Result<f64> {
+        let (count, earliest): (u64, Option<i64>) = self.conn.query_row(
+            "SELECT count(*), min(last_attempt_at) FROM recipients
+             WHERE slot = ?1 AND last_attempt_at >= ?2",
+            params![slot, last - 60_000],
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        let rate = match last {
-            Some(last) => {
-                let (count, earliest): (u64, Option<i64>) = self.conn.query_row(
-                    "SELECT count(*), min(last_attempt_at) FROM recipients
-                     WHERE slot = ?1 AND last_attempt_at >= ?2",
-                    params![slot, last - 60_000],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )?;
-                let span = (last - earliest.unwrap_or(last)).max(1000);
-                #[allow(clippy::cast_precision_loss)]
-                Some(count as f64 * 1000.0 / span as f64)
-            }
-            None => None,
-        };
-        #[allow(
-            clippy::cast_precision_loss,
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss
-        )]
-        let eta = rate
-            .filter(|r| *r > 0.0 && waiting > 0)
-            .map(|r| (waiting as f64 / r).ceil() as u64);
-        let next_retry: Option<i64> = self.conn.query_row(
+        let span = (last - earliest.unwrap_or(last)).max(1000);
+        #[allow(clippy::cast_precision_loss)]
+        Ok(count as f64 * 1000.0 / span as f64)
+    }
+
+    /// The earliest a deferred recipient of `slot` may be tried again (ms).
+    fn next_retry(&self, slot: &str) -> rusqlite::Result<Option<i64>> {
+        self.conn.query_row(
             "SELECT min(next_attempt_at) FROM recipients WHERE slot = ?1 AND state = 'deferred'",
             params![slot],
             |r| r.get(0),
-        )?;
+        )
+    }
+
+    /// The most frequent replies in `slot`, most frequent first.
+    fn top_replies(&self, slot: &str) -> rusqlite::Result<Vec<ReplyCount>> {
         let mut statement = self.conn.prepare(
             "SELECT reply_code, reply_enhanced, count(*) AS n FROM recipients
              WHERE slot = ?1 AND reply_code IS NOT NULL
              GROUP BY reply_code, reply_enhanced ORDER BY n DESC, reply_code LIMIT ?2",
         )?;
-        let replies = statement
+        statement
             .query_map(params![slot, REPLIES], |r| {
                 Ok(ReplyCount {
                     code: r.get(0)?,
@@ -219,7 +260,11 @@ impl Journal {
                     count: r.get(2)?,
                 })
             })?
-            .collect::<Result<_, _>>()?;
+            .collect()
+    }
+
+    /// The largest recipient domains of `slot`, largest first, with their counts per state.
+    fn top_domains(&self, slot: &str) -> rusqlite::Result<Vec<DomainCounts>> {
         let mut statement = self.conn.prepare(
             "SELECT domain, state, count(*) FROM recipients
              WHERE slot = ?1 AND domain IN (
@@ -244,7 +289,12 @@ impl Journal {
             })
             .collect();
         domains.sort_by(|a, b| b.total.cmp(&a.total).then(a.domain.cmp(&b.domain)));
-        let listed: bool = self
+        Ok(domains)
+    }
+
+    /// Whether a run has listed the recipients of `slot`.
+    fn listed(&self, slot: &str) -> rusqlite::Result<bool> {
+        Ok(self
             .conn
             .query_row(
                 "SELECT listed_at IS NOT NULL FROM runs WHERE slot = ?1",
@@ -252,18 +302,17 @@ impl Journal {
                 |r| r.get(0),
             )
             .optional()?
-            .unwrap_or(false);
-        let halt = active_halt(&self.conn)?.map(|Halt { at, by, reason }| HaltView {
-            at: time(at),
-            by,
-            reason,
-        });
+            .unwrap_or(false))
+    }
+
+    /// The messages of the latest canary stage, by address.
+    fn latest_canary(&self) -> rusqlite::Result<Vec<CanaryView>> {
         let mut statement = self.conn.prepare(
             "SELECT fingerprint, address, line, locale, state, at FROM canary
              WHERE fingerprint = (SELECT fingerprint FROM canary ORDER BY at DESC LIMIT 1)
              ORDER BY address",
         )?;
-        let canary = statement
+        statement
             .query_map([], |r| {
                 Ok(CanaryView {
                     fingerprint: r.get(0)?,
@@ -274,24 +323,7 @@ impl Journal {
                     at: time(r.get(5)?),
                 })
             })?
-            .collect::<Result<_, _>>()?;
-        Ok(Status {
-            campaign: campaign.to_owned(),
-            slot: (!slot.is_empty()).then(|| slot.to_owned()),
-            total,
-            listed,
-            complete: listed && waiting == 0,
-            counts,
-            first_attempt_at: first.map(time),
-            last_attempt_at: last.map(time),
-            rate_per_second: rate,
-            eta_seconds: eta,
-            next_retry_at: next_retry.map(time),
-            replies,
-            domains,
-            halt,
-            canary,
-        })
+            .collect()
     }
 
     /// Calls `each` with every row of `slot`, in CSV order.
@@ -334,8 +366,9 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::*;
-    use crate::dispatch::Reply;
+    use crate::dispatch::Record as _;
     use crate::journal::{Durability, Roster, Sync, millis};
+    use crate::outcome::{Reply, State};
 
     use crate::journal::fixtures::{journal, record};
 
@@ -350,7 +383,7 @@ mod tests {
             invalid: &BTreeMap::new(),
         };
         journal
-            .sync("", &roster, false, millis(SystemTime::now()))
+            .sync("", &roster, false, crate::clock::now_millis())
             .unwrap()
     }
 
@@ -435,7 +468,10 @@ mod tests {
         assert_eq!(before.total, 0);
         assert_eq!(before.slot, None);
         assert!(before.counts.values().all(|n| *n == 0));
-        assert!(before.counts.contains_key(IN_FLIGHT) && before.counts.contains_key("sent"));
+        assert!(
+            before.counts.contains_key(RowState::InFlight.name())
+                && before.counts.contains_key("sent")
+        );
         assert_eq!(before.counts.len(), State::ALL.len() + 1);
 
         let first = sync(&mut journal);
@@ -473,7 +509,7 @@ mod tests {
             .freeze_inputs("", "fp", &BTreeMap::new(), None)
             .unwrap();
         let first = sync(&mut journal);
-        let next = SystemTime::now() + Duration::from_secs(600);
+        let next = crate::clock::now() + Duration::from_secs(600);
         settle(&journal, &first, State::Deferred, Some(next)).await;
         let status = journal.status("c", "").unwrap();
         assert!(status.listed && !status.complete, "{status:?}");

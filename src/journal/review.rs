@@ -2,12 +2,11 @@
 //! canary stage, kept apart from the recipients.
 
 use std::collections::{BTreeMap, HashSet};
-use std::time::SystemTime;
 
 use anyhow::Context as _;
 use rusqlite::{OptionalExtension as _, params};
 
-use super::{Journal, millis};
+use super::Journal;
 
 /// Inputs the journal knows by their fingerprint: from a plan, or a run's frozen inputs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +53,7 @@ impl Journal {
                 serde_json::to_string(inputs)?,
                 plan,
                 keys.join("\n"),
-                millis(SystemTime::now())
+                crate::clock::now_millis()
             ],
         )?;
         Ok(())
@@ -119,7 +118,7 @@ impl Journal {
         fingerprint: &str,
         outcomes: &[CanaryOutcome],
     ) -> anyhow::Result<()> {
-        let now = millis(SystemTime::now());
+        let now = crate::clock::now_millis();
         let transaction = self.conn.transaction()?;
         for outcome in outcomes {
             transaction.execute(

@@ -22,8 +22,8 @@ use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Durability, Journal, millis};
-use crate::dispatch::{Gate, Reply};
-use crate::report::State;
+use crate::dispatch::{Gate, Record};
+use crate::outcome::{Reply, State};
 
 /// Changes applied in one transaction at most.
 const MAX_GROUP: usize = 4096;
@@ -357,12 +357,19 @@ fn apply(conn: &Connection, group: &[Change]) -> rusqlite::Result<Vec<i64>> {
 }
 
 impl Recorder {
-    /// Records `id` as `in_flight`. The gate opens when that is durable; an error there means
-    /// the journal cannot be written and the message must not be sent.
+    /// The same recorder, recording halts for schedule slot `slot`.
     #[must_use]
-    pub fn in_flight(&self, id: i64, locale: &str, message_id: &str, bytes: &[u8]) -> Gate {
-        use sha2::Digest as _;
-        let content_hash = hex::encode(&sha2::Sha256::digest(bytes)[..16]);
+    pub fn with_slot(mut self, slot: &str) -> Recorder {
+        self.slot = slot.into();
+        self
+    }
+}
+
+/// How dispatch records: see [`Record`] for what each call promises.
+impl Record for Recorder {
+    fn in_flight(&self, id: i64, locale: &str, message_id: &str, bytes: &[u8]) -> Gate {
+        let content_hash =
+            hex::encode(&ring::digest::digest(&ring::digest::SHA256, bytes).as_ref()[..16]);
         let (done, wait) = oneshot::channel();
         // A send to a stopped writer drops `done`, which the gate reads as a refusal.
         let _ = self.changes.send(Change::InFlight {
@@ -370,15 +377,13 @@ impl Recorder {
             locale: locale.to_owned(),
             message_id: message_id.to_owned(),
             content_hash,
-            at: millis(SystemTime::now()),
+            at: crate::clock::now_millis(),
             done,
         });
         Gate::sent(wait)
     }
 
-    /// Records an outcome (not waited for: a crash before it commits leaves the row
-    /// `in_flight`, which the next run reports as ambiguous).
-    pub fn outcome(
+    fn outcome(
         &self,
         id: i64,
         state: State,
@@ -394,30 +399,22 @@ impl Recorder {
             reply,
             detail,
             next_attempt_at: next_attempt_at.map(millis),
-            at: millis(SystemTime::now()),
+            at: crate::clock::now_millis(),
         });
     }
 
-    /// The same recorder, recording halts for schedule slot `slot`.
-    #[must_use]
-    pub fn with_slot(mut self, slot: &str) -> Recorder {
-        self.slot = slot.into();
-        self
-    }
-
-    /// Records a halt (a breaker tripped) at once; no-op when one is in force already.
-    pub fn halt(&self, reason: &str) {
+    /// No-op when a halt is in force already.
+    fn halt(&self, reason: &str) {
         let _ = self.changes.send(Change::Halt {
             slot: self.slot.to_string(),
             reason: reason.to_owned(),
         });
     }
 
-    /// Puts `id` back to `pending`: it was not sent after all.
-    pub fn requeued(&self, id: i64) {
+    fn requeued(&self, id: i64) {
         let _ = self.changes.send(Change::Requeued {
             id,
-            at: millis(SystemTime::now()),
+            at: crate::clock::now_millis(),
         });
     }
 }
@@ -427,11 +424,10 @@ mod tests {
     use std::collections::{BTreeMap, HashSet};
     use std::time::Duration;
 
-    use sha2::Digest as _;
-
     use super::*;
+    use crate::dispatch::Entry;
     use crate::dispatch::Refusal;
-    use crate::journal::{Entry, Roster};
+    use crate::journal::Roster;
 
     use crate::journal::fixtures::MESSAGE;
 
@@ -455,7 +451,7 @@ mod tests {
             invalid: &BTreeMap::new(),
         };
         let sync = journal
-            .sync("", &roster, false, millis(SystemTime::now()))
+            .sync("", &roster, false, crate::clock::now_millis())
             .unwrap();
         let entries = (0..count as u64).map(|n| sync.due[&(n + 2)]).collect();
         (dir, journal, entries)
@@ -505,7 +501,7 @@ mod tests {
         let path = journal.path().to_owned();
         let (writer, recorder) = Writer::start(&journal, Durability::Full).unwrap();
         let running = tokio::spawn(writer.run());
-        let before = millis(SystemTime::now());
+        let before = crate::clock::now_millis();
         let mut gate = recorder.in_flight(entries[0].id, "de-CH", "<1@example.com>", b"body");
         tokio::time::timeout(PATIENCE, gate.pass(&MESSAGE))
             .await
@@ -518,7 +514,8 @@ mod tests {
         assert_eq!(state, "in_flight");
         assert_eq!(locale.as_deref(), Some("de-CH"));
         assert_eq!(message_id.as_deref(), Some("<1@example.com>"));
-        let expected = hex::encode(&sha2::Sha256::digest(b"body")[..16]);
+        let expected =
+            hex::encode(&ring::digest::digest(&ring::digest::SHA256, b"body").as_ref()[..16]);
         assert_eq!(hash, Some(expected));
         assert!(first.is_some_and(|at| at >= before), "{first:?}");
         assert_eq!(row(&path, entries[1].id).0, "pending");
@@ -692,7 +689,7 @@ mod tests {
         let (writer, recorder) = Writer::start(&journal, Durability::Full).unwrap();
 
         // The writer is not running yet: nothing is recorded, so the gate must not open.
-        let mut early = Gate::journal(recorder.clone(), entries[0].id);
+        let mut early = Gate::journal(std::sync::Arc::new(recorder.clone()), entries[0].id);
         early.start(&MESSAGE);
         let passed = tokio::time::timeout(Duration::from_millis(100), early.pass(&MESSAGE)).await;
         assert!(
@@ -700,7 +697,7 @@ mod tests {
             "the gate opened before the record was written: {passed:?}"
         );
 
-        let mut gate = Gate::journal(recorder.clone(), entries[1].id);
+        let mut gate = Gate::journal(std::sync::Arc::new(recorder.clone()), entries[1].id);
         gate.start(&MESSAGE);
         let running = tokio::spawn(writer.run());
         tokio::time::timeout(PATIENCE, gate.pass(&MESSAGE))
@@ -711,7 +708,8 @@ mod tests {
         assert_eq!(state, "in_flight", "passed before its record was committed");
         assert_eq!(locale.as_deref(), Some("en"));
         assert_eq!(message_id.as_deref(), Some("x@example.org"));
-        assert_eq!(hash, Some(hex::encode(&sha2::Sha256::digest(b"x")[..16])));
+        let expected = ring::digest::digest(&ring::digest::SHA256, b"x");
+        assert_eq!(hash, Some(hex::encode(&expected.as_ref()[..16])));
         drop(recorder);
         tokio::time::timeout(PATIENCE, running)
             .await
@@ -725,7 +723,7 @@ mod tests {
         let (_dir, journal, entries) = journal(Durability::Relaxed, 1);
         let (writer, recorder) = Writer::start(&journal, Durability::Relaxed).unwrap();
         drop(writer);
-        let mut gate = Gate::journal(recorder, entries[0].id);
+        let mut gate = Gate::journal(std::sync::Arc::new(recorder), entries[0].id);
         gate.start(&MESSAGE);
         let passed = gate.pass(&MESSAGE).await;
         assert!(

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Context as _;
-use sha2::{Digest, Sha256};
+use ring::digest::{Context, SHA256};
 
 use crate::config::Campaign;
 
@@ -40,14 +40,14 @@ pub fn inputs(campaign: &Campaign) -> anyhow::Result<Inputs> {
 /// One hash over every input's name and hash (hex).
 #[must_use]
 pub fn combine(inputs: &Inputs) -> String {
-    let mut hash = Sha256::new();
+    let mut hash = Context::new(&SHA256);
     for (name, digest) in inputs {
         hash.update(name.as_bytes());
-        hash.update([0]);
+        hash.update(&[0]);
         hash.update(digest.as_bytes());
-        hash.update([b'\n']);
+        hash.update(b"\n");
     }
-    hex::encode(hash.finalize())
+    hex::encode(hash.finish())
 }
 
 /// What differs between two sets of inputs, one phrase per input: `templates/text.hbs
@@ -76,10 +76,24 @@ fn hash_file(path: &Path) -> anyhow::Result<String> {
             opened.with_context(|| format!("cannot read `{}` to fingerprint it", path.display()))?
         }
     };
-    let mut hash = Sha256::new();
+    let mut hash = Hasher(Context::new(&SHA256));
     std::io::copy(&mut file, &mut hash)
         .with_context(|| format!("cannot read `{}` to fingerprint it", path.display()))?;
-    Ok(hex::encode(hash.finalize()))
+    Ok(hex::encode(hash.0.finish()))
+}
+
+/// A SHA-256 that `std::io::copy` streams a file into.
+struct Hasher(Context);
+
+impl std::io::Write for Hasher {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.update(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Every file under `dir`, as (path relative to `root` with `/`, full path), sorted.
@@ -149,5 +163,22 @@ mod tests {
         assert!(changes(&now, &now).is_empty());
         assert_eq!(combine(&now), combine(&now.clone()));
         assert_ne!(combine(&before), combine(&now));
+    }
+
+    #[test]
+    fn hashes_are_sha256_in_hex_as_journals_recorded_them() {
+        // Python: hashlib.sha256(b"abc") and hashlib.sha256(b"a\x001\nb\x002\n").
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"abc").unwrap();
+        assert_eq!(
+            hash_file(&path).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(hash_file(&dir.path().join("none")).unwrap(), "missing");
+        assert_eq!(
+            combine(&inputs(&[("a", "1"), ("b", "2")])),
+            "1a04f75bd0704a1e3a5609aa6cef325ce65e2ccde2c36252d0e2fc2ddcb5762d"
+        );
     }
 }

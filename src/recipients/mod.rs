@@ -4,7 +4,6 @@
 //! feed it byte slices. Bad rows become [`Problem`]s naming the CSV line; reading goes on so that
 //! every problem is reported at once.
 
-mod address;
 mod line_endings;
 
 use std::collections::HashSet;
@@ -14,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
-pub use address::{NormalisedAddress, normalise};
+pub use crate::address::{NormalisedAddress, normalise};
 
 use crate::problem::{Problem, Problems};
 

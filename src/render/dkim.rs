@@ -5,8 +5,8 @@
 //! lettre 0.11.23's signer hashes its message headers before the MIME part adds
 //! `Content-Type`, so a signed `Content-Type` never verifies; the signature here is computed
 //! after the message is formatted, and checked by an independent implementation (dkimpy) in
-//! the tests. RSA signatures are ring's (five times as fast as the `rsa` crate's here, which
-//! only reads the PEM); Ed25519 ones are `ed25519-dalek`'s.
+//! the tests. The signatures and hashes are ring's, RSA and Ed25519 alike; `rustls-pki-types`
+//! reads the PEM.
 //!
 //! Keys: RSA in PKCS#1 (`BEGIN RSA PRIVATE KEY`) or PKCS#8 (`BEGIN PRIVATE KEY`) PEM, Ed25519
 //! in PKCS#8 PEM (what `openssl genpkey -algorithm ed25519` writes).
@@ -15,16 +15,38 @@ use std::fmt;
 use std::time::SystemTime;
 
 use base64::Engine as _;
-use ed25519_dalek::Signer as _;
-use ed25519_dalek::pkcs8::DecodePrivateKey as _;
-use rsa::pkcs1::{DecodeRsaPrivateKey as _, EncodeRsaPrivateKey as _};
-use sha2::{Digest as _, Sha256};
+use ring::digest::{SHA256, digest};
+use ring::signature::{Ed25519KeyPair, RsaKeyPair};
+use rustls_pki_types::PrivateKeyDer;
+use rustls_pki_types::pem::PemObject as _;
 
 use crate::config::{Campaign, Dkim};
 
 enum Key {
-    Rsa(Box<ring::rsa::KeyPair>),
-    Ed25519(Box<ed25519_dalek::SigningKey>),
+    Rsa(Box<RsaKeyPair>),
+    Ed25519(Box<Ed25519KeyPair>),
+}
+
+impl Key {
+    /// The `b=` signature of `data`.
+    fn sign(&self, data: &[u8]) -> Vec<u8> {
+        match self {
+            // RSASSA-PKCS1-v1_5 with SHA-256 over the data (ring hashes it); deterministic.
+            Key::Rsa(key) => {
+                let mut signature = vec![0; key.public().modulus_len()];
+                key.sign(
+                    &ring::signature::RSA_PKCS1_SHA256,
+                    &ring::rand::SystemRandom::new(),
+                    data,
+                    &mut signature,
+                )
+                .expect("an RSA key ring accepted signs");
+                signature
+            }
+            // RFC 8463: Ed25519 over the SHA-256 hash of the data.
+            Key::Ed25519(key) => key.sign(digest(&SHA256, data).as_ref()).as_ref().to_vec(),
+        }
+    }
 }
 
 /// A loaded DKIM key and what it signs. Its `Debug` shows nothing of the key.
@@ -87,7 +109,7 @@ impl Signer {
         let split = find(message, b"\r\n\r\n").map_or(message.len(), |at| at + 2);
         let (head, body) = message.split_at(split);
         let body = body.strip_prefix(b"\r\n").unwrap_or(body);
-        let body_hash = base64(&Sha256::digest(relaxed_body(body)));
+        let body_hash = base64(digest(&SHA256, &relaxed_body(body)).as_ref());
         let algorithm = match self.key {
             Key::Rsa(_) => "rsa-sha256",
             Key::Ed25519(_) => "ed25519-sha256",
@@ -115,22 +137,7 @@ impl Signer {
             }
         }
         signed_data.extend(relaxed_header("dkim-signature", &tags));
-        let signature = match &self.key {
-            // RSASSA-PKCS1-v1_5 with SHA-256 over the data (ring hashes it).
-            Key::Rsa(key) => {
-                let mut signature = vec![0; key.public().modulus_len()];
-                key.sign(
-                    &ring::signature::RSA_PKCS1_SHA256,
-                    &ring::rand::SystemRandom::new(),
-                    &signed_data,
-                    &mut signature,
-                )
-                .expect("an RSA key ring accepted signs");
-                signature
-            }
-            // RFC 8463: Ed25519 over the SHA-256 hash of the data.
-            Key::Ed25519(key) => key.sign(&Sha256::digest(&signed_data)).to_bytes().to_vec(),
-        };
+        let signature = self.key.sign(&signed_data);
         let mut signed = Vec::with_capacity(message.len() + 600);
         signed.extend_from_slice(b"DKIM-Signature: ");
         // Folded at the tags' spaces and every 72 characters of the signature, so that no
@@ -218,29 +225,41 @@ fn relaxed_body(body: &[u8]) -> Vec<u8> {
 
 /// The key; the error completes "the DKIM key `…` …".
 fn read_key(pem: &str) -> Result<Key, String> {
-    // The `rsa` crate reads the PEM (PKCS#1 or PKCS#8); ring signs.
-    let rsa = |key: rsa::RsaPrivateKey| -> Result<Key, String> {
-        let der = key
-            .to_pkcs1_der()
-            .map_err(|e| format!("cannot be read: {e}"))?;
-        ring::rsa::KeyPair::from_der(der.as_bytes())
-            .map(|key| Key::Rsa(Box::new(key)))
-            .map_err(|e| format!("is not a usable RSA key ({e})"))
-    };
-    if pem.contains("-----BEGIN RSA PRIVATE KEY-----") {
-        return rsa::RsaPrivateKey::from_pkcs1_pem(pem)
-            .map_err(|e| format!("cannot be read: {e}"))
-            .and_then(rsa);
+    const NOT_A_KEY: &str = "is not a PEM private key (RSA PKCS#1 or PKCS#8, Ed25519 PKCS#8)";
+    if !pem.contains("-----BEGIN RSA PRIVATE KEY-----")
+        && !pem.contains("-----BEGIN PRIVATE KEY-----")
+    {
+        return Err(NOT_A_KEY.to_owned());
     }
-    if !pem.contains("-----BEGIN PRIVATE KEY-----") {
-        return Err("is not a PEM private key (RSA PKCS#1 or PKCS#8, Ed25519 PKCS#8)".to_owned());
+    let der = PrivateKeyDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    let rsa = |key: RsaKeyPair| Key::Rsa(Box::new(key));
+    match der {
+        PrivateKeyDer::Pkcs1(der) => RsaKeyPair::from_der(der.secret_pkcs1_der())
+            .map(rsa)
+            .map_err(|e| format!("is not a usable RSA key ({e})")),
+        PrivateKeyDer::Pkcs8(der) => {
+            let der = der.secret_pkcs8_der();
+            let rsa_error = match RsaKeyPair::from_pkcs8(der) {
+                Ok(key) => return Ok(rsa(key)),
+                Err(e) => e,
+            };
+            // Ed25519 PKCS#8 v1 (no public key, what OpenSSL writes) as well as v2.
+            Ed25519KeyPair::from_pkcs8_maybe_unchecked(der)
+                .map(|key| Key::Ed25519(Box::new(key)))
+                .map_err(|e| {
+                    // An RSA key ring will not sign with (too small, say) says so.
+                    let wrong = |e: &ring::error::KeyRejected| e.to_string() == "WrongAlgorithm";
+                    if wrong(&e) && !wrong(&rsa_error) {
+                        format!("is not a usable RSA key ({rsa_error})")
+                    } else {
+                        format!("is neither an RSA nor an Ed25519 key ({e})")
+                    }
+                })
+        }
+        // An `EC PRIVATE KEY` section ahead of the key.
+        _ => Err(NOT_A_KEY.to_owned()),
     }
-    if let Ok(key) = <rsa::RsaPrivateKey as rsa::pkcs8::DecodePrivateKey>::from_pkcs8_pem(pem) {
-        return rsa(key);
-    }
-    ed25519_dalek::SigningKey::from_pkcs8_pem(pem)
-        .map(|key| Key::Ed25519(Box::new(key)))
-        .map_err(|e| format!("is neither an RSA nor an Ed25519 key ({e})"))
 }
 
 #[cfg(test)]
@@ -261,6 +280,62 @@ mod tests {
                 .err()
                 .unwrap()
                 .contains("neither an RSA nor an Ed25519 key")
+        );
+    }
+
+    /// The test suite's keys (their public halves are in `tests/integration/dkim`).
+    const RSA_PKCS1: &str = include_str!("../../tests/integration/dkim/rsa-pkcs1.pem");
+    const RSA_PKCS8: &str = include_str!("../../tests/integration/dkim/rsa-pkcs8.pem");
+    /// PKCS#8 v1, without the public key: what `openssl genpkey -algorithm ed25519` writes.
+    const ED25519: &str = include_str!("../../tests/integration/dkim/ed25519.pem");
+
+    #[test]
+    fn keys_sign_as_openssl_does() {
+        // `openssl dgst -sha256 -sign rsa-pkcs1.pem`, and `openssl pkeyutl -sign -rawin` over
+        // the SHA-256 of the data for Ed25519 (RFC 8463), OpenSSL 3.0.19.
+        let data = b"from:a@example.com\r\nsubject:hi";
+        let rsa = "POUQK5lADabe8DgFrkSqdo0PIhGoLb20PgzOHKLzt7a1YMVH5GtJ8qxRILv3lQBnVLyfHjkY7g41hxkcHK\
+                   NROsLzSaLf7Qh00i+hlfA1UT+SabC81zw+4M0UgIUOn1LfdyxNb2GrzVT1pVgX+sh/cY5kQbvMDYhA0x\
+                   5weIfJ0UCQDPd6s8RqOj4st7Mw8wNs6B8VKNbyZOAJSqdRnoNTRighi9CP47upssmheVvVgdqJH1dU6o\
+                   DFtR6aDdUHPe4kWFSCeD4HKnd6sS+eivue20IbO8JCE0hrZGQPEzbD1UMmcN2f3O+sImb5cKSCRDRt7Q\
+                   vYz5eBRKlCJzu1xKkMtw==";
+        let ed25519 = "/xXMSPndhwvqqxqL/mVAjW9IYsyR4z1Cwf7vVHBdER3sEmkTosRnXbEfuSe3FbWqQi8RrDEb7EYniCJFpQqDAA==";
+        for (pem, expected) in [(RSA_PKCS1, rsa), (RSA_PKCS8, rsa), (ED25519, ed25519)] {
+            let key = read_key(pem).unwrap_or_else(|why| panic!("{why}"));
+            assert_eq!(base64(&key.sign(data)), expected);
+        }
+        assert!(matches!(read_key(RSA_PKCS8), Ok(Key::Rsa(_))));
+        assert!(matches!(read_key(ED25519), Ok(Key::Ed25519(_))));
+    }
+
+    #[test]
+    fn an_rsa_key_ring_refuses_is_named_as_one() {
+        // 1024 bits: ring signs with 2048 to 4096.
+        let small = "\
+-----BEGIN PRIVATE KEY-----
+MIICeAIBADANBgkqhkiG9w0BAQEFAASCAmIwggJeAgEAAoGBAOSU+oEXzAn5VUgS
+x985JyS/+UiLLg/1sAZxdk8RV6V3SsJjU4Fno98dVJAHVFJa9q5TgP2r5Vybps43
+PWzPAX2PPQqlIVPWA4tAuJsJPEOMmAsAnXuzL6u2jbS7Nseuc0aVgj0Vu+veH6uT
+As2KxdB/9H+ZOMcNN6IIZM5svqpfAgMBAAECgYEApnMh011r1Bt/EYOzjgZFTcqJ
+kVzgRvjmnFqFB2CejTxH8TN4/HNm7jKigFsF+Q6KMTlXZeGFnKEvn1y0WwaGkvJK
+O5UPODs12EugS4S1jeUJkPZ2zzbrvDgchCk40pFptgAUIx25xeo13GjJzsGiPRdA
+8Qp9xP2+7NaT2ojtACkCQQD9cak22QOF3H9+PyCZXCLvERBruyVLDgGCTRoveDw/
+sHZyZd4cDXmbad+9ALKXG//4k4GlIeM0uVeuqexPKwrtAkEA5uMhBSuXfVMl/m7y
+iF+ynK6+i1ZANfWmbbBxO0TytGdw3PYVw6RlRLOVM9r1ifRlUMPOVnSV4jl+4rry
+cLRE+wJBAIsJfKwzN4SLJ4IpvYeEjUGbmeeP/nCDWX6TL8dU7bB+7SvrCINZPRpu
+Zai5JkBRwwYqXdgqlAuLljeizpnL4i0CQFuzR9ES4CbxWDy2efM59umN6bXTessz
+lncoRcChgLewAb5wqnI6n9HqdU7UHwM8ouSx8AicY08nQMLyNwoWPvMCQQDEz7lW
+H8QD5IbdPNTRC3raj2loRq+rBd0k9GEg1OgJeA9OrShqFq2d+e7SWAW9IUkF2zfx
+qQRGWihTOcAOB4KC
+-----END PRIVATE KEY-----
+";
+        let why = read_key(small).err().unwrap();
+        assert!(why.contains("is not a usable RSA key (TooSmall)"), "{why}");
+        let garbage = "-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n";
+        let why = read_key(garbage).err().unwrap();
+        assert!(
+            why.contains("is not a usable RSA key (InvalidEncoding)"),
+            "{why}"
         );
     }
 

@@ -1,6 +1,7 @@
 //! Integration tests: the real binary against an in-process SMTP sink, the file outbox and the
 //! dry run, plus snapshots of rendered messages through the library.
 
+mod architecture;
 mod campaign;
 mod corpus;
 mod crash;

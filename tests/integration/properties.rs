@@ -723,7 +723,7 @@ fn run(case: &Case) -> Vec<Outcome> {
     }
 
     let path = campaign.write();
-    let loaded = match mailer::load(&path).expect("the campaign files can be read") {
+    let loaded = match mailer::pipeline::load(&path).expect("the campaign files can be read") {
         Ok(loaded) => loaded,
         Err(problems) => panic!("the campaign does not load: {problems:?}\n{case:#?}"),
     };
@@ -738,7 +738,7 @@ fn run(case: &Case) -> Vec<Outcome> {
             "line {}: normalised address",
             outcome.line
         );
-        outcome.result = Some(mailer::prepare(&loaded, recipient, date()));
+        outcome.result = Some(mailer::pipeline::prepare(&loaded, recipient, date()));
     }
 
     for outcome in &mut outcomes {
@@ -1116,10 +1116,10 @@ fn the_address_of_a_refused_row_is_guarded() {
             "",
         ]))
         .extra("[safety]\nmax_invalid = 1\n");
-    let loaded = mailer::load(&campaign.write()).unwrap().unwrap();
+    let loaded = mailer::pipeline::load(&campaign.write()).unwrap().unwrap();
     assert_eq!(loaded.list.recipients.len(), 1, "Ann's row is refused");
     let bob = &loaded.list.recipients[0];
-    let result = mailer::prepare(&loaded, bob, date());
+    let result = mailer::pipeline::prepare(&loaded, bob, date());
     assert!(
         result.is_err(),
         "Bob's message carries Ann's address:\n{}",

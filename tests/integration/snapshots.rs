@@ -7,11 +7,11 @@ use std::time::{Duration, SystemTime};
 #[test]
 fn one_message_per_locale_of_the_example() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
-    let loaded = mailer::load(&path).unwrap().unwrap();
+    let loaded = mailer::pipeline::load(&path).unwrap().unwrap();
     let date = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
     let mut seen = std::collections::BTreeSet::new();
     for recipient in &loaded.list.recipients {
-        let message = mailer::prepare(&loaded, recipient, date).unwrap();
+        let message = mailer::pipeline::prepare(&loaded, recipient, date).unwrap();
         if seen.insert(message.locale.clone()) {
             let text = String::from_utf8(message.bytes).unwrap();
             insta::assert_snapshot!(format!("example_{}", message.locale), text);

@@ -7,6 +7,8 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
+use crate::exit::Exit;
+
 const CAMPAIGN: &str = r#"# A campaign scaffolded by `mailer init`. Check it with `mailer check campaign.toml`,
 # then `mailer send campaign.toml --dry-run`. The file transport writes .eml files into outbox/;
 # switch [transport] to `kind = "smtp"` with a `url` to send for real.
@@ -35,37 +37,46 @@ per_second = 20
 
 const FILES: [(&str, &str); 10] = [
     ("campaign.toml", CAMPAIGN),
-    ("recipients.csv", include_str!("../config/recipients.csv")),
+    (
+        "recipients.csv",
+        include_str!("../../config/recipients.csv"),
+    ),
     (
         "templates/subject.hbs",
-        include_str!("../templates/subject.hbs"),
+        include_str!("../../templates/subject.hbs"),
     ),
-    ("templates/text.hbs", include_str!("../templates/text.hbs")),
-    ("templates/html.hbs", include_str!("../templates/html.hbs")),
+    (
+        "templates/text.hbs",
+        include_str!("../../templates/text.hbs"),
+    ),
+    (
+        "templates/html.hbs",
+        include_str!("../../templates/html.hbs"),
+    ),
     (
         "templates/partials/footer.hbs",
-        include_str!("../templates/partials/footer.hbs"),
+        include_str!("../../templates/partials/footer.hbs"),
     ),
     (
         "locales/en/main.ftl",
-        include_str!("../locales/en/main.ftl"),
+        include_str!("../../locales/en/main.ftl"),
     ),
     (
         "locales/fr/main.ftl",
-        include_str!("../locales/fr/main.ftl"),
+        include_str!("../../locales/fr/main.ftl"),
     ),
     (
         "locales/fr-CA/main.ftl",
-        include_str!("../locales/fr-CA/main.ftl"),
+        include_str!("../../locales/fr-CA/main.ftl"),
     ),
     (
         "locales/de/main.ftl",
-        include_str!("../locales/de/main.ftl"),
+        include_str!("../../locales/de/main.ftl"),
     ),
 ];
 
-/// Writes the scaffold into `dir`, which must not exist or be empty.
-pub fn init(dir: &Path) -> anyhow::Result<()> {
+/// Writes the scaffold into `dir`, which must not exist or be empty, and says what next.
+pub fn run(dir: &Path) -> anyhow::Result<Exit> {
     if dir.exists()
         && std::fs::read_dir(dir)
             .with_context(|| format!("cannot read `{}`", dir.display()))?
@@ -83,5 +94,10 @@ pub fn init(dir: &Path) -> anyhow::Result<()> {
         std::fs::write(&path, text)
             .with_context(|| format!("cannot write `{}`", path.display()))?;
     }
-    Ok(())
+    println!(
+        "created a campaign in `{}`; try: mailer check {}",
+        dir.display(),
+        dir.join("campaign.toml").display()
+    );
+    Ok(Exit::Complete)
 }

@@ -1,0 +1,151 @@
+//! Commands: one module each, wiring the stages together for what the user asked. No stage
+//! imports a command.
+//!
+//! [`run`] hands each parsed command to its module. `init_logging` sets up tracing once.
+
+mod check;
+mod init;
+mod plan;
+mod preview;
+mod report;
+mod resume;
+pub mod send;
+mod status;
+mod stop;
+mod unsubscribe_token;
+
+use std::path::{Path, PathBuf};
+
+use crate::cli::{Cli, Command, LogFormat};
+use crate::config;
+use crate::exit::Exit;
+use crate::journal;
+use crate::problem::Problems;
+
+/// Runs one command. Errors carry their exit code (see [`Exit::of_error`]).
+pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
+    init_logging(cli.log_format);
+    let state_dir = cli.state_dir.as_deref();
+    let out = &mut std::io::stdout().lock();
+    match &cli.command {
+        Command::Init { dir } => init::run(dir),
+        Command::Check { campaign } => check::run(campaign, out),
+        Command::Preview {
+            campaign,
+            out: folder,
+            per_locale,
+            recipients,
+            show,
+        } => preview::run(
+            campaign,
+            folder.as_deref(),
+            &crate::report::preview::Request {
+                per_locale: *per_locale,
+                recipients,
+            },
+            *show,
+        ),
+        Command::Plan { campaign, json } => plan::run(campaign, state_dir, *json, out),
+        Command::Send {
+            campaign,
+            dry_run,
+            accept_changed_inputs,
+            slot,
+            approve,
+            stage,
+            limit,
+        } => send::run(
+            campaign,
+            &send::Options {
+                dry_run: *dry_run,
+                keep_bytes: crate::pipeline::KEEP_BYTES,
+                // A bar on a terminal; on anything else (cron, a pipe, JSON logs), log lines.
+                interactive: cli.log_format == LogFormat::Text
+                    && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                state_dir,
+                accept_changed_inputs: *accept_changed_inputs,
+                slot: slot.as_deref(),
+                approve: approve.as_ref(),
+                stage: *stage,
+                limit: *limit,
+            },
+            out,
+        ),
+        Command::Status { campaign, json } => status::run(campaign, state_dir, *json, out),
+        Command::Stop { campaign, reason } => stop::run(campaign, state_dir, reason),
+        Command::Resume { campaign } => resume::run(campaign, state_dir),
+        Command::UnsubscribeToken {
+            campaign,
+            address,
+            verify,
+        } => unsubscribe_token::run(campaign, address, verify.as_deref()),
+        Command::Report { campaign, format } => report::run(campaign, state_dir, *format, out),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    // lettre's own `tracing` feature is off (it would log AUTH credentials); the filter keeps
+    // it quiet even if a dependency turns it on, whatever MAILER_LOG asks for.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MAILER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        .add_directive("lettre=warn".parse().expect("a constant, valid directive"))
+        // handlebars logs every helper call with its arguments — recipients' data — at DEBUG.
+        .add_directive(
+            "handlebars=warn"
+                .parse()
+                .expect("a constant, valid directive"),
+        );
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(crate::report::BarSafeStderr::default)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.without_time().with_target(false).try_init(),
+    };
+}
+
+/// A campaign as the journal commands see it: its id, where its lock is, and whether its
+/// journal existed before this command.
+struct CampaignRef {
+    id: String,
+    lock: PathBuf,
+    existed: bool,
+}
+
+/// Opens a campaign's journal for `status`, `stop`, `resume` and `report`. Only
+/// `[campaign] id` is read, so that an operator can stop a send (or look at it) while the
+/// campaign file is half-edited.
+fn journal_for(
+    path: &Path,
+    state_dir: Option<&Path>,
+    create: bool,
+) -> anyhow::Result<(CampaignRef, journal::Journal)> {
+    let id = campaign_id(path)?;
+    let place = journal::Place::new(path, state_dir, &id);
+    let existed = place.journal.exists();
+    let journal = journal::Journal::open(&place.journal, &id, create, journal::Durability::Full)?;
+    Ok((
+        CampaignRef {
+            id,
+            lock: place.lock,
+            existed,
+        },
+        journal,
+    ))
+}
+
+/// `[campaign] id`, or the full check's errors when it cannot be read on its own.
+fn campaign_id(path: &Path) -> anyhow::Result<String> {
+    let text = config::read(path)?;
+    let id = toml::from_str::<toml::Table>(&text)
+        .ok()
+        .and_then(|table| Some(table.get("campaign")?.get("id")?.as_str()?.to_owned()))
+        .filter(|id| config::valid_id(id));
+    match id {
+        Some(id) => Ok(id),
+        None => Ok(config::parse(path, &text)
+            .map_err(Problems::into_failure)?
+            .id),
+    }
+}

@@ -1,0 +1,117 @@
+//! `mailer plan`: everything `check` does, then what a send would do — counts, batches, the
+//! least duration, the canary — and the fingerprint that approves it. A plan that can be sent
+//! is recorded in the journal.
+
+use std::path::Path;
+
+use super::check::{Examination, examine};
+use crate::config;
+use crate::exit::Exit;
+use crate::journal;
+use crate::pipeline;
+use crate::plan::{self, fingerprint};
+
+/// A plan that can be sent is recorded in the journal, so that a later `send --approve` with
+/// a stale fingerprint can say what changed since.
+pub fn run(
+    path: &Path,
+    state_dir: Option<&Path>,
+    json: bool,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<Exit> {
+    let mut report = Vec::new();
+    let campaign = match config::parse_file(path)? {
+        Ok(campaign) => campaign,
+        Err(problems) => {
+            Examination::failed(problems).print(&mut report)?;
+            return plan_refused(&report, json, out);
+        }
+    };
+    // The inputs are hashed before they are loaded: if a file changes in between, the
+    // fingerprint is of the older version and a send of what was shown here is refused,
+    // never the other way round.
+    let inputs = fingerprint::inputs(&campaign)?;
+    let examination = examine(campaign)?;
+    examination.print(&mut report)?;
+    let Some((loaded, summary)) = &examination.loaded else {
+        return plan_refused(&report, json, out);
+    };
+    let invalid = pipeline::invalid_lines(&examination.problems);
+    let canary = plan::canary_rows(
+        &loaded.campaign,
+        &loaded.list,
+        loaded.renderer.locales(),
+        &invalid,
+    )
+    .unwrap_or_default()
+    .into_iter()
+    .map(|(address, row)| plan::CanaryPick {
+        address: address.key.to_string(),
+        line: row.line,
+        locale: loaded
+            .renderer
+            .locales()
+            .tag(
+                loaded
+                    .renderer
+                    .locales()
+                    .resolve(row.locale(&loaded.list.columns)),
+            )
+            .to_owned(),
+    })
+    .collect();
+    let sendable = examination.sendable();
+    let counts = plan::Counts {
+        messages: examination.rendered,
+        invalid: invalid.len(),
+        locales: &summary.locales,
+        domains: &summary.domains,
+        errors: examination.problems.errors(),
+        warnings: examination.problems.warnings(),
+        sendable,
+    };
+    let plan = plan::Plan::new(&loaded.campaign, &loaded.list, &counts, inputs, canary);
+    let text = serde_json::to_string(&plan)?;
+    if json {
+        writeln!(out, "{text}")?;
+    } else {
+        out.write_all(&report)?;
+        plan.print(&path.display().to_string(), out)?;
+    }
+    if !sendable {
+        if json {
+            std::io::Write::write_all(&mut std::io::stderr(), &report)?;
+        }
+        return Ok(Exit::InvalidInput);
+    }
+    let place = journal::Place::new(path, state_dir, &loaded.campaign.id);
+    let recorded = journal::Journal::open(
+        &place.journal,
+        &loaded.campaign.id,
+        true,
+        journal::Durability::Full,
+    )
+    .and_then(|journal| {
+        journal.record_plan(
+            &plan.fingerprint,
+            &plan.inputs,
+            &text,
+            &loaded.list.suppression,
+        )
+    });
+    if let Err(error) = recorded {
+        // The fingerprint approves a send all the same; only "what changed since" is lost.
+        tracing::warn!("the plan could not be recorded in the journal: {error:#}");
+    }
+    Ok(Exit::Complete)
+}
+
+/// A campaign that cannot be planned: `check`'s report (on stderr for `--json`), exit 65.
+fn plan_refused(report: &[u8], json: bool, out: &mut impl std::io::Write) -> anyhow::Result<Exit> {
+    if json {
+        std::io::Write::write_all(&mut std::io::stderr(), report)?;
+    } else {
+        out.write_all(report)?;
+    }
+    Ok(Exit::InvalidInput)
+}

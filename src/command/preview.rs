@@ -1,0 +1,62 @@
+//! `mailer preview`: sample messages as `.eml` files and an HTML gallery per locale, or one
+//! row's message on standard output (`--show`).
+
+use std::path::Path;
+
+use crate::exit::Exit;
+use crate::pipeline::{self, prepare};
+use crate::problem;
+use crate::recipients::Recipient;
+use crate::report;
+
+/// `mailer preview`: everything is rendered, read back and checked before anything is
+/// written or printed, so an unknown `--recipient` or `--show` line leaves no files behind.
+pub fn run(
+    path: &Path,
+    out: Option<&Path>,
+    request: &report::preview::Request<'_>,
+    show: Option<u64>,
+) -> anyhow::Result<Exit> {
+    let date = crate::clock::now();
+    let (loaded, validation) = pipeline::load_valid(path, date, 0)?;
+    let render = |recipient: &Recipient| prepare(&loaded, recipient, date);
+    let shown = show
+        .map(|line| report::preview::show(&loaded.list, line, render))
+        .transpose()?;
+    let gallery = match out {
+        None => None,
+        Some(out) => {
+            let list = &loaded.list;
+            let counts = report::preview::Counts::new(
+                &validation.summary,
+                list.suppressed.len(),
+                validation.problems.errors_of(problem::Kind::Row),
+                list.duplicates.len(),
+            );
+            let preview = report::preview::collect(
+                &loaded.campaign.id,
+                list,
+                loaded.renderer.locales(),
+                counts,
+                request,
+                render,
+            )?;
+            Some((out, preview))
+        }
+    };
+    if let Some(shown) = shown {
+        print!("{shown}");
+    }
+    if let Some((out, preview)) = gallery {
+        let written = report::preview::write(out, &preview, &report::gallery::page(&preview))?;
+        for line in written {
+            // With `--show`, standard output is the message alone.
+            if show.is_some() {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
+        }
+    }
+    Ok(Exit::Complete)
+}

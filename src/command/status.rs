@@ -1,0 +1,25 @@
+//! `mailer status`: where a campaign stands, from its journal (human or `--json`).
+
+use std::path::Path;
+
+use super::journal_for;
+use crate::exit::Exit;
+use crate::report;
+
+pub fn run(
+    path: &Path,
+    state_dir: Option<&Path>,
+    json: bool,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<Exit> {
+    let (campaign, journal) = journal_for(path, state_dir, false)?;
+    let slot = journal.latest_slot()?.unwrap_or_default();
+    let status = journal.status(&campaign.id, &slot)?;
+    if json {
+        serde_json::to_writer(&mut *out, &status)?;
+        writeln!(out)?;
+    } else {
+        report::print_status(&status, out)?;
+    }
+    Ok(Exit::Complete)
+}
