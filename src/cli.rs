@@ -102,9 +102,10 @@ pub enum Command {
     /// (global and per domain), retries 4xx replies as `[retry]` says, pauses when the relay
     /// fails, and ends with a summary. Over SMTP it needs `--approve` with the fingerprint
     /// `mailer plan` printed for these inputs. Exit codes: 0 done, 1 done with failures, 3
-    /// halted, 64 no approval or canary not done, 65 invalid input or inputs not those
-    /// approved, 69 relay unavailable, 75 work remaining, not due yet or locked (see the
-    /// README).
+    /// halted, 64 no approval, canary not done or another journal than the campaign's, 65
+    /// invalid input or inputs not those approved, 69 relay unavailable, 74 the journal, state
+    /// folder or outbox cannot be written, 75 work remaining, not due yet, locked or stopped
+    /// by a signal (see the README).
     Send {
         /// The campaign file (campaign.toml).
         campaign: PathBuf,
@@ -131,6 +132,11 @@ pub enum Command {
         /// Send at most N messages in this run; exit 75 when recipients remain.
         #[arg(long, value_name = "N", conflicts_with = "stage")]
         limit: Option<usize>,
+        /// The campaign's journal was moved to `--state-dir` on purpose (the file, with its
+        /// -wal and -shm files): record its new place. Without it, a `--state-dir` other than
+        /// the campaign's recorded one is refused, since a second journal sends everyone again.
+        #[arg(long)]
+        move_journal: bool,
     },
     /// Show a campaign's progress from its journal: counts per state, rate, ETA, top replies,
     /// domains, and the halt in force if any.

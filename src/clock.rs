@@ -45,6 +45,33 @@ pub fn schedule_now() -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
     }
 }
 
+/// When `MAILER_NOW` replaces the schedule's clock: a sentence saying so, and by how much it
+/// differs from the real clock. Every command says it, so that nobody runs a real send on a
+/// fake clock unawares.
+#[must_use]
+#[allow(clippy::disallowed_methods)] // compared with the real clock, on purpose
+pub fn override_notice() -> Option<String> {
+    let text = std::env::var("MAILER_NOW").ok()?;
+    let fixed = chrono::DateTime::parse_from_rfc3339(&text).ok()?.to_utc();
+    Some(describe_override(&text, fixed, chrono::Utc::now()))
+}
+
+fn describe_override(
+    text: &str,
+    fixed: chrono::DateTime<chrono::Utc>,
+    real: chrono::DateTime<chrono::Utc>,
+) -> String {
+    let seconds = (fixed - real).abs().to_std().unwrap_or_default().as_secs();
+    // For people: whole days past two of them, whole seconds below.
+    let apart = if seconds >= 2 * 86_400 {
+        format!("{} days", seconds / 86_400)
+    } else {
+        humantime::format_duration(std::time::Duration::from_secs(seconds)).to_string()
+    };
+    let side = if fixed < real { "behind" } else { "ahead of" };
+    format!("MAILER_NOW={text} replaces the clock for schedules: {apart} {side} the real clock")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +81,19 @@ mod tests {
         use std::time::Duration;
         assert_eq!(millis(UNIX_EPOCH + Duration::from_millis(1234)), 1234);
         assert_eq!(millis(UNIX_EPOCH - Duration::from_secs(1)), 0);
+    }
+
+    #[test]
+    fn an_overridden_clock_says_by_how_much() {
+        let at = |t: &str| chrono::DateTime::parse_from_rfc3339(t).unwrap().to_utc();
+        let real = at("2026-12-06T04:00:00Z");
+        assert_eq!(
+            describe_override("2020-01-01T00:00:00Z", at("2020-01-01T00:00:00Z"), real),
+            "MAILER_NOW=2020-01-01T00:00:00Z replaces the clock for schedules: 2531 days behind the real clock"
+        );
+        assert!(
+            describe_override("x", at("2026-12-06T05:00:00Z"), real)
+                .ends_with("1h ahead of the real clock")
+        );
     }
 }

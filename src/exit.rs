@@ -17,21 +17,32 @@ pub enum Exit {
     Usage = 64,
     /// Some input (campaign file, templates, locales, CSV) is invalid; nothing was sent.
     InvalidInput = 65,
-    /// The relay (or the outbox folder) could not be used; the work left is still pending.
+    /// The relay could not be used; the work left is still pending.
     RelayUnavailable = 69,
+    /// The journal, the state folder or the outbox could not be read or written (disk full,
+    /// read-only, permissions): the run stopped at once, and the journal says where it stands.
+    IoError = 74,
     /// Work remains (deferred or not yet due), or another run holds the campaign.
     WorkRemaining = 75,
 }
 
 impl Exit {
-    /// The exit code for an error that reached `main`: the one it carries, else invalid input,
-    /// because every untyped error comes from loading something the user gave us.
+    /// The exit code for an error that reached `main`: the one it carries; an I/O error of
+    /// the journal's database (disk full, read-only, cannot open) is an I/O error; anything
+    /// else is invalid input, because every other untyped error comes from loading something
+    /// the user gave us.
     #[must_use]
     pub fn of_error(error: &anyhow::Error) -> Exit {
-        error
+        if let Some(failure) = error
             .chain()
             .find_map(|cause| cause.downcast_ref::<Failure>())
-            .map_or(Exit::InvalidInput, |failure| failure.exit)
+        {
+            return failure.exit;
+        }
+        if error.chain().any(is_storage_error) {
+            return Exit::IoError;
+        }
+        Exit::InvalidInput
     }
 
     /// The worse of two outcomes, for combining results: halts and relay trouble outrank
@@ -45,8 +56,9 @@ impl Exit {
                 Exit::WorkRemaining => 2,
                 Exit::RelayUnavailable => 3,
                 Exit::Halted => 4,
-                Exit::InvalidInput => 5,
-                Exit::Usage => 6,
+                Exit::IoError => 5,
+                Exit::InvalidInput => 6,
+                Exit::Usage => 7,
             }
         }
         if rank(other) > rank(self) {
@@ -62,6 +74,25 @@ impl From<Exit> for std::process::ExitCode {
         // The discriminants are all below 256 by construction.
         std::process::ExitCode::from(exit as u8)
     }
+}
+
+/// Whether `cause` is the database failing to read or write its files (only the journal is
+/// a database), rather than something wrong with an input.
+fn is_storage_error(cause: &(dyn std::error::Error + 'static)) -> bool {
+    use rusqlite::ErrorCode;
+    let Some(rusqlite::Error::SqliteFailure(failure, _)) = cause.downcast_ref::<rusqlite::Error>()
+    else {
+        return false;
+    };
+    matches!(
+        failure.code,
+        ErrorCode::DiskFull
+            | ErrorCode::ReadOnly
+            | ErrorCode::SystemIoFailure
+            | ErrorCode::CannotOpen
+            | ErrorCode::PermissionDenied
+            | ErrorCode::NoLargeFileSupport
+    )
 }
 
 /// An error with a definite exit code, for the places where the cause decides it.

@@ -276,6 +276,7 @@ pub fn warnings(loaded: &Loaded) -> Vec<Problem> {
             ));
         }
     }
+    found.extend(exposed_secrets(&loaded.campaign));
     for (line, first) in &loaded.list.duplicates {
         found.push(Problem::warning(
             &loaded.list.path,
@@ -284,6 +285,41 @@ pub fn warnings(loaded: &Loaded) -> Vec<Problem> {
         ));
     }
     found
+}
+
+/// Warnings for the files holding secrets — a `password_file`, the DKIM key — that other
+/// users of the machine may read (group or others have any permission on them).
+#[must_use]
+pub fn exposed_secrets(campaign: &Campaign) -> Vec<Problem> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let password = match &campaign.transport {
+        config::Transport::Smtp(smtp) => smtp.auth.as_ref().and_then(|auth| match &auth.password {
+            config::PasswordSource::File(path) => Some(("password_file", path)),
+            config::PasswordSource::Env(_) => None,
+        }),
+        config::Transport::File { .. } => None,
+    };
+    let dkim = campaign
+        .dkim
+        .as_ref()
+        .map(|d| ("[dkim] key_path", &d.key_path));
+    password
+        .into_iter()
+        .chain(dkim)
+        .filter_map(|(key, path)| {
+            let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+            (mode & 0o077 != 0).then(|| {
+                Problem::warning(
+                    &campaign.file,
+                    None,
+                    format!(
+                        "{key} `{}` can be read by other users of this machine (mode {mode:04o}): `chmod 600` it",
+                        path.display()
+                    ),
+                )
+            })
+        })
+        .collect()
 }
 
 /// Loads and validates; on any error, fails with all of them (exit 65) having sent nothing.

@@ -25,6 +25,10 @@ use crate::problem::Problems;
 /// Runs one command. Errors carry their exit code (see [`Exit::of_error`]).
 pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
     init_logging(cli.log_format);
+    send::signals::survive_file_size_limit();
+    if let Some(notice) = crate::clock::override_notice() {
+        tracing::warn!("{notice}");
+    }
     let state_dir = cli.state_dir.as_deref();
     let out = &mut std::io::stdout().lock();
     match &cli.command {
@@ -54,6 +58,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
             approve,
             stage,
             limit,
+            move_journal,
         } => send::run(
             campaign,
             &send::Options {
@@ -68,6 +73,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
                 approve: approve.as_ref(),
                 stage: *stage,
                 limit: *limit,
+                move_journal: *move_journal,
             },
             out,
         ),
@@ -113,22 +119,49 @@ struct CampaignRef {
     existed: bool,
 }
 
-/// Opens a campaign's journal for `status`, `stop`, `resume` and `report`. Only
-/// `[campaign] id` is read, so that an operator can stop a send (or look at it) while the
-/// campaign file is half-edited.
+/// How a journal command uses the journal.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// `status`, `report`: opened read-only (a read-only journal is fine).
+    Read,
+    /// `resume`: written, never created.
+    Write,
+    /// `stop`: written, created if the campaign has none yet (to hold the stop).
+    Create,
+}
+
+/// Opens a campaign's journal for `status`, `stop`, `resume` and `report`: the one the
+/// campaign's record names (see `journal::locate`). Only `[campaign] id` is read, so that an
+/// operator can stop a send (or look at it) while the campaign file is half-edited.
 fn journal_for(
     path: &Path,
     state_dir: Option<&Path>,
-    create: bool,
+    access: Access,
 ) -> anyhow::Result<(CampaignRef, journal::Journal)> {
     let id = campaign_id(path)?;
-    let place = journal::Place::new(path, state_dir, &id);
-    let existed = place.journal.exists();
-    let journal = journal::Journal::open(&place.journal, &id, create, journal::Durability::Full)?;
+    let intent = match access {
+        Access::Read => journal::Intent::Read,
+        Access::Write | Access::Create => journal::Intent::Write,
+    };
+    let located = journal::locate(path, state_dir, &id, intent)?;
+    let existed = located.place.journal.exists();
+    let journal = match access {
+        Access::Read => journal::Journal::open_located_read_only(&located, &id)?,
+        Access::Write | Access::Create => {
+            let journal = journal::Journal::open_located(
+                &located,
+                &id,
+                access == Access::Create,
+                journal::Durability::Full,
+            )?;
+            journal.settle_if_idle(&located.place, &id)?;
+            journal
+        }
+    };
     Ok((
         CampaignRef {
             id,
-            lock: place.lock,
+            lock: located.place.lock,
             existed,
         },
         journal,

@@ -84,21 +84,27 @@ pub fn run(
         }
         return Ok(Exit::InvalidInput);
     }
-    let place = journal::Place::new(path, state_dir, &loaded.campaign.id);
-    let recorded = journal::Journal::open(
-        &place.journal,
-        &loaded.campaign.id,
-        true,
-        journal::Durability::Full,
-    )
-    .and_then(|journal| {
-        journal.record_plan(
-            &plan.fingerprint,
-            &plan.inputs,
-            &text,
-            &loaded.list.suppression,
-        )
-    });
+    // Another journal than the campaign's is refused (as `send` would refuse it).
+    let located = journal::locate(path, state_dir, &loaded.campaign.id, journal::Intent::Write)?;
+    let recorded = Ok(located)
+        .and_then(|located| {
+            let journal = journal::Journal::open_located(
+                &located,
+                &loaded.campaign.id,
+                true,
+                journal::Durability::Full,
+            )?;
+            journal.settle_if_idle(&located.place, &loaded.campaign.id)?;
+            Ok(journal)
+        })
+        .and_then(|journal| {
+            journal.record_plan(
+                &plan.fingerprint,
+                &plan.inputs,
+                &text,
+                &loaded.list.suppression,
+            )
+        });
     if let Err(error) = recorded {
         // The fingerprint approves a send all the same; only "what changed since" is lost.
         tracing::warn!("the plan could not be recorded in the journal: {error:#}");

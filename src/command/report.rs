@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::journal_for;
+use super::{Access, journal_for};
 use crate::cli;
 use crate::exit::Exit;
 use crate::report;
@@ -13,7 +13,7 @@ pub fn run(
     format: cli::ReportFormat,
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<Exit> {
-    let (_, journal) = journal_for(path, state_dir, false)?;
+    let (_, journal) = journal_for(path, state_dir, Access::Read)?;
     let slot = journal.latest_slot()?.unwrap_or_default();
     match format {
         cli::ReportFormat::Csv => {

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::journal_for;
+use super::{Access, journal_for};
 use crate::exit::Exit;
 use crate::report;
 
@@ -12,7 +12,7 @@ pub fn run(
     json: bool,
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<Exit> {
-    let (campaign, journal) = journal_for(path, state_dir, false)?;
+    let (campaign, journal) = journal_for(path, state_dir, Access::Read)?;
     let slot = journal.latest_slot()?.unwrap_or_default();
     let status = journal.status(&campaign.id, &slot)?;
     if json {

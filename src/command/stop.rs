@@ -3,12 +3,12 @@
 
 use std::path::Path;
 
-use super::journal_for;
+use super::{Access, journal_for};
 use crate::exit::Exit;
 use crate::journal;
 
 pub fn run(path: &Path, state_dir: Option<&Path>, reason: &str) -> anyhow::Result<Exit> {
-    let (campaign, journal) = journal_for(path, state_dir, true)?;
+    let (campaign, journal) = journal_for(path, state_dir, Access::Create)?;
     journal.halt("", "mailer stop", reason)?;
     let halt = journal.active_halt()?;
     println!(
@@ -19,7 +19,7 @@ pub fn run(path: &Path, state_dir: Option<&Path>, reason: &str) -> anyhow::Resul
     );
     if !campaign.existed {
         println!(
-            "note: no send had run from this state folder yet (the journal `{}` was created to hold the stop); a send that uses another --state-dir is not stopped",
+            "note: no send had run yet (the journal `{}` was created to hold the stop; every send of this campaign uses it)",
             journal.path().display()
         );
     } else if journal::Lock::acquire(&campaign.lock, &campaign.id).is_ok() {

@@ -24,6 +24,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use governor::clock::{Clock, MonotonicClock};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -52,8 +53,9 @@ pub struct Tally {
     pub throttled: BTreeMap<String, f64>,
 }
 
-pub struct Scheduler {
-    pacer: Pacer,
+/// `C`: the pacer's clock (governor's monotonic clock; tests give one that follows tokio's).
+pub struct Scheduler<C: Clock = MonotonicClock> {
+    pacer: Pacer<C>,
     retry: Retry,
     journal: Option<Recorder>,
     suppressed: Option<Suppressed>,
@@ -100,18 +102,32 @@ pub struct Scheduler {
 
 /// Why a run's dispatching ends early.
 pub enum GaveUp {
-    /// The relay failed too often, or no worker is left (exit 69).
+    /// The relay failed too often, or no worker is left (exit 69), or the outbox cannot be
+    /// written (exit 74).
     Relay(RelayFailure),
     /// A stop or a breaker: hand out nothing more (exit 3).
     Halt(String),
+    /// A signal: hand out nothing more in this run (exit 75); nothing is recorded.
+    Interrupt(String),
+    /// The journal cannot be written: hand out nothing more (exit 74). No halt is recorded
+    /// (it could not be, and the next run may go on once the journal can be written).
+    Unrecorded(String),
 }
 
-impl Scheduler {
+/// Why a run stopped handing out messages, when it was not the relay.
+pub enum Stopped {
+    /// A stop or a breaker, recorded in the journal.
+    Halt(String),
+    /// A signal, for this run only.
+    Interrupt(String),
+}
+
+impl<C: Clock + Clone> Scheduler<C> {
     pub fn new(
-        pacer: Pacer,
+        pacer: Pacer<C>,
         settings: &Settings<'_>,
         workers: Vec<mpsc::UnboundedSender<Job>>,
-    ) -> Scheduler {
+    ) -> Scheduler<C> {
         Scheduler {
             pacer,
             retry: settings.retry.clone(),
@@ -441,7 +457,7 @@ impl Scheduler {
     async fn settle_crash(
         &mut self,
         worker: usize,
-        mut job: Job,
+        job: Job,
         results: &mpsc::Sender<Delivery>,
     ) -> Option<GaveUp> {
         self.workers[worker] = None;
@@ -449,7 +465,7 @@ impl Scheduler {
             line = job.message.line,
             "a delivery worker stopped unexpectedly"
         );
-        job.attempts += 1;
+        // `report` counts this attempt (ambiguous is final).
         self.report(
             results,
             &job,
@@ -473,7 +489,7 @@ impl Scheduler {
         // next run reports it ambiguous, which errs on the side of not sending).
         self.idle.push(worker);
         self.enqueue(job, true);
-        GaveUp::Halt(format!(
+        GaveUp::Unrecorded(format!(
             "the journal cannot be written, so nothing more is sent: {error}"
         ))
     }
@@ -493,6 +509,11 @@ impl Scheduler {
         }
         let stale = job.epoch != self.epoch;
         self.enqueue(job, true);
+        if failure.local {
+            // This machine, not the relay: no pause mends a full or read-only outbox.
+            self.idle.push(worker);
+            return Some(GaveUp::Relay(failure));
+        }
         if failure.rejected {
             self.idle.push(worker);
             return Some(GaveUp::Halt(format!(
@@ -596,18 +617,29 @@ impl Scheduler {
         mut self,
         input: async_channel::Receiver<Queued>,
         mut outcomes: mpsc::UnboundedReceiver<Outcome>,
-        mut halt: watch::Receiver<Option<String>>,
+        (mut halt, mut interrupt): (
+            watch::Receiver<Option<String>>,
+            watch::Receiver<Option<String>>,
+        ),
         results: mpsc::Sender<Delivery>,
-    ) -> (Option<RelayFailure>, Option<String>, Tally) {
+    ) -> (Option<RelayFailure>, Option<Stopped>, Tally) {
         let mut input_open = true;
         let mut gave_up: Option<GaveUp> = None;
         let mut halt_open = true;
+        let mut interrupt_open = true;
         let mut linger_until: Option<Instant> = None;
         loop {
             if gave_up.is_none()
                 && let Some(reason) = halt.borrow_and_update().clone()
             {
                 let end = GaveUp::Halt(reason);
+                self.give_up(&end);
+                gave_up = Some(end);
+            }
+            if gave_up.is_none()
+                && let Some(signal) = interrupt.borrow_and_update().clone()
+            {
+                let end = GaveUp::Interrupt(signal);
                 self.give_up(&end);
                 gave_up = Some(end);
             }
@@ -649,6 +681,11 @@ impl Scheduler {
                         halt_open = false;
                     }
                 }
+                changed = interrupt.changed(), if interrupt_open && gave_up.is_none() => {
+                    if changed.is_err() {
+                        interrupt_open = false;
+                    }
+                }
                 outcome = outcomes.recv() => {
                     let Some(outcome) = outcome else { break };
                     if let Some(end) = self.settle(outcome, Instant::now(), &results).await
@@ -673,7 +710,10 @@ impl Scheduler {
         self.report_retries_left(&results).await;
         let (failure, halted) = match gave_up {
             Some(GaveUp::Relay(failure)) => (Some(failure), None),
-            Some(GaveUp::Halt(reason)) => (None, Some(reason)),
+            Some(GaveUp::Halt(reason) | GaveUp::Unrecorded(reason)) => {
+                (None, Some(Stopped::Halt(reason)))
+            }
+            Some(GaveUp::Interrupt(signal)) => (None, Some(Stopped::Interrupt(signal))),
             None => (None, None),
         };
         (failure, halted, self.tally)
@@ -688,6 +728,12 @@ impl Scheduler {
             GaveUp::Halt(reason) => {
                 tracing::error!(reason = %reason, "halted: no new message starts");
                 self.record_halt(reason);
+            }
+            GaveUp::Unrecorded(reason) => {
+                tracing::error!(reason = %reason, "stopped: no new message starts");
+            }
+            GaveUp::Interrupt(signal) => {
+                tracing::warn!(signal = %signal, "stopped by a signal: no new message starts in this run");
             }
         }
     }
@@ -727,5 +773,834 @@ fn new_job(queued: Queued) -> Job {
         epoch: 0,
         last_reply: String::new(),
         last_answer: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The scheduler through `dispatch::run`, with the scripted transport (see
+    //! `dispatch::tests`), on tokio's clock; limits on a pacer whose clock follows tokio's.
+    //! Durations are milliseconds and timing checks lower bounds, so the tests hold on the
+    //! real clock and on paused time alike.
+
+    use std::num::{NonZeroU32, NonZeroUsize};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::super::tests::{
+        Act, Durable, Event, Journal, Script, Setup, accepted, on_tokio_time, queued, reply,
+    };
+    use super::super::{Entry, Transport};
+    use super::*;
+    use crate::config::Pace;
+
+    fn scripted(script: &Arc<Script>) -> Transport {
+        Transport::Scripted(Arc::clone(script))
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn id(line: u64) -> i64 {
+        i64::try_from(line).unwrap()
+    }
+
+    /// The journal's outcomes for `line` as (state, attempts, reply code, next attempt set).
+    fn recorded(journal: &Journal, line: u64) -> Vec<(State, u32, Option<u16>, bool)> {
+        journal
+            .outcomes(id(line))
+            .into_iter()
+            .map(|event| match event {
+                Event::Outcome {
+                    state,
+                    attempts,
+                    code,
+                    retry,
+                    ..
+                } => (state, attempts, code, retry),
+                _ => unreachable!("outcomes() gives outcomes"),
+            })
+            .collect()
+    }
+
+    fn pace(count: u32, per: Duration) -> Pace {
+        Pace {
+            count: NonZeroU32::new(count).unwrap(),
+            per,
+            burst: NonZeroU32::MIN,
+        }
+    }
+
+    #[test]
+    fn every_queued_message_is_reported_exactly_once_whatever_its_fate() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            setup.retry.relay_attempts = NonZeroU32::new(1000).unwrap();
+            // By line % 6: sent; failed (5xx); deferred once, then sent; deferred every time;
+            // ambiguous; a relay failure, then sent.
+            let script = Script::new(4, Duration::ZERO, |call| match (call.line % 6, call.nth) {
+                (1, _) => reply(550, "5.1.1 no such user"),
+                (2, 1) | (3, _) => reply(451, "4.3.0 try again later"),
+                (4, _) => Act::Answer(Attempt::without_reply(
+                    State::Ambiguous,
+                    "no reply after the message body",
+                )),
+                (5, 1) => Act::Relay(RelayFailure::new("connection reset")),
+                _ => accepted(),
+            });
+            let messages = (1..=120)
+                .map(|line| queued(line, &format!("r{line}@d{}.example", line % 5)))
+                .collect();
+            let finished = setup.run(scripted(&script), messages).await;
+
+            let by_line = finished.by_line();
+            assert_eq!(by_line.len(), 120, "every message is reported");
+            let calls = script.lines();
+            let bodies = script.bodies();
+            for line in 1..=120 {
+                let (state, attempts, tries, sent_bodies) = match line % 6 {
+                    0 => (State::Sent, 1, 1, 1),
+                    1 => (State::Failed, 1, 1, 1),
+                    2 => (State::Sent, 2, 2, 2),
+                    3 => (State::Deferred, 4, 4, 4),
+                    4 => (State::Ambiguous, 1, 1, 1),
+                    _ => (State::Sent, 1, 2, 1),
+                };
+                let delivery = by_line[&line];
+                assert_eq!(
+                    (delivery.state, delivery.attempts),
+                    (state, attempts),
+                    "line {line}: {}",
+                    delivery.detail
+                );
+                assert_eq!(delivery.recipient, format!("r{line}@d{}.example", line % 5));
+                assert_eq!(
+                    calls.iter().filter(|&&l| l == line).count(),
+                    tries,
+                    "line {line}"
+                );
+                assert_eq!(
+                    bodies.iter().filter(|&&l| l == line).count(),
+                    sent_bodies,
+                    "line {line}"
+                );
+                // The journal's last word on the row is the reported one.
+                let journal = recorded(&setup.journal, line);
+                let last = journal.last().expect("an outcome");
+                assert_eq!((last.0, last.1), (state, attempts), "line {line}");
+                // A relay failure left no outcome of its own: the row went back to pending.
+                let requeued = setup.journal.events().contains(&Event::Requeued(id(line)));
+                assert_eq!(requeued, line % 6 == 5, "line {line}");
+                let outcomes = match line % 6 {
+                    2 => 2,
+                    3 => 4,
+                    _ => 1,
+                };
+                assert_eq!(journal.len(), outcomes, "line {line}: {journal:?}");
+            }
+            assert_eq!(finished.ended.tally.retried, 20 + 20 * 3);
+            assert!(finished.ended.failure.is_none());
+            assert!(finished.ended.halted.is_none());
+        });
+    }
+
+    #[test]
+    fn a_4xx_is_retried_with_a_growing_backoff_then_left_deferred() {
+        on_tokio_time(async {
+            let setup = Setup::new();
+            let script = Script::new(1, Duration::ZERO, |_| reply(451, "4.2.1 mailbox busy"));
+            // Line 2's recipient had two attempts in earlier runs: its backoff starts further up.
+            let mut earlier = queued(2, "earlier@b.example");
+            earlier.entry = Some(Entry { id: 2, attempts: 2 });
+            let finished = setup
+                .run(scripted(&script), vec![queued(1, "now@a.example"), earlier])
+                .await;
+
+            for (line, prior) in [(1, 0), (2, 2)] {
+                let delivery = finished.by_line()[&line].clone();
+                assert_eq!((delivery.state, delivery.attempts), (State::Deferred, 4));
+                assert_eq!(
+                    delivery.detail,
+                    "451 4.2.1 mailbox busy (left for the next run)"
+                );
+                let times: Vec<Instant> = script
+                    .calls()
+                    .iter()
+                    .filter(|c| c.line == line)
+                    .map(|c| c.at)
+                    .collect();
+                assert_eq!(times.len(), 4, "max_attempts, no more");
+                // Each wait is at least half the exponential backoff (2, 4, 8 ms; capped at 8).
+                for (n, pair) in times.windows(2).enumerate() {
+                    let attempt = prior + u32::try_from(n).unwrap() + 1;
+                    let floor = setup.retry.backoff_after(setup.retry.backoff, attempt) / 2;
+                    assert!(
+                        pair[1] - pair[0] >= floor,
+                        "line {line}, attempt {attempt}: waited {:?}, at least {floor:?}",
+                        pair[1] - pair[0]
+                    );
+                }
+                // Each 4xx is recorded deferred with its next attempt; attempts count on from
+                // the earlier runs'.
+                let expected: Vec<_> = (1..=4)
+                    .map(|n| (State::Deferred, prior + n, Some(451), true))
+                    .collect();
+                assert_eq!(recorded(&setup.journal, line), expected, "line {line}");
+            }
+            assert_eq!(finished.ended.tally.retried, 6);
+        });
+    }
+
+    #[test]
+    fn a_4xx_then_an_answer_is_final_and_a_5xx_is_never_retried() {
+        on_tokio_time(async {
+            let setup = Setup::new();
+            let script = Script::new(1, Duration::ZERO, |call| match (call.line, call.nth) {
+                (1, _) => reply(550, "5.1.1 no such user"),
+                (2 | 3, 1) => reply(450, "4.2.0 greylisted"),
+                (2, _) => reply(554, "5.7.1 refused"),
+                _ => accepted(),
+            });
+            let finished = setup
+                .run(
+                    scripted(&script),
+                    vec![
+                        queued(1, "gone@a.example"),
+                        queued(2, "refused@a.example"),
+                        queued(3, "grey@a.example"),
+                    ],
+                )
+                .await;
+            assert_eq!(finished.state(1), Some((State::Failed, 1)));
+            assert_eq!(finished.state(2), Some((State::Failed, 2)));
+            assert_eq!(finished.state(3), Some((State::Sent, 2)));
+            let tries = |line| script.lines().iter().filter(|&&l| l == line).count();
+            assert_eq!((tries(1), tries(2), tries(3)), (1, 2, 2));
+            assert_eq!(
+                recorded(&setup.journal, 1),
+                [(State::Failed, 1, Some(550), false)]
+            );
+            assert_eq!(
+                recorded(&setup.journal, 2),
+                [
+                    (State::Deferred, 1, Some(450), true),
+                    (State::Failed, 2, Some(554), false)
+                ]
+            );
+            assert_eq!(finished.by_line()[&2].detail, "554 5.7.1 refused");
+            assert_eq!(finished.ended.tally.retried, 2);
+        });
+    }
+
+    #[test]
+    fn a_retry_due_after_the_linger_is_left_for_the_next_run_at_once() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            setup.retry.backoff = Duration::from_secs(10);
+            setup.retry.max_backoff = Duration::from_secs(600);
+            setup.retry.linger = Duration::from_secs(1);
+            let script = Script::new(1, Duration::ZERO, |_| reply(451, "4.3.0 later"));
+            let start = Instant::now();
+            let finished = setup
+                .run(scripted(&script), vec![queued(1, "a@a.example")])
+                .await;
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "it waited for the retry"
+            );
+            assert_eq!(script.calls().len(), 1);
+            assert_eq!(finished.state(1), Some((State::Deferred, 1)));
+            assert_eq!(
+                finished.by_line()[&1].detail,
+                "451 4.3.0 later (left for the next run)"
+            );
+            let journal = recorded(&setup.journal, 1);
+            assert_eq!(journal.last(), Some(&(State::Deferred, 1, Some(451), true)));
+        });
+    }
+
+    #[test]
+    fn past_the_retry_cap_a_4xx_is_left_for_the_next_run_at_once() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            setup.retry.backoff = Duration::from_secs(10);
+            setup.retry.linger = Duration::ZERO;
+            let script = Script::new(1, Duration::ZERO, |_| reply(451, "4.3.0 later"));
+            let total = u64::try_from(RETRY_CAP).unwrap() + 3;
+            let messages = (1..=total)
+                .map(|line| queued(line, &format!("r{line}@d{}.example", line % 7)))
+                .collect();
+            let finished = setup.run(scripted(&script), messages).await;
+            assert_eq!(finished.by_line().len(), RETRY_CAP + 3);
+            assert_eq!(script.calls().len(), RETRY_CAP + 3, "tried once each");
+            let (held, turned_away): (Vec<_>, Vec<_>) = finished
+                .deliveries
+                .iter()
+                .partition(|d| d.detail == "451 4.3.0 later (left for the next run)");
+            assert_eq!(held.len(), RETRY_CAP);
+            assert_eq!(turned_away.len(), 3);
+            assert!(turned_away.iter().all(|d| d.detail
+                == "451 4.3.0 later (left for the next run: too many recipients waiting for a retry)"));
+            assert!(
+                finished
+                    .deliveries
+                    .iter()
+                    .all(|d| (d.state, d.attempts) == (State::Deferred, 1))
+            );
+        });
+    }
+
+    #[test]
+    fn a_relay_failure_changes_no_state_pauses_then_resumes_with_one_probe() {
+        on_tokio_time(async {
+            let setup = Setup::new();
+            let count = AtomicUsize::new(0);
+            // The first two attempts (both workers, at once) meet a dead relay.
+            let script = Script::new(2, ms(1), move |_| {
+                if count.fetch_add(1, Ordering::SeqCst) < 2 {
+                    Act::Relay(RelayFailure::new("connection refused"))
+                } else {
+                    accepted()
+                }
+            });
+            let messages = (1..=6)
+                .map(|line| queued(line, &format!("r{line}@a.example")))
+                .collect();
+            let finished = setup.run(scripted(&script), messages).await;
+
+            // Everyone is sent, once, in one attempt: a relay failure is no attempt.
+            for line in 1..=6 {
+                assert_eq!(finished.state(line), Some((State::Sent, 1)), "line {line}");
+                assert_eq!(
+                    recorded(&setup.journal, line),
+                    [(State::Sent, 1, Some(250), false)],
+                    "line {line}"
+                );
+            }
+            // The two that met the failure went back to pending, and were tried again.
+            let calls = script.calls();
+            let failed: Vec<u64> = calls[..2].iter().map(|c| c.line).collect();
+            for line in &failed {
+                let events: Vec<Event> = setup
+                    .journal
+                    .events()
+                    .into_iter()
+                    .filter(
+                        |e| matches!(e, Event::InFlight(i) | Event::Requeued(i) if *i == id(*line)),
+                    )
+                    .collect();
+                assert_eq!(
+                    events,
+                    [
+                        Event::InFlight(id(*line)),
+                        Event::Requeued(id(*line)),
+                        Event::InFlight(id(*line))
+                    ]
+                );
+            }
+            // One pause (the second failure was of the same outage), at least half the relay
+            // backoff long; then one probe alone; then both workers again.
+            assert_eq!(finished.ended.tally.relay_pauses, 1);
+            let probe = &calls[2];
+            assert!(
+                failed.contains(&probe.line),
+                "the message put back goes first"
+            );
+            assert_eq!(probe.alongside, 0);
+            assert!(probe.at - calls[0].at >= ms(1) + setup.retry.relay_backoff / 2);
+            assert!(calls[3].at >= probe.at + ms(1), "nothing beside the probe");
+            let after: std::collections::BTreeSet<usize> =
+                calls[3..].iter().map(|c| c.worker).collect();
+            assert_eq!(after.len(), 2, "both workers again");
+            assert!(finished.ended.failure.is_none());
+        });
+    }
+
+    #[test]
+    fn a_relay_down_for_good_ends_the_run_with_every_recipient_pending() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            setup.retry.relay_attempts = NonZeroU32::new(3).unwrap();
+            let script = Script::new(2, ms(1), |_| {
+                Act::Relay(RelayFailure::new("connection refused"))
+            });
+            let messages = (1..=4)
+                .map(|line| queued(line, &format!("r{line}@a.example")))
+                .collect();
+            let finished = setup.run(scripted(&script), messages).await;
+
+            assert!(
+                finished.deliveries.is_empty(),
+                "nobody is reported: all pending"
+            );
+            let failure = finished.ended.failure.expect("the relay failure");
+            assert_eq!(failure.reason, "connection refused");
+            assert!(finished.ended.halted.is_none());
+            // Both workers at first, then one probe per pause: 1 + 2 pauses, growing.
+            let calls = script.calls();
+            assert_eq!(calls.len(), 4);
+            assert_eq!(finished.ended.tally.relay_pauses, 2);
+            assert!(calls[2].at - calls[0].at >= ms(1) + ms(1));
+            assert!(calls[3].at - calls[2].at >= ms(1) + ms(2));
+            // No row changed for good: each in-flight record was put back to pending.
+            let events = setup.journal.events();
+            assert!(
+                events
+                    .iter()
+                    .all(|e| matches!(e, Event::InFlight(_) | Event::Requeued(_)))
+            );
+            for line in 1..=4 {
+                let count = |wanted: &Event| events.iter().filter(|e| *e == wanted).count();
+                assert_eq!(
+                    count(&Event::InFlight(id(line))),
+                    count(&Event::Requeued(id(line))),
+                    "line {line}"
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn a_relay_that_rejects_us_halts_the_run_at_once() {
+        on_tokio_time(async {
+            let setup = Setup::new();
+            let script = Script::new(1, Duration::ZERO, |_| {
+                Act::Relay(RelayFailure::rejected("535 5.7.8 authentication failed"))
+            });
+            let finished = setup
+                .run(
+                    scripted(&script),
+                    vec![queued(1, "a@a.example"), queued(2, "b@a.example")],
+                )
+                .await;
+            assert!(finished.deliveries.is_empty());
+            assert_eq!(script.calls().len(), 1);
+            let reason = "the relay rejected the connection: 535 5.7.8 authentication failed";
+            assert_eq!(finished.ended.halted.as_deref(), Some(reason));
+            assert!(finished.ended.failure.is_none());
+            assert_eq!(
+                setup.journal.events(),
+                [
+                    Event::InFlight(1),
+                    Event::Requeued(1),
+                    Event::Halt(reason.to_owned())
+                ]
+            );
+        });
+    }
+
+    #[test]
+    fn a_connection_refused_while_the_relay_serves_the_others_retires_one_worker() {
+        on_tokio_time(async {
+            let setup = Setup::new();
+            let count = AtomicUsize::new(0);
+            // The fifth attempt starts after answers on the other connections.
+            let script = Script::new(3, ms(1), move |_| {
+                if count.fetch_add(1, Ordering::SeqCst) == 4 {
+                    Act::Relay(RelayFailure::new("too many connections"))
+                } else {
+                    accepted()
+                }
+            });
+            let messages = (1..=10)
+                .map(|line| queued(line, &format!("r{line}@a.example")))
+                .collect();
+            let finished = setup.run(scripted(&script), messages).await;
+            for line in 1..=10 {
+                assert_eq!(finished.state(line), Some((State::Sent, 1)), "line {line}");
+            }
+            assert_eq!(script.calls().len(), 11);
+            assert_eq!(finished.ended.tally.connections_retired, 1);
+            assert_eq!(finished.ended.tally.relay_pauses, 0);
+            // The worker refused is not used again; the two others go on.
+            let calls = script.calls();
+            let retired = calls[4].worker;
+            assert!(calls[5..].iter().all(|c| c.worker != retired));
+            let others: std::collections::BTreeSet<usize> =
+                calls[5..].iter().map(|c| c.worker).collect();
+            assert_eq!(others.len(), 2);
+            assert!(finished.ended.failure.is_none());
+        });
+    }
+
+    #[test]
+    fn domains_take_turns() {
+        on_tokio_time(async {
+            let setup = Setup::new();
+            let script = Script::new(1, Duration::ZERO, |_| accepted());
+            let mut messages: Vec<Queued> = (1..=5)
+                .map(|line| queued(line, &format!("r{line}@big.example")))
+                .collect();
+            messages.push(queued(6, "r6@small.example"));
+            messages.push(queued(7, "r7@other.example"));
+            let finished = setup.run(scripted(&script), messages).await;
+            assert_eq!(finished.deliveries.len(), 7);
+            // The big domain queued first does not go first in full.
+            assert_eq!(script.lines(), [1, 6, 7, 2, 3, 4, 5]);
+        });
+    }
+
+    #[test]
+    fn a_slow_domain_does_not_hold_up_the_others() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            // One message every ten seconds for the slow domain; the others are free.
+            setup
+                .rate
+                .domains
+                .insert("slow.example".to_owned(), pace(1, Duration::from_secs(10)));
+            let halt = Arc::clone(&setup.halt);
+            let fast = AtomicUsize::new(0);
+            let script = Script::new(2, Duration::ZERO, move |call| {
+                if !call.recipient.ends_with("@slow.example")
+                    && fast.fetch_add(1, Ordering::SeqCst) + 1 == 10
+                {
+                    // The others are all out: stop rather than wait for the slow domain.
+                    let _ = halt.send(Some("enough".to_owned()));
+                }
+                accepted()
+            });
+            let mut messages: Vec<Queued> = (1..=3)
+                .map(|line| queued(line, &format!("r{line}@slow.example")))
+                .collect();
+            messages.extend(
+                (4..=13).map(|line| queued(line, &format!("r{line}@fast{}.example", line % 2))),
+            );
+            let start = Instant::now();
+            let finished = setup.run(scripted(&script), messages).await;
+            assert!(start.elapsed() < Duration::from_secs(10));
+            // Slow's first message, then every other domain's, while slow waits its turn.
+            let mut lines = script.lines();
+            lines.sort_unstable();
+            assert_eq!(lines, [1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
+            assert_eq!(finished.deliveries.len(), 11);
+            assert!(finished.deliveries.iter().all(|d| d.state == State::Sent));
+            // The slow domain's other two are still pending: not reported, not recorded.
+            assert!(finished.state(2).is_none() && finished.state(3).is_none());
+            assert!(
+                setup.journal.events().iter().all(|e| !matches!(
+                    e,
+                    Event::InFlight(2 | 3) | Event::Outcome { id: 2 | 3, .. }
+                ))
+            );
+            assert_eq!(finished.ended.halted.as_deref(), Some("enough"));
+        });
+    }
+
+    #[test]
+    fn the_global_and_domain_limits_space_the_messages() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            setup.rate.global = Some(pace(1, ms(4)));
+            setup
+                .rate
+                .domains
+                .insert("paced.example".to_owned(), pace(1, ms(25)));
+            let script = Script::new(2, Duration::ZERO, |_| accepted());
+            let messages = vec![
+                queued(1, "a@free.example"),
+                queued(2, "b@free.example"),
+                queued(3, "c@free.example"),
+                queued(4, "a@paced.example"),
+                queued(5, "b@paced.example"),
+                queued(6, "c@paced.example"),
+            ];
+            let start = Instant::now();
+            let finished = setup.run(scripted(&script), messages).await;
+            assert_eq!(finished.deliveries.len(), 6);
+            let calls = script.calls();
+            // Globally one every 4 ms: the n-th no sooner than 4 (n - 1) ms in.
+            for (n, call) in (0u32..).zip(&calls) {
+                assert!(
+                    call.at - start >= ms(4) * n,
+                    "call {n}: {:?}",
+                    call.at - start
+                );
+            }
+            // The paced domain one every 25 ms, slower than the global rate alone would let.
+            let paced: Vec<Instant> = calls
+                .iter()
+                .filter(|c| c.recipient.ends_with("@paced.example"))
+                .map(|c| c.at)
+                .collect();
+            assert_eq!(paced.len(), 3);
+            assert!(paced[2] - start >= ms(50), "{:?}", paced[2] - start);
+            // Meanwhile the free domain is not held up: all of it goes before that.
+            let free_last = calls
+                .iter()
+                .filter(|c| c.recipient.ends_with("@free.example"))
+                .map(|c| c.at)
+                .max();
+            assert!(free_last < Some(paced[2]));
+        });
+    }
+
+    #[test]
+    fn a_throttling_reply_slows_down_only_its_domain() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            setup.retry.max_attempts = NonZeroU32::MIN;
+            let halt = Arc::clone(&setup.halt);
+            let calm = AtomicUsize::new(0);
+            let script = Script::new(1, Duration::ZERO, move |call| {
+                if call.recipient.ends_with("@busy.example") {
+                    return reply(421, "4.7.0 Try again later, closing connection");
+                }
+                if calm.fetch_add(1, Ordering::SeqCst) + 1 == 6 {
+                    let _ = halt.send(Some("enough".to_owned()));
+                }
+                accepted()
+            });
+            let mut messages = vec![queued(1, "a@busy.example"), queued(2, "b@busy.example")];
+            messages.extend((3..=8).map(|line| queued(line, &format!("r{line}@calm.example"))));
+            let finished = setup.run(scripted(&script), messages).await;
+            // Nothing is known of the busy domain's pace: one a second, halved.
+            assert_eq!(
+                finished.ended.tally.throttled,
+                BTreeMap::from([("busy.example".to_owned(), 0.5)])
+            );
+            assert_eq!(finished.state(1), Some((State::Deferred, 1)));
+            // The calm domain goes on at once; the busy one waits two seconds for its next.
+            let mut lines = script.lines();
+            lines.sort_unstable();
+            assert_eq!(lines, [1, 3, 4, 5, 6, 7, 8]);
+            assert!(finished.state(2).is_none());
+        });
+    }
+
+    #[test]
+    fn a_halt_stops_handing_out_messages_and_leaves_the_rest_pending() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            // Long enough that line 2's retry is still waiting when the halt comes.
+            setup.retry.backoff = Duration::from_secs(10);
+            let halt = Arc::clone(&setup.halt);
+            let script = Script::new(1, Duration::ZERO, move |call| match call.line {
+                2 => reply(451, "4.3.0 later"),
+                4 => {
+                    let _ = halt.send(Some("mailer stop".to_owned()));
+                    accepted()
+                }
+                _ => accepted(),
+            });
+            let mut messages = vec![queued(2, "r2@other.example")];
+            messages.extend(
+                [1, 3, 4, 5, 6, 7, 8].map(|line| queued(line, &format!("r{line}@a.example"))),
+            );
+            let finished = setup.run(scripted(&script), messages).await;
+            // The message on the wire when the halt came got its answer; nothing more went.
+            assert_eq!(script.lines(), [2, 1, 3, 4]);
+            assert_eq!(finished.state(1), Some((State::Sent, 1)));
+            assert_eq!(finished.state(3), Some((State::Sent, 1)));
+            assert_eq!(finished.state(4), Some((State::Sent, 1)));
+            // The one waiting for its retry stays deferred, for the next run.
+            assert_eq!(finished.state(2), Some((State::Deferred, 1)));
+            assert_eq!(
+                finished.by_line()[&2].detail,
+                "451 4.3.0 later (left for the next run)"
+            );
+            // The rest are pending: not reported, nothing recorded.
+            assert_eq!(finished.deliveries.len(), 4);
+            for line in 5..=8 {
+                assert!(!setup.journal.events().iter().any(|e| matches!(
+                    e,
+                    Event::InFlight(i) | Event::Outcome { id: i, .. } if *i == id(line)
+                )));
+            }
+            assert_eq!(finished.ended.halted.as_deref(), Some("mailer stop"));
+            assert!(finished.ended.failure.is_none());
+            let halts: Vec<Event> = setup
+                .journal
+                .events()
+                .into_iter()
+                .filter(|e| matches!(e, Event::Halt(_)))
+                .collect();
+            assert_eq!(halts, [Event::Halt("mailer stop".to_owned())]);
+        });
+    }
+
+    #[test]
+    fn a_halt_lets_the_messages_on_the_wire_finish() {
+        on_tokio_time(async {
+            let setup = Setup::new();
+            let halt = Arc::clone(&setup.halt);
+            let script = Script::new(3, ms(5), move |call| {
+                if call.line == 1 {
+                    let _ = halt.send(Some("stop".to_owned()));
+                }
+                accepted()
+            });
+            let messages = (1..=9)
+                .map(|line| queued(line, &format!("r{line}@a.example")))
+                .collect();
+            let finished = setup.run(scripted(&script), messages).await;
+            // Three were on the wire; all three are reported, and nothing else went.
+            assert_eq!(script.lines(), [1, 2, 3]);
+            assert_eq!(script.bodies().len(), 3);
+            let mut reported: Vec<u64> = finished.deliveries.iter().map(|d| d.line).collect();
+            reported.sort_unstable();
+            assert_eq!(reported, [1, 2, 3]);
+            assert_eq!(finished.ended.halted.as_deref(), Some("stop"));
+        });
+    }
+
+    #[test]
+    fn a_halt_before_the_start_sends_nothing() {
+        on_tokio_time(async {
+            let setup = Setup::new();
+            setup.halt.send_replace(Some("stopped before".to_owned()));
+            let script = Script::new(2, Duration::ZERO, |_| accepted());
+            let finished = setup
+                .run(scripted(&script), vec![queued(1, "a@a.example")])
+                .await;
+            assert!(script.calls().is_empty());
+            assert!(finished.deliveries.is_empty());
+            assert_eq!(finished.ended.halted.as_deref(), Some("stopped before"));
+            assert_eq!(
+                setup.journal.events(),
+                [Event::Halt("stopped before".to_owned())]
+            );
+        });
+    }
+
+    #[test]
+    fn batches_pause_between_them() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            setup.rate.batch = Some(Batch {
+                size: NonZeroUsize::new(3).unwrap(),
+                pause: ms(10),
+            });
+            let script = Script::new(2, Duration::ZERO, |_| accepted());
+            let messages = (1..=8)
+                .map(|line| queued(line, &format!("r{line}@d{}.example", line % 3)))
+                .collect();
+            let start = Instant::now();
+            let finished = setup.run(scripted(&script), messages).await;
+            assert_eq!(finished.deliveries.len(), 8);
+            let calls = script.calls();
+            assert!(calls[3].at - start >= ms(10), "the second batch waits");
+            assert!(calls[6].at - start >= ms(20), "the third batch waits again");
+        });
+    }
+
+    #[test]
+    fn the_last_batch_does_not_pause() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            setup.rate.batch = Some(Batch {
+                size: NonZeroUsize::new(3).unwrap(),
+                pause: Duration::from_secs(30),
+            });
+            let script = Script::new(1, Duration::ZERO, |_| accepted());
+            let messages = (1..=3)
+                .map(|line| queued(line, &format!("r{line}@a.example")))
+                .collect();
+            let start = Instant::now();
+            let finished = setup.run(scripted(&script), messages).await;
+            assert_eq!(finished.deliveries.len(), 3);
+            assert!(start.elapsed() < Duration::from_secs(15));
+        });
+    }
+
+    #[test]
+    fn a_recipient_suppressed_during_the_run_is_not_sent() {
+        on_tokio_time(async {
+            let setup = Setup::new();
+            let suppressed = Arc::clone(&setup.suppressed);
+            let script = Script::new(1, Duration::ZERO, move |call| {
+                let suppress = |key: &str| {
+                    suppressed.write().unwrap().insert(key.to_owned());
+                };
+                match call.line {
+                    // While line 1 is on the wire, line 2's recipient unsubscribes (any case).
+                    1 => {
+                        suppress("later@b.example");
+                        accepted()
+                    }
+                    // Line 4's recipient unsubscribes while waiting for a retry.
+                    4 => {
+                        suppress("retry@c.example");
+                        reply(451, "4.3.0 later")
+                    }
+                    _ => accepted(),
+                }
+            });
+            let finished = setup
+                .run(
+                    scripted(&script),
+                    vec![
+                        queued(1, "a@a.example"),
+                        queued(2, "Later@B.example"),
+                        queued(3, "c@a.example"),
+                        queued(4, "retry@c.example"),
+                    ],
+                )
+                .await;
+            assert_eq!(script.lines(), [1, 4, 3]);
+            assert_eq!(finished.state(2), Some((State::Suppressed, 0)));
+            assert_eq!(finished.state(4), Some((State::Suppressed, 1)));
+            assert_eq!(
+                finished.by_line()[&2].detail,
+                "added to a suppression list while the campaign was sending"
+            );
+            assert!(!setup.journal.events().contains(&Event::InFlight(2)));
+            assert_eq!(
+                recorded(&setup.journal, 2),
+                [(State::Suppressed, 0, None, false)]
+            );
+            assert_eq!(
+                recorded(&setup.journal, 4).last(),
+                Some(&(State::Suppressed, 1, Some(451), false))
+            );
+            assert_eq!(finished.state(1), Some((State::Sent, 1)));
+            assert_eq!(finished.state(3), Some((State::Sent, 1)));
+        });
+    }
+
+    #[test]
+    fn the_permanent_failure_breaker_halts_the_run() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            setup.safety.halt_failure_ratio = 0.5;
+            setup.safety.halt_min_sample = NonZeroUsize::new(4).unwrap();
+            let script = Script::new(1, Duration::ZERO, |call| {
+                if call.line == 1 {
+                    accepted()
+                } else {
+                    reply(550, "5.1.1 no such user")
+                }
+            });
+            let messages = (1..=10)
+                .map(|line| queued(line, &format!("r{line}@a.example")))
+                .collect();
+            let finished = setup.run(scripted(&script), messages).await;
+            // Three failed of four answered (over a half): nothing more goes.
+            assert_eq!(script.lines(), [1, 2, 3, 4]);
+            assert_eq!(finished.deliveries.len(), 4);
+            let halted = finished.ended.halted.expect("the breaker");
+            assert!(
+                halted.starts_with("3 of the last 4 answered recipients failed permanently"),
+                "{halted}"
+            );
+            assert!(setup.journal.events().contains(&Event::Halt(halted)));
+        });
+    }
+
+    #[test]
+    fn nothing_is_sent_without_a_durable_record_even_on_many_workers() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            setup.journal = Journal::new(Durable::Never);
+            let script = Script::new(3, ms(1), |_| accepted());
+            let messages = (1..=6)
+                .map(|line| queued(line, &format!("r{line}@a.example")))
+                .collect();
+            let finished = setup.run(scripted(&script), messages).await;
+            assert!(script.bodies().is_empty());
+            assert!(finished.deliveries.is_empty());
+            assert!(finished.ended.halted.is_some());
+            assert_eq!(script.calls().len(), 3, "only those already handed out");
+        });
     }
 }

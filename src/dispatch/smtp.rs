@@ -562,3 +562,741 @@ async fn reset(connection: &mut AsyncSmtpConnection, smtp: &Smtp) -> bool {
         Ok(Ok(_))
     )
 }
+
+#[cfg(test)]
+mod tests {
+    //! The transaction against a scripted server on loopback: it writes exactly the replies
+    //! given, split where the script says, and keeps every byte it hears, per connection.
+
+    use std::num::NonZeroUsize;
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
+    use super::super::tests::{Durable, Event, Journal, message};
+    use super::super::{Gate, Recorder};
+    use super::*;
+
+    /// One step of the scripted server on one connection.
+    #[derive(Debug, Clone, Copy)]
+    enum Turn {
+        /// Writes these bytes: a reply, or a piece of one.
+        Say(&'static str),
+        /// Waits a little, so that what follows goes out in a write of its own.
+        Pause,
+        /// Reads one command line.
+        Hear,
+        /// Reads a message body, up to and including the line with the lone dot.
+        HearBody,
+        /// Hangs up.
+        HangUp,
+    }
+
+    use Turn::{HangUp, Hear, HearBody, Pause, Say};
+
+    const GREETING: Turn = Say("220 sink.test ESMTP\r\n");
+    const EHLO: Turn =
+        Say("250-sink.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 10240000\r\n");
+    const OK: Turn = Say("250 2.0.0 ok\r\n");
+    const GO_AHEAD: Turn = Say("354 go ahead\r\n");
+    const QUEUED: Turn = Say("250 2.0.0 queued as 1A2B\r\n");
+    const BYE: Turn = Say("221 2.0.0 bye\r\n");
+
+    /// Greeting and EHLO.
+    fn hello() -> Vec<Turn> {
+        vec![GREETING, Hear, EHLO]
+    }
+
+    /// A transaction the server accepts.
+    fn accepted() -> Vec<Turn> {
+        vec![Hear, OK, Hear, OK, Hear, GO_AHEAD, HearBody, QUEUED]
+    }
+
+    fn quit() -> Vec<Turn> {
+        vec![Hear, BYE]
+    }
+
+    /// A server on 127.0.0.1 that takes one connection per script, then no more.
+    struct Server {
+        port: u16,
+        heard: Arc<Mutex<Vec<Vec<u8>>>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Server {
+        async fn start(scripts: Vec<Vec<Turn>>) -> Server {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let heard = Arc::new(Mutex::new(Vec::new()));
+            let all = Arc::clone(&heard);
+            let task = tokio::spawn(async move {
+                let mut connections = tokio::task::JoinSet::new();
+                for script in scripts {
+                    let (stream, _) = listener.accept().await.unwrap();
+                    let index = {
+                        let mut all = all.lock().unwrap();
+                        all.push(Vec::new());
+                        all.len() - 1
+                    };
+                    connections.spawn(converse(stream, script, Arc::clone(&all), index));
+                }
+                // One connection more than scripted is refused.
+                drop(listener);
+                while let Some(done) = connections.join_next().await {
+                    done.expect("the scripted server's connection");
+                }
+            });
+            Server { port, heard, task }
+        }
+
+        /// What connection `n` has heard so far.
+        fn heard(&self, n: usize) -> String {
+            self.heard
+                .lock()
+                .unwrap()
+                .get(n)
+                .map(|bytes| String::from_utf8(bytes.clone()).unwrap())
+                .unwrap_or_default()
+        }
+
+        /// Waits for every scripted connection to end (the client must have let go of them),
+        /// and gives what each heard.
+        async fn finish(self) -> Vec<String> {
+            tokio::time::timeout(Duration::from_secs(10), self.task)
+                .await
+                .expect("the client lets go of its connections")
+                .expect("the scripted server");
+            let heard = self.heard.lock().unwrap().clone();
+            heard
+                .into_iter()
+                .map(|bytes| String::from_utf8(bytes).unwrap())
+                .collect()
+        }
+    }
+
+    async fn converse(
+        stream: TcpStream,
+        script: Vec<Turn>,
+        heard: Arc<Mutex<Vec<Vec<u8>>>>,
+        index: usize,
+    ) {
+        stream.set_nodelay(true).unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut read = BufReader::new(read);
+        let record = |bytes: &[u8]| heard.lock().unwrap()[index].extend_from_slice(bytes);
+        for step in script {
+            match step {
+                Say(text) => {
+                    write.write_all(text.as_bytes()).await.unwrap();
+                    write.flush().await.unwrap();
+                }
+                Pause => tokio::time::sleep(Duration::from_millis(5)).await,
+                Hear => {
+                    let mut line = Vec::new();
+                    read.read_until(b'\n', &mut line).await.unwrap();
+                    record(&line);
+                    assert!(!line.is_empty(), "the client hung up; script: {step:?}");
+                }
+                HearBody => loop {
+                    let mut line = Vec::new();
+                    read.read_until(b'\n', &mut line).await.unwrap();
+                    record(&line);
+                    assert!(!line.is_empty(), "the client hung up in the body");
+                    if line == b".\r\n" {
+                        break;
+                    }
+                },
+                HangUp => return,
+            }
+        }
+        // Whatever else the client says, until it lets go.
+        let mut rest = Vec::new();
+        let _ = read.read_to_end(&mut rest).await;
+        record(&rest);
+    }
+
+    fn settings(port: u16, per_connection: usize) -> Arc<Settings> {
+        let smtp = Smtp {
+            host: "127.0.0.1".to_owned(),
+            port,
+            security: Security::Plain,
+            connections: NonZeroUsize::MIN,
+            messages_per_connection: NonZeroUsize::new(per_connection).unwrap(),
+            hello_name: "mailer.test".to_owned(),
+            auth: None,
+            ca_file: None,
+            accept_invalid_certs: false,
+            connect_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(5),
+            data_timeout: Duration::from_secs(5),
+        };
+        Arc::new(Settings::new(&smtp).unwrap())
+    }
+
+    /// A message for `to` on journal row `line` with these exact bytes.
+    fn with_bytes(line: u64, to: &str, bytes: &str) -> OutgoingMessage {
+        let mut message = message(line, to);
+        message.bytes = bytes.as_bytes().to_vec();
+        message
+    }
+
+    /// Delivers `message` on `connection`, recording it in `journal` as row `message.line`.
+    async fn deliver(
+        connection: &mut Connection,
+        journal: &Arc<Journal>,
+        message: &OutgoingMessage,
+    ) -> Result<Attempt, Refusal> {
+        let row = i64::try_from(message.line).unwrap();
+        let mut gate = Gate::journal(Arc::clone(journal) as Recorder, row);
+        connection.deliver(message, &mut gate).await
+    }
+
+    fn attempt(state: State, code: u16, text: &str) -> Attempt {
+        let reply = Reply::new(code, text);
+        Attempt {
+            state,
+            detail: reply.to_string(),
+            reply: Some(reply),
+        }
+    }
+
+    fn relay_failure(result: Result<Attempt, Refusal>) -> RelayFailure {
+        match result {
+            Err(Refusal::Relay(failure)) => failure,
+            other => panic!("not a relay failure: {other:?}"),
+        }
+    }
+
+    /// What mailer says for one transaction, up to the reply to the final dot.
+    fn said(to: &str, wire_body: &str) -> String {
+        format!("MAIL FROM:<news@sender.example>\r\nRCPT TO:<{to}>\r\nDATA\r\n{wire_body}\r\n.\r\n")
+    }
+
+    const BODY: &str =
+        "From: news@sender.example\r\nTo: a@x.example\r\nSubject: Hi\r\n\r\nHello.\r\n";
+
+    #[tokio::test]
+    async fn one_transaction_is_exactly_these_bytes_with_the_body_dot_stuffed() {
+        let server = Server::start(vec![[hello(), accepted(), quit()].concat()]).await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        // Lines that start with a dot, one that is a lone dot, and dots elsewhere.
+        let message = with_bytes(
+            1,
+            "a@x.example",
+            "From: news@sender.example\r\nTo: a@x.example\r\nSubject: Dots\r\n\r\n\
+             .hidden\r\n..two\r\n.\r\nnot . at the start.\r\n.\r\nend\r\n",
+        );
+        let result = deliver(&mut connection, &journal, &message).await;
+        assert_eq!(
+            result.unwrap(),
+            attempt(State::Sent, 250, "2.0.0 queued as 1A2B")
+        );
+        connection.quit().await;
+        let heard = server.finish().await;
+        assert_eq!(
+            heard,
+            [format!(
+                "EHLO mailer.test\r\n{}QUIT\r\n",
+                said(
+                    "a@x.example",
+                    "From: news@sender.example\r\nTo: a@x.example\r\nSubject: Dots\r\n\r\n\
+                     ..hidden\r\n...two\r\n..\r\nnot . at the start.\r\n..\r\nend\r\n"
+                )
+            )]
+        );
+        assert_eq!(journal.events(), [Event::InFlight(1)]);
+    }
+
+    #[tokio::test]
+    async fn the_body_waits_until_the_in_flight_record_is_durable() {
+        let server = Server::start(vec![[hello(), accepted(), quit()].concat()]).await;
+        let journal = Journal::new(Durable::Held);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let message = with_bytes(1, "a@x.example", BODY);
+        let envelope = "EHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nRCPT TO:<a@x.example>\r\nDATA\r\n";
+        let (result, ()) = tokio::join!(deliver(&mut connection, &journal, &message), async {
+            // MAIL, RCPT and DATA overlap the record's commit...
+            while !server.heard(0).contains("DATA\r\n") {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            assert_eq!(journal.events(), [Event::InFlight(1)]);
+            // ...and nothing more goes until it is durable.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert_eq!(server.heard(0), envelope);
+            journal.release(&Ok(()));
+        });
+        assert_eq!(result.unwrap().state, State::Sent);
+        connection.quit().await;
+        let heard = server.finish().await;
+        assert_eq!(
+            heard,
+            [format!(
+                "EHLO mailer.test\r\n{}QUIT\r\n",
+                said("a@x.example", BODY)
+            )]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_record_that_cannot_be_made_durable_sends_no_body_and_drops_the_connection() {
+        let server = Server::start(vec![
+            [hello(), vec![Hear, OK, Hear, OK, Hear, GO_AHEAD]].concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Never);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let message = with_bytes(1, "a@x.example", BODY);
+        let result = deliver(&mut connection, &journal, &message).await;
+        assert!(
+            matches!(&result, Err(Refusal::Unrecorded(e)) if e == "disk I/O error"),
+            "{result:?}"
+        );
+        drop(connection);
+        let heard = server.finish().await;
+        assert_eq!(
+            heard,
+            [
+                "EHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nRCPT TO:<a@x.example>\r\nDATA\r\n"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_5xx_at_rcpt_fails_the_recipient_and_rset_keeps_the_connection() {
+        let server = Server::start(vec![
+            [
+                hello(),
+                vec![
+                    Hear,
+                    OK,
+                    Hear,
+                    Say("550 5.1.1 <gone@x.example>: no such user\r\n"),
+                    Hear,
+                    Say("250 2.0.0 reset\r\n"),
+                ],
+                accepted(),
+                quit(),
+            ]
+            .concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let gone = with_bytes(1, "gone@x.example", BODY);
+        let next = with_bytes(2, "a@x.example", BODY);
+        assert_eq!(
+            deliver(&mut connection, &journal, &gone).await.unwrap(),
+            attempt(State::Failed, 550, "5.1.1 <gone@x.example>: no such user")
+        );
+        assert_eq!(
+            deliver(&mut connection, &journal, &next)
+                .await
+                .unwrap()
+                .state,
+            State::Sent
+        );
+        connection.quit().await;
+        let heard = server.finish().await;
+        // RSET, not DATA; then the next transaction on the same connection (no new EHLO).
+        assert_eq!(
+            heard,
+            [format!(
+                "EHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nRCPT TO:<gone@x.example>\r\nRSET\r\n{}QUIT\r\n",
+                said("a@x.example", BODY)
+            )]
+        );
+        assert_eq!(journal.events(), [Event::InFlight(1), Event::InFlight(2)]);
+    }
+
+    #[tokio::test]
+    async fn a_4xx_defers_and_a_refusal_after_the_body_is_final_without_rset() {
+        let server = Server::start(vec![
+            [
+                hello(),
+                // A 4xx at RCPT; then a 4xx and a 5xx to the final dot.
+                vec![
+                    Hear,
+                    OK,
+                    Hear,
+                    Say("451 4.7.1 greylisted, try again later\r\n"),
+                ],
+                vec![Hear, Say("250 2.0.0 reset\r\n")],
+                vec![Hear, OK, Hear, OK, Hear, GO_AHEAD, HearBody],
+                vec![Say("452 4.3.1 insufficient system storage\r\n")],
+                vec![Hear, OK, Hear, OK, Hear, GO_AHEAD, HearBody],
+                vec![Say("554 5.6.0 message refused\r\n")],
+                quit(),
+            ]
+            .concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let grey = with_bytes(1, "grey@x.example", BODY);
+        let full = with_bytes(2, "full@x.example", BODY);
+        let refused = with_bytes(3, "no@x.example", BODY);
+        assert_eq!(
+            deliver(&mut connection, &journal, &grey).await.unwrap(),
+            attempt(State::Deferred, 451, "4.7.1 greylisted, try again later")
+        );
+        assert_eq!(
+            deliver(&mut connection, &journal, &full).await.unwrap(),
+            attempt(State::Deferred, 452, "4.3.1 insufficient system storage")
+        );
+        assert_eq!(
+            deliver(&mut connection, &journal, &refused).await.unwrap(),
+            attempt(State::Failed, 554, "5.6.0 message refused")
+        );
+        connection.quit().await;
+        let heard = server.finish().await;
+        assert_eq!(
+            heard,
+            [format!(
+                "EHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nRCPT TO:<grey@x.example>\r\nRSET\r\n{}{}QUIT\r\n",
+                said("full@x.example", BODY),
+                said("no@x.example", BODY)
+            )]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hang_up_after_the_body_is_ambiguous_and_the_connection_is_not_reused() {
+        let server = Server::start(vec![
+            [
+                hello(),
+                vec![Hear, OK, Hear, OK, Hear, GO_AHEAD, HearBody, HangUp],
+            ]
+            .concat(),
+            [hello(), accepted(), quit()].concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let lost = with_bytes(1, "a@x.example", BODY);
+        let next = with_bytes(2, "b@x.example", BODY);
+        let result = deliver(&mut connection, &journal, &lost).await.unwrap();
+        assert_eq!(result.state, State::Ambiguous);
+        assert!(result.reply.is_none());
+        assert_eq!(
+            result.detail,
+            "no reply after the message body: incomplete response"
+        );
+        // The next message goes on a new connection.
+        assert_eq!(
+            deliver(&mut connection, &journal, &next)
+                .await
+                .unwrap()
+                .state,
+            State::Sent
+        );
+        connection.quit().await;
+        let heard = server.finish().await;
+        assert_eq!(
+            heard,
+            [
+                format!("EHLO mailer.test\r\n{}", said("a@x.example", BODY)),
+                format!("EHLO mailer.test\r\n{}QUIT\r\n", said("b@x.example", BODY)),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hang_up_before_data_is_a_relay_failure_and_no_body_goes() {
+        // The connection breaks at RCPT; the one opened again breaks at MAIL.
+        let server = Server::start(vec![
+            [hello(), vec![Hear, OK, Hear, HangUp]].concat(),
+            [hello(), vec![Hear, HangUp]].concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let message = with_bytes(1, "a@x.example", BODY);
+        let failure = relay_failure(deliver(&mut connection, &journal, &message).await);
+        assert!(!failure.rejected);
+        assert_eq!(
+            failure.reason,
+            "the connection broke twice: RCPT TO: incomplete response; \
+             then MAIL FROM: incomplete response"
+        );
+        drop(connection);
+        let heard = server.finish().await;
+        assert_eq!(
+            heard,
+            [
+                "EHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nRCPT TO:<a@x.example>\r\n",
+                "EHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\n",
+            ]
+        );
+        // Recorded in flight once (before MAIL FROM), and nothing else: the scheduler puts
+        // the row back to pending.
+        assert_eq!(journal.events(), [Event::InFlight(1)]);
+    }
+
+    #[tokio::test]
+    async fn a_hang_up_before_data_is_retried_once_on_a_new_connection() {
+        let server = Server::start(vec![
+            [hello(), vec![Hear, HangUp]].concat(),
+            [hello(), accepted(), quit()].concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let message = with_bytes(1, "a@x.example", BODY);
+        let result = deliver(&mut connection, &journal, &message).await;
+        assert_eq!(
+            result.unwrap(),
+            attempt(State::Sent, 250, "2.0.0 queued as 1A2B")
+        );
+        connection.quit().await;
+        let heard = server.finish().await;
+        assert_eq!(
+            heard,
+            [
+                "EHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\n".to_owned(),
+                format!("EHLO mailer.test\r\n{}QUIT\r\n", said("a@x.example", BODY)),
+            ]
+        );
+        assert_eq!(journal.events(), [Event::InFlight(1)]);
+    }
+
+    #[tokio::test]
+    async fn a_relay_that_is_not_there_is_a_relay_failure_before_anything_is_recorded() {
+        // A hang-up at once; a 421 greeting.
+        let server = Server::start(vec![
+            vec![HangUp],
+            vec![Say("421 4.3.2 service not available\r\n"), HangUp],
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let message = with_bytes(1, "a@x.example", BODY);
+        let place = format!("`127.0.0.1:{}`", server.port);
+        for reason in ["incomplete response", "421 4.3.2 service not available"] {
+            let mut connection = Connection::new(settings(server.port, 100));
+            let failure = relay_failure(deliver(&mut connection, &journal, &message).await);
+            assert!(!failure.rejected);
+            assert_eq!(
+                failure.reason,
+                format!("no usable greeting from {place}: {reason}")
+            );
+        }
+        let heard = server.finish().await;
+        assert_eq!(heard, ["", ""]);
+        assert!(journal.events().is_empty(), "{:?}", journal.events());
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_relay_failure() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(port, 100));
+        let message = with_bytes(1, "a@x.example", BODY);
+        let failure = relay_failure(deliver(&mut connection, &journal, &message).await);
+        assert!(!failure.rejected);
+        assert!(
+            failure
+                .reason
+                .starts_with(&format!("cannot connect to `127.0.0.1:{port}`: ")),
+            "{}",
+            failure.reason
+        );
+        assert!(journal.events().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_sender_refused_is_a_relay_failure() {
+        let server = Server::start(vec![
+            [
+                hello(),
+                vec![Hear, Say("553 5.7.1 sender not allowed\r\n")],
+                quit(),
+            ]
+            .concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let message = with_bytes(1, "a@x.example", BODY);
+        let failure = relay_failure(deliver(&mut connection, &journal, &message).await);
+        assert_eq!(
+            failure.reason,
+            "the relay refused the sender `news@sender.example`: 553 5.7.1 sender not allowed"
+        );
+        assert!(!failure.rejected);
+        drop(connection);
+        let heard = server.finish().await;
+        assert_eq!(
+            heard,
+            ["EHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nQUIT\r\n"]
+        );
+    }
+
+    #[tokio::test]
+    async fn multi_line_replies_and_replies_split_across_writes_are_read_whole() {
+        let server = Server::start(vec![vec![
+            Say("220-sink.test ESMTP\r\n220 "),
+            Pause,
+            Say("welcome\r\n"),
+            Hear,
+            // 8BITMIME is offered in the middle of a reply cut in three.
+            Say("250-sink.te"),
+            Pause,
+            Say("st\r\n250-PIPELINING\r\n250-8BIT"),
+            Pause,
+            Say("MIME\r\n250 SIZE 1000000\r\n"),
+            Hear,
+            Say("2"),
+            Pause,
+            Say("50 2.1.0 ok\r\n"),
+            Hear,
+            Say("550-5.1.1 the mailbox\r\n"),
+            Pause,
+            Say("550 5.1.1 does not exist\r\n"),
+            Hear,
+            Say("250 2.0.0 reset\r\n"),
+            Hear,
+            OK,
+            Hear,
+            Say("250-2.1.5 first\r\n"),
+            Pause,
+            Say("250 2.1.5 ok\r\n"),
+            Hear,
+            Say("354 "),
+            Pause,
+            Say("go ahead\r\n"),
+            HearBody,
+            Say("250-2.0.0 ok\r\n250 2.0.0 queued "),
+            Pause,
+            Say("as 3C4D\r\n"),
+            Hear,
+            BYE,
+        ]])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let body = "From: news@sender.example\r\nTo: b@x.example\r\nSubject: Caf\u{e9}\r\n\r\nD\u{e9}j\u{e0} vu.\r\n";
+        let gone = with_bytes(1, "gone@x.example", body);
+        let next = with_bytes(2, "b@x.example", body);
+        assert_eq!(
+            deliver(&mut connection, &journal, &gone).await.unwrap(),
+            attempt(State::Failed, 550, "5.1.1 the mailbox does not exist")
+        );
+        assert_eq!(
+            deliver(&mut connection, &journal, &next).await.unwrap(),
+            attempt(State::Sent, 250, "2.0.0 ok 2.0.0 queued as 3C4D")
+        );
+        connection.quit().await;
+        let heard = server.finish().await;
+        // BODY=8BITMIME: the split EHLO reply was read whole.
+        assert_eq!(
+            heard,
+            [format!(
+                "EHLO mailer.test\r\n\
+                 MAIL FROM:<news@sender.example> BODY=8BITMIME\r\nRCPT TO:<gone@x.example>\r\nRSET\r\n\
+                 MAIL FROM:<news@sender.example> BODY=8BITMIME\r\nRCPT TO:<b@x.example>\r\nDATA\r\n\
+                 {body}\r\n.\r\nQUIT\r\n"
+            )]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_non_ascii_message_needs_8bitmime_and_goes_nowhere_without_it() {
+        let server = Server::start(vec![
+            [vec![GREETING, Hear, Say("250 sink.test\r\n")], quit()].concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let message = with_bytes(1, "a@x.example", "Subject: Caf\u{e9}\r\n\r\nCaf\u{e9}\r\n");
+        let failure = relay_failure(deliver(&mut connection, &journal, &message).await);
+        assert_eq!(
+            failure.reason,
+            "the relay does not offer 8BITMIME, which messages with non-ASCII text need"
+        );
+        drop(connection);
+        assert_eq!(server.finish().await, ["EHLO mailer.test\r\nQUIT\r\n"]);
+        assert!(journal.events().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_renewed_after_messages_per_connection() {
+        let server = Server::start(vec![
+            [hello(), accepted(), accepted(), quit()].concat(),
+            [hello(), accepted(), quit()].concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 2));
+        for (line, to) in [(1, "a@x.example"), (2, "b@x.example"), (3, "c@x.example")] {
+            let message = with_bytes(line, to, BODY);
+            let result = deliver(&mut connection, &journal, &message).await;
+            assert_eq!(result.unwrap().state, State::Sent);
+        }
+        connection.quit().await;
+        let heard = server.finish().await;
+        assert_eq!(
+            heard,
+            [
+                format!(
+                    "EHLO mailer.test\r\n{}{}QUIT\r\n",
+                    said("a@x.example", BODY),
+                    said("b@x.example", BODY)
+                ),
+                format!("EHLO mailer.test\r\n{}QUIT\r\n", said("c@x.example", BODY)),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_421_at_rcpt_defers_and_the_closed_connection_is_not_reused() {
+        let server = Server::start(vec![
+            [
+                hello(),
+                vec![
+                    Hear,
+                    OK,
+                    Hear,
+                    Say("421 4.7.0 too many messages, closing connection\r\n"),
+                    HangUp,
+                ],
+            ]
+            .concat(),
+            [hello(), accepted(), quit()].concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let first = with_bytes(1, "a@x.example", BODY);
+        let next = with_bytes(2, "b@x.example", BODY);
+        let deferred = deliver(&mut connection, &journal, &first).await.unwrap();
+        assert_eq!(
+            deferred,
+            attempt(
+                State::Deferred,
+                421,
+                "4.7.0 too many messages, closing connection"
+            )
+        );
+        assert!(deferred.reply.unwrap().is_throttling());
+        assert_eq!(
+            deliver(&mut connection, &journal, &next)
+                .await
+                .unwrap()
+                .state,
+            State::Sent
+        );
+        connection.quit().await;
+        let heard = server.finish().await;
+        assert_eq!(
+            heard,
+            [
+                "EHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nRCPT TO:<a@x.example>\r\n"
+                    .to_owned(),
+                format!("EHLO mailer.test\r\n{}QUIT\r\n", said("b@x.example", BODY)),
+            ]
+        );
+    }
+}

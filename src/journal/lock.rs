@@ -19,14 +19,16 @@ pub struct Lock {
 impl Lock {
     /// Takes the lock at `path` or fails at once (exit 75) naming the process that holds it.
     pub fn acquire(path: &Path, campaign: &str) -> anyhow::Result<Lock> {
-        use anyhow::Context as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            // Private whatever the umask, like the journal beside it.
+            .mode(0o600)
             .open(path)
-            .with_context(|| format!("cannot open the lock file `{}`", path.display()))?;
+            .map_err(|e| io_error(path, "open the lock file", &e))?;
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -48,15 +50,27 @@ impl Lock {
                 .into());
             }
             Err(std::fs::TryLockError::Error(error)) => {
-                return Err(error).with_context(|| format!("cannot lock `{}`", path.display()));
+                return Err(io_error(path, "lock", &error));
             }
         }
-        file.set_len(0)?;
-        file.seek(SeekFrom::Start(0))?;
-        write!(file, "{}", std::process::id())?;
-        file.flush()?;
+        let written = (|| {
+            file.set_len(0)?;
+            file.seek(SeekFrom::Start(0))?;
+            write!(file, "{}", std::process::id())?;
+            file.flush()
+        })();
+        written.map_err(|e| io_error(path, "write the lock file", &e))?;
         Ok(Lock { _file: file })
     }
+}
+
+/// The lock file could not be used (exit 74).
+fn io_error(path: &Path, what: &str, error: &std::io::Error) -> anyhow::Error {
+    Failure::new(
+        Exit::IoError,
+        format!("cannot {what} `{}`: {error}", path.display()),
+    )
+    .into()
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! I/O at the edge: only this module talks SQL.
 
 mod lock;
+mod place;
 pub mod query;
 pub mod review;
 pub mod writer;
@@ -22,9 +23,11 @@ use anyhow::Context as _;
 use rusqlite::{Connection, OpenFlags, OptionalExtension as _, params};
 
 use crate::dispatch::Entry;
+use crate::exit::{Exit, Failure};
 use crate::outcome::State;
 use crate::recipients::Recipient;
 pub use lock::Lock;
+pub use place::{Intent, Located, Place, locate, record_path};
 pub use writer::{Recorder, Writer};
 
 /// `PRAGMA application_id` of a mailer journal ("MLRJ").
@@ -149,38 +152,182 @@ impl Durability {
     }
 }
 
-/// Where a campaign's journal and lock live.
-#[derive(Debug, Clone)]
-pub struct Place {
-    pub journal: PathBuf,
-    pub lock: PathBuf,
-}
-
-impl Place {
-    /// `DIR/<campaign id>.journal` and `.lock`, where DIR is `state_dir` or, by default,
-    /// `mailer-state` beside the campaign file.
-    #[must_use]
-    pub fn new(campaign_file: &Path, state_dir: Option<&Path>, campaign_id: &str) -> Place {
-        let dir = state_dir.map_or_else(
-            || {
-                campaign_file
-                    .parent()
-                    .unwrap_or_else(|| Path::new("."))
-                    .join("mailer-state")
-            },
-            Path::to_path_buf,
-        );
-        Place {
-            journal: dir.join(format!("{campaign_id}.journal")),
-            lock: dir.join(format!("{campaign_id}.lock")),
+/// Names the journal at `path` in an error of its database (a full disk, say), which `SQLite`
+/// reports without saying which file; other errors pass as they are.
+pub fn named(path: &Path) -> impl Fn(anyhow::Error) -> anyhow::Error + '_ {
+    move |error| {
+        if error
+            .chain()
+            .any(|cause| cause.downcast_ref::<rusqlite::Error>().is_some())
+        {
+            error.context(format!("the journal `{}`", path.display()))
+        } else {
+            error
         }
     }
+}
+
+/// The journal the record names is gone (exit 74): never started over.
+fn missing(located: &Located, campaign: &str) -> anyhow::Result<()> {
+    if located.recorded && !located.place.journal.exists() {
+        return Err(Failure::new(
+            Exit::IoError,
+            format!(
+                "the journal of campaign `{campaign}`, `{}`, is missing though `{}` records it: nothing was sent — restore it from a backup (with its -wal file); mailer does not start a new record while the old one is missing, because a new record would send everyone again (to send the whole campaign again on purpose, delete that record too)",
+                located.place.journal.display(),
+                located.record.display()
+            ),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Creates the state folder `dir` if it is not there, private to its owner (0700) whatever
+/// the umask. An existing folder is left as it is.
+pub fn create_state_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if dir.exists() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| {
+            Failure::new(
+                Exit::IoError,
+                format!("cannot create the state folder `{}`: {e}", dir.display()),
+            )
+            .into()
+        })
+}
+
+/// Makes a new journal at `path` where no file is: built under a temporary name, then linked
+/// into place only if nothing is there (so an existing file is never initialised over, even
+/// by a race). The state folder is made private (0700), the journal 0600; `SQLite` gives its
+/// `-wal` and `-shm` files the journal's permissions.
+fn create_new(path: &Path, campaign: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let io = |what: &str, at: &Path, e: &dyn std::fmt::Display| {
+        anyhow::Error::new(Failure::new(
+            Exit::IoError,
+            format!("cannot {what} `{}`: {e}", at.display()),
+        ))
+    };
+    create_state_dir(dir)?;
+    let name = path
+        .file_name()
+        .map_or_else(Default::default, |n| n.to_string_lossy());
+    let temporary = dir.join(format!(".{name}.new-{}", std::process::id()));
+    let _ = std::fs::remove_file(&temporary);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(|e| io("create the journal", &temporary, &e))?;
+    let built = (|| -> rusqlite::Result<()> {
+        let conn = Connection::open_with_flags(
+            &temporary,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        let journal = Journal {
+            conn,
+            path: temporary.clone(),
+            log_existed: false,
+        };
+        journal.create(campaign)?;
+        // Closing checkpoints the write-ahead log into the file and removes it.
+        journal.conn.close().map_err(|(_, e)| e)
+    })();
+    let linked = built
+        .map_err(|e| unwritable(&temporary, &e))
+        .and_then(|()| match std::fs::hard_link(&temporary, path) {
+            // Another process made it first: theirs is opened and checked like any other.
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                Err(io("create the journal", path, &e))
+            }
+            _ => Ok(()),
+        });
+    let _ = std::fs::remove_file(&temporary);
+    linked
+}
+
+/// Whether `error` is `SQLite` unable to set up the shared memory of a WAL reader (the folder
+/// cannot be written).
+fn cannot_share(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<rusqlite::Error>(),
+            Some(rusqlite::Error::SqliteFailure(failure, _))
+                if matches!(failure.code, rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen)
+        )
+    }) || format!("{error:#}").contains("readonly database")
+}
+
+/// The write-ahead log of the journal at `path`.
+fn wal_path(path: &Path) -> PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
+}
+
+/// Whether the journal at `path` has no write-ahead log to replay (none, or an empty one).
+fn wal_is_empty(path: &Path) -> bool {
+    std::fs::metadata(wal_path(path)).map_or(true, |m| m.len() == 0)
+}
+
+/// The journal at `path` opened as a file nobody changes (`SQLite`'s `immutable`): no locks,
+/// no shared memory. Only for reading a journal with no write-ahead log.
+fn open_immutable(path: &Path) -> anyhow::Result<Connection> {
+    const PATH: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+        .add(b' ')
+        .add(b'?')
+        .add(b'#')
+        .add(b'%')
+        .add(b'"');
+    let encoded = percent_encoding::utf8_percent_encode(&path.to_string_lossy(), PATH).to_string();
+    Connection::open_with_flags(
+        format!("file:{encoded}?immutable=1"),
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| unreadable(path, &e))
+}
+
+/// A journal that could not be opened (exit 74).
+fn unreadable(path: &Path, e: &rusqlite::Error) -> anyhow::Error {
+    anyhow::Error::new(Failure::new(
+        Exit::IoError,
+        format!("cannot open the journal `{}`: {e}", path.display()),
+    ))
+}
+
+/// A journal that could not be written: full disk, read-only, permissions (exit 74).
+fn unwritable(path: &Path, e: &dyn std::fmt::Display) -> anyhow::Error {
+    anyhow::Error::new(Failure::new(
+        Exit::IoError,
+        format!("cannot write the journal `{}`: {e}", path.display()),
+    ))
+}
+
+/// A file that is not an intact journal.
+fn damaged(path: &Path, e: &dyn std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the journal `{}` is damaged or not a mailer journal ({e}); it was left as it is and nothing was sent — `mailer report` shows what it still holds if it opens, and a backup can replace it; moving it aside would start the campaign's record over, and send to everyone not in it again",
+        path.display()
+    )
 }
 
 /// An open journal.
 pub struct Journal {
     conn: Connection,
     path: PathBuf,
+    /// Whether the write-ahead log was there when this journal was opened for writing.
+    log_existed: bool,
 }
 
 /// A stop or breaker trip in force.
@@ -306,63 +453,169 @@ struct KnownRow {
 type Known = HashMap<Box<str>, KnownRow>;
 
 impl Journal {
-    /// Opens the journal at `path`, creating it when `create` (and its folder), and checks
-    /// that it is an intact journal of `campaign`. A damaged or foreign file is an error and
-    /// is left untouched.
+    /// Opens the journal at `path` for writing, creating it when `create` and no file is
+    /// there, and checks that it is an intact journal of `campaign`. A journal is created only
+    /// where no file exists: an existing file — empty, damaged, foreign, of another campaign or
+    /// of a newer format — is refused and left as it is, never initialised over.
     pub fn open(
         path: &Path,
         campaign: &str,
         create: bool,
         durability: Durability,
     ) -> anyhow::Result<Journal> {
-        let exists = path.exists();
-        if !exists && !create {
+        if !path.exists() {
+            if !create {
+                anyhow::bail!(
+                    "no journal at `{}`: campaign `{campaign}` has never been sent from this state folder",
+                    path.display()
+                );
+            }
+            create_new(path, campaign)?;
+        }
+        // Before connecting: SQLite makes the file when it opens the journal.
+        let log_existed = wal_path(path).exists();
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| unreadable(path, &e))?;
+        let journal = Journal {
+            conn,
+            path: path.to_owned(),
+            log_existed,
+        };
+        // SQLite opens a file it may not write read-only, without a word.
+        if journal.conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(true) {
+            return Err(Failure::new(
+                Exit::IoError,
+                format!(
+                    "the journal `{}` cannot be written (its permissions, or a read-only disk): nothing was sent — `mailer status` and `mailer report` can still read it",
+                    path.display()
+                ),
+            )
+            .into());
+        }
+        journal.verify(campaign, true)?;
+        journal
+            .configure(durability)
+            .map_err(|e| unwritable(path, &e))?;
+        Ok(journal)
+    }
+
+    /// Records a send's start, and makes sure that record is in the journal file itself, not
+    /// only in its write-ahead log: a later open that finds the run unfinished and the log
+    /// gone knows records were lost (see [`Journal::settle_unfinished_run`]).
+    pub fn run_started(&self, slot: &str, detail: &str) -> anyhow::Result<()> {
+        self.event(slot, "run", detail)?;
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    /// Settles a send that stopped without recording its end (killed, power cut), when no send
+    /// is running (the caller holds the campaign's lock). Its write-ahead log was there when
+    /// this journal was opened: its records are all here, and the run is noted as ended. The
+    /// log was gone: records of that run may be lost — the recipients it sent would be sent
+    /// again — so the campaign is halted (exit 3 until `mailer resume`) for someone to look.
+    pub fn settle_unfinished_run(&self) -> anyhow::Result<()> {
+        let last: Option<(String, String)> = self
+            .conn
+            .query_row(
+                "SELECT slot, detail FROM events WHERE kind = 'run' ORDER BY id DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((slot, detail)) = last.filter(|(_, d)| d.starts_with("started")) else {
+            return Ok(());
+        };
+        if self.log_existed {
+            return self.event(
+                &slot,
+                "run",
+                &format!("ended without recording its end (the run {detail}); its records were all in the journal"),
+            );
+        }
+        let reason = format!(
+            "the journal's write-ahead log `{}` was missing after a run that did not end cleanly (the run {detail}): records of that run may be lost, and the recipients it sent would be sent again — restore that file if you have it; otherwise compare `mailer report` with the relay's log, then `mailer resume`",
+            wal_path(&self.path).display()
+        );
+        tracing::error!("{reason}");
+        self.halt(&slot, "breaker", &reason)?;
+        self.event(&slot, "run", "ended: its write-ahead log was lost")
+    }
+
+    /// Opens the journal at `path` only to read it (`status`, `report`): it may be read-only,
+    /// and nothing in it changes.
+    pub fn open_read_only(path: &Path, campaign: &str) -> anyhow::Result<Journal> {
+        if !path.exists() {
             anyhow::bail!(
                 "no journal at `{}`: campaign `{campaign}` has never been sent from this state folder",
                 path.display()
             );
         }
-        if !exists && let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create the state folder `{}`", dir.display()))?;
-        }
-        let damaged = |e: &dyn std::fmt::Display| {
-            anyhow::anyhow!(
-                "the journal `{}` is damaged or not a mailer journal ({e}); it was left as it is — restore it from a backup, or move it aside to start the campaign's record over (everyone not in it would be sent again)",
-                path.display()
-            )
-        };
         let conn = Connection::open_with_flags(
             path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_CREATE
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
-        .map_err(|e| damaged(&e))?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(|e| damaged(&e))?;
-        let application_id: i64 = conn
-            .pragma_query_value(None, "application_id", |r| r.get(0))
-            .map_err(|e| damaged(&e))?;
-        let tables: i64 = conn
-            .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
-            .map_err(|e| damaged(&e))?;
+        .map_err(|e| unreadable(path, &e))?;
         let journal = Journal {
             conn,
             path: path.to_owned(),
+            log_existed: false,
         };
+        match journal.verify(campaign, false) {
+            Err(error) if cannot_share(&error) && wal_is_empty(path) => {
+                // A read-only folder: SQLite cannot make the `-shm` file that readers of a
+                // WAL journal share. With no write-ahead log to read, the file alone is the
+                // whole journal, and it can be read as an unchanging one.
+                let journal = Journal {
+                    conn: open_immutable(path)?,
+                    path: path.to_owned(),
+                    log_existed: false,
+                };
+                journal.verify(campaign, false)?;
+                Ok(journal)
+            }
+            verified => verified.map(|()| journal),
+        }
+    }
+
+    /// Checks that this is an intact journal of `campaign` in this format (upgrading a
+    /// format-2 one when `writable`).
+    fn verify(&self, campaign: &str, writable: bool) -> anyhow::Result<()> {
+        let path = &self.path;
+        let damaged = |e: &dyn std::fmt::Display| damaged(path, e);
+        self.conn
+            .busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(|e| damaged(&e))?;
+        let application_id: i64 = self
+            .conn
+            .pragma_query_value(None, "application_id", |r| r.get(0))
+            .map_err(|e| damaged(&e))?;
+        let tables: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
+            .map_err(|e| damaged(&e))?;
         if application_id == 0 && tables == 0 {
-            journal.create(campaign).map_err(|e| damaged(&e))?;
-        } else if application_id != APPLICATION_ID {
+            return Err(Failure::new(
+                Exit::IoError,
+                format!(
+                    "the journal `{}` is empty (emptied, or cut short): it was left as it is and nothing was sent — restore it from a backup; mailer never starts a record over an existing file, because a new record would send everyone again",
+                    path.display()
+                ),
+            )
+            .into());
+        }
+        if application_id != APPLICATION_ID {
             return Err(damaged(&"another program's database"));
         }
-        journal.configure(durability).map_err(|e| damaged(&e))?;
-        let mut version: i64 = journal
+        let mut version: i64 = self
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(|e| damaged(&e))?;
-        if version == 2 {
-            journal.upgrade().map_err(|e| damaged(&e))?;
+        if version == 2 && writable {
+            self.upgrade().map_err(|e| unwritable(path, &e))?;
             version = SCHEMA_VERSION;
         }
         if version != SCHEMA_VERSION {
@@ -371,26 +624,56 @@ impl Journal {
                 path.display()
             );
         }
-        let check: String = journal
+        let check: String = self
             .conn
             .query_row("PRAGMA quick_check", [], |r| r.get(0))
             .map_err(|e| damaged(&e))?;
         if check != "ok" {
             return Err(damaged(&check));
         }
-        let owner: Option<String> = journal
+        let owner: Option<String> = self
             .conn
             .query_row("SELECT id FROM campaign", [], |r| r.get(0))
             .optional()
             .map_err(|e| damaged(&e))?;
         match owner {
-            Some(owner) if owner == campaign => Ok(journal),
+            Some(owner) if owner == campaign => Ok(()),
             Some(owner) => anyhow::bail!(
                 "the journal `{}` belongs to campaign `{owner}`, not `{campaign}`; give this campaign its own state folder or id",
                 path.display()
             ),
             None => Err(damaged(&"it names no campaign")),
         }
+    }
+
+    /// Opens the journal `located` names, for writing; creates it when `create` and it has
+    /// never existed. A journal the record names that is gone is refused: starting over would
+    /// send everyone again.
+    pub fn open_located(
+        located: &Located,
+        campaign: &str,
+        create: bool,
+        durability: Durability,
+    ) -> anyhow::Result<Journal> {
+        missing(located, campaign)?;
+        let journal = Journal::open(&located.place.journal, campaign, create, durability)?;
+        located.record()?;
+        Ok(journal)
+    }
+
+    /// [`Journal::settle_unfinished_run`] when no send is running — for the commands that
+    /// write without holding the campaign's lock (`stop`, `resume`, `plan`).
+    pub fn settle_if_idle(&self, place: &Place, campaign: &str) -> anyhow::Result<()> {
+        match Lock::acquire(&place.lock, campaign) {
+            Ok(_idle) => self.settle_unfinished_run(),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Opens the journal `located` names, only to read it.
+    pub fn open_located_read_only(located: &Located, campaign: &str) -> anyhow::Result<Journal> {
+        missing(located, campaign)?;
+        Journal::open_read_only(&located.place.journal, campaign)
     }
 
     /// Creates the schema and names the campaign in one transaction: a process killed
@@ -1731,12 +2014,25 @@ mod tests {
         assert!(path.exists());
     }
 
+    /// An empty file where the journal should be was emptied (or cut short): a journal is
+    /// never started over an existing file, which would send everyone again. A new journal is
+    /// made only where no file is, in WAL mode, private.
     #[test]
-    fn an_empty_file_becomes_a_journal() {
+    fn an_empty_file_is_refused_and_a_new_journal_made_only_where_none_is() {
+        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.journal");
         std::fs::write(&path, b"").unwrap();
-        let journal = Journal::open(&path, "c", false, Durability::Full).unwrap();
+        for create in [false, true] {
+            let error = Journal::open(&path, "c", create, Durability::Full)
+                .err()
+                .expect("refused");
+            assert_eq!(Exit::of_error(&error), Exit::IoError);
+            assert!(format!("{error:#}").contains("is empty"), "{error:#}");
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "left as it is");
+        }
+        std::fs::remove_file(&path).unwrap();
+        let journal = Journal::open(&path, "c", true, Durability::Full).unwrap();
         let application_id: i64 = journal
             .conn
             .pragma_query_value(None, "application_id", |r| r.get(0))
@@ -1748,7 +2044,10 @@ mod tests {
             .unwrap();
         assert_eq!(mode, "wal");
         drop(journal);
-        // And it stays one.
+        let permissions = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(permissions, 0o600);
+        // No temporary file is left beside it, and it stays a journal.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         Journal::open(&path, "c", false, Durability::Relaxed).unwrap();
     }
 
@@ -1799,15 +2098,6 @@ mod tests {
             .unwrap();
         let other = format!("has format {}", SCHEMA_VERSION + 1);
         assert!(format!("{error:#}").contains(&other), "{error:#}");
-    }
-
-    #[test]
-    fn the_place_is_beside_the_campaign_unless_a_state_folder_is_given() {
-        let place = Place::new(Path::new("/x/y/campaign.toml"), None, "c1");
-        assert_eq!(place.journal, Path::new("/x/y/mailer-state/c1.journal"));
-        assert_eq!(place.lock, Path::new("/x/y/mailer-state/c1.lock"));
-        let place = Place::new(Path::new("campaign.toml"), Some(Path::new("/s")), "c1");
-        assert_eq!(place.journal, Path::new("/s/c1.journal"));
     }
 
     /// A recipient whose row moved in the CSV keeps its old line in the journal while it is

@@ -126,6 +126,15 @@ impl Journal {
             .optional()?)
     }
 
+    /// The latest schedule slot any run has started (frozen its inputs for), by time.
+    pub fn latest_started_slot(&self) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT max(slot) FROM runs WHERE slot != ''", [], |r| {
+                r.get(0)
+            })?)
+    }
+
     /// Counts per state of `slot`: every state present, zeros included.
     pub fn counts(&self, slot: &str) -> anyhow::Result<BTreeMap<String, u64>> {
         let mut counts: BTreeMap<String, u64> = RowState::ALL

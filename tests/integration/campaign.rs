@@ -197,12 +197,15 @@ pub fn mailer(args: &[&str], env: &[(&str, &str)]) -> Run {
     unapproved(&args, env)
 }
 
-/// Runs the real binary with exactly `args` and extra environment variables.
+/// Runs the real binary with exactly `args` and extra environment variables. The test
+/// process's own `MAILER_LOG` is not passed on (runs log at the default level whatever the
+/// shell says); one given in `env` is.
 pub fn unapproved(args: &[&str], env: &[(&str, &str)]) -> Run {
+    // Later changes to a `Command`'s environment win: the removal must come first.
     let output = Command::new(env!("CARGO_BIN_EXE_mailer"))
         .args(args)
-        .envs(env.iter().copied())
         .env_remove("MAILER_LOG")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     Run {

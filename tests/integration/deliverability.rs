@@ -46,7 +46,12 @@ const KEY: &str = "test-unsubscribe-key-0123456789";
 
 /// A marketing campaign with one-click unsubscribe and a List-Id, over SMTP to `sink`.
 fn marketing(sink: &Sink, rows: &[&str]) -> (Campaign, std::path::PathBuf) {
-    let mut campaign = Campaign::example().smtp(sink, 1).extra(
+    marketing_over(Campaign::example().smtp(sink, 1), rows)
+}
+
+/// `campaign`, its transport set, made a marketing campaign as [`marketing`] makes it.
+fn marketing_over(campaign: Campaign, rows: &[&str]) -> (Campaign, std::path::PathBuf) {
+    let mut campaign = campaign.extra(
         "[unsubscribe]\nurl = \"https://example.com/unsubscribe?list=news\"\nmailto = \"leave@example.com\"\nsecret_env = \"TEST_UNSUBSCRIBE_KEY\"\n",
     );
     for row in rows {
@@ -156,10 +161,94 @@ fn a_marketing_message_carries_one_click_unsubscribe_and_its_list_id() {
         Some(tokens[0].1.as_str()),
         "{printed:?}"
     );
+    // At every log level too: the_unsubscribe_key_and_the_dkim_key_never_show.
     assert!(
         !run.stderr.contains(KEY) && !run.stdout.contains(KEY),
         "the key never shows"
     );
+}
+
+#[test]
+fn the_unsubscribe_key_and_the_dkim_key_never_show() {
+    use base64::Engine as _;
+    let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/integration/dkim");
+    let (acceptor, pem) = crate::sink::localhost_certificate();
+    // Each loudness with one of the kinds of key file (RSA in PKCS #1 and PKCS #8, Ed25519).
+    let key_files = [
+        "rsa-pkcs1.pem",
+        "rsa-pkcs8.pem",
+        "ed25519.pem",
+        "rsa-pkcs1.pem",
+    ];
+    for (loud, key_file) in crate::Loud::ALL.into_iter().zip(key_files) {
+        let context = format!("{loud:?}, {key_file}");
+        // The DKIM key as its file has it, line by line (any long line of it is a leak), in hex
+        // (as bytes are printed) and decoded (as a database could hold it).
+        let key = std::fs::read_to_string(keys.join(key_file)).unwrap();
+        let body: Vec<&str> = key
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("-----"))
+            .collect();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(body.concat())
+            .unwrap();
+        let mut secrets = vec![
+            ("the unsubscribe key", KEY.as_bytes().to_vec()),
+            ("the DKIM key, in hex", hex::encode(&der).into_bytes()),
+            ("the DKIM key, decoded", der),
+        ];
+        for line in body.iter().filter(|l| l.len() >= 16) {
+            secrets.push(("a line of the DKIM key file", line.as_bytes().to_vec()));
+        }
+
+        let copies = crate::StateCopies::default();
+        let sink = Sink::with(
+            copies.script(),
+            crate::sink::Tls::Starttls(acceptor.clone()),
+        );
+        let (campaign, path) = marketing_over(
+            crate::over_starttls(Campaign::example(), &sink, &pem),
+            &["ann@example.com,Ann,fr,Pro", "bob@example.org,Bob,de,Team"],
+        );
+        std::fs::write(campaign.dir().join("dkim.pem"), &key).unwrap();
+        let toml = std::fs::read_to_string(&path).unwrap()
+            + "\n[dkim]\nselector = \"s2026\"\ndomain = \"example.com\"\nkey_path = \"dkim.pem\"\n";
+        std::fs::write(&path, toml).unwrap();
+        copies.watch(campaign.dir().join("mailer-state"));
+        let env = [("TEST_UNSUBSCRIBE_KEY", KEY)];
+        let run = mailer(
+            &loud.args(&["send", path.to_str().unwrap()]),
+            &loud.env(&env),
+        );
+        assert_eq!(run.code, 0, "{context}: {run:?}");
+        // Both keys were used: each message is signed, and carries its signed link.
+        let transactions = sink.transactions();
+        assert_eq!(transactions.len(), 2, "{context}");
+        for t in &transactions {
+            assert!(t.encrypted, "{context}: over TLS");
+            let message = crate::parse(&t.data);
+            assert!(
+                message.header_raw("DKIM-Signature").is_some(),
+                "{context}: signed"
+            );
+            let unsubscribe = message
+                .header_raw("List-Unsubscribe")
+                .unwrap_or_default()
+                .replace("\r\n", "");
+            assert!(unsubscribe.contains("&t="), "{context}: {unsubscribe}");
+        }
+        loud.assert_logged(&run.stderr);
+        crate::assert_never_shows(
+            &secrets,
+            &path,
+            &run,
+            loud,
+            &env,
+            &copies,
+            ("ann@example.com", 2),
+        );
+    }
 }
 
 #[test]
@@ -179,18 +268,25 @@ fn a_marketing_campaign_without_its_key_sends_nothing() {
 
 #[test]
 fn an_address_suppressed_while_the_send_runs_never_reaches_the_relay() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::io::BufRead as _;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
 
-    // One connection, 50 ms a message: about a second for 20 recipients.
-    let delivered = Arc::new(AtomicUsize::new(0));
+    // One connection. The sink holds its reply to the fourth message until the run has said
+    // that it read the changed suppression list again; the two addresses suppressed meanwhile
+    // are near the end of the list, so their turn comes after that, however slow the machine.
+    let ends = Arc::new(AtomicUsize::new(0));
+    let held = Arc::new(AtomicBool::new(true));
     let script: crate::sink::Script = {
-        let delivered = Arc::clone(&delivered);
+        let (ends, held) = (Arc::clone(&ends), Arc::clone(&held));
         Arc::new(move |phase, _| {
-            (phase == crate::sink::Phase::EndOfData).then(|| {
-                delivered.fetch_add(1, Ordering::SeqCst);
-                "SLEEP 50 250 2.0.0 queued".to_owned()
-            })
+            if phase == crate::sink::Phase::EndOfData && ends.fetch_add(1, Ordering::SeqCst) == 3 {
+                while held.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            None
         })
     };
     let sink = Sink::scripted(script);
@@ -207,31 +303,73 @@ fn an_address_suppressed_while_the_send_runs_never_reaches_the_relay() {
     );
     std::fs::write(&path, toml).unwrap();
 
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailer"))
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mailer"))
         .args(crate::campaign::approved(&["send", path.to_str().unwrap()]))
         .env_remove("MAILER_LOG")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Once a few messages are through, two more addresses are suppressed, near the end of
-    // the list: by the time their turn comes the run must know.
-    let started = std::time::Instant::now();
-    while delivered.load(Ordering::SeqCst) < 3 {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(60),
-            "no progress"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
+    // Its log, read as it comes.
+    let log = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        })
+    };
+    let read_again = || {
+        log.lock()
+            .unwrap()
+            .contains("a suppression list changed; read again")
+    };
+    // The limits below only keep a broken build from hanging the suite.
+    let started = Instant::now();
+    while ends.load(Ordering::SeqCst) < 4 {
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(5));
     }
-    std::fs::write(
-        &suppress_file,
-        "user3@example3.com\n# asked to leave during the send\nUSER17@example3.com\nuser18@example4.com\n",
-    )
-    .unwrap();
+    // Two more addresses suppressed. The watcher compares the file with what it saw when the
+    // send began: written again, one line longer each time, until the run has read it.
+    let mut writes = 0;
+    while !read_again() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the run never read the list again: {}",
+            log.lock().unwrap()
+        );
+        std::fs::write(
+            &suppress_file,
+            format!(
+                "user3@example3.com\n# asked to leave during the send\nUSER17@example3.com\nuser18@example4.com\n{}",
+                "#\n".repeat(writes)
+            ),
+        )
+        .unwrap();
+        writes += 1;
+        let written = Instant::now();
+        while !read_again() && written.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    held.store(false, Ordering::SeqCst);
     let output = child.wait_with_output().unwrap();
+    reader.join().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        log.lock().unwrap()
+    );
     let received: std::collections::BTreeSet<String> = sink
         .transactions()
         .iter()
@@ -439,8 +577,10 @@ fn inline_css_moves_style_rules_into_the_elements() {
         };
         std::fs::write(&path, toml).unwrap();
         let before = sink.transactions().len();
-        // A fresh journal each time: the same recipient is sent to twice on purpose.
+        // A fresh journal each time: the same recipient is sent to twice on purpose, so the
+        // campaign's record of where its journal is goes too.
         let state = tempfile::tempdir().unwrap();
+        let _ = std::fs::remove_file(mailer::journal::record_path(&path, "test-campaign"));
         let run = mailer(
             &[
                 "send",

@@ -271,6 +271,7 @@ fn hang_ups_and_silent_closes_lose_nothing_and_send_nothing_twice() {
         Tls::None,
         Faults {
             close_after: Some(3),
+            ..Faults::default()
         },
     );
     let run = send(&sink, 20, 2, |c| c);
@@ -329,10 +330,17 @@ fn each_phase_has_its_own_timeout_and_a_late_final_reply_is_ambiguous() {
         c.transport("command_timeout = \"5s\"\ndata_timeout = \"1s\"")
     });
     assert_eq!(run.code, 1, "{run:?}");
-    assert_eq!(count(&run.stdout, "ambiguous"), Some(1), "{}", run.stdout);
+    // user1's outcome is unknown. A slow machine may leave another final reply later than
+    // data_timeout too: so at least one, and user1's among them.
     assert!(
+        count(&run.stdout, "ambiguous").is_some_and(|n| n >= 1),
+        "{}",
         run.stdout
-            .contains("no reply after the message body within 1s"),
+    );
+    assert!(
+        run.stdout.contains(
+            "line 3 user1@example1.com ambiguous: no reply after the message body within 1s"
+        ),
         "{}",
         run.stdout
     );
@@ -355,7 +363,27 @@ fn each_phase_has_its_own_timeout_and_a_late_final_reply_is_ambiguous() {
     let run = send(&sink, 3, 1, |c| c.transport("command_timeout = \"1s\""));
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(balanced(&run, &sink, 3)["sent"], 3);
-    assert_eq!(sink.connections(), 2);
+    // In order, not by count (a slow machine may time out more): the stalled first
+    // connection carried no message, and the stalled recipient's went on a later one.
+    let stalled = sink.rcpts()[0].rcpt.clone();
+    let transactions = sink.transactions();
+    assert!(
+        transactions.iter().all(|t| t.connection > 1),
+        "the first connection was abandoned before the body: {:?}",
+        transactions
+            .iter()
+            .map(|t| (t.connection, &t.rcpt_to))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        transactions
+            .iter()
+            .filter(|t| t.rcpt_to == [stalled.clone()])
+            .count(),
+        1,
+        "{stalled} once, on a fresh connection"
+    );
+    assert!(sink.connections() >= 2);
 }
 
 #[test]
@@ -387,9 +415,12 @@ fn a_throttled_domain_slows_down_without_holding_up_the_others() {
         run.stdout
     );
     let rcpts = sink.rcpts();
-    // Every other recipient was tried once, and all of them while slow.example waited for
-    // its slowed pace: before its second message after the first throttling reply (200 ms
-    // apart at 5/s). Behind a throttled domain in one queue, they would come after.
+    // Every other recipient was tried once, and others went while slow.example waited for
+    // its slowed pace: at least one of them after the first throttling reply and before the
+    // last of slow.example's rows was first tried. Behind a throttled domain in one queue,
+    // every slow.example row (they come first) would be tried before any other. An order,
+    // not a race: a slow machine fits fewer others into each wait, but an idle connection
+    // takes one whenever slow.example must wait.
     let others: Vec<_> = rcpts
         .iter()
         .filter(|r| !r.rcpt.ends_with("@slow.example"))
@@ -400,12 +431,19 @@ fn a_throttled_domain_slows_down_without_holding_up_the_others() {
         .find(|r| r.reply.starts_with("421"))
         .unwrap()
         .at;
-    let slow_after: Vec<Instant> = rcpts
-        .iter()
-        .filter(|r| r.rcpt.ends_with("@slow.example") && r.at > throttled_at)
-        .map(|r| r.at)
-        .collect();
-    assert!(others.iter().all(|r| r.at < slow_after[1]));
+    let mut first_tries: BTreeMap<&str, Instant> = BTreeMap::new();
+    for r in rcpts.iter().filter(|r| r.rcpt.ends_with("@slow.example")) {
+        first_tries.entry(r.rcpt.as_str()).or_insert(r.at);
+    }
+    assert_eq!(first_tries.len(), 8, "{first_tries:?}");
+    let last_first_try = *first_tries.values().max().unwrap();
+    assert!(
+        others
+            .iter()
+            .any(|r| r.at > throttled_at && r.at < last_first_try),
+        "every slow.example row was tried before any other recipient: {:?}",
+        rcpts.iter().map(|r| &r.rcpt).collect::<Vec<_>>()
+    );
     // After the first throttling reply, slow.example went at most at its halved pace
     // (5/s): measured as a lower bound on elapsed time, which a slow machine only lengthens.
     let first_throttle = rcpts

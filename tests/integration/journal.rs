@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::campaign::{Campaign, Run, mailer, people};
@@ -119,18 +119,26 @@ fn wait_until(what: &str, condition: impl Fn() -> bool) {
     }
 }
 
-/// A sink that takes `ms` to answer each final dot, a send that lasts, until the test sets
-/// the delay it gives back to 0.
-fn slow_sink(ms: u64) -> (Sink, Arc<AtomicU64>) {
-    let delay = Arc::new(AtomicU64::new(ms));
+/// A sink that holds its reply to the final dot of the `n`th message (from 1) until the test
+/// lets go by clearing the flag it gives back, and counts the final dots it has seen: a send
+/// that cannot end, or go on, before the test has done what it does meanwhile, however slow
+/// the machine.
+fn held_sink(n: usize) -> (Sink, Arc<AtomicBool>, Arc<AtomicUsize>) {
+    let held = Arc::new(AtomicBool::new(true));
+    let ends = Arc::new(AtomicUsize::new(0));
     let script: Script = {
-        let delay = Arc::clone(&delay);
-        Arc::new(move |phase, _| match delay.load(Ordering::SeqCst) {
-            0 => None,
-            ms => (phase == Phase::EndOfData).then(|| format!("SLEEP {ms} 250 2.0.0 queued")),
+        let (held, ends) = (Arc::clone(&held), Arc::clone(&ends));
+        Arc::new(move |phase, _| {
+            if phase == Phase::EndOfData && ends.fetch_add(1, Ordering::SeqCst) + 1 == n {
+                // The sink's thread waits: with one connection, nothing else is due meanwhile.
+                while held.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            None
         })
     };
-    (Sink::scripted(script), delay)
+    (Sink::scripted(script), held, ends)
 }
 
 /// Every address of `people(n)`.
@@ -240,7 +248,9 @@ fn after_a_relay_outage_the_next_run_sends_only_the_rest() {
 
 #[test]
 fn a_second_send_while_one_runs_exits_75_naming_the_first_process() {
-    let (sink, _) = slow_sink(100);
+    // The sink holds its reply to the first message: the first run cannot end before the
+    // second has been refused.
+    let (sink, held, _) = held_sink(1);
     let campaign = Campaign::example().smtp(&sink, 1).rows(people(25));
     let path = campaign.write();
     let mut first = Running::send(&path);
@@ -261,6 +271,7 @@ fn a_second_send_while_one_runs_exits_75_naming_the_first_process() {
         "the refusal came while the first run went on"
     );
 
+    held.store(false, Ordering::SeqCst);
     let first = first.finish();
     assert_eq!(first.code, 0, "{first:?}");
     assert_eq!(count(&first.stdout, "sent"), Some(25), "{}", first.stdout);
@@ -482,22 +493,49 @@ fn a_cron_campaign_with_not_before_waits_for_its_first_slot() {
 
 #[test]
 fn stop_halts_a_running_send_and_every_later_one_until_resume() {
-    let (sink, delay) = slow_sink(150);
+    // The sink holds its reply to the third message until the run says it has halted: the
+    // stop comes while that message is on the wire, and after it no new message may start.
+    let (sink, held, ends) = held_sink(3);
     let campaign = Campaign::example().smtp(&sink, 1).rows(people(30));
     let path = campaign.write();
-    let running = Running::send(&path);
-    wait_until("the run has sent two messages", || {
-        sink.transactions().len() >= 2
+    let mut running = Running::send(&path);
+    // Its log, read as it comes.
+    let log = Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let stderr = running.0.as_mut().unwrap().stderr.take().unwrap();
+        let log = Arc::clone(&log);
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        })
+    };
+    wait_until("the third message is on the wire", || {
+        ends.load(Ordering::SeqCst) >= 3
     });
 
     let stop = mailer(&["stop", arg(&path), "--reason", "wrong attachment"], &[]);
     assert_eq!(stop.code, 0, "{stop:?}");
+    wait_until("the run says it halted", || {
+        log.lock()
+            .unwrap()
+            .contains("halted: no new message starts")
+    });
+    held.store(false, Ordering::SeqCst);
     let stopped = running.finish();
-    assert_eq!(stopped.code, 3, "{stopped:?}");
+    reader.join().unwrap();
+    let log = log.lock().unwrap().clone();
+    assert_eq!(stopped.code, 3, "{stopped:?}\n{log}");
     let sent_before_stop = sink.transactions().len();
-    assert!(
-        sent_before_stop < 30,
-        "stopped early: {sent_before_stop} of 30"
+    assert_eq!(
+        sent_before_stop, 3,
+        "the message on the wire got its reply, and no new one started: {log}"
     );
     let accepted = received(&sink);
     assert!(accepted.values().all(|&n| n == 1), "{accepted:?}");
@@ -518,7 +556,6 @@ fn stop_halts_a_running_send_and_every_later_one_until_resume() {
     );
     assert_eq!(sink.transactions().len(), sent_before_stop, "nothing sent");
 
-    delay.store(0, Ordering::SeqCst);
     let resume = mailer(&["resume", arg(&path)], &[]);
     assert_eq!(resume.code, 0, "{resume:?}");
     assert!(status(&path)["halt"].is_null());

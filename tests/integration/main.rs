@@ -9,10 +9,13 @@ mod deliverability;
 mod delivery;
 mod gallery;
 mod journal;
+mod operator;
 mod properties;
 mod review;
 mod sink;
 mod snapshots;
+mod strict_sink;
+mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -56,6 +59,232 @@ fn header_names(message: &Message<'_>) -> Vec<String> {
         .iter()
         .map(|h| h.name().to_ascii_lowercase())
         .collect()
+}
+
+/// How loudly a run logs. Secrets must not show at any level: these are the two that show the
+/// most, each in both formats.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Loud {
+    pub level: &'static str,
+    pub json: bool,
+}
+
+impl Loud {
+    pub(crate) const ALL: [Loud; 4] = [
+        Loud {
+            level: "trace",
+            json: false,
+        },
+        Loud {
+            level: "trace",
+            json: true,
+        },
+        Loud {
+            level: "debug",
+            json: false,
+        },
+        Loud {
+            level: "debug",
+            json: true,
+        },
+    ];
+
+    /// `args` and the log format.
+    pub(crate) fn args<'a>(self, args: &[&'a str]) -> Vec<&'a str> {
+        let format = if self.json { "json" } else { "text" };
+        [args, &["--log-format", format]].concat()
+    }
+
+    /// `env` and `MAILER_LOG` at the level.
+    pub(crate) fn env<'a>(self, env: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        [env, &[("MAILER_LOG", self.level)]].concat()
+    }
+
+    /// Asserts that `stderr` is a log in this format with lines at this level, not only at the
+    /// levels above: what a run logs at it, a secret logged at it would have shown in. (TRACE
+    /// lines come from the TLS library, so a run that checks this has to speak TLS.)
+    pub(crate) fn assert_logged(self, stderr: &str) {
+        let mut levels = std::collections::BTreeMap::<String, usize>::new();
+        for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+            let level = if self.json {
+                let entry: serde_json::Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("{self:?}: not a JSON log line ({e}): {line}"));
+                entry["level"].as_str().expect("a level").to_owned()
+            } else {
+                // An entry's first line starts with its level; a long value goes on over
+                // the next lines.
+                match line.split_whitespace().next() {
+                    Some(level @ ("TRACE" | "DEBUG" | "INFO" | "WARN" | "ERROR")) => {
+                        level.to_owned()
+                    }
+                    _ => continue,
+                }
+            };
+            *levels.entry(level).or_default() += 1;
+        }
+        assert!(
+            levels.contains_key("DEBUG"),
+            "{self:?}: no DEBUG line ({levels:?}):\n{stderr}"
+        );
+        assert_eq!(
+            levels.contains_key("TRACE"),
+            self.level == "trace",
+            "{self:?}: TRACE lines ({levels:?}):\n{stderr}"
+        );
+    }
+}
+
+/// A file's path and its bytes as they were when copied.
+type FileCopy = (std::path::PathBuf, Vec<u8>);
+
+/// Copies of the files of a campaign's state folder (the journal, its -wal and -shm, the lock):
+/// taken by the sink at the end of each message's data, while the send waits for the reply and
+/// its journal's -wal is there (a clean end removes it), and by the test after the run.
+#[derive(Clone, Default)]
+pub(crate) struct StateCopies {
+    dir: Arc<std::sync::Mutex<Option<std::path::PathBuf>>>,
+    taken: Arc<std::sync::Mutex<Vec<FileCopy>>>,
+}
+
+impl StateCopies {
+    /// The state folder to copy from now on.
+    pub(crate) fn watch(&self, dir: std::path::PathBuf) {
+        *self.dir.lock().unwrap() = Some(dir);
+    }
+
+    /// Copies every file in the state folder as it is now.
+    pub(crate) fn copy(&self) {
+        let Some(dir) = self.dir.lock().unwrap().clone() else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            // A file SQLite removes meanwhile is simply not copied this time.
+            if let Ok(bytes) = std::fs::read(&path) {
+                self.taken.lock().unwrap().push((path, bytes));
+            }
+        }
+    }
+
+    /// A sink script with the normal replies that copies the state folder before it answers
+    /// the end of each message's data.
+    pub(crate) fn script(&self) -> sink::Script {
+        let copies = self.clone();
+        Arc::new(move |phase, _| {
+            if phase == Phase::EndOfData {
+                copies.copy();
+            }
+            None
+        })
+    }
+
+    /// Every copy taken, of the files whose name ends with `suffix`.
+    fn of(&self, suffix: &str) -> Vec<FileCopy> {
+        self.taken
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(path, _)| path.to_str().unwrap().ends_with(suffix))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Whether `needle` is in `bytes`.
+pub(crate) fn holds(bytes: &[u8], needle: &[u8]) -> bool {
+    memchr::memmem::find(bytes, needle).is_some()
+}
+
+/// Asserts that no secret in `secrets` (each a name and the bytes to look for) shows where a
+/// send of the campaign at `path` leaves traces: in what `run` printed; in its state folder's
+/// files, as copied during the send (the -wal included) and after it; and in what
+/// `mailer status`, `status --json`, `report --format csv` and `report --format json` print,
+/// run as loudly with `env`. First, `recipient` (an address the send delivered to, one of
+/// `sent`) must show in the journal, its -wal and both reports: the search looks where the
+/// data is.
+pub(crate) fn assert_never_shows(
+    secrets: &[(&str, Vec<u8>)],
+    path: &std::path::Path,
+    run: &campaign::Run,
+    loud: Loud,
+    env: &[(&str, &str)],
+    copies: &StateCopies,
+    (recipient, sent): (&str, usize),
+) {
+    let printed = |what: &str, run: &campaign::Run| {
+        for (name, secret) in secrets {
+            let shown: Vec<&str> = [&run.stdout, &run.stderr]
+                .into_iter()
+                .flat_map(|text| text.lines())
+                .filter(|line| holds(line.as_bytes(), secret))
+                .collect();
+            assert!(
+                shown.is_empty(),
+                "{loud:?}: {name} shows in what {what} printed (exit {}): {shown:#?}",
+                run.code
+            );
+        }
+    };
+    printed("send", run);
+
+    copies.copy();
+    for (suffix, what) in [(".journal", "the journal"), (".journal-wal", "its -wal")] {
+        let taken = copies.of(suffix);
+        assert!(
+            taken
+                .iter()
+                .any(|(_, bytes)| holds(bytes, recipient.as_bytes())),
+            "{loud:?}: {recipient} is in no copy of {what} ({} copies)",
+            taken.len()
+        );
+    }
+    let all = copies.of("");
+    for (file, bytes) in &all {
+        for (name, secret) in secrets {
+            assert!(
+                !holds(bytes, secret),
+                "{loud:?}: {name} is in {}",
+                file.display()
+            );
+        }
+    }
+
+    let path = path.to_str().unwrap();
+    let env = loud.env(env);
+    let status = mailer(&loud.args(&["status", path]), &env);
+    assert_eq!(status.code, 0, "{status:?}");
+    assert!(
+        status.stdout.contains(&format!("sent {sent}")),
+        "{status:?}"
+    );
+    printed("status", &status);
+    let json = mailer(&loud.args(&["status", path, "--json"]), &env);
+    assert_eq!(json.code, 0, "{json:?}");
+    let counts: serde_json::Value = serde_json::from_str(&json.stdout).expect("status JSON");
+    assert_eq!(counts["counts"]["sent"], sent, "{json:?}");
+    printed("status --json", &json);
+    for format in ["csv", "json"] {
+        let report = mailer(&loud.args(&["report", path, "--format", format]), &env);
+        assert_eq!(report.code, 0, "{report:?}");
+        assert!(report.stdout.contains(recipient), "{report:?}");
+        printed(&format!("report --format {format}"), &report);
+    }
+}
+
+/// A campaign's transport set to STARTTLS on `sink` (which offers it with the certificate of
+/// `pem`), verified against `pem`: the way credentials go in real life, and the way the TLS
+/// library logs at TRACE.
+pub(crate) fn over_starttls(campaign: Campaign, sink: &Sink, pem: &str) -> Campaign {
+    campaign
+        .transport_kind(&format!(
+            "kind = \"smtp\"\nurl = \"smtp://localhost:{}\"\nconnections = 1\nrequire_starttls = true",
+            sink.port()
+        ))
+        .file("relay-ca.pem", pem)
+        .transport("ca_file = \"relay-ca.pem\"")
 }
 
 #[test]
@@ -139,20 +368,34 @@ fn two_hundred_recipients_in_four_locales_over_four_connections() {
     let unique: HashSet<&String> = message_ids.values().collect();
     assert_eq!(unique.len(), 200, "Message-IDs are unique");
 
-    // Rendered again, by another run, each recipient's Message-ID is the same.
+    // Rendered again, by another run (another campaign folder, so another journal: everyone
+    // is due again), each recipient's Message-ID is the same.
     let again = Sink::start();
     let rerun = Campaign::example()
         .smtp(&again, 2)
         .rows(people(200))
         .run("send", &[]);
     assert_eq!(rerun.code, 0, "{rerun:?}");
-    for t in again.transactions() {
+    assert_eq!(count(&rerun.stdout, "sent"), Some(200), "{}", rerun.stdout);
+    let resent = again.transactions();
+    assert_eq!(resent.len(), 200, "the rerun sent to everyone again");
+    let mut compared = HashSet::new();
+    for t in &resent {
+        assert_eq!(t.rcpt_to.len(), 1, "one RCPT per transaction");
         let message = parse(&t.data);
         assert_eq!(
             Some(message.message_id().unwrap()),
-            message_ids.get(&t.rcpt_to[0]).map(String::as_str)
+            message_ids.get(&t.rcpt_to[0]).map(String::as_str),
+            "{}",
+            t.rcpt_to[0]
         );
+        compared.insert(t.rcpt_to[0].clone());
     }
+    assert_eq!(
+        compared,
+        message_ids.keys().cloned().collect::<HashSet<_>>(),
+        "every recipient's Message-ID was compared"
+    );
 }
 
 #[test]
@@ -182,26 +425,68 @@ fn the_file_transport_writes_one_parseable_eml_per_recipient_and_rewrites_them_o
     let campaign = Campaign::example()
         .rows(people(30))
         .row("user0@EXAMPLE0.com,dup,en,x");
-    for _ in 0..2 {
-        let run = campaign.run("send", &[]);
-        assert_eq!(run.code, 0, "{run:?}");
-        let mut recipients = HashSet::new();
-        let files: Vec<_> = std::fs::read_dir(campaign.dir().join("outbox"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        assert_eq!(files.len(), 30, "{files:?}");
-        for file in files {
-            assert_eq!(file.extension().unwrap(), "eml");
+    let path = campaign.write();
+    let outbox = campaign.dir().join("outbox");
+    let expected: HashSet<String> = (0..30)
+        .map(|i| format!("user{i}@example{}.com", i % 7))
+        .collect();
+    // The outbox's files by name, each checked to be one message to one recipient.
+    let written = || -> HashMap<String, String> {
+        let mut by_name = HashMap::new();
+        for entry in std::fs::read_dir(&outbox).unwrap() {
+            let file = entry.unwrap().path();
+            assert_eq!(file.extension().unwrap(), "eml", "{file:?}");
             let bytes = std::fs::read(&file).unwrap();
             let to = to_addresses(&parse(&bytes));
-            assert_eq!(to.len(), 1);
-            recipients.insert(to[0].clone());
+            assert_eq!(to.len(), 1, "{file:?}");
+            let name = file.file_name().unwrap().to_str().unwrap().to_owned();
+            by_name.insert(name, to[0].clone());
         }
-        let expected: HashSet<String> = (0..30)
-            .map(|i| format!("user{i}@example{}.com", i % 7))
-            .collect();
+        let recipients: HashSet<String> = by_name.values().cloned().collect();
         assert_eq!(recipients, expected);
+        assert_eq!(by_name.len(), 30, "{by_name:?}");
+        by_name
+    };
+
+    let run = mailer(&["send", path.to_str().unwrap()], &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(count(&run.stdout, "sent"), Some(30), "{}", run.stdout);
+    let first = written();
+
+    // Every file spoiled, then the campaign sent again from a fresh journal (its own would
+    // say that nothing is due): the same 30 files, written anew, and no copies beside them.
+    let marker = b"spoiled before the rerun\r\n";
+    for name in first.keys() {
+        std::fs::write(outbox.join(name), marker).unwrap();
+    }
+    let fresh = tempfile::tempdir().unwrap();
+    // Sending the whole campaign again on purpose: its record of where its journal is goes
+    // too, or mailer refuses the second journal.
+    std::fs::remove_file(mailer::journal::record_path(&path, "test-campaign")).unwrap();
+    let rerun = mailer(
+        &[
+            "send",
+            path.to_str().unwrap(),
+            "--state-dir",
+            fresh.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(rerun.code, 0, "{rerun:?}");
+    // The summary tells what this run did apart only when it differs from the total.
+    assert_eq!(count(&rerun.stdout, "sent"), Some(30), "{}", rerun.stdout);
+    assert!(
+        !rerun.stdout.contains("in this run"),
+        "all 30 in this run: {}",
+        rerun.stdout
+    );
+    assert_eq!(written(), first, "the same names for the same recipients");
+    for name in first.keys() {
+        assert_ne!(
+            std::fs::read(outbox.join(name)).unwrap(),
+            marker,
+            "{name} was not rewritten"
+        );
     }
 }
 
@@ -411,36 +696,76 @@ fn an_unreachable_relay_exits_69_with_everyone_still_pending() {
 }
 
 #[test]
-fn the_password_comes_from_the_environment_and_never_shows() {
-    let sink = Sink::start();
-    let campaign = Campaign::example()
-        .smtp(&sink, 1)
-        .transport("username = \"mailer-user\"\npassword_env = \"TEST_SMTP_PASSWORD\"")
-        .rows(people(3));
-    let path = campaign.write();
+fn the_password_comes_from_the_environment_or_a_file_and_never_shows() {
+    use base64::Engine as _;
     let secret = "s3cret-Value-42";
-    let run = mailer(
-        &["send", path.to_str().unwrap(), "--log-format", "json"],
-        &[("TEST_SMTP_PASSWORD", secret), ("MAILER_LOG", "trace")],
-    );
-    assert_eq!(run.code, 0, "{run:?}");
-    assert_eq!(sink.logins(), vec![format!("mailer-user:{secret}")]);
-    assert!(
-        !run.stdout.contains(secret) && !run.stderr.contains(secret),
-        "{run:?}"
-    );
-
-    // Nor in the journal (nor its write-ahead log, if any is left).
-    let state = campaign.dir().join("mailer-state");
-    for entry in std::fs::read_dir(&state).unwrap() {
-        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
-        assert!(
-            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
-            "the secret is in the state folder"
-        );
+    let base64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    // As typed, and as AUTH PLAIN and AUTH LOGIN put it on the wire.
+    let secrets = [
+        ("the password", secret.as_bytes().to_vec()),
+        (
+            "the AUTH PLAIN credentials",
+            base64(format!("\0mailer-user\0{secret}").as_bytes()).into_bytes(),
+        ),
+        (
+            "the AUTH LOGIN password",
+            base64(secret.as_bytes()).into_bytes(),
+        ),
+    ];
+    let (acceptor, pem) = sink::localhost_certificate();
+    for from_file in [false, true] {
+        for loud in Loud::ALL {
+            let context = format!("{loud:?}, from a file: {from_file}");
+            let copies = StateCopies::default();
+            let sink = Sink::with(copies.script(), sink::Tls::Starttls(acceptor.clone()));
+            let keys = if from_file {
+                "username = \"mailer-user\"\npassword_file = \"smtp-password\""
+            } else {
+                "username = \"mailer-user\"\npassword_env = \"TEST_SMTP_PASSWORD\""
+            };
+            let campaign = over_starttls(Campaign::example(), &sink, &pem)
+                .transport(keys)
+                .file("smtp-password", &format!("{secret}\n"))
+                .rows(people(3));
+            let path = campaign.write();
+            copies.watch(campaign.dir().join("mailer-state"));
+            let env: &[(&str, &str)] = if from_file {
+                &[]
+            } else {
+                &[("TEST_SMTP_PASSWORD", secret)]
+            };
+            let run = mailer(
+                &loud.args(&["send", path.to_str().unwrap()]),
+                &loud.env(env),
+            );
+            assert_eq!(run.code, 0, "{context}: {run:?}");
+            assert_eq!(count(&run.stdout, "sent"), Some(3), "{context}: {run:?}");
+            // The password went where it belongs, and only there.
+            assert_eq!(
+                sink.logins(),
+                vec![format!("mailer-user:{secret}")],
+                "{context}"
+            );
+            let transactions = sink.transactions();
+            assert!(
+                transactions.len() == 3 && transactions.iter().all(|t| t.encrypted),
+                "{context}: over TLS"
+            );
+            loud.assert_logged(&run.stderr);
+            assert_never_shows(
+                &secrets,
+                &path,
+                &run,
+                loud,
+                env,
+                &copies,
+                ("user0@example0.com", 3),
+            );
+        }
     }
 
-    // A fresh campaign (the first one is complete: a run would find nothing to do).
+    // Without the variable, nothing is sent.
+    let sink = Sink::start();
     let fresh = Campaign::example()
         .smtp(&sink, 1)
         .transport("username = \"mailer-user\"\npassword_env = \"TEST_SMTP_PASSWORD\"")
@@ -455,6 +780,7 @@ fn the_password_comes_from_the_environment_and_never_shows() {
         "{}",
         missing.stderr
     );
+    assert_eq!(sink.connections(), 0);
 }
 
 #[test]

@@ -5,8 +5,6 @@
 
 use std::path::Path;
 
-use anyhow::Context as _;
-
 use super::Options;
 use crate::clock;
 use crate::config::{self, Campaign};
@@ -75,6 +73,23 @@ pub fn admit(path: &Path, campaign: &Campaign, options: &Options<'_>) -> anyhow:
         slot_of(campaign, options.slot)?
     };
     let (lock, journal, durability) = open(path, campaign, options)?;
+    let at = journal.path().to_owned();
+    check(path, campaign, options, lock, journal, durability, slot).map_err(journal::named(&at))
+}
+
+/// [`admit`] once the journal is open: the checks that read and write it.
+fn check(
+    path: &Path,
+    campaign: &Campaign,
+    options: &Options<'_>,
+    lock: journal::Lock,
+    journal: journal::Journal,
+    durability: journal::Durability,
+    slot: String,
+) -> anyhow::Result<Journaled> {
+    if options.slot.is_none() {
+        not_before_started(campaign, &journal, &slot)?;
+    }
     let inputs = fingerprint::inputs(campaign)?;
     let combined = fingerprint::combine(&inputs);
     let approved = approved(
@@ -120,14 +135,28 @@ fn open(
     campaign: &Campaign,
     options: &Options<'_>,
 ) -> anyhow::Result<(journal::Lock, journal::Journal, journal::Durability)> {
-    let place = journal::Place::new(path, options.state_dir, &campaign.id);
-    if let Some(dir) = place.lock.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the state folder `{}`", dir.display()))?;
+    if options.move_journal && options.state_dir.is_none() {
+        return Err(Failure::new(
+            Exit::Usage,
+            "--move-journal needs --state-dir: the folder the journal was moved to",
+        )
+        .into());
     }
+    let intent = if options.move_journal {
+        journal::Intent::Move
+    } else {
+        journal::Intent::Write
+    };
+    let located = journal::locate(path, options.state_dir, &campaign.id, intent)?;
+    let place = &located.place;
+    journal::create_state_dir(place.dir())?;
     let lock = journal::Lock::acquire(&place.lock, &campaign.id)?;
     let durability = journal::Durability::from_env();
-    let journal = journal::Journal::open(&place.journal, &campaign.id, true, durability)?;
+    let journal = journal::Journal::open_located(&located, &campaign.id, true, durability)?;
+    // This run holds the lock: no other send is running. A lost log halts, just below.
+    journal
+        .settle_unfinished_run()
+        .map_err(journal::named(journal.path()))?;
     if let Some(halt) = journal.active_halt()? {
         return Err(Failure::new(
             Exit::Halted,
@@ -143,6 +172,30 @@ fn open(
         .into());
     }
     Ok((lock, journal, durability))
+}
+
+/// Refuses (exit 75) to start a schedule slot earlier than one a run has started already: the
+/// clock went back, or `MAILER_NOW` is set to the past. Sending an older slot after a newer one
+/// would mail the list again under the older slot's name.
+fn not_before_started(
+    campaign: &Campaign,
+    journal: &journal::Journal,
+    slot: &str,
+) -> anyhow::Result<()> {
+    if slot.is_empty() {
+        return Ok(());
+    }
+    match journal.latest_started_slot()? {
+        Some(latest) if latest.as_str() > slot => Err(Failure::new(
+            Exit::WorkRemaining,
+            format!(
+                "campaign `{}`: the clock says the current schedule slot is {slot}, but the later slot {latest} has already started; nothing was sent — check the clock (and MAILER_NOW); `--slot` sends a missed slot on purpose",
+                campaign.id
+            ),
+        )
+        .into()),
+        _ => Ok(()),
+    }
 }
 
 /// A cron slot left unfinished (the relay was down, say) is finished first, with the inputs

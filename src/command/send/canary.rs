@@ -27,6 +27,7 @@ pub fn run(
     path: &Path,
     campaign: Campaign,
     options: &Options<'_>,
+    interrupts: &super::signals::Interrupts,
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<Exit> {
     if campaign.safety.canary.is_empty() {
@@ -74,6 +75,7 @@ pub fn run(
     let count = messages.len();
     let mut setup = deliver::Setup::new(&loaded.campaign, options.dry_run)?;
     setup.halts = journaled.as_ref().map(|j| j.journal.path().to_owned());
+    setup.interrupt = Some(interrupts.received.clone());
     let mut deliveries = Vec::new();
     let Delivered {
         ended,

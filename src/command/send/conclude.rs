@@ -22,8 +22,10 @@ pub fn conclude(
         written,
         producer_halt,
     } = delivered;
-    // A journal that cannot be written halts the campaign: nothing may go out unrecorded.
-    let recorded = written.map_err(|e| Failure::new(Exit::Halted, format!("halted: {e:#}")));
+    if let (Err(error), Some(j)) = (&written, journaled) {
+        return unrecorded(path, j, error, out);
+    }
+    let recorded = written.map_err(|e| Failure::new(Exit::IoError, format!("{e:#}")));
     summary.retried = ended.tally.retried;
     summary.relay_pauses = ended.tally.relay_pauses;
     summary.connections_retired = ended.tally.connections_retired;
@@ -36,16 +38,14 @@ pub fn conclude(
         )?;
     }
     let halted = producer_halt.or_else(|| ended.halted.clone());
-    // A journal that failed to take the run's records halts the campaign (exit 3). The
-    // bookkeeping after the summary is best effort: the journal may be the thing that is broken.
-    let halted = match (&recorded, halted) {
-        (Err(failure), None) => Some(failure.message.clone()),
-        (_, halted) => halted,
-    };
     let exit = if halted.is_some() {
         Exit::Halted
+    } else if ended.failure.as_ref().is_some_and(|f| f.local) {
+        Exit::IoError
     } else if ended.failure.is_some() {
         Exit::RelayUnavailable
+    } else if ended.interrupted.is_some() {
+        Exit::WorkRemaining
     } else {
         summary.exit()
     };
@@ -65,17 +65,74 @@ pub fn conclude(
         .into());
     }
     if let Some(failure) = ended.failure {
+        let (exit, what) = if failure.local {
+            (Exit::IoError, "the run stopped")
+        } else {
+            (Exit::RelayUnavailable, "relay unavailable")
+        };
         return Err(Failure::new(
-            Exit::RelayUnavailable,
+            exit,
             format!(
-                "relay unavailable, {} recipients left pending: {}",
+                "{what}, {} recipients left pending: {}",
                 summary.count(State::Pending),
                 failure.reason
             ),
         )
         .into());
     }
+    if let Some(signal) = ended.interrupted {
+        return Err(Failure::new(
+            Exit::WorkRemaining,
+            format!(
+                "stopped by {signal}: {} recipients left pending, nothing is halted — the next `mailer send {}` goes on",
+                summary.count(State::Pending),
+                path.display()
+            ),
+        )
+        .into());
+    }
     Ok(exit)
+}
+
+/// The journal stopped taking the run's records (a full disk, say): the run stopped there, as
+/// nothing may go out unrecorded. The summary is the journal's own counts — what the next run
+/// will find — and the exit code 74; no halt is recorded, so the next run resumes once the
+/// journal can be written.
+fn unrecorded(
+    path: &Path,
+    j: &Journaled,
+    error: &anyhow::Error,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<Exit> {
+    let journal = j.journal.path();
+    if let Ok(counts) = j.journal.counts(&j.slot) {
+        let count = |name: &str| {
+            usize::try_from(counts.get(name).copied().unwrap_or(0)).unwrap_or(usize::MAX)
+        };
+        let mut summary = Summary::default();
+        for state in State::ALL {
+            summary.add(state, count(state.name()));
+        }
+        let in_flight = count(crate::journal::RowState::InFlight.name());
+        summary.add(State::Ambiguous, in_flight);
+        writeln!(out, "as the journal `{}` has it:", journal.display())?;
+        summary.print(out)?;
+        if in_flight > 0 {
+            writeln!(
+                out,
+                "  ({in_flight} of the ambiguous were on the wire when the journal stopped: their outcome is unknown)"
+            )?;
+        }
+    }
+    Err(Failure::new(
+        Exit::IoError,
+        format!(
+            "the journal `{}` could not be written ({error:#}); the run stopped so that nothing goes out unrecorded — once it can be written again, `mailer send {}` resumes where the journal says",
+            journal.display(),
+            path.display()
+        ),
+    )
+    .into())
 }
 
 /// Records the run's end, best effort. The scheduler records the halts it acts on the moment

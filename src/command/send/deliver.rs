@@ -38,6 +38,8 @@ pub struct Setup<'a> {
     /// The suppression lists as they are now, read again when a file changes and checked just
     /// before each message goes; `None` when nothing is watched (a dry run, no lists).
     pub suppressed: Option<dispatch::Suppressed>,
+    /// Becomes the signal's name when SIGINT, SIGTERM or SIGHUP asks the run to stop.
+    pub interrupt: Option<tokio::sync::watch::Receiver<Option<String>>>,
 }
 
 impl<'a> Setup<'a> {
@@ -58,6 +60,7 @@ impl<'a> Setup<'a> {
             journal: None,
             halts: None,
             suppressed: None,
+            interrupt: None,
         })
     }
 }
@@ -94,6 +97,7 @@ pub fn deliver(
         journal,
         halts,
         suppressed,
+        interrupt,
     } = setup;
     let (writer, recorder) = journal.map_or((None, None), |(w, r)| {
         (Some(w), Some(std::sync::Arc::new(r) as dispatch::Recorder))
@@ -133,6 +137,7 @@ pub fn deliver(
                 safety: &campaign.safety,
                 journal: recorder,
                 halt: halt_out,
+                interrupt: interrupt.unwrap_or_else(|| tokio::sync::watch::channel(None).1),
                 suppressed: suppressed.clone(),
             };
             let dispatching = dispatch::run(transport, settings, pacer, messages_out, results_in);

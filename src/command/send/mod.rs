@@ -14,6 +14,7 @@ mod canary;
 mod conclude;
 mod deliver;
 mod due;
+pub mod signals;
 
 use std::path::Path;
 use std::time::Instant;
@@ -29,7 +30,8 @@ use crate::plan;
 use crate::problem::{self, Problems};
 use crate::report;
 
-/// How `send` was asked to run.
+/// How `send` was asked to run: the command line's flags, one field each.
+#[allow(clippy::struct_excessive_bools)]
 pub struct Options<'a> {
     pub dry_run: bool,
     /// How much of what validation rendered may be kept to send (see [`pipeline::KEEP_BYTES`]); past
@@ -47,6 +49,8 @@ pub struct Options<'a> {
     pub stage: Option<cli::Stage>,
     /// `--limit`: at most this many messages in this run.
     pub limit: Option<usize>,
+    /// `--move-journal`: the journal was moved to `state_dir` on purpose.
+    pub move_journal: bool,
 }
 
 impl Options<'_> {
@@ -64,9 +68,15 @@ pub fn run(
     let dry_run = options.dry_run;
     let date = clock::now();
     let campaign = config::load(path)?;
+    for warning in pipeline::exposed_secrets(&campaign) {
+        tracing::warn!("{warning}");
+    }
     admit::require_approval(path, &campaign, options)?;
+    // From here a signal stops the run gracefully (see `signals`): validation goes on, and
+    // delivery then starts nothing.
+    let interrupts = signals::Interrupts::watch()?;
     if options.canary() {
-        return canary::run(path, campaign, options, out);
+        return canary::run(path, campaign, options, &interrupts, out);
     }
     // Refuse a halted, locked, changed or not-yet-due campaign before the long work.
     let mut journaled = if dry_run {
@@ -74,7 +84,13 @@ pub fn run(
     } else {
         Some(admit::admit(path, &campaign, options)?)
     };
-    if let Some(exit) = due::idle(journaled.as_ref(), &campaign, out)? {
+    let named = |j: Option<&admit::Journaled>, error: anyhow::Error| match j {
+        Some(j) => journal::named(j.journal.path())(error),
+        None => error,
+    };
+    if let Some(exit) =
+        due::idle(journaled.as_ref(), &campaign, out).map_err(|e| named(journaled.as_ref(), e))?
+    {
         return Ok(exit);
     }
     let mut loaded = pipeline::load_campaign(campaign)?.map_err(Problems::into_failure)?;
@@ -96,7 +112,9 @@ pub fn run(
     }
     let invalid = pipeline::invalid_rows(&validation.problems);
     let mut setup = deliver::Setup::new(&loaded.campaign, dry_run)?;
-    let (due, settled) = due::due(journaled.as_mut(), &loaded, &invalid, skipped, out)?;
+    setup.interrupt = Some(interrupts.received.clone());
+    let (due, settled) = due::due(journaled.as_mut(), &loaded, &invalid, skipped, out)
+        .map_err(|e| named(journaled.as_ref(), e))?;
     for (state, count) in &settled {
         summary.add(*state, *count);
     }
@@ -108,8 +126,9 @@ pub fn run(
         .map_or(sendable, std::collections::HashMap::len);
     tracing::info!(campaign = %loaded.campaign.id, recipients = total, due = due_count, dry_run, "sending");
     if let Some(j) = &journaled {
-        journal_the_run(j, &setup.pacer, due_count)?;
-        let (writer, recorder) = journal::Writer::start(&j.journal, j.durability)?;
+        journal_the_run(j, &setup.pacer, due_count).map_err(|e| named(Some(j), e))?;
+        let (writer, recorder) =
+            journal::Writer::start(&j.journal, j.durability).map_err(|e| named(Some(j), e))?;
         setup.journal = Some((writer, recorder.with_slot(&j.slot)));
         setup.halts = Some(j.journal.path().to_owned());
         if !loaded.campaign.suppress.is_empty() {
@@ -161,9 +180,8 @@ fn journal_the_run(
     let domains: Vec<(String, std::time::Duration)> =
         domains.into_iter().map(|(d, at)| (d, ago(at))).collect();
     pacer.carry_over(latest.map(ago), &domains);
-    j.journal.event(
+    j.journal.run_started(
         &j.slot,
-        "run",
         &format!("started by process {}: {due_count} due", std::process::id()),
     )
 }
@@ -186,6 +204,7 @@ mod tests {
             approve: None,
             stage: None,
             limit: None,
+            move_journal: false,
         };
         let exit = run(&path, &options, &mut out).unwrap();
         // Timings differ from run to run.
