@@ -204,16 +204,19 @@ impl Gate {
     }
 
     /// Records the message if not yet done, and waits until that is durable (once; later
-    /// calls pass at once).
+    /// calls pass at once). The gate opens only once the answer is in: a wait that is
+    /// cancelled leaves it shut, so no later call can pass without a durable record.
     pub async fn pass(&mut self, message: &OutgoingMessage) -> Result<(), Refusal> {
         self.start(message);
-        match std::mem::replace(&mut self.0, GateState::Open) {
-            GateState::Open | GateState::Ready { .. } => Ok(()),
-            GateState::Sent(answer) => answer
-                .await
-                .unwrap_or_else(|_| Err("the journal writer has stopped".to_owned()))
-                .map_err(Refusal::Unrecorded),
-        }
+        let GateState::Sent(answer) = &mut self.0 else {
+            // Open (no journal), or passed before.
+            return Ok(());
+        };
+        let answer = answer
+            .await
+            .unwrap_or_else(|_| Err("the journal writer has stopped".to_owned()));
+        self.0 = GateState::Open;
+        answer.map_err(Refusal::Unrecorded)
     }
 }
 
@@ -487,13 +490,15 @@ pub(crate) mod tests {
         }
     }
 
-    /// Runs a scheduler test on a current-thread runtime. The tests' durations are a few
-    /// milliseconds and their timing checks are lower bounds, so they hold on the real clock;
-    /// with tokio's `test-util` feature, `.start_paused(true)` here runs every one of them on
-    /// paused time, unchanged.
+    /// Runs a scheduler test on a current-thread runtime whose clock is tokio's paused one (the
+    /// limiters read it too, through `TokioClock`): a fake clock, so nothing depends on how
+    /// fast the machine is.
     pub(crate) fn on_tokio_time<F: Future>(test: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            // Tokio's clock paused: it jumps to the next timer whenever every task waits, so
+            // backoffs and pauses take no real time and their lengths are exact.
+            .start_paused(true)
             .build()
             .expect("a test runtime")
             .block_on(test)

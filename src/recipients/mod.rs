@@ -195,11 +195,10 @@ pub fn watch_suppressions(
                 for problem in problems.0 {
                     tracing::warn!("suppression list changed: {problem}");
                 }
-                tracing::info!(
-                    addresses = suppressed.len(),
-                    "a suppression list changed; read again"
-                );
+                let addresses = suppressed.len();
+                // Taken first, said after: whoever reads the line may rely on it.
                 on_change(suppressed);
+                tracing::info!(addresses, "a suppression list changed; read again");
                 seen = now;
             }
             Err(error) => tracing::warn!("cannot read a suppression list again: {error:#}"),
