@@ -2,7 +2,7 @@
 //! binary. Every campaign starts from the repository's example templates and locales.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 
 use crate::sink::Sink;
 
@@ -24,8 +24,96 @@ const FAST_RETRY: &str =
 #[derive(Debug)]
 pub struct Run {
     pub code: i32,
+    /// The signal that ended it, if one did (then `code` is -1).
+    pub signal: Option<i32>,
     pub stdout: String,
     pub stderr: String,
+}
+
+impl From<std::process::Output> for Run {
+    fn from(output: std::process::Output) -> Run {
+        Run {
+            code: output.status.code().unwrap_or(-1),
+            signal: std::os::unix::process::ExitStatusExt::signal(&output.status),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+/// A `send` on another process, for tests that act while it runs. Killed if the test fails.
+pub struct Running(Option<Child>);
+
+impl Running {
+    /// `send CAMPAIGN` (approved) with `extra` arguments.
+    pub fn send(path: &Path, extra: &[&str]) -> Running {
+        let mut args = vec!["send", path.to_str().unwrap()];
+        args.extend(extra);
+        let child = Command::new(env!("CARGO_BIN_EXE_mailer"))
+            .args(approved(&args))
+            .env_remove("MAILER_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Running(Some(child))
+    }
+
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().unwrap().id()
+    }
+
+    pub fn still_running(&mut self) -> bool {
+        self.0.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    /// Its standard error, to read while it runs.
+    pub fn take_stderr(&mut self) -> std::process::ChildStderr {
+        self.0.as_mut().unwrap().stderr.take().unwrap()
+    }
+
+    /// Sends it the signal `name` (`TERM`, `INT`, …).
+    pub fn signal(&self, name: &str) {
+        let pid = self.id().to_string();
+        let sent = Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{name} {pid}");
+    }
+
+    /// SIGKILL now.
+    pub fn kill(mut self) -> Run {
+        let mut child = self.0.take().unwrap();
+        let _ = child.kill();
+        Run::from(child.wait_with_output().unwrap())
+    }
+
+    /// Waits for it to end.
+    pub fn finish(mut self) -> Run {
+        Run::from(self.0.take().unwrap().wait_with_output().unwrap())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits for `condition`; the limit only keeps a broken build from hanging the suite.
+pub fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !condition() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(120),
+            "gave up waiting: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -208,11 +296,7 @@ pub fn unapproved(args: &[&str], env: &[(&str, &str)]) -> Run {
         .envs(env.iter().copied())
         .output()
         .unwrap();
-    Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    Run::from(output)
 }
 
 /// `count` rows spread over the example's four locales (plus fallbacks), with names that need

@@ -5,14 +5,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
-use crate::campaign::{Campaign, Run, mailer, people};
+use crate::campaign::{Campaign, Running, mailer, people, wait_until};
 use crate::count;
-use crate::sink::{Phase, Script, Sink};
+use crate::sink::{Phase, Script, Sink, held_sink};
 
 /// Where a test campaign's journal is by default (the builder's id is `test-campaign`).
 fn journal_file(campaign: &Campaign) -> PathBuf {
@@ -63,82 +62,6 @@ pub(crate) fn state_count(status: &serde_json::Value, state: &str) -> u64 {
     status["counts"][state]
         .as_u64()
         .unwrap_or_else(|| panic!("no count for {state}: {status}"))
-}
-
-/// `send` on another process, for tests that act while it runs. Killed if the test fails.
-struct Running(Option<Child>);
-
-impl Running {
-    fn send(path: &Path) -> Running {
-        let child = Command::new(env!("CARGO_BIN_EXE_mailer"))
-            .args(crate::campaign::approved(&["send", arg(path)]))
-            .env_remove("MAILER_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Running(Some(child))
-    }
-
-    fn id(&self) -> u32 {
-        self.0.as_ref().unwrap().id()
-    }
-
-    fn still_running(&mut self) -> bool {
-        self.0.as_mut().unwrap().try_wait().unwrap().is_none()
-    }
-
-    fn finish(mut self) -> Run {
-        let output = self.0.take().unwrap().wait_with_output().unwrap();
-        Run {
-            code: output.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Waits for `condition`; the limit only keeps a broken build from hanging the suite.
-fn wait_until(what: &str, condition: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !condition() {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "gave up waiting: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// A sink that holds its reply to the final dot of the `n`th message (from 1) until the test
-/// lets go by clearing the flag it gives back, and counts the final dots it has seen: a send
-/// that cannot end, or go on, before the test has done what it does meanwhile, however slow
-/// the machine.
-fn held_sink(n: usize) -> (Sink, Arc<AtomicBool>, Arc<AtomicUsize>) {
-    let held = Arc::new(AtomicBool::new(true));
-    let ends = Arc::new(AtomicUsize::new(0));
-    let script: Script = {
-        let (held, ends) = (Arc::clone(&held), Arc::clone(&ends));
-        Arc::new(move |phase, _| {
-            if phase == Phase::EndOfData && ends.fetch_add(1, Ordering::SeqCst) + 1 == n {
-                // The sink's thread waits: with one connection, nothing else is due meanwhile.
-                while held.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-            None
-        })
-    };
-    (Sink::scripted(script), held, ends)
 }
 
 /// Every address of `people(n)`.
@@ -253,7 +176,7 @@ fn a_second_send_while_one_runs_exits_75_naming_the_first_process() {
     let (sink, held, _) = held_sink(1);
     let campaign = Campaign::example().smtp(&sink, 1).rows(people(25));
     let path = campaign.write();
-    let mut first = Running::send(&path);
+    let mut first = Running::send(&path, &[]);
     // The first run holds the lock from before it validates until it ends: once the sink
     // has a recipient from it, it holds it.
     wait_until("the first run sends", || !sink.rcpts().is_empty());
@@ -498,11 +421,11 @@ fn stop_halts_a_running_send_and_every_later_one_until_resume() {
     let (sink, held, ends) = held_sink(3);
     let campaign = Campaign::example().smtp(&sink, 1).rows(people(30));
     let path = campaign.write();
-    let mut running = Running::send(&path);
+    let mut running = Running::send(&path, &[]);
     // Its log, read as it comes.
     let log = Arc::new(std::sync::Mutex::new(String::new()));
     let reader = {
-        let stderr = running.0.as_mut().unwrap().stderr.take().unwrap();
+        let stderr = running.take_stderr();
         let log = Arc::clone(&log);
         std::thread::spawn(move || {
             use std::io::BufRead as _;

@@ -6,13 +6,12 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use crate::campaign::{Campaign, Run, approved, mailer, people};
-use crate::sink::{Phase, Script, Sink};
+use crate::campaign::{Campaign, Run, Running, approved, mailer, people, wait_until};
+use crate::sink::{Sink, held_sink};
 
 fn arg(path: &Path) -> &str {
     path.to_str().unwrap()
@@ -51,85 +50,6 @@ fn counts(path: &Path, extra: &[&str]) -> BTreeMap<String, u64> {
         .iter()
         .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
         .collect()
-}
-
-/// A sink that holds its reply to the final dot of the `n`th message until released, and
-/// counts final dots: the test acts while a send is surely in the middle.
-fn held_sink(n: usize) -> (Sink, Arc<AtomicBool>, Arc<AtomicUsize>) {
-    let held = Arc::new(AtomicBool::new(true));
-    let ends = Arc::new(AtomicUsize::new(0));
-    let script: Script = {
-        let (held, ends) = (Arc::clone(&held), Arc::clone(&ends));
-        Arc::new(move |phase, _| {
-            if phase == Phase::EndOfData && ends.fetch_add(1, Ordering::SeqCst) + 1 == n {
-                while held.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-            None
-        })
-    };
-    (Sink::scripted(script), held, ends)
-}
-
-/// Waits for `condition`; the limit only keeps a broken build from hanging the suite.
-fn wait_until(what: &str, condition: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !condition() {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "gave up waiting: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// A `send` on another process, killed if the test fails.
-struct Running(Option<Child>);
-
-impl Running {
-    fn send(path: &Path, extra: &[&str]) -> Running {
-        let mut args = vec!["send", arg(path)];
-        args.extend(extra);
-        let child = Command::new(env!("CARGO_BIN_EXE_mailer"))
-            .args(approved(&args))
-            .env_remove("MAILER_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Running(Some(child))
-    }
-
-    fn signal(&self, name: &str) {
-        let pid = self.0.as_ref().unwrap().id().to_string();
-        let sent = Command::new("kill")
-            .args([&format!("-{name}"), &pid])
-            .status()
-            .unwrap();
-        assert!(sent.success(), "kill -{name} {pid}");
-    }
-
-    fn finish(mut self) -> (Run, std::process::ExitStatus) {
-        let output = self.0.take().unwrap().wait_with_output().unwrap();
-        (
-            Run {
-                code: output.status.code().unwrap_or(-1),
-                stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            },
-            output.status,
-        )
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 #[test]
@@ -322,16 +242,13 @@ fn as_unprivileged(dir: &Path, args: &[&str]) -> Run {
     } else {
         Command::new(&binary)
     };
-    let output = command
-        .args(approved(args))
-        .env_remove("MAILER_LOG")
-        .output()
-        .unwrap();
-    Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    Run::from(
+        command
+            .args(approved(args))
+            .env_remove("MAILER_LOG")
+            .output()
+            .unwrap(),
+    )
 }
 
 /// Makes `dir` and everything below readable (and folders enterable) by everyone.
@@ -497,7 +414,7 @@ fn a_signal_stops_the_run_gracefully_and_the_next_run_goes_on() {
         // Not a timed assertion: a moment for the signal to arrive before the reply does.
         std::thread::sleep(Duration::from_millis(300));
         held.store(false, Ordering::SeqCst);
-        let (run, _) = running.finish();
+        let run = running.finish();
         assert_eq!(run.code, 75, "SIG{signal}: {run:?}");
         assert!(run.stdout.contains("20 recipients"), "the summary: {run:?}");
         assert!(
@@ -531,13 +448,9 @@ fn a_second_signal_ends_at_once_leaving_at_most_one_ambiguous_per_connection() {
     running.signal("TERM");
     std::thread::sleep(Duration::from_millis(300));
     running.signal("TERM");
-    let (run, status) = running.finish();
+    let run = running.finish();
     held.store(false, Ordering::SeqCst);
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(15),
-        "ended by the second signal: {run:?}"
-    );
+    assert_eq!(run.signal, Some(15), "ended by the second signal: {run:?}");
     let next = mailer(&["send", arg(&path)], &[]);
     assert_eq!(next.code, 1, "one ambiguous recipient: {next:?}");
     let counts = counts(&path, &[]);
@@ -590,11 +503,7 @@ fn send_with_file_limit(path: &Path, blocks: u64) -> Run {
         .env_remove("MAILER_LOG")
         .output()
         .unwrap();
-    Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    Run::from(output)
 }
 
 #[test]

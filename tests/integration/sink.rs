@@ -1106,3 +1106,32 @@ impl Session {
         Ok(())
     }
 }
+
+/// A sink that holds its reply to the final dot of the `n`th message (from 1) until the test
+/// lets go by clearing the flag it gives back, and counts the final dots it has seen: a send
+/// that cannot end, or go on, before the test has done what it does meanwhile, however slow
+/// the machine.
+pub fn held_sink(
+    n: usize,
+) -> (
+    Sink,
+    Arc<std::sync::atomic::AtomicBool>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let held = Arc::new(AtomicBool::new(true));
+    let ends = Arc::new(AtomicUsize::new(0));
+    let script: Script = {
+        let (held, ends) = (Arc::clone(&held), Arc::clone(&ends));
+        Arc::new(move |phase, _| {
+            if phase == Phase::EndOfData && ends.fetch_add(1, Ordering::SeqCst) + 1 == n {
+                // The sink's thread waits: with one connection, nothing else is due meanwhile.
+                while held.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            None
+        })
+    };
+    (Sink::scripted(script), held, ends)
+}

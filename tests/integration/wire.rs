@@ -4,14 +4,13 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use mail_parser::MimeHeaders as _;
 
-use crate::campaign::{Campaign, approved, people};
+use crate::campaign::{Campaign, Running, people, wait_until};
 use crate::count;
 use crate::delivery::busiest_second;
 use crate::sink::{Phase, Sink, Transaction};
@@ -174,18 +173,6 @@ fn journaled_sent(path: &Path) -> Option<i64> {
     .ok()
 }
 
-/// Waits for `condition`; the limit only keeps a broken build from hanging the suite.
-fn wait_until(what: &str, condition: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !condition() {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "gave up waiting: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 #[test]
 fn per_domain_limits_hold_across_a_kill_and_an_immediate_restart() {
     // A per-domain burst is 50 ms of the rate, at least one message, and cannot be set. A
@@ -226,20 +213,12 @@ fn per_domain_limits_hold_across_a_kill_and_an_immediate_restart() {
 
     // The first run spends every domain's burst (its first message each), then waits 1.5 to
     // 2 s for the next slot; it is killed while it waits, once the journal has all three.
-    let first = Spawned(Some(
-        Command::new(env!("CARGO_BIN_EXE_mailer"))
-            .args(approved(&["send", path.to_str().unwrap()]))
-            .env_remove("MAILER_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    ));
+    let first = Running::send(&path, &[]);
     wait_until("the first run sent one message per domain", || {
         journaled_sent(&journal) == Some(3)
     });
     let killed = first.kill();
-    assert!(!killed.success(), "killed, not finished: {killed:?}");
+    assert_eq!(killed.signal, Some(9), "killed, not finished: {killed:?}");
     let before: BTreeSet<String> = sink.accepted().into_keys().collect();
     for first in ["u0@a.example", "u0@b.example", "u0@c.example"] {
         assert!(before.contains(first), "{first} went first: {before:?}");
@@ -266,27 +245,6 @@ fn per_domain_limits_hold_across_a_kill_and_an_immediate_restart() {
             "{domain}: {busiest} RCPTs in one second across the restart, more than {rate:.2}/s \
              + burst 1"
         );
-    }
-}
-
-/// A child process, killed if the test fails before it does.
-struct Spawned(Option<Child>);
-
-impl Spawned {
-    /// SIGKILL now; the exit status.
-    fn kill(mut self) -> ExitStatus {
-        let mut child = self.0.take().unwrap();
-        let _ = child.kill();
-        child.wait().unwrap()
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
