@@ -72,11 +72,12 @@ impl Running {
         self.0.as_mut().unwrap().stderr.take().unwrap()
     }
 
-    /// Sends it the signal `name` (`TERM`, `INT`, …).
+    /// Sends it the signal `name` (`TERM`, `INT`, …), with the shell's own `kill` (a machine
+    /// may have no `kill` program).
     pub fn signal(&self, name: &str) {
         let pid = self.id().to_string();
-        let sent = Command::new("kill")
-            .args([&format!("-{name}"), &pid])
+        let sent = Command::new("sh")
+            .args(["-c", &format!("kill -{name} {pid}")])
             .status()
             .unwrap();
         assert!(sent.success(), "kill -{name} {pid}");
