@@ -67,9 +67,28 @@ impl Running {
         self.0.as_mut().unwrap().try_wait().unwrap().is_none()
     }
 
-    /// Its standard error, to read while it runs.
-    pub fn take_stderr(&mut self) -> std::process::ChildStderr {
-        self.0.as_mut().unwrap().stderr.take().unwrap()
+    /// Its log (standard error), read on a thread as it comes.
+    pub fn log(&mut self) -> Log {
+        let stderr = self.0.as_mut().unwrap().stderr.take().unwrap();
+        let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let reader = {
+            let text = std::sync::Arc::clone(&text);
+            std::thread::spawn(move || {
+                use std::io::BufRead as _;
+                for line in std::io::BufReader::new(stderr)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    let mut text = text.lock().unwrap();
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+            })
+        };
+        Log {
+            text,
+            reader: Some(reader),
+        }
     }
 
     /// Sends it the signal `name` (`TERM`, `INT`, …), with the shell's own `kill` (a machine
@@ -102,6 +121,31 @@ impl Drop for Running {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// A running send's log, as far as it has come.
+pub struct Log {
+    text: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Log {
+    pub fn contains(&self, needle: &str) -> bool {
+        self.text.lock().unwrap().contains(needle)
+    }
+
+    /// What it holds so far.
+    pub fn text(&self) -> String {
+        self.text.lock().unwrap().clone()
+    }
+
+    /// The whole log, once the process has ended.
+    pub fn finish(mut self) -> String {
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        self.text()
     }
 }
 

@@ -268,9 +268,8 @@ fn a_marketing_campaign_without_its_key_sends_nothing() {
 
 #[test]
 fn an_address_suppressed_while_the_send_runs_never_reaches_the_relay() {
-    use std::io::BufRead as _;
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
     // One connection. The sink holds its reply to the fourth message until the run has said
@@ -303,34 +302,9 @@ fn an_address_suppressed_while_the_send_runs_never_reaches_the_relay() {
     );
     std::fs::write(&path, toml).unwrap();
 
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mailer"))
-        .args(crate::campaign::approved(&["send", path.to_str().unwrap()]))
-        .env_remove("MAILER_LOG")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Its log, read as it comes.
-    let log = Arc::new(Mutex::new(String::new()));
-    let reader = {
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let mut log = log.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        })
-    };
-    let read_again = || {
-        log.lock()
-            .unwrap()
-            .contains("a suppression list changed; read again")
-    };
+    let mut running = crate::campaign::Running::send(&path, &[]);
+    let log = running.log();
+    let read_again = || log.contains("a suppression list changed; read again");
     // The limits below only keep a broken build from hanging the suite.
     let started = Instant::now();
     while ends.load(Ordering::SeqCst) < 4 {
@@ -344,7 +318,7 @@ fn an_address_suppressed_while_the_send_runs_never_reaches_the_relay() {
         assert!(
             started.elapsed() < Duration::from_secs(120),
             "the run never read the list again: {}",
-            log.lock().unwrap()
+            log.text()
         );
         std::fs::write(
             &suppress_file,
@@ -361,15 +335,10 @@ fn an_address_suppressed_while_the_send_runs_never_reaches_the_relay() {
         }
     }
     held.store(false, Ordering::SeqCst);
-    let output = child.wait_with_output().unwrap();
-    reader.join().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{stdout}\n{}",
-        log.lock().unwrap()
-    );
+    let run = running.finish();
+    let log = log.finish();
+    let stdout = run.stdout.as_str();
+    assert_eq!(run.code, 0, "{stdout}\n{log}");
     let received: std::collections::BTreeSet<String> = sink
         .transactions()
         .iter()
@@ -383,7 +352,7 @@ fn an_address_suppressed_while_the_send_runs_never_reaches_the_relay() {
         assert!(!received.contains(never), "{never} was sent to");
     }
     assert_eq!(received.len(), 17, "everyone else: {received:?}");
-    assert_eq!(crate::count(&stdout, "suppressed"), Some(3), "{stdout}");
+    assert_eq!(crate::count(stdout, "suppressed"), Some(3), "{stdout}");
     let report = mailer(&["report", path.to_str().unwrap()], &[]);
     let suppressed_rows = report
         .stdout

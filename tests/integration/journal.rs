@@ -422,23 +422,7 @@ fn stop_halts_a_running_send_and_every_later_one_until_resume() {
     let campaign = Campaign::example().smtp(&sink, 1).rows(people(30));
     let path = campaign.write();
     let mut running = Running::send(&path, &[]);
-    // Its log, read as it comes.
-    let log = Arc::new(std::sync::Mutex::new(String::new()));
-    let reader = {
-        let stderr = running.take_stderr();
-        let log = Arc::clone(&log);
-        std::thread::spawn(move || {
-            use std::io::BufRead as _;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let mut log = log.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        })
-    };
+    let log = running.log();
     wait_until("the third message is on the wire", || {
         ends.load(Ordering::SeqCst) >= 3
     });
@@ -446,14 +430,11 @@ fn stop_halts_a_running_send_and_every_later_one_until_resume() {
     let stop = mailer(&["stop", arg(&path), "--reason", "wrong attachment"], &[]);
     assert_eq!(stop.code, 0, "{stop:?}");
     wait_until("the run says it halted", || {
-        log.lock()
-            .unwrap()
-            .contains("halted: no new message starts")
+        log.contains("halted: no new message starts")
     });
     held.store(false, Ordering::SeqCst);
     let stopped = running.finish();
-    reader.join().unwrap();
-    let log = log.lock().unwrap().clone();
+    let log = log.finish();
     assert_eq!(stopped.code, 3, "{stopped:?}\n{log}");
     let sent_before_stop = sink.transactions().len();
     assert_eq!(

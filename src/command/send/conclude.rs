@@ -105,6 +105,13 @@ fn unrecorded(
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<Exit> {
     let journal = j.journal.path();
+    // Best effort (the disk may still be full): a run recorded as ended is not taken for one
+    // whose write-ahead log was lost, should the log be merged and removed before the next.
+    let _ = j.journal.event(
+        &j.slot,
+        "run",
+        "ended with exit 74: the journal could not be written",
+    );
     if let Ok(counts) = j.journal.counts(&j.slot) {
         let count = |name: &str| {
             usize::try_from(counts.get(name).copied().unwrap_or(0)).unwrap_or(usize::MAX)

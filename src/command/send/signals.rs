@@ -51,12 +51,6 @@ impl Interrupts {
             received,
         })
     }
-
-    /// The signal received, if one was.
-    #[must_use]
-    pub fn received(&self) -> Option<String> {
-        self.received.borrow().clone()
-    }
 }
 
 impl Drop for Interrupts {
