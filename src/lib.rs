@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Below the stages, the vocabulary they share: [`exit`] codes, [`problem`]s with file and
-//! line, the [`clock`], normalised [`address`]es and the [`outcome`] of a delivery. Above
+//! line, bounded reads of the campaign's [`files`], the [`clock`], normalised [`address`]es and the [`outcome`] of a delivery. Above
 //! them, [`pipeline`] (load, render and guard every recipient: the front that `check`, `plan`,
 //! `preview` and `send` share), the command line ([`cli`]) and one module per [`command`].
 //! `main.rs` only maps the result of [`run`] to an exit code.
@@ -16,6 +16,7 @@
 // The vocabulary.
 pub mod exit;
 pub mod problem;
+pub mod files;
 pub mod clock;
 pub mod address;
 pub mod outcome;

@@ -277,11 +277,37 @@ pub fn warnings(loaded: &Loaded) -> Vec<Problem> {
         }
     }
     found.extend(exposed_secrets(&loaded.campaign));
-    for (line, first) in &loaded.list.duplicates {
+    found.extend(duplicates(&loaded.list));
+    found
+}
+
+/// Duplicate rows named one by one before the rest are only counted: a list of a million
+/// copies of one row must not make a million warnings.
+const DUPLICATES_NAMED: usize = 10;
+
+/// A warning for each of the first duplicate rows, and one that counts the others.
+fn duplicates(list: &RecipientList) -> Vec<Problem> {
+    let mut found: Vec<Problem> = list
+        .duplicates
+        .iter()
+        .take(DUPLICATES_NAMED)
+        .map(|(line, first)| {
+            Problem::warning(
+                &list.path,
+                Some(*line),
+                format!("repeats the address of line {first}; sent once"),
+            )
+        })
+        .collect();
+    let more = list.duplicates.len().saturating_sub(DUPLICATES_NAMED);
+    if more > 0 {
         found.push(Problem::warning(
-            &loaded.list.path,
-            Some(*line),
-            format!("repeats the address of line {first}; sent once"),
+            &list.path,
+            None,
+            format!(
+                "{more} more row{} repeat an earlier row's address; each address is sent once",
+                if more == 1 { "" } else { "s" }
+            ),
         ));
     }
     found
@@ -393,10 +419,19 @@ pub fn expectations(loaded: &Loaded, problems: &Problems) -> Vec<Problem> {
 }
 
 /// `[safety] expect_count` against the distinct addresses of the list (suppressed ones
-/// included, so that unsubscribes arriving do not change it).
+/// included, so that unsubscribes arriving do not change it). Without it, a list with no
+/// rows at all is an error: an export that came out empty is not a campaign that is done.
 fn miscount(loaded: &Loaded) -> Option<Problem> {
     let list = &loaded.list;
     let count = list.recipients.len() + list.suppressed.len();
+    let empty = count == 0 && list.refused.is_empty() && list.problems.errors() == 0;
+    if empty && loaded.campaign.safety.expect_count.is_none() {
+        return Some(Problem::error(
+            &list.path,
+            None,
+            "the recipient list has no rows, only a header: nothing to send; if that is expected, say so with `[safety] expect_count = 0`",
+        ));
+    }
     let expected = loaded.campaign.safety.expect_count?;
     (expected != count).then(|| {
         Problem::error(

@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use lettre::message::Mailbox;
 use toml::Spanned;
 use unic_langid::LanguageIdentifier;
@@ -86,7 +85,19 @@ pub struct Safety {
     /// The number of distinct addresses the recipient list must hold (suppressed ones
     /// included); any other count refuses the send.
     pub expect_count: Option<usize>,
+    /// The most bytes one message may have, checked while its templates render (so that a
+    /// runaway template stops early) and on the final message.
+    pub max_message_size: usize,
+    /// CSV columns the HTML template may output unescaped (`{{{r.<column>}}}`); any other
+    /// column's raw output is an error, since it lets the list's data write HTML.
+    pub raw_html_columns: Vec<String>,
 }
+
+/// `[safety] max_message_size` by default: ten times what the largest webmail shows before
+/// clipping a message, far above any campaign's, far below what would exhaust memory.
+pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
+/// The largest `[safety] max_message_size` accepted.
+pub const MAX_MESSAGE_SIZE_LIMIT: usize = 64 << 20;
 
 impl Default for Safety {
     fn default() -> Safety {
@@ -98,6 +109,8 @@ impl Default for Safety {
             canary: Vec::new(),
             canary_rows: Vec::new(),
             expect_count: None,
+            max_message_size: MAX_MESSAGE_SIZE,
+            raw_html_columns: Vec::new(),
         }
     }
 }
@@ -180,9 +193,9 @@ impl PasswordSource {
                     "the environment variable `{name}` named by password_env is not set"
                 )
             }),
-            PasswordSource::File(path) => std::fs::read_to_string(path)
+            PasswordSource::File(path) => crate::files::read_text(path, crate::files::SECRET_CAP)
                 .map(|text| Secret(text.trim_end_matches(['\r', '\n']).to_owned()))
-                .with_context(|| format!("cannot read password_file `{}`", path.display())),
+                .map_err(|error| anyhow::anyhow!("password_file {error}")),
         }
     }
 }
@@ -215,6 +228,31 @@ impl fmt::Display for Secret {
     }
 }
 
+impl Campaign {
+    /// The folders the template files may live in (links included): the template folder and
+    /// the campaign file's folder.
+    #[must_use]
+    pub fn template_folders(&self) -> crate::files::Folders {
+        crate::files::Folders::new([self.template_dir.as_path(), self.folder()])
+    }
+
+    /// The folders the `.ftl` files may live in (links included): the locales folder and the
+    /// campaign file's folder.
+    #[must_use]
+    pub fn locale_folders(&self) -> crate::files::Folders {
+        crate::files::Folders::new([self.locales_dir.as_path(), self.folder()])
+    }
+
+    /// The folder of the campaign file.
+    #[must_use]
+    pub fn folder(&self) -> &Path {
+        match self.file.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        }
+    }
+}
+
 /// A campaign id: 1 to 64 letters, digits, `-`, `_` or `.` (it names the journal's files).
 #[must_use]
 pub fn valid_id(id: &str) -> bool {
@@ -238,8 +276,8 @@ pub fn parse_file(path: &Path) -> anyhow::Result<Result<Campaign, Problems>> {
 
 /// The campaign file's text, for [`parse`].
 pub fn read(path: &Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the campaign file `{}`", path.display()))
+    crate::files::read_text(path, crate::files::SOURCE_CAP)
+        .map_err(|error| anyhow::anyhow!("the campaign file {error}"))
 }
 
 /// Validates campaign.toml text; `path` names the file in errors and anchors relative paths.
@@ -518,6 +556,31 @@ impl Validator<'_> {
             canary,
             canary_rows,
             expect_count,
+            max_message_size: self.message_size(raw.max_message_size.as_ref()),
+            raw_html_columns: raw
+                .raw_html_columns
+                .iter()
+                .map(|column| column.get_ref().trim().to_owned())
+                .collect(),
+        }
+    }
+
+    /// `[safety] max_message_size`: bytes, from 1 KiB to [`MAX_MESSAGE_SIZE_LIMIT`].
+    fn message_size(&mut self, value: Option<&Spanned<i64>>) -> usize {
+        let Some(value) = value else {
+            return MAX_MESSAGE_SIZE;
+        };
+        match usize::try_from(*value.get_ref()) {
+            Ok(bytes) if (1024..=MAX_MESSAGE_SIZE_LIMIT).contains(&bytes) => bytes,
+            _ => {
+                self.error(
+                    value,
+                    format!(
+                        "`max_message_size` is in bytes, from 1024 to {MAX_MESSAGE_SIZE_LIMIT} (64 MiB), such as `2_097_152` for 2 MiB"
+                    ),
+                );
+                MAX_MESSAGE_SIZE
+            }
         }
     }
 

@@ -65,6 +65,9 @@ pub struct RawSafety {
     pub max_invalid: Option<Spanned<i64>>,
     /// A fraction: serde reads a TOML integer (`1`) as a float too.
     pub halt_failure_ratio: Option<Spanned<f64>>,
+    pub max_message_size: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub raw_html_columns: Vec<Spanned<String>>,
     pub halt_min_sample: Option<Spanned<i64>>,
     #[serde(default)]
     pub canary: Vec<Spanned<String>>,

@@ -59,8 +59,8 @@ impl Settings {
         };
         let ca = match &smtp.ca_file {
             Some(path) => Some(
-                std::fs::read(path)
-                    .with_context(|| format!("cannot read ca_file `{}`", path.display()))?,
+                crate::files::read(path, crate::files::SECRET_CAP)
+                    .map_err(|error| anyhow::anyhow!("ca_file {error}"))?,
             ),
             None => None,
         };

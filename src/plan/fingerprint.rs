@@ -20,14 +20,30 @@ pub type Inputs = BTreeMap<String, String>;
 pub fn inputs(campaign: &Campaign) -> anyhow::Result<Inputs> {
     let mut inputs = Inputs::new();
     inputs.insert("campaign file".to_owned(), hash_file(&campaign.file)?);
-    for (name, dir) in [
-        ("templates", &campaign.template_dir),
-        ("locales", &campaign.locales_dir),
+    // Exactly the files the loaders read, links checked as they check them.
+    for (name, dir, files, folders) in [
+        (
+            "templates",
+            &campaign.template_dir,
+            crate::render::template::files(&campaign.template_dir),
+            campaign.template_folders(),
+        ),
+        (
+            "locales",
+            &campaign.locales_dir,
+            crate::render::locale::files(&campaign.locales_dir),
+            campaign.locale_folders(),
+        ),
     ] {
-        let mut files = Vec::new();
-        walk(dir, dir, &mut files)?;
-        for (relative, path) in files {
-            inputs.insert(format!("{name}/{relative}"), hash_file(&path)?);
+        for path in files {
+            // A file that cannot be read (a dangling link, a FIFO, a link out of the campaign)
+            // fails loading, which names it in the list of every problem.
+            let hash = match folders.contain(&path).map(|()| crate::files::open(&path)) {
+                Ok(Ok(file)) => hash_open(file, &path)?,
+                Err(error) | Ok(Err(error)) if error.is_missing() => "missing".to_owned(),
+                Err(_) | Ok(Err(_)) => "unreadable".to_owned(),
+            };
+            inputs.insert(format!("{name}/{}", relative(dir, &path)), hash);
         }
     }
     inputs.insert("recipients".to_owned(), hash_file(&campaign.recipients)?);
@@ -70,12 +86,14 @@ pub fn changes(before: &Inputs, now: &Inputs) -> Vec<String> {
 
 /// A missing file hashes as `missing`: loading the campaign reports it properly, with its line.
 fn hash_file(path: &Path) -> anyhow::Result<String> {
-    let mut file = match std::fs::File::open(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok("missing".to_owned()),
-        opened => {
-            opened.with_context(|| format!("cannot read `{}` to fingerprint it", path.display()))?
-        }
-    };
+    match crate::files::open(path) {
+        Err(error) if error.is_missing() => Ok("missing".to_owned()),
+        opened => hash_open(opened?, path),
+    }
+}
+
+/// The SHA-256 (hex) of what is left to read of `file`, opened from `path`.
+fn hash_open(mut file: std::fs::File, path: &Path) -> anyhow::Result<String> {
     let mut hash = Hasher(Context::new(&SHA256));
     std::io::copy(&mut file, &mut hash)
         .with_context(|| format!("cannot read `{}` to fingerprint it", path.display()))?;
@@ -96,37 +114,17 @@ impl std::io::Write for Hasher {
     }
 }
 
-/// Every file under `dir`, as (path relative to `root` with `/`, full path), sorted.
-fn walk(
-    root: &Path,
-    dir: &Path,
-    files: &mut Vec<(String, std::path::PathBuf)>,
-) -> anyhow::Result<()> {
-    if !dir.is_dir() {
-        return Ok(());
-    }
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot list `{}` to fingerprint it", dir.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("cannot list `{}` to fingerprint it", dir.display()))?;
-    entries.sort_by_key(std::fs::DirEntry::file_name);
-    for entry in entries {
-        let path = entry.path();
-        if path.is_dir() {
-            walk(root, &path, files)?;
-        } else {
-            let relative = path.strip_prefix(root).unwrap_or(&path);
-            let mut name = String::new();
-            for (i, part) in relative.components().enumerate() {
-                if i > 0 {
-                    name.push('/');
-                }
-                let _ = write!(name, "{}", part.as_os_str().to_string_lossy());
-            }
-            files.push((name, path));
+/// `path` relative to `dir`, with `/` between its parts.
+fn relative(dir: &Path, path: &Path) -> String {
+    let relative = path.strip_prefix(dir).unwrap_or(path);
+    let mut name = String::new();
+    for (i, part) in relative.components().enumerate() {
+        if i > 0 {
+            name.push('/');
         }
+        let _ = write!(name, "{}", part.as_os_str().to_string_lossy());
     }
-    Ok(())
+    name
 }
 
 #[cfg(test)]

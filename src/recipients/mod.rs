@@ -11,8 +11,6 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context as _;
-
 pub use crate::address::{NormalisedAddress, normalise};
 
 use crate::problem::{Problem, Problems};
@@ -136,8 +134,8 @@ impl RecipientList {
 /// Reads the recipient CSV at `path`, leaving out the addresses in the `suppress` files.
 pub fn load(path: &Path, suppress: &[PathBuf]) -> anyhow::Result<RecipientList> {
     let (suppressed, mut problems) = read_suppressions(suppress)?;
-    let reader = std::fs::File::open(path)
-        .with_context(|| format!("cannot open the recipient list `{}`", path.display()))?;
+    let reader =
+        crate::files::open(path).map_err(|error| anyhow::anyhow!("the recipient list {error}"))?;
     let mut list = parse_reader(path, reader, &suppressed);
     problems.extend(std::mem::take(&mut list.problems));
     list.problems = problems;
@@ -151,8 +149,8 @@ pub fn read_suppressions(files: &[PathBuf]) -> anyhow::Result<(HashSet<String>, 
     let mut suppressed = HashSet::new();
     let mut problems = Problems::default();
     for file in files {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read the suppression file `{}`", file.display()))?;
+        let text = crate::files::read_text(file, crate::files::SUPPRESSION_CAP)
+            .map_err(|error| anyhow::anyhow!("the suppression file {error}"))?;
         problems.extend(parse_suppressions(file, &text, &mut suppressed));
     }
     Ok((suppressed, problems))
@@ -288,6 +286,28 @@ fn suppress_one(
     }
 }
 
+/// The most bytes one CSV row may hold: the list is streamed, but one row is read whole.
+pub const MAX_ROW: usize = 1 << 20;
+
+/// Fails the read once more than [`MAX_ROW`] bytes (and the CSV reader's read-ahead) have
+/// been read since `read` was last set to 0, which the parser does before each row.
+struct RowCap<R> {
+    inner: R,
+    read: std::rc::Rc<std::cell::Cell<usize>>,
+}
+
+impl<R: Read> Read for RowCap<R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        // The csv crate reads ahead at most its buffer (8 KiB) past a row's end.
+        if self.read.get() > MAX_ROW + (64 << 10) {
+            return Err(std::io::Error::from(std::io::ErrorKind::FileTooLarge));
+        }
+        let n = self.inner.read(out)?;
+        self.read.set(self.read.get() + n);
+        Ok(n)
+    }
+}
+
 /// Rows turned into recipients at a time, in parallel.
 const BATCH: usize = 4096;
 
@@ -295,7 +315,11 @@ const BATCH: usize = 4096;
 pub fn parse_reader(path: &Path, reader: impl Read, suppressed: &HashSet<String>) -> RecipientList {
     let mut problems = Problems::default();
     // Buffers the reader too, so callers can hand over a plain `File`.
-    let reader = line_endings::LineEndsAsLf::new(reader);
+    let row_bytes = std::rc::Rc::new(std::cell::Cell::new(0));
+    let reader = RowCap {
+        inner: line_endings::LineEndsAsLf::new(reader),
+        read: std::rc::Rc::clone(&row_bytes),
+    };
     let mut csv = csv::ReaderBuilder::new()
         .flexible(false)
         .from_reader(reader);
@@ -347,11 +371,13 @@ pub fn parse_reader(path: &Path, reader: impl Read, suppressed: &HashSet<String>
     };
     loop {
         let mut record = csv::StringRecord::new();
+        row_bytes.set(0);
+        let starts = csv.position().line();
         match csv.read_record(&mut record) {
             Ok(false) => break,
             Ok(true) => {}
             Err(error) => {
-                let line = error.position().map(csv::Position::line);
+                let line = error.position().map_or(starts, csv::Position::line);
                 let message = match error.kind() {
                     csv::ErrorKind::Utf8 { .. } => {
                         "the row is not valid UTF-8; save the file as UTF-8".to_owned()
@@ -361,12 +387,20 @@ pub fn parse_reader(path: &Path, reader: impl Read, suppressed: &HashSet<String>
                     } => {
                         format!("the row has {len} fields but the header has {expected_len}")
                     }
+                    csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::FileTooLarge => {
+                        format!(
+                            "the row is longer than {}, the most mailer reads of one row; reading stopped here",
+                            crate::files::size(MAX_ROW as u64)
+                        )
+                    }
                     _ => format!("unreadable row ({error})"),
                 };
-                problems.push(Problem::row(path, line.unwrap_or(0), message));
                 if matches!(error.kind(), csv::ErrorKind::Io(_)) {
+                    // The rows after it were not read: the list itself is unusable, not one row.
+                    problems.push(Problem::error(path, Some(line), message));
                     break;
                 }
+                problems.push(Problem::row(path, line, message));
                 continue;
             }
         }

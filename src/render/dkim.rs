@@ -70,8 +70,8 @@ impl Signer {
     /// List-Unsubscribe, List-Unsubscribe-Post and List-Id when it writes them.
     pub fn load(campaign: &Campaign, dkim: &Dkim) -> Result<Signer, String> {
         let path = dkim.key_path.display();
-        let pem = std::fs::read_to_string(&dkim.key_path)
-            .map_err(|e| format!("cannot read the DKIM key `{path}`: {e}"))?;
+        let pem = crate::files::read_text(&dkim.key_path, crate::files::SECRET_CAP)
+            .map_err(|e| format!("the DKIM key {e}"))?;
         let key = read_key(&pem).map_err(|why| format!("the DKIM key `{path}` {why}"))?;
         let mut headers = vec![
             "from",

@@ -44,10 +44,40 @@ impl std::fmt::Debug for Locales {
 /// The `.ftl` files of one locale: (path, text).
 pub type LocaleSources = (LanguageIdentifier, Vec<(PathBuf, String)>);
 
+/// The `.ftl` files of one locale folder, as listed (links included).
+fn files_in(folder: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    Ok(crate::files::listed(folder, "ftl")?)
+}
+
+/// The files a locales folder's loader reads, whether or not they can be read: the
+/// fingerprint hashes exactly these. Folders that are not language tags hold none.
+#[must_use]
+pub fn files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut folders: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            path.is_dir()
+                && path
+                    .file_name()
+                    .and_then(|name| name.to_str())
+                    .is_some_and(|name| name.parse::<LanguageIdentifier>().is_ok())
+        })
+        .collect();
+    folders.sort();
+    folders
+        .iter()
+        .flat_map(|folder| files_in(folder).unwrap_or_default())
+        .collect()
+}
+
 impl Locales {
     /// Reads every `<dir>/<tag>/*.ftl`. Folder names must be language tags.
     pub fn load(
         dir: &Path,
+        within: &crate::files::Folders,
         default: &LanguageIdentifier,
     ) -> anyhow::Result<Result<Locales, Problems>> {
         let mut problems = Problems::default();
@@ -74,11 +104,15 @@ impl Locales {
                 continue;
             };
             let mut texts = Vec::new();
-            for file in super::files_with_extension(&path, "ftl")? {
-                let text = std::fs::read_to_string(&file).with_context(|| {
-                    format!("cannot read `{}` (Fluent files are UTF-8)", file.display())
-                })?;
-                texts.push((file, text));
+            for file in files_in(&path)? {
+                match within.read_text(&file, crate::files::SOURCE_CAP) {
+                    Ok(text) => texts.push((file, text)),
+                    Err(error) => problems.push(Problem::error(
+                        &file,
+                        None,
+                        format!("this Fluent file {}", error.reason()),
+                    )),
+                }
             }
             sources.push((id, texts));
         }
@@ -271,6 +305,30 @@ impl Locales {
             "the Fluent message `{id}` exists in none of {}",
             self.chain_description(index)
         ))
+    }
+
+    /// The loaded locales whose chain has no `id` (`message` or `message.attribute`) with a
+    /// value: `{{t "id"}}` fails for every recipient of those.
+    #[must_use]
+    pub fn lacking(&self, id: &str) -> Vec<&str> {
+        let (message_id, attribute) = match id.split_once('.') {
+            Some((message, attribute)) => (message, Some(attribute)),
+            None => (id, None),
+        };
+        (0..self.entries.len())
+            .filter(|&index| {
+                !self.chains[index].iter().any(|&candidate| {
+                    let bundle = &self.entries[candidate].bundle;
+                    bundle
+                        .get_message(message_id)
+                        .is_some_and(|message| match attribute {
+                            None => message.value().is_some(),
+                            Some(name) => message.get_attribute(name).is_some(),
+                        })
+                })
+            })
+            .map(|index| self.tag(index))
+            .collect()
     }
 
     /// Message ids of the default locale that the locale at `index` does not define itself,

@@ -5,17 +5,16 @@
 //! current recipient (`r.<column>`), its resolved `locale` and campaign-level values only —
 //! never other recipients.
 
+mod bounds;
 mod dkim;
 pub mod locale;
 pub mod message;
 pub mod template;
 pub mod unsubscribe;
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::SystemTime;
-
-use anyhow::Context as _;
 
 use lettre::message::Mailbox;
 use serde_json::{Map, Value};
@@ -26,17 +25,6 @@ use crate::recipients::{Columns, Recipient};
 pub use locale::Locales;
 pub use message::{Envelope, OutgoingMessage};
 use template::{Part, Templates};
-
-/// The files in `dir` ending in `.extension`, sorted so that loading order is stable.
-fn files_with_extension(dir: &Path, extension: &str) -> anyhow::Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read the folder `{}`", dir.display()))?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|ext| ext == extension))
-        .collect();
-    files.sort();
-    Ok(files)
-}
 
 /// Everything needed to render any recipient's message.
 pub struct Renderer {
@@ -69,11 +57,29 @@ impl Renderer {
         campaign: &Campaign,
         columns: Arc<Columns>,
     ) -> anyhow::Result<Result<Renderer, Problems>> {
-        let locales = match Locales::load(&campaign.locales_dir, &campaign.default_locale)? {
+        let locales = match Locales::load(
+            &campaign.locales_dir,
+            &campaign.locale_folders(),
+            &campaign.default_locale,
+        )? {
             Ok(locales) => Arc::new(locales),
             Err(problems) => return Ok(Err(problems)),
         };
-        let templates = match Templates::load(&campaign.template_dir, Arc::clone(&locales))? {
+        let names: BTreeSet<String> = (0..columns.names.len())
+            .map(|index| columns.template_name(index).to_owned())
+            .collect();
+        let limits = template::Limits {
+            // Without a readable header, the list's problems say so; every column would be missing.
+            columns: (!names.is_empty()).then_some(&names),
+            raw_columns: &campaign.safety.raw_html_columns,
+            max_message_size: campaign.safety.max_message_size,
+        };
+        let templates = match Templates::load(
+            &campaign.template_dir,
+            &campaign.template_folders(),
+            &locales,
+            &limits,
+        ) {
             Ok(templates) => templates,
             Err(problems) => return Ok(Err(problems)),
         };
@@ -214,7 +220,9 @@ impl Renderer {
         });
         // One context for the three templates: `Handlebars::render` would copy the data each time.
         let data = handlebars::Context::from(self.context(recipient, locale, link.as_deref()));
-        let subject = self.templates.render(Part::Subject, &data)?;
+        // What is left of `[safety] max_message_size` as the parts render.
+        let mut budget = self.templates.max_message_size();
+        let subject = self.templates.render(Part::Subject, &data, &mut budget)?;
         if subject.contains(['\r', '\n']) {
             return Err(
                 "the rendered subject contains a line break, which would let data write headers"
@@ -228,7 +236,7 @@ impl Renderer {
         let mut html = self
             .templates
             .has_html()
-            .then(|| self.templates.render(Part::Html, &data))
+            .then(|| self.templates.render(Part::Html, &data, &mut budget))
             .transpose()?;
         if let (Some(inliner), Some(rendered)) = (&self.inliner, html.as_mut()) {
             *rendered = inliner
@@ -236,7 +244,7 @@ impl Renderer {
                 .map_err(|e| format!("cannot inline the HTML's CSS: {e}"))?;
         }
         let text = if self.templates.has_text() {
-            Some(self.templates.render(Part::Text, &data)?)
+            Some(self.templates.render(Part::Text, &data, &mut budget)?)
         } else {
             // HTML only: the text part is made from it, so that every client (and every spam
             // filter) gets one. Same words, same translation.
@@ -280,6 +288,13 @@ impl Renderer {
             list_id: self.list_id.as_deref(),
             dkim: self.dkim.as_ref(),
         })?;
+        let limit = self.templates.max_message_size();
+        if bytes.len() > limit {
+            return Err(format!(
+                "the message is {} bytes, more than `[safety] max_message_size` ({limit})",
+                bytes.len()
+            ));
+        }
         Ok(OutgoingMessage {
             line: recipient.line,
             envelope: Envelope {

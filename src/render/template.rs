@@ -5,18 +5,19 @@
 //! column provides is an error, and both have the `t` helper that calls Fluent.
 //! [`Templates::load`] reads the folder (the edge); [`Templates::from_sources`] is pure.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use fluent_bundle::{FluentArgs, FluentValue};
 use handlebars::{
     Context, Handlebars, Helper, HelperDef, HelperResult, Output, RenderContext, RenderError,
     RenderErrorReason,
 };
 
+use super::bounds;
 use super::locale::Locales;
+use crate::files::Folders;
 use crate::problem::{Problem, Problems};
 
 /// Which template produced a piece of the message.
@@ -46,41 +47,77 @@ pub struct TemplateSources {
     pub partials: Vec<(String, PathBuf, String)>,
 }
 
+/// The names of the templates a message is made of, in the order of [`Part`].
+const TOPS: [&str; 3] = ["subject", "text", "html"];
+
+/// The files a template folder's loader reads, whether or not they can be read: the
+/// fingerprint hashes exactly these.
+#[must_use]
+pub fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = TOPS
+        .iter()
+        .map(|name| dir.join(format!("{name}.hbs")))
+        .filter(|path| path.symlink_metadata().is_ok())
+        .collect();
+    found.extend(crate::files::listed(&dir.join("partials"), "hbs").unwrap_or_default());
+    found
+}
+
 impl TemplateSources {
-    pub fn read(dir: &Path) -> anyhow::Result<TemplateSources> {
-        let read = |name: &str| -> anyhow::Result<Option<(PathBuf, String)>> {
-            let path = dir.join(name);
-            if !path.exists() {
-                return Ok(None);
+    /// Reads the folder's files: regular files within [`crate::files::SOURCE_CAP`], links
+    /// only inside `folders`. What cannot be read is a problem naming the file.
+    #[must_use]
+    pub fn read(dir: &Path, folders: &Folders) -> (TemplateSources, Problems) {
+        let mut problems = Problems::default();
+        let mut read = |path: &Path| -> Option<String> {
+            match folders.read_text(path, crate::files::SOURCE_CAP) {
+                Ok(text) => Some(text),
+                // A dangling link is missing too; say where it points.
+                Err(error) if error.is_missing() && path.symlink_metadata().is_err() => None,
+                Err(error) => {
+                    problems.push(Problem::error(
+                        path,
+                        None,
+                        format!("this template {}", error.reason()),
+                    ));
+                    None
+                }
             }
-            let text = std::fs::read_to_string(&path).with_context(|| {
-                format!(
-                    "cannot read the template `{}` (templates are UTF-8)",
-                    path.display()
-                )
-            })?;
-            Ok(Some((path, text)))
         };
-        let mut sources = TemplateSources {
-            subject: read("subject.hbs")?,
-            text: read("text.hbs")?,
-            html: read("html.hbs")?,
-            partials: vec![],
-        };
-        let partials = dir.join("partials");
-        if partials.is_dir() {
-            for path in super::files_with_extension(&partials, "hbs")? {
-                let name = path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let text = std::fs::read_to_string(&path)
-                    .with_context(|| format!("cannot read the partial `{}`", path.display()))?;
-                sources.partials.push((name, path, text));
+        let mut sources = TemplateSources::default();
+        let mut partials = Vec::new();
+        for path in files(dir) {
+            let Some(text) = read(&path) else {
+                continue;
+            };
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if path.parent() == Some(dir) {
+                let slot = match name.as_str() {
+                    "subject" => &mut sources.subject,
+                    "text" => &mut sources.text,
+                    _ => &mut sources.html,
+                };
+                *slot = Some((path, text));
+            } else {
+                partials.push((name, path, text));
             }
         }
-        Ok(sources)
+        sources.partials = partials;
+        (sources, problems)
     }
+}
+
+/// What the templates are compiled against, besides the locales.
+pub struct Limits<'a> {
+    /// The names templates see the CSV's columns under; `None` to skip that check.
+    pub columns: Option<&'a BTreeSet<String>>,
+    /// `[safety] raw_html_columns`.
+    pub raw_columns: &'a [String],
+    /// `[safety] max_message_size`: the most bytes the parts of one message may render to.
+    pub max_message_size: usize,
 }
 
 /// The compiled templates of a campaign.
@@ -91,22 +128,33 @@ pub struct Templates {
     has_html: bool,
     /// Template name → file, to name the file in render errors.
     files: HashMap<String, PathBuf>,
+    max_message_size: usize,
 }
 
 impl Templates {
-    pub fn load(dir: &Path, locales: Arc<Locales>) -> anyhow::Result<Result<Templates, Problems>> {
-        Ok(Templates::from_sources(
-            dir,
-            &TemplateSources::read(dir)?,
-            locales,
-        ))
+    pub fn load(
+        dir: &Path,
+        folders: &Folders,
+        locales: &Arc<Locales>,
+        limits: &Limits<'_>,
+    ) -> Result<Templates, Problems> {
+        let (sources, mut problems) = TemplateSources::read(dir, folders);
+        match Templates::from_sources(dir, &sources, locales, limits) {
+            Ok(templates) if problems.0.is_empty() => Ok(templates),
+            Ok(_) => Err(problems),
+            Err(more) => {
+                problems.extend(more);
+                Err(problems)
+            }
+        }
     }
 
     /// Compiles the sources; `dir` only names the folder in problems.
     pub fn from_sources(
         dir: &Path,
         sources: &TemplateSources,
-        locales: Arc<Locales>,
+        locales: &Arc<Locales>,
+        limits: &Limits<'_>,
     ) -> Result<Templates, Problems> {
         let mut problems = Problems::default();
         if sources.subject.is_none() {
@@ -123,36 +171,20 @@ impl Templates {
                 "the template folder needs `text.hbs`, `html.hbs` or both",
             ));
         }
-        let mut plain = registry(Arc::clone(&locales), false);
-        let mut html = registry(locales, true);
+        let mut plain = registry(Arc::clone(locales), false);
+        let mut html = registry(Arc::clone(locales), true);
         let mut files = HashMap::new();
-        let mut register = |registry: &mut Handlebars<'static>,
-                            name: &str,
-                            path: &Path,
-                            text: &str,
-                            partial: bool| {
-            let result = if partial {
-                registry.register_partial(name, text)
-            } else {
-                registry.register_template_string(name, text)
-            };
-            if let Err(error) = result {
-                let line = error.pos().map(|(line, _)| line as u64);
-                // The parser's list of expected tokens is long and says little; the line says more.
-                let reason = error.reason().to_string();
-                let reason = reason.split(": expected").next().unwrap_or(&reason);
+        for (name, path, text) in &sources.partials {
+            if TOPS.contains(&name.as_str()) {
                 problems.push(Problem::error(
                     path,
-                    line,
-                    format!(
-                        "template syntax error: {reason} (an unclosed block, or a stray `{{{{`?)"
-                    ),
+                    None,
+                    format!("a partial cannot be named `{name}`: that is the name of the {name} template"),
                 ));
+                continue;
             }
-        };
-        for (name, path, text) in &sources.partials {
-            register(&mut plain, name, path, text, true);
-            register(&mut html, name, path, text, true);
+            problems.extend(register(&mut plain, name, path, text));
+            problems.extend(register(&mut html, name, path, text));
             files.insert(name.clone(), path.clone());
         }
         for (part, source) in [
@@ -172,9 +204,36 @@ impl Templates {
                 } else {
                     text.as_str()
                 };
-                register(registry, part.name(), path, text, false);
+                problems.extend(register(registry, part.name(), path, text));
                 files.insert(part.name().to_owned(), path.clone());
             }
+        }
+        if problems.errors() > 0 {
+            return Err(problems);
+        }
+        let shapes: BTreeMap<String, bounds::Shape> = plain
+            .get_templates()
+            .iter()
+            .filter(|(name, _)| name.as_str() != "html")
+            .chain(
+                html.get_templates()
+                    .iter()
+                    .filter(|(name, _)| name.as_str() == "html"),
+            )
+            .map(|(name, template)| (name.clone(), bounds::Shape::of(template)))
+            .collect();
+        let lacking = |id: &str| -> Vec<String> {
+            locales.lacking(id).into_iter().map(str::to_owned).collect()
+        };
+        let context = bounds::Context {
+            columns: limits.columns,
+            raw_columns: limits.raw_columns,
+            lacking: &lacking,
+            locales: locales.tags().count(),
+        };
+        for (name, line, message) in bounds::check(&shapes, &TOPS, &context) {
+            let path = files.get(&name).map_or(dir, PathBuf::as_path);
+            problems.push(Problem::error(path, (line > 0).then_some(line), message));
         }
         if problems.errors() > 0 {
             return Err(problems);
@@ -185,6 +244,7 @@ impl Templates {
             has_text: sources.text.is_some(),
             has_html: sources.html.is_some(),
             files,
+            max_message_size: limits.max_message_size,
         })
     }
 
@@ -198,16 +258,41 @@ impl Templates {
         self.has_html
     }
 
-    /// Renders one part for one recipient's context; the error names the template file and line.
-    pub fn render(&self, part: Part, data: &Context) -> Result<String, String> {
+    /// The most bytes one message's parts may render to, together.
+    #[must_use]
+    pub fn max_message_size(&self) -> usize {
+        self.max_message_size
+    }
+
+    /// Renders one part for one recipient's context, within `budget` bytes (what is left of
+    /// the message's size limit; the part's size is taken from it). Rendering stops as soon
+    /// as the budget is spent. The error names the template file and line.
+    pub fn render(&self, part: Part, data: &Context, budget: &mut usize) -> Result<String, String> {
         let registry = if part == Part::Html {
             &self.html
         } else {
             &self.plain
         };
-        registry
-            .render_with_context(part.name(), data)
-            .map_err(|error| self.describe(part, &error))
+        let mut out = Capped {
+            text: Vec::new(),
+            room: *budget,
+            full: false,
+        };
+        match registry.render_with_context_to_write(part.name(), data, &mut out) {
+            Ok(()) => {}
+            Err(_) if out.full => {
+                return Err(format!(
+                    "the message grows past {} while `{}.hbs` renders (`[safety] max_message_size`): a template or partial repeats too much, or the data is too large",
+                    crate::files::size(self.max_message_size as u64),
+                    part.name()
+                ));
+            }
+            Err(error) => return Err(self.describe(part, &error)),
+        }
+        *budget = out.room;
+        // The writer only ever receives the `&str`s handlebars renders.
+        String::from_utf8(out.text)
+            .map_err(|_| format!("`{}.hbs` rendered invalid UTF-8", part.name()))
     }
 
     fn describe(&self, part: Part, error: &RenderError) -> String {
@@ -232,6 +317,28 @@ impl Templates {
         };
         format!("{file}{line}: {reason}")
     }
+}
+
+/// Compiles one template into `registry`, once its nesting is known to be within bounds.
+fn register(
+    registry: &mut Handlebars<'static>,
+    name: &str,
+    path: &Path,
+    text: &str,
+) -> Option<Problem> {
+    if let Err((line, message)) = bounds::nesting(text) {
+        return Some(Problem::error(path, Some(line), message));
+    }
+    let error = registry.register_template_string(name, text).err()?;
+    let line = error.pos().map(|(line, _)| line as u64);
+    // The parser's list of expected tokens is long and says little; the line says more.
+    let reason = error.reason().to_string();
+    let reason = reason.split(": expected").next().unwrap_or(&reason);
+    Some(Problem::error(
+        path,
+        line,
+        format!("template syntax error: {reason} (an unclosed block, or a stray `{{{{`?)"),
+    ))
 }
 
 fn registry(locales: Arc<Locales>, escape_html: bool) -> Handlebars<'static> {
@@ -302,6 +409,31 @@ impl HelperDef for Translate {
         } else {
             out.write(&text)?;
         }
+        Ok(())
+    }
+}
+
+/// A writer that takes at most `room` bytes, then fails: a runaway template stops at the
+/// limit instead of building the whole message.
+struct Capped {
+    text: Vec<u8>,
+    room: usize,
+    full: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if bytes.len() > self.room {
+            self.room = 0;
+            self.full = true;
+            return Err(std::io::Error::other("the message size limit"));
+        }
+        self.room -= bytes.len();
+        self.text.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
 }

@@ -8,6 +8,7 @@ mod crash;
 mod deliverability;
 mod delivery;
 mod gallery;
+mod hostile;
 mod journal;
 mod operator;
 mod properties;

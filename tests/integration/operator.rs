@@ -232,7 +232,15 @@ fn a_killed_run_whose_log_is_there_is_resumed_without_a_halt() {
 fn as_unprivileged(dir: &Path, args: &[&str]) -> Run {
     let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
     let binary = dir.join("mailer-copy");
-    std::fs::copy(env!("CARGO_BIN_EXE_mailer"), &binary).unwrap();
+    // Copied by `cp`, not here: a file this multi-threaded process holds open for writing
+    // leaks into whatever another test thread spawns meanwhile, and executing it then fails
+    // with "Text file busy".
+    let copied = Command::new("cp")
+        .arg(env!("CARGO_BIN_EXE_mailer"))
+        .arg(&binary)
+        .status()
+        .unwrap();
+    assert!(copied.success());
     std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut command = if root {
         let mut c = Command::new("setpriv");
