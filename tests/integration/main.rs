@@ -9,6 +9,7 @@ mod deliverability;
 mod delivery;
 mod gallery;
 mod journal;
+mod locales;
 mod operator;
 mod properties;
 mod review;
