@@ -390,14 +390,15 @@ impl Locales {
             if self.by_tag.contains_key(cell) {
                 continue;
             }
-            if let Some((_, _, count)) = seen.get_mut(cell) {
+            let key = kept(cell);
+            if let Some((_, _, count)) = seen.get_mut(&*key) {
                 *count += 1;
                 continue;
             }
             let (index, fit) = self.negotiate(cell);
             if seen.len() < TRACKED {
                 // Served ones are kept too, so that the next row asking for one is a lookup.
-                seen.insert(kept(cell), (index, fit, 1));
+                seen.insert(key.into(), (index, fit, 1));
             } else if fit != Fit::Served {
                 untracked += 1;
             }
@@ -473,7 +474,7 @@ fn recipients(count: usize) -> String {
 }
 
 /// A requested locale as kept: its first 64 characters, `…` after them when there are more.
-fn kept(cell: &str) -> Box<str> {
+fn kept(cell: &str) -> std::borrow::Cow<'_, str> {
     match cell.char_indices().nth(SHOWN_CHARS) {
         None => cell.into(),
         Some((at, _)) => format!("{}…", &cell[..at]).into(),
@@ -814,11 +815,13 @@ mod tests {
             "{lines:?}"
         );
 
-        let found = l.requests([Some(long.as_str())].into_iter());
+        let longer = format!("{long}z");
+        let found = l.requests([Some(long.as_str()), Some(longer.as_str())].into_iter());
         assert_eq!(
             found.listed[0].requested,
             format!("{}…", "y".repeat(SHOWN_CHARS))
         );
+        assert_eq!(found.listed[0].recipients, 2, "one request as shown");
     }
 
     #[test]
