@@ -20,6 +20,7 @@ use crate::guard;
 use crate::plan;
 use crate::problem::{self, Problem, Problems};
 use crate::recipients::{self, Recipient, RecipientList};
+use crate::render::locale::Mismatches;
 use crate::render::{OutgoingMessage, Renderer};
 use crate::report::Summary;
 
@@ -311,6 +312,27 @@ fn duplicates(list: &RecipientList) -> Vec<Problem> {
         ));
     }
     found
+}
+
+/// The locales the recipients to send to asked for that no folder serves as asked, counted
+/// by requested tag (bounded, see [`crate::render::Locales::requests`]).
+#[must_use]
+pub fn locale_requests(loaded: &Loaded) -> Mismatches {
+    let columns = &loaded.list.columns;
+    loaded
+        .renderer
+        .locales()
+        .requests(loaded.list.recipients.iter().map(|r| r.locale(columns)))
+}
+
+/// One warning on the recipient list per line of `requests`.
+#[must_use]
+pub fn request_warnings(loaded: &Loaded, requests: &Mismatches) -> Vec<Problem> {
+    requests
+        .lines()
+        .into_iter()
+        .map(|line| Problem::warning(&loaded.list.path, None, line))
+        .collect()
 }
 
 /// Warnings for the files holding secrets — a `password_file`, the DKIM key — that other

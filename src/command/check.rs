@@ -7,6 +7,7 @@ use crate::config::{self, Campaign};
 use crate::exit::Exit;
 use crate::pipeline::{self, Loaded, Validation};
 use crate::problem::{self, Problems};
+use crate::render::locale::Mismatches;
 use crate::report::Summary;
 
 pub fn run(path: &Path, out: &mut impl std::io::Write) -> anyhow::Result<Exit> {
@@ -29,6 +30,8 @@ pub struct Examination {
     /// Messages that rendered and passed the guard.
     pub rendered: usize,
     pub problems: Problems,
+    /// The requested locales no folder serves as asked.
+    pub locale_requests: Mismatches,
 }
 
 impl Examination {
@@ -37,6 +40,7 @@ impl Examination {
             loaded: None,
             rendered: 0,
             problems,
+            locale_requests: Mismatches::default(),
         }
     }
 
@@ -100,9 +104,12 @@ pub fn examine(campaign: Campaign) -> anyhow::Result<Examination> {
     problems.extend(rendering);
     problems.extend(pipeline::expectations(&loaded, &problems));
     problems.extend(pipeline::warnings(&loaded));
+    let locale_requests = pipeline::locale_requests(&loaded);
+    problems.extend(pipeline::request_warnings(&loaded, &locale_requests));
     Ok(Examination {
         loaded: Some((loaded, summary)),
         rendered,
         problems,
+        locale_requests,
     })
 }

@@ -65,6 +65,7 @@ pub fn run(
         messages: examination.rendered,
         invalid: invalid.len(),
         locales: &summary.locales,
+        locale_requests: &examination.locale_requests,
         domains: &summary.domains,
         errors: examination.problems.errors(),
         warnings: examination.problems.warnings(),

@@ -33,7 +33,7 @@ pub fn run(
                 validation.problems.errors_of(problem::Kind::Row),
                 list.duplicates.len(),
             );
-            let preview = report::preview::collect(
+            let mut preview = report::preview::collect(
                 &loaded.campaign.id,
                 list,
                 loaded.renderer.locales(),
@@ -41,6 +41,7 @@ pub fn run(
                 request,
                 render,
             )?;
+            preview.locale_requests = pipeline::locale_requests(&loaded).lines();
             Some((out, preview))
         }
     };

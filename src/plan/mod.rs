@@ -20,6 +20,7 @@ use crate::config::{Campaign, Rate, Security, Transport};
 use crate::problem::Problem;
 use crate::recipients::{NormalisedAddress, Recipient, RecipientList};
 use crate::render::Locales;
+use crate::render::locale::Mismatches;
 
 /// Hex digits of the fingerprint shown to people, and the fewest an approval may give.
 pub const SHORT: usize = 12;
@@ -164,6 +165,8 @@ pub struct Plan {
     pub duplicates: usize,
     pub expect_count: Option<usize>,
     pub locales: BTreeMap<String, usize>,
+    /// The requested locales no folder serves as asked, by requested tag (as `check` warns).
+    pub locale_requests: Mismatches,
     /// The largest domains, most messages first.
     pub domains: Vec<DomainCount>,
     pub other_domains: usize,
@@ -192,6 +195,7 @@ pub struct Counts<'a> {
     pub messages: usize,
     pub invalid: usize,
     pub locales: &'a BTreeMap<String, usize>,
+    pub locale_requests: &'a Mismatches,
     pub domains: &'a BTreeMap<String, usize>,
     pub errors: usize,
     pub warnings: usize,
@@ -231,6 +235,7 @@ impl Plan {
             duplicates: list.duplicates.len(),
             expect_count: campaign.safety.expect_count,
             locales: counts.locales.clone(),
+            locale_requests: counts.locale_requests.clone(),
             domains,
             other_domains,
             batches: batch.map_or(1, |b| counts.messages.div_ceil(b.size.get()).max(1)),

@@ -1,9 +1,13 @@
 //! Fluent translations per locale, with an explicit fallback chain per message.
 //!
 //! [`Locales::load`] reads `<locales>/<tag>/*.ftl` (the edge); [`Locales::from_sources`] is pure.
-//! A recipient's locale resolves to the best loaded one (`fr-CA`, else `fr`, else the default);
-//! each message id is then looked up along that locale's chain, so a locale may override only
-//! some ids. A missing id or argument is an error, never a silently empty string.
+//! A recipient's requested locale is negotiated against the loaded ones with fluent-langneg's
+//! lookup and CLDR's likely subtags ([`Locales::negotiate`]): `fr-BE` gets `fr`, `zh-TW` gets
+//! `zh-Hant`, `pt-BR` gets `pt-PT` when there is no `pt`, but never a locale of another script
+//! (`zh-CN` does not get `zh-Hant`); what nothing serves gets the default. Each message id is
+//! then looked up along the served locale's chain (`fr-CA → fr → en`), so a locale may override
+//! only some ids. A missing id or argument is an error, never a silently empty string.
+//! [`Locales::requests`] counts the requests no folder serves as asked, for the operator.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,7 +15,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use fluent_bundle::concurrent::FluentBundle;
 use fluent_bundle::{FluentArgs, FluentResource};
+use fluent_langneg::{NegotiationStrategy, negotiate_languages};
 use unic_langid::LanguageIdentifier;
+use unic_langid::subtags::Script;
 
 use crate::problem::{Problem, Problems, line_of};
 
@@ -22,15 +28,21 @@ struct Locale {
     bundle: FluentBundle<FluentResource>,
     /// The message ids this locale defines itself, sorted.
     ids: Vec<String>,
+    /// The script its readers read: its own, else the likely one (`zh-TW` → `Hant`).
+    script: Option<Script>,
 }
 
 /// Every loaded locale and the fallback chain of each.
 pub struct Locales {
     entries: Vec<Locale>,
     default: usize,
-    /// For each locale, the indexes to try in order: itself, its bare language, the default.
+    /// For each locale, the indexes to try in order: itself, its loaded parents of the same
+    /// script (`zh-Hant-TW → zh-Hant`, `pt-PT → pt`), the default.
     chains: Vec<Vec<usize>>,
     by_tag: HashMap<String, usize>,
+    /// The indexes of the locales, most subtags first, for negotiation: fluent-langneg takes
+    /// the first that fits, and `zh-Hant-TW` fits `zh-TW` better than `zh-Hant` does.
+    specific_first: Vec<usize>,
 }
 
 impl std::fmt::Debug for Locales {
@@ -181,6 +193,7 @@ impl Locales {
             ids.sort();
             locales.push(Locale {
                 tag: id.to_string(),
+                script: likely_script(&id),
                 id,
                 bundle,
                 ids,
@@ -198,51 +211,82 @@ impl Locales {
             return Err(problems);
         }
         let chains = (0..locales.len())
-            .map(|index| {
-                let mut chain = vec![index];
-                let bare =
-                    LanguageIdentifier::from_parts(locales[index].id.language, None, None, &[]);
-                if let Some(parent) = locales.iter().position(|l| l.id == bare)
-                    && !chain.contains(&parent)
-                {
-                    chain.push(parent);
-                }
-                if !chain.contains(&default_index) {
-                    chain.push(default_index);
-                }
-                chain
-            })
+            .map(|index| chain(&locales, index, default_index))
             .collect();
         let by_tag = locales
             .iter()
             .enumerate()
             .map(|(i, l)| (l.tag.clone(), i))
             .collect();
+        let mut specific_first: Vec<usize> = (0..locales.len()).collect();
+        specific_first.sort_by_key(|&i| {
+            let id = &locales[i].id;
+            std::cmp::Reverse(
+                usize::from(id.script.is_some())
+                    + usize::from(id.region.is_some())
+                    + id.variants().len(),
+            )
+        });
         Ok(Locales {
             entries: locales,
             default: default_index,
             chains,
             by_tag,
+            specific_first,
         })
     }
 
-    /// The loaded locale for a recipient's requested one: exact, else its bare language, else
-    /// the default. `fr_CA` is read as `fr-CA`.
+    /// The loaded locale for a recipient's requested one (see [`Locales::negotiate`]); the
+    /// default when the row asks for none.
     #[must_use]
     pub fn resolve(&self, requested: Option<&str>) -> usize {
-        let Some(id) =
-            requested.and_then(|r| r.replace('_', "-").parse::<LanguageIdentifier>().ok())
-        else {
-            return self.default;
+        requested.map_or(self.default, |requested| self.negotiate(requested).0)
+    }
+
+    /// The loaded locale that serves `requested`, and how well. Case and `_` or `-` do not
+    /// matter, and BCP 47 extensions and private use (`-u-ca-gregory`, `-x-…`) are dropped
+    /// first. Then fluent-langneg's lookup with CLDR's likely subtags picks among the loaded
+    /// locales of the same script: `zh-TW` and `zh-HK` read Traditional Chinese and get
+    /// `zh-Hant`; `zh-CN` reads Simplified and does not, since Traditional is not what it
+    /// asked for. Nothing found (or not a language tag): the default.
+    #[must_use]
+    pub fn negotiate(&self, requested: &str) -> (usize, Fit) {
+        if let Some(&exact) = self.by_tag.get(requested) {
+            return (exact, Fit::Served);
+        }
+        let Some(id) = language_id(requested) else {
+            return (self.default, Fit::Unserved);
         };
         if let Some(exact) = self.entries.iter().position(|l| l.id == id) {
-            return exact;
+            return (exact, Fit::Served);
         }
-        let bare = LanguageIdentifier::from_parts(id.language, None, None, &[]);
-        self.entries
+        let mut likely = id.clone();
+        likely.maximize();
+        let script = likely.script;
+        let candidates: Vec<&LanguageIdentifier> = self
+            .specific_first
             .iter()
-            .position(|l| l.id == bare)
-            .unwrap_or(self.default)
+            .map(|&i| &self.entries[i])
+            .filter(|l| script.is_none() || l.script.is_none() || l.script == script)
+            .map(|l| &l.id)
+            .collect();
+        let found = negotiate_languages(&[&id], &candidates, None, NegotiationStrategy::Lookup)
+            .first()
+            .and_then(|&&found| {
+                self.entries
+                    .iter()
+                    .position(|l| std::ptr::eq(&raw const l.id, found))
+            });
+        let Some(index) = found else {
+            return (self.default, Fit::Unserved);
+        };
+        let served = &self.entries[index].id;
+        // The same locale or a more general one (`fr` for `fr-BE`, `zh-Hant` for `zh-TW`).
+        if served.matches(&id, true, false) || served.matches(&likely, true, false) {
+            (index, Fit::Served)
+        } else {
+            (index, Fit::Near)
+        }
     }
 
     #[must_use]
@@ -349,6 +393,220 @@ impl Locales {
     }
 }
 
+/// How well the locale a recipient gets fits the one the row asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fit {
+    /// The locale asked for, or a more general one (`fr` for `fr-BE`, `zh-Hant` for `zh-TW`),
+    /// whatever the case, separators and extensions.
+    Served,
+    /// Another region, script variant or regional form of the language (`pt-PT` for `pt-BR`).
+    Near,
+    /// No loaded locale serves it (or it is not a language tag): the default.
+    Unserved,
+}
+
+/// Distinct requested locales told apart; requests beyond them are counted together.
+pub const TRACKED: usize = 1000;
+/// Requests a report names one by one, most recipients first.
+pub const LISTED: usize = 10;
+/// Characters of a requested locale kept and shown.
+const SHOWN_CHARS: usize = 64;
+
+/// The locales recipients asked for that no folder serves as asked, counted.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Mismatches {
+    /// The [`LISTED`] requests with the most recipients.
+    pub listed: Vec<Mismatch>,
+    /// The other requests not served as asked: distinct tags (among the [`TRACKED`] told apart).
+    pub more_tags: usize,
+    /// …and their recipients, those of the requests not told apart included.
+    pub more_recipients: usize,
+    /// Whether some requests came after the first [`TRACKED`] distinct ones.
+    pub untracked: bool,
+}
+
+/// One requested locale not served as asked.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Mismatch {
+    /// As the rows wrote it, escaped (see [`shown`]).
+    pub requested: String,
+    /// The loaded locale these recipients get.
+    pub served: String,
+    pub fit: Fit,
+    pub recipients: usize,
+}
+
+impl Locales {
+    /// Counts the requested locales of `cells` (a row's `locale`, if any) by how they are
+    /// served, and lists those not served as asked. Memory stays bounded whatever the cells:
+    /// [`TRACKED`] distinct values at most, each cut to 64 characters.
+    pub fn requests<'a>(&self, cells: impl Iterator<Item = Option<&'a str>>) -> Mismatches {
+        let mut seen: HashMap<Box<str>, (usize, Fit, usize)> = HashMap::new();
+        let mut untracked = 0;
+        for cell in cells.flatten() {
+            if self.by_tag.contains_key(cell) {
+                continue;
+            }
+            let key = kept(cell);
+            if let Some((_, _, count)) = seen.get_mut(&*key) {
+                *count += 1;
+                continue;
+            }
+            let (index, fit) = self.negotiate(cell);
+            if seen.len() < TRACKED {
+                // Served ones are kept too, so that the next row asking for one is a lookup.
+                seen.insert(key.into(), (index, fit, 1));
+            } else if fit != Fit::Served {
+                untracked += 1;
+            }
+        }
+        let mut all: Vec<Mismatch> = seen
+            .into_iter()
+            .filter(|(_, (_, fit, _))| *fit != Fit::Served)
+            .map(|(requested, (index, fit, recipients))| Mismatch {
+                requested: shown(&requested),
+                served: self.tag(index).to_owned(),
+                fit,
+                recipients,
+            })
+            .collect();
+        all.sort_by(|a, b| {
+            b.recipients
+                .cmp(&a.recipients)
+                .then_with(|| a.requested.cmp(&b.requested))
+        });
+        let more = all.split_off(all.len().min(LISTED));
+        Mismatches {
+            listed: all,
+            more_tags: more.len(),
+            more_recipients: more.iter().map(|m| m.recipients).sum::<usize>() + untracked,
+            untracked: untracked > 0,
+        }
+    }
+}
+
+impl Mismatches {
+    /// One line per listed request, then one for the rest: "3 recipients asked for
+    /// \`x-klingon\`; no locale folder serves it, so they get \`en\`".
+    #[must_use]
+    pub fn lines(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .listed
+            .iter()
+            .map(|m| {
+                let who = recipients(m.recipients);
+                let (requested, served) = (&m.requested, &m.served);
+                match m.fit {
+                    Fit::Near => format!(
+                        "{who} asked for `{requested}`; they get `{served}`, the nearest locale folder"
+                    ),
+                    Fit::Served | Fit::Unserved => format!(
+                        "{who} asked for `{requested}`; no locale folder serves it, so they get `{served}`"
+                    ),
+                }
+            })
+            .collect();
+        if self.more_recipients > 0 {
+            let count = self.more_recipients;
+            let who = format!(
+                "{count} more recipient{}",
+                if count == 1 { "" } else { "s" }
+            );
+            lines.push(if self.untracked {
+                format!(
+                    "and {who} asked for other locales no folder serves as asked (only the first {TRACKED} distinct values are told apart)"
+                )
+            } else {
+                let tags = self.more_tags;
+                let plural = if tags == 1 { "" } else { "s" };
+                format!("and {who} asked for {tags} other locale{plural} no folder serves as asked")
+            });
+        }
+        lines
+    }
+}
+
+fn recipients(count: usize) -> String {
+    format!("{count} recipient{}", if count == 1 { "" } else { "s" })
+}
+
+/// A requested locale as kept: its first 64 characters, `…` after them when there are more.
+fn kept(cell: &str) -> std::borrow::Cow<'_, str> {
+    match cell.char_indices().nth(SHOWN_CHARS) {
+        None => cell.into(),
+        Some((at, _)) => format!("{}…", &cell[..at]).into(),
+    }
+}
+
+/// A value from the recipient list made safe to print: control and other unprintable
+/// characters escaped (`\u{1b}`), as `char::escape_debug` does, so a CSV cell cannot drive a
+/// terminal. (To be replaced by the crate-wide escaping function.)
+fn shown(value: &str) -> String {
+    value.chars().flat_map(char::escape_debug).collect()
+}
+
+/// The indexes of the locales message ids are looked up in for the locale at `index`: itself,
+/// its loaded parents (variants, then region, then script dropped), the default. A parent of
+/// another script is skipped: `zh` (Simplified) is no parent of `zh-Hant`, as in CLDR.
+fn chain(locales: &[Locale], index: usize, default: usize) -> Vec<usize> {
+    let own = &locales[index];
+    let mut chain = vec![index];
+    let mut parent = own.id.clone();
+    loop {
+        if parent.variants().len() > 0 {
+            parent.clear_variants();
+        } else if parent.region.is_some() {
+            parent.region = None;
+        } else if parent.script.is_some() {
+            parent.script = None;
+        } else {
+            break;
+        }
+        let found = locales.iter().position(|l| {
+            l.id == parent && (l.script.is_none() || own.script.is_none() || l.script == own.script)
+        });
+        if let Some(found) = found
+            && !chain.contains(&found)
+        {
+            chain.push(found);
+        }
+    }
+    if !chain.contains(&default) {
+        chain.push(default);
+    }
+    chain
+}
+
+/// The script a locale's readers read: its own script subtag, else CLDR's likely one.
+fn likely_script(id: &LanguageIdentifier) -> Option<Script> {
+    id.script.or_else(|| {
+        let mut likely = id.clone();
+        likely.maximize();
+        likely.script
+    })
+}
+
+/// The language identifier of a requested locale, without its BCP 47 extensions and private
+/// use, which unic-langid does not parse: they start at the first one-letter subtag
+/// (`pt-PT-u-ca-gregory` → `pt-PT`; `x-klingon` → nothing). `None` for no language.
+fn language_id(requested: &str) -> Option<LanguageIdentifier> {
+    let requested = requested.trim();
+    let mut end = 0;
+    for subtag in requested.split(['-', '_']) {
+        if subtag.len() == 1 {
+            break;
+        }
+        end += subtag.len() + 1;
+    }
+    let core = &requested[..end.saturating_sub(1).min(requested.len())];
+    if core.is_empty() {
+        return None;
+    }
+    let id = LanguageIdentifier::from_bytes(core.as_bytes()).ok()?;
+    (!id.language.is_empty()).then_some(id)
+}
+
 fn id_tag(id: Option<&LanguageIdentifier>) -> String {
     id.map_or_else(String::new, ToString::to_string)
 }
@@ -449,6 +707,179 @@ mod tests {
                 .message
                 .contains("default locale `en` has no folder")
         );
+    }
+
+    /// Folders `en` (the default), `pt-PT` and `zh-Hant`, as a translator might have them.
+    fn regional() -> Locales {
+        locales(&[
+            ("en", "hello = Hello\n"),
+            ("pt-PT", "hello = Olá\n"),
+            ("zh-Hant", "hello = 你好\n"),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn requests_negotiate_as_a_translator_expects() {
+        let l = regional();
+        let table: &[(&str, &str, Fit)] = &[
+            ("pt-PT", "pt-PT", Fit::Served),
+            ("pt-BR", "pt-PT", Fit::Near),
+            ("pt", "pt-PT", Fit::Near),
+            ("pt_pt", "pt-PT", Fit::Served),
+            ("pt-PT-u-ca-gregory", "pt-PT", Fit::Served),
+            ("pt-PT-t-en-x-mine", "pt-PT", Fit::Served),
+            ("zh-Hant", "zh-Hant", Fit::Served),
+            ("zh-Hant-TW", "zh-Hant", Fit::Served),
+            ("zh_Hant_TW", "zh-Hant", Fit::Served),
+            ("zh-TW", "zh-Hant", Fit::Served),
+            ("zh-HK", "zh-Hant", Fit::Served),
+            ("zh-MO", "zh-Hant", Fit::Served),
+            // Simplified readers are not given Traditional: not what they asked for.
+            ("zh-CN", "en", Fit::Unserved),
+            ("zh-Hans", "en", Fit::Unserved),
+            ("zh-Hans-SG", "en", Fit::Unserved),
+            ("zh", "en", Fit::Unserved),
+            ("en", "en", Fit::Served),
+            ("EN_us", "en", Fit::Served),
+            ("en-GB", "en", Fit::Served),
+            (" en ", "en", Fit::Served),
+            ("de", "en", Fit::Unserved),
+            ("x-klingon", "en", Fit::Unserved),
+            ("i-klingon", "en", Fit::Unserved),
+            ("und", "en", Fit::Unserved),
+            ("", "en", Fit::Unserved),
+            ("-", "en", Fit::Unserved),
+            ("not a tag!", "en", Fit::Unserved),
+            ("pt-\u{1b}[31m", "en", Fit::Unserved),
+            ("ещё", "en", Fit::Unserved),
+        ];
+        for &(requested, served, fit) in table {
+            let (index, got) = l.negotiate(requested);
+            assert_eq!((l.tag(index), got), (served, fit), "{requested:?}");
+            assert_eq!(l.resolve(Some(requested)), index, "{requested:?}");
+        }
+        assert_eq!(l.tag(l.resolve(None)), "en");
+    }
+
+    #[test]
+    fn a_general_folder_wins_over_a_near_one_and_regions_find_the_likely_one() {
+        let l = locales(&[
+            ("en", "hello = Hello\n"),
+            ("pt", "hello = Olá\n"),
+            ("pt-PT", "hello = Olá!\n"),
+            ("fr-FR", "hello = Bonjour\n"),
+            ("fr-CA", "hello = Allo\n"),
+            ("sr", "hello = Здраво\n"),
+        ])
+        .unwrap();
+        for (requested, served, fit) in [
+            ("pt-BR", "pt", Fit::Served),
+            ("pt-PT", "pt-PT", Fit::Served),
+            ("pt-AO", "pt", Fit::Served),
+            ("fr-BE", "fr-FR", Fit::Near),
+            ("fr", "fr-FR", Fit::Served),
+            ("fr-ca", "fr-CA", Fit::Served),
+            ("sr-Cyrl-RS", "sr", Fit::Served),
+            ("sr-Latn", "en", Fit::Unserved),
+        ] {
+            let (index, got) = l.negotiate(requested);
+            assert_eq!((l.tag(index), got), (served, fit), "{requested:?}");
+        }
+    }
+
+    #[test]
+    fn chains_keep_to_the_script_and_take_every_loaded_parent() {
+        let l = locales(&[
+            ("en", "hello = Hello\nbye = Bye\n"),
+            ("pt", "hello = Olá\nbye = Tchau\n"),
+            ("pt-PT", "bye = Adeus\n"),
+            ("zh", "hello = 你好\n"),
+            ("zh-Hant", "hello = 妳好\n"),
+            ("zh-Hant-TW", "bye = 再見\n"),
+            ("sr", "hello = Здраво\n"),
+            ("sr-Latn", "bye = Zdravo\n"),
+        ])
+        .unwrap();
+        let chain = |tag: &str| l.chain_description(l.index_of(tag).unwrap());
+        assert_eq!(chain("pt-PT"), "pt-PT → pt → en");
+        assert_eq!(chain("zh-Hant-TW"), "zh-Hant-TW → zh-Hant → en");
+        assert_eq!(chain("zh-Hant"), "zh-Hant → en");
+        assert_eq!(chain("zh"), "zh → en");
+        assert_eq!(chain("sr-Latn"), "sr-Latn → en");
+        assert_eq!(chain("en"), "en");
+        let args = FluentArgs::new();
+        let say =
+            |requested: &str, id: &str| l.translate(l.resolve(Some(requested)), id, &args).unwrap();
+        assert_eq!(say("pt-PT", "hello"), "Olá");
+        assert_eq!(say("pt-PT", "bye"), "Adeus");
+        assert_eq!(say("zh-TW", "bye"), "再見");
+        assert_eq!(say("zh-TW", "hello"), "妳好");
+        assert_eq!(say("zh-HK", "bye"), "Bye");
+        assert_eq!(say("zh-CN", "hello"), "你好");
+    }
+
+    #[test]
+    fn requests_not_served_as_asked_are_counted_by_tag() {
+        let l = regional();
+        let cells = [
+            Some("pt-BR"),
+            Some("x-klingon"),
+            None,
+            Some("pt-PT"),
+            Some("pt-BR"),
+            Some("zh-TW"),
+            Some("x-klingon"),
+            Some("EN_us"),
+            Some("x-klingon"),
+            Some("bad\u{1b}[2J"),
+        ];
+        let found = l.requests(cells.into_iter());
+        assert_eq!(
+            found.lines(),
+            vec![
+                "3 recipients asked for `x-klingon`; no locale folder serves it, so they get `en`",
+                "2 recipients asked for `pt-BR`; they get `pt-PT`, the nearest locale folder",
+                "1 recipient asked for `bad\\u{1b}[2J`; no locale folder serves it, so they get `en`",
+            ]
+        );
+        assert_eq!(found.more_recipients, 0);
+    }
+
+    #[test]
+    fn requests_stay_bounded_whatever_the_cells() {
+        let l = regional();
+        let cells: Vec<String> = (0..TRACKED + 500).map(|i| format!("q{i:04}x")).collect();
+        let long = "y".repeat(10_000);
+        let found = l.requests(
+            std::iter::repeat_n(Some("x-klingon"), 7).chain(
+                cells
+                    .iter()
+                    .map(|c| Some(c.as_str()))
+                    .chain([Some("pt-BR"), Some(long.as_str())]),
+            ),
+        );
+        assert_eq!(found.listed.len(), LISTED);
+        assert_eq!(found.listed[0].requested, "x-klingon");
+        assert_eq!(found.listed[0].recipients, 7);
+        assert!(found.untracked);
+        let listed: usize = found.listed.iter().map(|m| m.recipients).sum();
+        assert_eq!(listed + found.more_recipients, TRACKED + 500 + 2 + 7);
+        assert_eq!(found.more_tags, TRACKED - LISTED);
+        let lines = found.lines();
+        assert_eq!(lines.len(), LISTED + 1);
+        assert!(
+            lines[LISTED].starts_with("and 1493 more recipients asked for other locales"),
+            "{lines:?}"
+        );
+
+        let longer = format!("{long}z");
+        let found = l.requests([Some(long.as_str()), Some(longer.as_str())].into_iter());
+        assert_eq!(
+            found.listed[0].requested,
+            format!("{}…", "y".repeat(SHOWN_CHARS))
+        );
+        assert_eq!(found.listed[0].recipients, 2, "one request as shown");
     }
 
     #[test]

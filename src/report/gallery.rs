@@ -69,7 +69,12 @@ pub fn page(preview: &Preview) -> String {
             .raw(")</a></li>\n");
     }
     page.raw("</ul></nav>\n</header>\n");
-    summary(&mut page, &preview.counts, &preview.sections);
+    summary(
+        &mut page,
+        &preview.counts,
+        &preview.sections,
+        &preview.locale_requests,
+    );
     for section in &preview.sections {
         locale(&mut page, section);
     }
@@ -83,7 +88,7 @@ pub fn anchor(locale: &str) -> String {
     format!("locale-{locale}")
 }
 
-fn summary(page: &mut Page, counts: &Counts, sections: &[Section]) {
+fn summary(page: &mut Page, counts: &Counts, sections: &[Section], locale_requests: &[String]) {
     page.raw("<section id=\"summary\">\n<h2>Summary</h2>\n<div class=\"grid\">\n<div>\n<h4>Rows</h4>\n<table class=\"counts\">\n");
     for (label, count) in [
         ("To send", counts.sendable),
@@ -123,7 +128,15 @@ fn summary(page: &mut Page, counts: &Counts, sections: &[Section]) {
         );
         row(page, &label, counts.other_messages, "");
     }
-    page.raw("</table>\n</div>\n</div>\n</section>\n");
+    page.raw("</table>\n</div>\n</div>\n");
+    if !locale_requests.is_empty() {
+        page.raw("<h4>Locales not served as asked</h4>\n<ul class=\"requests\">\n");
+        for line in locale_requests {
+            page.raw("<li>").text(line).raw("</li>\n");
+        }
+        page.raw("</ul>\n");
+    }
+    page.raw("</section>\n");
 }
 
 fn row(page: &mut Page, label: &str, count: usize, attributes: &str) {
@@ -335,6 +348,12 @@ mod tests {
                 section("en", vec![]),
                 section("fr-CA", vec![sample(3, false)]),
             ],
+            locale_requests: vec![
+                "2 recipients asked for `pt-BR`; they get `pt-PT`, the nearest locale folder"
+                    .to_owned(),
+                "1 recipient asked for `<i>x</i>`; no locale folder serves it, so they get `en`"
+                    .to_owned(),
+            ],
         }
     }
 
@@ -424,6 +443,10 @@ mod tests {
             page.contains("<tr class=\"total\"><th>Total rows</th><td class=\"n\">9</td></tr>")
         );
         assert!(page.contains("<tr><th>other (4 domains)</th><td class=\"n\">7</td></tr>"));
+        let summary = &page[page.find("id=\"summary\"").unwrap()..de];
+        assert!(summary.contains(
+            "<h4>Locales not served as asked</h4>\n<ul class=\"requests\">\n<li>2 recipients asked for `pt-BR`; they get `pt-PT`, the nearest locale folder</li>\n<li>1 recipient asked for `&lt;i&gt;x&lt;/i&gt;`;"
+        ), "{summary}");
         assert!(
             page.contains("<th><a href=\"#locale-fr-CA\">fr-CA</a></th><td class=\"n\">1</td>")
         );

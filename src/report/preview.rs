@@ -30,6 +30,8 @@ pub struct Preview {
     pub counts: Counts,
     /// One per loaded locale, in folder order.
     pub sections: Vec<Section>,
+    /// The requested locales no folder serves as asked, one line each (as `check` says them).
+    pub locale_requests: Vec<String>,
 }
 
 /// The campaign's rows, counted. Every row is in exactly one of `sendable`, `suppressed`,
@@ -248,6 +250,7 @@ pub fn collect(
         campaign: campaign.to_owned(),
         counts,
         sections,
+        locale_requests: Vec::new(),
     })
 }
 

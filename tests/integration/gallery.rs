@@ -186,6 +186,8 @@ fn the_gallery_opens_in_a_browser_with_every_locale_and_the_counts() {
     let loaded = repository_locales();
     let mut locales: BTreeMap<String, usize> = BTreeMap::new();
     let mut domains: BTreeMap<String, usize> = BTreeMap::new();
+    // Requested locales no folder serves (here, whose language has none), by tag.
+    let mut unserved: BTreeMap<String, usize> = BTreeMap::new();
     for row in people(20) {
         let fields: Vec<&str> = row.split(',').collect();
         let (email, requested) = (fields[0], fields[fields.len() - 2]);
@@ -193,6 +195,9 @@ fn the_gallery_opens_in_a_browser_with_every_locale_and_the_counts() {
             continue; // suppressed
         }
         *locales.entry(resolved(requested, &loaded)).or_default() += 1;
+        if !loaded.contains(requested.split('-').next().unwrap()) {
+            *unserved.entry(requested.to_owned()).or_default() += 1;
+        }
         *domains
             .entry(email.split('@').nth(1).unwrap().to_owned())
             .or_default() += 1;
@@ -212,8 +217,24 @@ fn the_gallery_opens_in_a_browser_with_every_locale_and_the_counts() {
     by_domain.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     let by_domain: Vec<String> = by_domain.iter().map(|(d, n)| format!("{d} {n}")).collect();
     assert!(
-        summary.ends_with(&format!("By domain {}", by_domain.join(" "))),
-        "{by_domain:?} in {summary}"
+        !unserved.is_empty(),
+        "the rows ask for a locale without a folder"
+    );
+    let unserved: Vec<String> = unserved
+        .iter()
+        .map(|(tag, n)| {
+            format!(
+                "{n} recipients asked for `{tag}`; no locale folder serves it, so they get `en`"
+            )
+        })
+        .collect();
+    assert!(
+        summary.ends_with(&format!(
+            "By domain {} Locales not served as asked {}",
+            by_domain.join(" "),
+            unserved.join(" ")
+        )),
+        "{by_domain:?} {unserved:?} in {summary}"
     );
 
     for locale in locales.keys() {

@@ -10,6 +10,7 @@ mod delivery;
 mod gallery;
 mod hostile;
 mod journal;
+mod locales;
 mod operator;
 mod properties;
 mod review;
