@@ -10,6 +10,7 @@ mod delivery;
 mod gallery;
 mod journal;
 mod operator;
+mod output;
 mod properties;
 mod review;
 mod sink;
