@@ -13,8 +13,12 @@ use std::io::Read as _;
 use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
-/// The most a campaign file, a template, a partial or a `.ftl` file may hold.
+/// The most a campaign file or a `.ftl` file may hold.
 pub const SOURCE_CAP: u64 = 1 << 20;
+/// The most a template or a partial may hold: over twice what the largest webmail shows before
+/// clipping a message (compiling costs the square of a template's size, see
+/// `render::bounds::MAX_TAGS`).
+pub const TEMPLATE_CAP: u64 = 256 << 10;
 /// The most a suppression list may hold (read whole; about ten million addresses).
 pub const SUPPRESSION_CAP: u64 = 256 << 20;
 /// The most a secret (a password file, a DKIM key, a CA bundle) may hold.

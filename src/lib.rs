@@ -7,14 +7,16 @@
 //! campaign.toml ─► config ─► recipients ─► render ─► guard ─► plan ─► dispatch ─► journal ─► report
 //! ```
 //!
-//! Below the stages, the vocabulary they share: [`exit`] codes, [`problem`]s with file and
-//! line, bounded reads of the campaign's [`files`], the [`clock`], normalised [`address`]es and the [`outcome`] of a delivery. Above
+//! Below the stages, the vocabulary they share: [`exit`] codes, values made [`printable`],
+//! [`problem`]s with file and line, bounded reads of the campaign's [`files`], the [`clock`],
+//! normalised [`address`]es and the [`outcome`] of a delivery. Above
 //! them, [`pipeline`] (load, render and guard every recipient: the front that `check`, `plan`,
 //! `preview` and `send` share), the command line ([`cli`]) and one module per [`command`].
 //! `main.rs` only maps the result of [`run`] to an exit code.
 
 // The vocabulary.
 pub mod exit;
+pub mod printable;
 pub mod problem;
 pub mod files;
 pub mod clock;

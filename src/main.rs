@@ -1,5 +1,6 @@
 //! The `mailer` binary: parse the command line, run it, print any error once, exit with its code.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 #[global_allocator]
@@ -13,7 +14,15 @@ fn main() -> ExitCode {
     match mailer::run(&cli) {
         Ok(exit) => exit.into(),
         Err(error) => {
-            eprintln!("error: {error:#}");
+            // Values in errors are escaped where they are named; this is the last guard, for
+            // any that was not: no control character but our own line breaks reaches the
+            // terminal. Not `eprintln!`, which panics when standard error is closed.
+            let text = format!("{error:#}");
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "error: {}",
+                mailer::printable::escape_keeping_lines(&text)
+            );
             mailer::exit::Exit::of_error(&error).into()
         }
     }

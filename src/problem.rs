@@ -7,6 +7,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::exit::{Exit, Failure};
+use crate::printable::Shown;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Severity {
@@ -74,16 +75,18 @@ impl Problem {
     }
 }
 
+/// Shown, a problem's path and message have their control characters escaped: both may
+/// hold what the input holds (a file name, an echoed cell).
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.path.display())?;
+        write!(f, "{}", Shown(self.path.display()))?;
         if let Some(line) = self.line {
             write!(f, ":{line}")?;
         }
         if self.severity == Severity::Warning {
             f.write_str(": warning")?;
         }
-        write!(f, ": {}", self.message)
+        write!(f, ": {}", Shown(&self.message))
     }
 }
 
@@ -180,14 +183,14 @@ impl fmt::Display for Group<'_> {
         write!(
             f,
             "{}: lines {}{tail} ({} rows)",
-            self.first.path.display(),
+            Shown(self.first.path.display()),
             shown.join(", "),
             self.lines.len()
         )?;
         if self.first.severity == Severity::Warning {
             f.write_str(": warning")?;
         }
-        write!(f, ": {}", self.first.message)
+        write!(f, ": {}", Shown(&self.first.message))
     }
 }
 

@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::Context as _;
 
 use crate::exit::Exit;
+use crate::printable::Shown;
 
 const CAMPAIGN: &str = r#"# A campaign scaffolded by `mailer init`. Check it with `mailer check campaign.toml`,
 # then `mailer send campaign.toml --dry-run`. The file transport writes .eml files into outbox/;
@@ -76,7 +77,7 @@ const FILES: [(&str, &str); 10] = [
 ];
 
 /// Writes the scaffold into `dir`, which must not exist or be empty, and says what next.
-pub fn run(dir: &Path) -> anyhow::Result<Exit> {
+pub fn run(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Result<Exit> {
     if dir.exists()
         && std::fs::read_dir(dir)
             .with_context(|| format!("cannot read `{}`", dir.display()))?
@@ -94,10 +95,11 @@ pub fn run(dir: &Path) -> anyhow::Result<Exit> {
         std::fs::write(&path, text)
             .with_context(|| format!("cannot write `{}`", path.display()))?;
     }
-    println!(
+    writeln!(
+        out,
         "created a campaign in `{}`; try: mailer check {}",
-        dir.display(),
-        dir.join("campaign.toml").display()
-    );
+        Shown(dir.display()),
+        Shown(dir.join("campaign.toml").display())
+    )?;
     Ok(Exit::Complete)
 }

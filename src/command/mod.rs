@@ -30,9 +30,9 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
         tracing::warn!("{notice}");
     }
     let state_dir = cli.state_dir.as_deref();
-    let out = &mut std::io::stdout().lock();
+    let out = &mut Stdout::default();
     match &cli.command {
-        Command::Init { dir } => init::run(dir),
+        Command::Init { dir } => init::run(dir, out),
         Command::Check { campaign } => check::run(campaign, out),
         Command::Preview {
             campaign,
@@ -48,6 +48,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
                 recipients,
             },
             *show,
+            out,
         ),
         Command::Plan { campaign, json } => plan::run(campaign, state_dir, *json, out),
         Command::Send {
@@ -78,13 +79,13 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
             out,
         ),
         Command::Status { campaign, json } => status::run(campaign, state_dir, *json, out),
-        Command::Stop { campaign, reason } => stop::run(campaign, state_dir, reason),
-        Command::Resume { campaign } => resume::run(campaign, state_dir),
+        Command::Stop { campaign, reason } => stop::run(campaign, state_dir, reason, out),
+        Command::Resume { campaign } => resume::run(campaign, state_dir, out),
         Command::UnsubscribeToken {
             campaign,
             address,
             verify,
-        } => unsubscribe_token::run(campaign, address, verify.as_deref()),
+        } => unsubscribe_token::run(campaign, address, verify.as_deref(), out),
         Command::Report { campaign, format } => report::run(campaign, state_dir, *format, out),
     }
 }
@@ -101,14 +102,71 @@ fn init_logging(format: LogFormat) {
                 .parse()
                 .expect("a constant, valid directive"),
         );
+    // Every value is escaped (see report::logging), and a line that cannot be written is
+    // dropped without a word: tracing-subscriber would otherwise say so with `eprintln!`,
+    // which panics when standard error is closed.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(crate::report::BarSafeStderr::default)
+        .with_writer(crate::report::QuietStderr::default)
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.without_time().with_target(false).try_init(),
+        LogFormat::Json => builder.event_format(crate::report::JsonLines).try_init(),
+        LogFormat::Text => builder
+            .fmt_fields(crate::report::text_fields())
+            .without_time()
+            .with_target(false)
+            .try_init(),
     };
+}
+
+/// Standard output, which its reader may close early (`mailer report … | head -1`): from then
+/// on what is written to it goes nowhere, quietly, and the command goes on to its own end and
+/// exit code. So a send whose summary nobody reads still delivers and records everything, and
+/// cron still gets its exit code. (Rust ignores SIGPIPE: a write to a closed pipe fails with
+/// `BrokenPipe` instead of ending the process.)
+struct Stdout {
+    inner: std::io::StdoutLock<'static>,
+    closed: bool,
+}
+
+impl Default for Stdout {
+    fn default() -> Self {
+        Stdout {
+            inner: std::io::stdout().lock(),
+            closed: false,
+        }
+    }
+}
+
+impl Stdout {
+    fn unless_closed<T>(&mut self, done: T, result: std::io::Result<T>) -> std::io::Result<T> {
+        match result {
+            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(done)
+            }
+            other => other,
+        }
+    }
+}
+
+impl std::io::Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.closed {
+            return Ok(buf.len());
+        }
+        let written = self.inner.write(buf);
+        self.unless_closed(buf.len(), written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        let flushed = self.inner.flush();
+        self.unless_closed((), flushed)
+    }
 }
 
 /// A campaign as the journal commands see it: its id, where its lock is, and whether its
@@ -154,7 +212,9 @@ fn journal_for(
                 access == Access::Create,
                 journal::Durability::Full,
             )?;
-            journal.settle_if_idle(&located.place, &id)?;
+            journal
+                .settle_if_idle(&located.place, &id)
+                .map_err(journal::named(journal.path()))?;
             journal
         }
     };

@@ -81,12 +81,14 @@ pub fn run(
     }
     if !sendable {
         if json {
-            std::io::Write::write_all(&mut std::io::stderr(), &report)?;
+            // The exit code says it already; a closed standard error must not change it.
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), &report);
         }
         return Ok(Exit::InvalidInput);
     }
     // Another journal than the campaign's is refused (as `send` would refuse it).
     let located = journal::locate(path, state_dir, &loaded.campaign.id, journal::Intent::Write)?;
+    let at = located.place.journal.clone();
     let recorded = Ok(located)
         .and_then(|located| {
             let journal = journal::Journal::open_located(
@@ -106,7 +108,7 @@ pub fn run(
                 &loaded.list.suppression,
             )
         });
-    if let Err(error) = recorded {
+    if let Err(error) = recorded.map_err(journal::named(&at)) {
         // The fingerprint approves a send all the same; only "what changed since" is lost.
         tracing::warn!("the plan could not be recorded in the journal: {error:#}");
     }

@@ -1,10 +1,12 @@
 //! `mailer preview`: sample messages as `.eml` files and an HTML gallery per locale, or one
 //! row's message on standard output (`--show`).
 
+use std::io::Write as _;
 use std::path::Path;
 
 use crate::exit::Exit;
 use crate::pipeline::{self, prepare};
+use crate::printable::escape_keeping_lines;
 use crate::problem;
 use crate::recipients::Recipient;
 use crate::report;
@@ -16,6 +18,7 @@ pub fn run(
     out: Option<&Path>,
     request: &report::preview::Request<'_>,
     show: Option<u64>,
+    stdout: &mut impl std::io::Write,
 ) -> anyhow::Result<Exit> {
     let date = crate::clock::now();
     let (loaded, validation) = pipeline::load_valid(path, date, 0)?;
@@ -46,16 +49,19 @@ pub fn run(
         }
     };
     if let Some(shown) = shown {
-        print!("{shown}");
+        // The decoded message holds the row's cells: shown, not played on the terminal.
+        write!(stdout, "{}", escape_keeping_lines(&shown))?;
     }
     if let Some((out, preview)) = gallery {
         let written = report::preview::write(out, &preview, &report::gallery::page(&preview))?;
         for line in written {
             // With `--show`, standard output is the message alone.
+            let line = escape_keeping_lines(&line);
             if show.is_some() {
-                eprintln!("{line}");
+                // Not `eprintln!`, which panics when standard error is closed.
+                let _ = writeln!(std::io::stderr().lock(), "{line}");
             } else {
-                println!("{line}");
+                writeln!(stdout, "{line}")?;
             }
         }
     }

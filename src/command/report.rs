@@ -5,6 +5,7 @@ use std::path::Path;
 use super::{Access, journal_for};
 use crate::cli;
 use crate::exit::Exit;
+use crate::journal;
 use crate::report;
 
 pub fn run(
@@ -14,6 +15,16 @@ pub fn run(
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<Exit> {
     let (_, journal) = journal_for(path, state_dir, Access::Read)?;
+    write(&journal, format, out).map_err(journal::named(journal.path()))?;
+    Ok(Exit::Complete)
+}
+
+/// Every row of the latest slot, in `format`.
+fn write(
+    journal: &journal::Journal,
+    format: cli::ReportFormat,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
     let slot = journal.latest_slot()?.unwrap_or_default();
     match format {
         cli::ReportFormat::Csv => {
@@ -37,5 +48,5 @@ pub fn run(
             writeln!(out, "\n]")?;
         }
     }
-    Ok(Exit::Complete)
+    Ok(())
 }

@@ -4,15 +4,26 @@ use std::path::Path;
 
 use super::{Access, journal_for};
 use crate::exit::Exit;
+use crate::printable::Shown;
 
-pub fn run(path: &Path, state_dir: Option<&Path>) -> anyhow::Result<Exit> {
+pub fn run(
+    path: &Path,
+    state_dir: Option<&Path>,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<Exit> {
     let (campaign, journal) = journal_for(path, state_dir, Access::Write)?;
-    match journal.clear_halt("mailer resume")? {
-        Some(halt) => println!(
+    let cleared = journal
+        .clear_halt("mailer resume")
+        .map_err(crate::journal::named(journal.path()))?;
+    match cleared {
+        Some(halt) => writeln!(
+            out,
             "campaign `{}` may be sent again (the halt by {} was: {})",
-            campaign.id, halt.by, halt.reason
-        ),
-        None => println!("campaign `{}` was not halted", campaign.id),
+            campaign.id,
+            Shown(&halt.by),
+            Shown(&halt.reason)
+        )?,
+        None => writeln!(out, "campaign `{}` was not halted", campaign.id)?,
     }
     Ok(Exit::Complete)
 }

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use super::{Access, journal_for};
 use crate::exit::Exit;
+use crate::journal;
 use crate::report;
 
 pub fn run(
@@ -13,8 +14,10 @@ pub fn run(
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<Exit> {
     let (campaign, journal) = journal_for(path, state_dir, Access::Read)?;
-    let slot = journal.latest_slot()?.unwrap_or_default();
-    let status = journal.status(&campaign.id, &slot)?;
+    let status = journal
+        .latest_slot()
+        .and_then(|slot| journal.status(&campaign.id, &slot.unwrap_or_default()))
+        .map_err(journal::named(journal.path()))?;
     if json {
         serde_json::to_writer(&mut *out, &status)?;
         writeln!(out)?;

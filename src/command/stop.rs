@@ -6,24 +6,34 @@ use std::path::Path;
 use super::{Access, journal_for};
 use crate::exit::Exit;
 use crate::journal;
+use crate::printable::Shown;
 
-pub fn run(path: &Path, state_dir: Option<&Path>, reason: &str) -> anyhow::Result<Exit> {
+pub fn run(
+    path: &Path,
+    state_dir: Option<&Path>,
+    reason: &str,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<Exit> {
     let (campaign, journal) = journal_for(path, state_dir, Access::Create)?;
-    journal.halt("", "mailer stop", reason)?;
-    let halt = journal.active_halt()?;
-    println!(
+    let halt = journal
+        .halt("", "mailer stop", reason)
+        .and_then(|()| journal.active_halt())
+        .map_err(journal::named(journal.path()))?;
+    writeln!(
+        out,
         "campaign `{}` is halted ({}): a running send starts no new message within a second and exits 3; so does every later send until `mailer resume {}`",
         campaign.id,
-        halt.map_or_else(String::new, |h| h.reason),
-        path.display()
-    );
+        Shown(halt.map_or_else(String::new, |h| h.reason)),
+        Shown(path.display())
+    )?;
     if !campaign.existed {
-        println!(
+        writeln!(
+            out,
             "note: no send had run yet (the journal `{}` was created to hold the stop; every send of this campaign uses it)",
-            journal.path().display()
-        );
+            Shown(journal.path().display())
+        )?;
     } else if journal::Lock::acquire(&campaign.lock, &campaign.id).is_ok() {
-        println!("no send is running now; the next one exits 3 at once");
+        writeln!(out, "no send is running now; the next one exits 3 at once")?;
     }
     Ok(Exit::Complete)
 }

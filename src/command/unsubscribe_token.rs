@@ -8,7 +8,12 @@ use crate::exit::{Exit, Failure};
 use crate::recipients;
 use crate::render;
 
-pub fn run(path: &Path, address: &str, verify: Option<&str>) -> anyhow::Result<Exit> {
+pub fn run(
+    path: &Path,
+    address: &str,
+    verify: Option<&str>,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<Exit> {
     let campaign = config::load(path)?;
     let Some(config::Unsubscribe {
         url: Some(url),
@@ -34,13 +39,19 @@ pub fn run(path: &Path, address: &str, verify: Option<&str>) -> anyhow::Result<E
         )
     })?;
     let address = recipients::normalise(address).map_err(|why| {
-        Failure::new(Exit::Usage, format!("`{address}` is not an address: {why}"))
+        Failure::new(
+            Exit::Usage,
+            format!(
+                "`{}` is not an address: {why}",
+                crate::printable::Shown(address)
+            ),
+        )
     })?;
     let key = key.as_bytes();
     match verify {
         Some(token) => {
             let valid = render::unsubscribe::verify(key, &campaign.id, &address.key, token);
-            println!("{}", if valid { "valid" } else { "invalid" });
+            writeln!(out, "{}", if valid { "valid" } else { "invalid" })?;
             Ok(if valid {
                 Exit::Complete
             } else {
@@ -48,14 +59,16 @@ pub fn run(path: &Path, address: &str, verify: Option<&str>) -> anyhow::Result<E
             })
         }
         None => {
-            println!(
+            writeln!(
+                out,
                 "{}",
                 render::unsubscribe::token(key, &campaign.id, &address.key)
-            );
-            println!(
+            )?;
+            writeln!(
+                out,
                 "{}",
                 render::unsubscribe::link(url, key, &campaign.id, &address.key)
-            );
+            )?;
             Ok(Exit::Complete)
         }
     }

@@ -662,7 +662,7 @@ pub(crate) mod tests {
         };
         Act::Answer(Attempt {
             state,
-            detail: reply.to_string(),
+            detail: reply.exact(),
             reply: Some(reply),
         })
     }

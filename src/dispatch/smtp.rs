@@ -387,7 +387,7 @@ async fn timed<T>(
 /// A lettre error as one line: the reply code and text when there was a reply.
 fn describe(error: &lettre::transport::smtp::Error) -> String {
     match reply_of(error) {
-        Some(reply) => reply.to_string(),
+        Some(reply) => reply.exact(),
         None => error_text(error),
     }
 }
@@ -415,7 +415,7 @@ fn refused(error: &lettre::transport::smtp::Error) -> Option<Attempt> {
     let reply = reply_of(error)?;
     Some(Attempt {
         state,
-        detail: reply.to_string(),
+        detail: reply.exact(),
         reply: Some(reply),
     })
 }
@@ -517,7 +517,7 @@ async fn transaction(
             );
             Step::Done(Attempt {
                 state: State::Sent,
-                detail: reply.to_string(),
+                detail: reply.exact(),
                 reply: Some(reply),
             })
         }
@@ -756,7 +756,7 @@ mod tests {
         let reply = Reply::new(code, text);
         Attempt {
             state,
-            detail: reply.to_string(),
+            detail: reply.exact(),
             reply: Some(reply),
         }
     }

@@ -25,6 +25,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension as _, params};
 use crate::dispatch::Entry;
 use crate::exit::{Exit, Failure};
 use crate::outcome::State;
+use crate::printable::Shown;
 use crate::recipients::Recipient;
 pub use lock::Lock;
 pub use place::{Intent, Located, Place, locate, record_path};
@@ -152,18 +153,51 @@ impl Durability {
     }
 }
 
-/// Names the journal at `path` in an error of its database (a full disk, say), which `SQLite`
-/// reports without saying which file; other errors pass as they are.
+/// Names the journal at `path` in an error of its database, which `SQLite` reports without
+/// saying which file: a full disk or a read-only file becomes "cannot read or write the
+/// journal `…`", and what only a damaged file gives once it is open (a column that is no
+/// longer there, text that is not UTF-8, a page that does not parse) becomes [`damaged`]
+/// (both exit 74). Other errors pass as they are.
 pub fn named(path: &Path) -> impl Fn(anyhow::Error) -> anyhow::Error + '_ {
     move |error| {
-        if error
+        let Some(cause) = error
             .chain()
-            .any(|cause| cause.downcast_ref::<rusqlite::Error>().is_some())
-        {
-            error.context(format!("the journal `{}`", path.display()))
-        } else {
-            error
+            .find_map(|cause| cause.downcast_ref::<rusqlite::Error>())
+        else {
+            return error;
+        };
+        if is_damage(cause) {
+            return damaged(path, &cause);
         }
+        if error.chain().any(|c| c.downcast_ref::<Failure>().is_some()) {
+            // Already a sentence of its own (`cannot write the journal …`).
+            return error;
+        }
+        error.context(format!(
+            "cannot read or write the journal `{}`",
+            Shown(path.display())
+        ))
+    }
+}
+
+/// Whether a journal that opened and passed its checks gave `error` because its bytes are
+/// damaged, rather than because its disk failed: our queries are fixed and were run against
+/// this schema, so a missing column, text that is not UTF-8 or a value of the wrong type can
+/// only come from the file.
+fn is_damage(error: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode;
+    match error {
+        rusqlite::Error::SqliteFailure(failure, _) => matches!(
+            failure.code,
+            ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase | ErrorCode::Unknown
+        ),
+        rusqlite::Error::SqlInputError { .. }
+        | rusqlite::Error::Utf8Error(..)
+        | rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..)
+        | rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::InvalidColumnName(..) => true,
+        _ => false,
     }
 }
 
@@ -314,12 +348,16 @@ fn unwritable(path: &Path, e: &dyn std::fmt::Display) -> anyhow::Error {
     ))
 }
 
-/// A file that is not an intact journal.
+/// A file that is not an intact journal (exit 74: the journal cannot be read).
 fn damaged(path: &Path, e: &dyn std::fmt::Display) -> anyhow::Error {
-    anyhow::anyhow!(
-        "the journal `{}` is damaged or not a mailer journal ({e}); it was left as it is and nothing was sent — `mailer report` shows what it still holds if it opens, and a backup can replace it; moving it aside would start the campaign's record over, and send to everyone not in it again",
-        path.display()
-    )
+    anyhow::Error::new(Failure::new(
+        Exit::IoError,
+        format!(
+            "the journal `{}` is damaged or not a mailer journal ({}); it was left as it is and nothing more was sent — `mailer report` shows what it still holds if it opens, and a backup can replace it; moving it aside would start the campaign's record over, and send to everyone not in it again",
+            Shown(path.display()),
+            Shown(e)
+        ),
+    ))
 }
 
 /// An open journal.

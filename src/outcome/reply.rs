@@ -1,7 +1,12 @@
 //! A server's reply, split the way the summary (and later the journal) keeps it: the code,
 //! the RFC 3463 enhanced code and the text. Pure.
+//!
+//! The text is the server's, kept exact; shown (`Display`), its control characters are
+//! escaped, so that a reply cannot write to the operator's terminal.
 
 use std::fmt;
+
+use crate::printable::Shown;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
@@ -80,16 +85,28 @@ fn is_enhanced_code(word: &str) -> bool {
                 .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit())))
 }
 
+impl Reply {
+    /// `550 5.1.1 text` exactly as the server sent it, for what is stored (the journal's
+    /// `reply_text`, a delivery's detail); what is shown goes through `Display` instead.
+    #[must_use]
+    pub fn exact(&self) -> String {
+        let mut line = self.code.to_string();
+        for part in [self.enhanced.as_deref(), Some(self.text.as_str())]
+            .into_iter()
+            .flatten()
+            .filter(|p| !p.is_empty())
+        {
+            line.push(' ');
+            line.push_str(part);
+        }
+        line
+    }
+}
+
+/// The reply as [`Reply::exact`] has it, its control characters escaped.
 impl fmt::Display for Reply {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.code)?;
-        if let Some(enhanced) = &self.enhanced {
-            write!(f, " {enhanced}")?;
-        }
-        if !self.text.is_empty() {
-            write!(f, " {}", self.text)?;
-        }
-        Ok(())
+        write!(f, "{}", Shown(self.exact()))
     }
 }
 
@@ -102,6 +119,7 @@ mod tests {
         assert_eq!(reply.enhanced.as_deref(), enhanced, "{text}");
         assert_eq!(reply.is_throttling(), throttling, "{text}");
         assert_eq!(reply.to_string(), format!("{code} {}", text.trim()));
+        assert_eq!(reply.exact(), reply.to_string());
     }
 
     #[test]
@@ -142,5 +160,25 @@ mod tests {
         check(421, "service shutting down", None, false);
         check(451, "4.3.0 temporary failure", Some("4.3.0"), false);
         check(554, "5.7.1.2 not a code", None, false);
+    }
+
+    #[test]
+    fn a_reply_keeps_its_text_exact_and_shows_it_escaped() {
+        let reply = Reply::new(
+            550,
+            "5.7.1 \x1b[2J\x1b[31mFAKE: all sent OK\x1b]0;title\x07",
+        );
+        assert_eq!(
+            reply.text,
+            "\x1b[2J\x1b[31mFAKE: all sent OK\x1b]0;title\x07"
+        );
+        assert_eq!(
+            reply.to_string(),
+            "550 5.7.1 \\x1b[2J\\x1b[31mFAKE: all sent OK\\x1b]0;title\\x07"
+        );
+        assert_eq!(
+            reply.exact(),
+            "550 5.7.1 \x1b[2J\x1b[31mFAKE: all sent OK\x1b]0;title\x07"
+        );
     }
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::config::{Campaign, Rate, Security, Transport};
+use crate::printable::Shown;
 use crate::problem::Problem;
 use crate::recipients::{NormalisedAddress, Recipient, RecipientList};
 use crate::render::Locales;
@@ -260,7 +261,7 @@ impl Plan {
 
     /// The plan for people, after `check`'s report.
     pub fn print(&self, campaign_path: &str, out: &mut impl Write) -> io::Result<()> {
-        writeln!(out, "plan for campaign `{}`:", self.campaign)?;
+        writeln!(out, "plan for campaign `{}`:", Shown(&self.campaign))?;
         let expect = match self.expect_count {
             Some(expected) if expected == self.recipients => {
                 " (as [safety] expect_count says)".to_owned()
@@ -281,19 +282,19 @@ impl Plan {
         let locales: Vec<String> = self
             .locales
             .iter()
-            .map(|(locale, count)| format!("{locale} {count}"))
+            .map(|(locale, count)| format!("{} {count}", Shown(locale)))
             .collect();
         writeln!(out, "  by locale       {}", locales.join(", "))?;
         let mut domains: Vec<String> = self
             .domains
             .iter()
-            .map(|d| format!("{} {}", d.domain, d.count))
+            .map(|d| format!("{} {}", Shown(&d.domain), d.count))
             .collect();
         if self.other_domains > 0 {
             domains.push(format!("and {} more domains", self.other_domains));
         }
         writeln!(out, "  largest domains {}", domains.join(", "))?;
-        writeln!(out, "  transport       {}", self.transport)?;
+        writeln!(out, "  transport       {}", Shown(&self.transport))?;
         let rate = match (self.per_second, self.burst) {
             (Some(rate), Some(burst)) => format!("{rate}/s, burst {burst}"),
             _ => "no global limit".to_owned(),
@@ -314,7 +315,9 @@ impl Plan {
             writeln!(
                 out,
                 "  canary          {} gets the message of line {} ({})",
-                pick.address, pick.line, pick.locale
+                Shown(&pick.address),
+                pick.line,
+                Shown(&pick.locale)
             )?;
         }
         writeln!(out, "  fingerprint     {}", self.short())?;
@@ -326,7 +329,8 @@ impl Plan {
             };
             writeln!(
                 out,
-                "to send these inputs as reviewed: mailer send {campaign_path}{stage} --approve {}",
+                "to send these inputs as reviewed: mailer send {}{stage} --approve {}",
+                Shown(campaign_path),
                 self.short()
             )?;
         }

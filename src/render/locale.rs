@@ -539,11 +539,10 @@ fn kept(cell: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// A value from the recipient list made safe to print: control and other unprintable
-/// characters escaped (`\u{1b}`), as `char::escape_debug` does, so a CSV cell cannot drive a
-/// terminal. (To be replaced by the crate-wide escaping function.)
+/// A value from the recipient list made safe to print (see [`crate::printable`]), so a CSV cell
+/// cannot drive a terminal.
 fn shown(value: &str) -> String {
-    value.chars().flat_map(char::escape_debug).collect()
+    crate::printable::escape(value).into_owned()
 }
 
 /// The indexes of the locales message ids are looked up in for the locale at `index`: itself,
@@ -840,7 +839,7 @@ mod tests {
             vec![
                 "3 recipients asked for `x-klingon`; no locale folder serves it, so they get `en`",
                 "2 recipients asked for `pt-BR`; they get `pt-PT`, the nearest locale folder",
-                "1 recipient asked for `bad\\u{1b}[2J`; no locale folder serves it, so they get `en`",
+                "1 recipient asked for `bad\\x1b[2J`; no locale folder serves it, so they get `en`",
             ]
         );
         assert_eq!(found.more_recipients, 0);

@@ -64,13 +64,13 @@ pub fn files(dir: &Path) -> Vec<PathBuf> {
 }
 
 impl TemplateSources {
-    /// Reads the folder's files: regular files within [`crate::files::SOURCE_CAP`], links
+    /// Reads the folder's files: regular files within [`crate::files::TEMPLATE_CAP`], links
     /// only inside `folders`. What cannot be read is a problem naming the file.
     #[must_use]
     pub fn read(dir: &Path, folders: &Folders) -> (TemplateSources, Problems) {
         let mut problems = Problems::default();
         let mut read = |path: &Path| -> Option<String> {
-            match folders.read_text(path, crate::files::SOURCE_CAP) {
+            match folders.read_text(path, crate::files::TEMPLATE_CAP) {
                 Ok(text) => Some(text),
                 // A dangling link is missing too; say where it points.
                 Err(error) if error.is_missing() && path.symlink_metadata().is_err() => None,
@@ -171,6 +171,10 @@ impl Templates {
                 "the template folder needs `text.hbs`, `html.hbs` or both",
             ));
         }
+        problems.extend(scanned(dir, sources));
+        if problems.errors() > 0 {
+            return Err(problems);
+        }
         let mut plain = registry(Arc::clone(locales), false);
         let mut html = registry(Arc::clone(locales), true);
         let mut files = HashMap::new();
@@ -183,8 +187,7 @@ impl Templates {
                 ));
                 continue;
             }
-            problems.extend(register(&mut plain, name, path, text));
-            problems.extend(register(&mut html, name, path, text));
+            problems.extend(register(&mut [&mut plain, &mut html], name, path, text));
             files.insert(name.clone(), path.clone());
         }
         for (part, source) in [
@@ -204,7 +207,7 @@ impl Templates {
                 } else {
                     text.as_str()
                 };
-                problems.extend(register(registry, part.name(), path, text));
+                problems.extend(register(&mut [registry], part.name(), path, text));
                 files.insert(part.name().to_owned(), path.clone());
             }
         }
@@ -319,26 +322,62 @@ impl Templates {
     }
 }
 
-/// Compiles one template into `registry`, once its nesting is known to be within bounds.
+/// Every template's nesting, before any is parsed, and the tags of all of them together.
+fn scanned(dir: &Path, sources: &TemplateSources) -> Vec<Problem> {
+    let tops = [&sources.subject, &sources.text, &sources.html];
+    let all = tops
+        .into_iter()
+        .flatten()
+        .map(|(path, text)| (path, text))
+        .chain(sources.partials.iter().map(|(_, path, text)| (path, text)));
+    let mut problems = Vec::new();
+    let mut tags = 0;
+    for (path, text) in all {
+        match bounds::nesting(text) {
+            Ok(count) => tags += count,
+            Err((line, message)) => problems.push(Problem::error(path, Some(line), message)),
+        }
+    }
+    if tags > bounds::MAX_TAGS {
+        problems.push(Problem::error(
+            dir,
+            None,
+            format!(
+                "the templates hold {tags} tags (`{{{{…}}}}`) in all, more than {}; mailer compiles at most that many",
+                bounds::MAX_TAGS
+            ),
+        ));
+    }
+    problems
+}
+
+/// Compiles one template into `registry` (its nesting and tags known to be within bounds).
 fn register(
-    registry: &mut Handlebars<'static>,
+    registries: &mut [&mut Handlebars<'static>],
     name: &str,
     path: &Path,
     text: &str,
 ) -> Option<Problem> {
-    if let Err((line, message)) = bounds::nesting(text) {
-        return Some(Problem::error(path, Some(line), message));
+    // Compiled once for every registry: compiling is the costly part.
+    match handlebars::Template::compile_with_name(text, name.to_owned()) {
+        Ok(template) => {
+            for registry in registries {
+                registry.register_template(name, template.clone());
+            }
+            None
+        }
+        Err(error) => {
+            let line = error.pos().map(|(line, _)| line as u64);
+            // The parser's list of expected tokens is long and says little; the line says more.
+            let reason = error.reason().to_string();
+            let reason = reason.split(": expected").next().unwrap_or(&reason);
+            Some(Problem::error(
+                path,
+                line,
+                format!("template syntax error: {reason} (an unclosed block, or a stray `{{{{`?)"),
+            ))
+        }
     }
-    let error = registry.register_template_string(name, text).err()?;
-    let line = error.pos().map(|(line, _)| line as u64);
-    // The parser's list of expected tokens is long and says little; the line says more.
-    let reason = error.reason().to_string();
-    let reason = reason.split(": expected").next().unwrap_or(&reason);
-    Some(Problem::error(
-        path,
-        line,
-        format!("template syntax error: {reason} (an unclosed block, or a stray `{{{{`?)"),
-    ))
 }
 
 fn registry(locales: Arc<Locales>, escape_html: bool) -> Handlebars<'static> {

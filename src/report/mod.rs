@@ -1,10 +1,12 @@
 //! Report: what happened to each recipient, counted, and the one-screen summary.
 //!
-//! Pure: [`Summary`] is fed [`Delivery`] values and prints into any `impl Write`. The preview
+//! Pure: [`Summary`] is fed [`Delivery`] values and prints into any `impl Write`. What comes
+//! from outside (addresses, replies, domains) is printed through [`Shown`]. The preview
 //! ([`preview`] picks and reads back sample messages, [`gallery`] makes the HTML page of them)
 //! is pure too, but for [`preview::write`], which writes the files.
 
 pub mod gallery;
+mod logging;
 pub mod preview;
 mod progress;
 mod status;
@@ -15,6 +17,8 @@ use std::time::Duration;
 
 use crate::exit::Exit;
 use crate::outcome::{Delivery, State};
+use crate::printable::Shown;
+pub use logging::{JsonLines, QuietStderr, text_fields};
 pub use progress::{BarSafeStderr, Progress};
 pub use status::{REPORT_COLUMNS, csv_fields, print_status};
 
@@ -102,7 +106,7 @@ impl Summary {
         let locales: Vec<String> = self
             .locales
             .iter()
-            .map(|(l, n)| format!("{l} {n}"))
+            .map(|(l, n)| format!("{} {n}", Shown(l)))
             .collect();
         format!("by locale: {}", locales.join(", "))
     }
@@ -173,7 +177,8 @@ impl Summary {
         for (domain, per_second) in &self.throttled {
             writeln!(
                 out,
-                "throttled: {domain} slowed to {per_second:.2}/s after a throttling reply"
+                "throttled: {} slowed to {per_second:.2}/s after a throttling reply",
+                Shown(domain)
             )?;
         }
         if !self.locales.is_empty() {
@@ -185,7 +190,7 @@ impl Summary {
             let top: Vec<String> = domains
                 .iter()
                 .take(10)
-                .map(|(d, n)| format!("{d} {n}"))
+                .map(|(d, n)| format!("{} {n}", Shown(d)))
                 .collect();
             let more = domains.len().saturating_sub(10);
             let tail = if more > 0 {
@@ -199,7 +204,10 @@ impl Summary {
             writeln!(
                 out,
                 "  line {} {} {}: {}",
-                delivery.line, delivery.recipient, delivery.state, delivery.detail
+                delivery.line,
+                Shown(&delivery.recipient),
+                delivery.state,
+                Shown(&delivery.detail)
             )?;
         }
         Ok(())

@@ -6,17 +6,23 @@
 use std::io::{self, Write};
 
 use crate::journal::query::{Row, Status};
+use crate::printable::Shown;
 
 /// The human form of `mailer status`.
 pub fn print_status(status: &Status, out: &mut impl Write) -> io::Result<()> {
     match &status.slot {
-        Some(slot) => writeln!(out, "campaign {} (schedule slot {slot})", status.campaign)?,
-        None => writeln!(out, "campaign {}", status.campaign)?,
+        Some(slot) => writeln!(
+            out,
+            "campaign {} (schedule slot {})",
+            Shown(&status.campaign),
+            Shown(slot)
+        )?,
+        None => writeln!(out, "campaign {}", Shown(&status.campaign))?,
     }
     let counts: Vec<String> = status
         .counts
         .iter()
-        .map(|(state, n)| format!("{state} {n}"))
+        .map(|(state, n)| format!("{} {n}", Shown(state)))
         .collect();
     writeln!(out, "  recipients {}: {}", status.total, counts.join(" · "))?;
     writeln!(
@@ -52,7 +58,7 @@ pub fn print_status(status: &Status, out: &mut impl Write) -> io::Result<()> {
             .replies
             .iter()
             .map(|r| match &r.enhanced {
-                Some(enhanced) => format!("{} {enhanced} ×{}", r.code, r.count),
+                Some(enhanced) => format!("{} {} ×{}", r.code, Shown(enhanced), r.count),
                 None => format!("{} ×{}", r.code, r.count),
             })
             .collect();
@@ -64,12 +70,12 @@ pub fn print_status(status: &Status, out: &mut impl Write) -> io::Result<()> {
             let counts: Vec<String> = domain
                 .counts
                 .iter()
-                .map(|(state, n)| format!("{state} {n}"))
+                .map(|(state, n)| format!("{} {n}", Shown(state)))
                 .collect();
             writeln!(
                 out,
                 "    {:<32} {:>8}  {}",
-                domain.domain,
+                Shown(&domain.domain).to_string(),
                 domain.total,
                 counts.join(" · ")
             )?;
@@ -79,10 +85,10 @@ pub fn print_status(status: &Status, out: &mut impl Write) -> io::Result<()> {
         writeln!(
             out,
             "  canary {:<25} {:<10} line {} ({}), inputs {}, {}",
-            canary.address,
-            canary.state,
+            Shown(&canary.address).to_string(),
+            Shown(&canary.state).to_string(),
             canary.line,
-            canary.locale,
+            Shown(&canary.locale),
             crate::plan::short(&canary.fingerprint),
             canary.at
         )?;
@@ -91,7 +97,9 @@ pub fn print_status(status: &Status, out: &mut impl Write) -> io::Result<()> {
         Some(halt) => writeln!(
             out,
             "  HALTED since {} by {}: {} — every send exits 3 until `mailer resume`",
-            halt.at, halt.by, halt.reason
+            halt.at,
+            Shown(&halt.by),
+            Shown(&halt.reason)
         ),
         None => writeln!(out, "  not halted"),
     }
@@ -114,15 +122,16 @@ pub const REPORT_COLUMNS: [&str; 13] = [
     "updated_at",
 ];
 
-/// One report row as CSV fields, in [`REPORT_COLUMNS`] order.
+/// One report row as CSV fields, in [`REPORT_COLUMNS`] order, each safe to open in a
+/// spreadsheet (see [`cell`]). The numbers are ours and left as they are.
 #[must_use]
 pub fn csv_fields(row: &Row) -> [String; 13] {
-    let text = |v: &Option<String>| v.clone().unwrap_or_default();
+    let text = |v: &Option<String>| v.as_deref().map(cell).unwrap_or_default();
     [
         row.line.to_string(),
         text(&row.address),
         text(&row.locale),
-        row.state.clone(),
+        cell(&row.state),
         row.attempts.to_string(),
         row.reply_code.map(|c| c.to_string()).unwrap_or_default(),
         text(&row.reply_enhanced),
@@ -131,6 +140,50 @@ pub fn csv_fields(row: &Row) -> [String; 13] {
         text(&row.content_hash),
         text(&row.first_attempt_at),
         text(&row.last_attempt_at),
-        row.updated_at.clone(),
+        cell(&row.updated_at),
     ]
+}
+
+/// A text cell of the CSV report: control characters escaped as on a terminal, and a value a
+/// spreadsheet would take for a formula (starting with `=`, `+`, `-`, `@`, a tab or a carriage
+/// return, as OWASP lists them) given a leading `'`, so that it shows as text. An address such
+/// as `=1+1@example.com` is valid mail; in a spreadsheet it must stay an address.
+#[must_use]
+pub fn cell(value: &str) -> String {
+    let formula = value.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    let escaped = crate::printable::escape(value);
+    if formula {
+        format!("'{escaped}")
+    } else {
+        escaped.into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(value: &str, expected: &str) {
+        assert_eq!(cell(value), expected, "{value:?}");
+    }
+
+    #[test]
+    fn cells_that_look_like_formulas_are_text() {
+        check("=1+1@example.com", "'=1+1@example.com");
+        check("+x@example.com", "'+x@example.com");
+        check("-x@example.com", "'-x@example.com");
+        check("@SUM(A1:A9)", "'@SUM(A1:A9)");
+        check("\tx", "'\\tx");
+        check("\r=1", "'\\r=1");
+        check("x=1+1@example.com", "x=1+1@example.com");
+        check("550", "550");
+        check("2026-12-01T09:00:00Z", "2026-12-01T09:00:00Z");
+    }
+
+    #[test]
+    fn cells_have_no_control_characters() {
+        check("\x1b[2J\x1b[31mFAKE\x07", "\\x1b[2J\\x1b[31mFAKE\\x07");
+        check("a\0b\u{9b}c\u{202e}", "a\\x00b\\u{9b}c\\u{202e}");
+        check("Zoë 中", "Zoë 中");
+    }
 }

@@ -75,18 +75,31 @@ fn partials_that_include_each_other_are_refused_with_the_chain() {
 
 #[test]
 fn deep_nesting_is_refused_with_its_line_before_it_is_parsed() {
-    for depth in [5_000, 20_000] {
+    for (depth, expected) in [
+        (
+            5_000,
+            "templates/text.hbs:2: blocks nested more than 32 deep",
+        ),
+        (
+            20_000,
+            "templates/text.hbs: this template is larger than 256 KiB",
+        ),
+    ] {
         let text = format!(
             "{}x{}",
             "{{#if r.name}}".repeat(depth),
             "{{/if}}".repeat(depth)
         );
         let campaign = example().file("templates/text.hbs", &format!("\n{text}\n"));
-        refused_everywhere(
-            &campaign,
-            "templates/text.hbs:2: blocks nested more than 32 deep",
-        );
+        refused_everywhere(&campaign, expected);
     }
+    // Compiling costs a template's size for each tag: their number is capped.
+    let many = format!("{}\n", "{{r.name}} ".repeat(6_000));
+    let campaign = example().file("templates/text.hbs", &many);
+    refused_everywhere(
+        &campaign,
+        "the templates hold 6012 tags (`{{…}}`) in all, more than 5000",
+    );
     let parentheses = format!(
         "{{{{t \"body\" x={}1{}}}}}",
         "(".repeat(5_000),
@@ -203,7 +216,7 @@ fn oversized_files_are_refused_by_their_cap() {
     let campaign = example().file("templates/text.hbs", &huge);
     refused_everywhere(
         &campaign,
-        "templates/text.hbs: this template is larger than 1 MiB, the most mailer reads from it",
+        "templates/text.hbs: this template is larger than 256 KiB, the most mailer reads from it",
     );
     eprintln!(
         "a 50 MB template refused three times in {:?}",

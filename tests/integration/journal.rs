@@ -582,6 +582,59 @@ fn a_damaged_journal_is_an_error_that_sends_nothing_and_leaves_the_file_as_it_is
     }
 }
 
+/// Flipped bytes inside the rows, where the file's structure still holds: the journal opens
+/// and passes its check, and only reading a row fails (`SQLite` says "invalid utf-8 sequence"
+/// or "no such column" without naming a file). Every command names the journal in one
+/// sentence, exits 74 and sends nothing. (`stop` reads no row, and still works.)
+#[test]
+fn a_journal_damaged_inside_its_rows_is_named_by_every_command() {
+    let campaign = Campaign::example().rows(people(5));
+    let path = campaign.write();
+    let first = mailer(&["send", arg(&path), "--limit", "2"], &[]);
+    assert_eq!(first.code, 75, "{first:?}");
+    let outbox = campaign.dir().join("outbox");
+    let written = || std::fs::read_dir(&outbox).unwrap().count();
+    assert_eq!(written(), 2);
+
+    // The state of each sent row follows its content hash (32 hex digits): make it invalid
+    // UTF-8 there, and nowhere else.
+    let journal = journal_file(&campaign);
+    let mut bytes = std::fs::read(&journal).unwrap();
+    let mut flipped = 0;
+    for at in 32..bytes.len() - 4 {
+        if &bytes[at..at + 4] == b"sent" && bytes[at - 32..at].iter().all(u8::is_ascii_hexdigit) {
+            bytes[at + 1] = 0xff;
+            flipped += 1;
+        }
+    }
+    assert!(flipped >= 2, "found {flipped} sent rows");
+    std::fs::write(&journal, &bytes).unwrap();
+
+    let named = format!("the journal `{}` is damaged", journal.display());
+    for args in [
+        vec!["status", arg(&path)],
+        vec!["status", arg(&path), "--json"],
+        vec!["report", arg(&path), "--format", "csv"],
+        vec!["report", arg(&path), "--format", "json"],
+        vec!["send", arg(&path)],
+    ] {
+        let run = mailer(&args, &[]);
+        assert_eq!(run.code, 74, "{args:?}: {run:?}");
+        assert!(run.stderr.contains(&named), "{args:?}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("invalid utf-8"),
+            "{args:?}: the cause is given: {}",
+            run.stderr
+        );
+        assert_eq!(run.stderr.lines().count(), 1, "{args:?}: {}", run.stderr);
+        assert_eq!(written(), 2, "{args:?}: nothing more sent");
+        assert!(
+            std::fs::read(&journal).unwrap() == bytes,
+            "{args:?}: the damaged file is left as it was"
+        );
+    }
+}
+
 #[test]
 fn another_campaigns_journal_is_refused_and_left_as_it_is() {
     let sink = Sink::start();

@@ -49,7 +49,7 @@ const EXPECTED: [&str; 6] = [
     "1 recipient asked for `pt_BR`; they get `pt-PT`, the nearest locale folder",
     "1 recipient asked for `pt`; they get `pt-PT`, the nearest locale folder",
     "1 recipient asked for `zh-CN`; no locale folder serves it, so they get `en`",
-    "1 recipient asked for `zz\\u{1b}[2J`; no locale folder serves it, so they get `en`",
+    "1 recipient asked for `zz\\x1b[2J`; no locale folder serves it, so they get `en`",
 ];
 
 /// Requests served as asked, or by a more general folder: nothing is said about them.
@@ -129,7 +129,7 @@ fn plan_and_plan_json_carry_the_counts() {
             entry("pt-BR", "pt-PT", "near", 1),
             entry("pt_BR", "pt-PT", "near", 1),
             entry("zh-CN", "en", "unserved", 1),
-            entry("zz\\u{1b}[2J", "en", "unserved", 1),
+            entry("zz\\x1b[2J", "en", "unserved", 1),
         ]
     );
     assert_eq!(requests["more_recipients"], 0);

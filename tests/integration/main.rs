@@ -12,6 +12,7 @@ mod hostile;
 mod journal;
 mod locales;
 mod operator;
+mod output;
 mod properties;
 mod review;
 mod sink;

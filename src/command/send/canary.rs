@@ -18,6 +18,7 @@ use crate::journal;
 use crate::outcome::{Delivery, State};
 use crate::pipeline;
 use crate::plan;
+use crate::printable::Shown;
 use crate::problem::Problems;
 use crate::render::OutgoingMessage;
 use crate::report::Summary;
@@ -59,7 +60,7 @@ pub fn run(
         .map(|j| plan::short(&j.approved).to_owned());
     let next = format!(
         "mailer send {}{}",
-        path.display(),
+        Shown(path.display()),
         approved
             .as_ref()
             .map(|a| format!(" --approve {a}"))
@@ -191,13 +192,13 @@ fn print_delivery(
     writeln!(
         out,
         "  {state:<10} {}  (line {}, {}){}",
-        delivery.recipient,
+        Shown(&delivery.recipient),
         delivery.line,
-        delivery.locale,
+        Shown(&delivery.locale),
         if delivery.detail.is_empty() {
             String::new()
         } else {
-            format!(": {}", delivery.detail)
+            format!(": {}", Shown(&delivery.detail))
         }
     )
 }

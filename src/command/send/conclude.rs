@@ -7,6 +7,7 @@ use super::admit::Journaled;
 use super::deliver::Delivered;
 use crate::exit::{Exit, Failure};
 use crate::outcome::State;
+use crate::printable::Shown;
 use crate::report::Summary;
 
 /// Prints the summary and gives the run's exit code, or its failure.
@@ -122,7 +123,7 @@ fn unrecorded(
         }
         let in_flight = count(crate::journal::RowState::InFlight.name());
         summary.add(State::Ambiguous, in_flight);
-        writeln!(out, "as the journal `{}` has it:", journal.display())?;
+        writeln!(out, "as the journal `{}` has it:", Shown(journal.display()))?;
         summary.print(out)?;
         if in_flight > 0 {
             writeln!(
@@ -135,8 +136,8 @@ fn unrecorded(
         Exit::IoError,
         format!(
             "the journal `{}` could not be written ({error:#}); the run stopped so that nothing goes out unrecorded — once it can be written again, `mailer send {}` resumes where the journal says",
-            journal.display(),
-            path.display()
+            Shown(journal.display()),
+            Shown(path.display())
         ),
     )
     .into())

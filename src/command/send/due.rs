@@ -11,6 +11,7 @@ use crate::exit::Exit;
 use crate::journal;
 use crate::outcome::State;
 use crate::pipeline::Loaded;
+use crate::printable::Shown;
 use crate::report::Summary;
 
 /// A cron call on a campaign with nothing due (finished, or waiting for a backoff) and
@@ -81,7 +82,7 @@ pub fn due(
             }
         )?;
         for (line, address) in &sync.recovered {
-            writeln!(out, "  line {line}  {address}")?;
+            writeln!(out, "  line {line}  {}", Shown(address))?;
             tracing::warn!(line, recipient = %address, "in flight when the last run stopped: ambiguous");
         }
     }
