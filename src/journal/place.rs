@@ -65,6 +65,8 @@ pub struct Located {
     /// Whether the record names this journal already (else it is written when the journal is
     /// opened for writing).
     pub recorded: bool,
+    /// The campaign file, absolute: the record names it.
+    campaign_file: PathBuf,
 }
 
 impl Located {
@@ -73,10 +75,16 @@ impl Located {
         if self.recorded {
             return Ok(());
         }
+        let campaign = self
+            .campaign_file
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let text = format!(
             "# mailer: campaign journal of this folder's campaign. Keep this file: without it mailer\n\
              # cannot tell a new campaign from this one with its journal lost, and would send again.\n\
-             journal = {}\n",
+             journal = {}\n\
+             campaign = {campaign}\n",
             self.place.journal.display()
         );
         write_atomically(&self.record, &text).map_err(|e| {
@@ -147,13 +155,18 @@ pub fn locate(
             place: asked,
             record,
             recorded: false,
+            campaign_file: campaign_file.clone(),
         });
     }
     let Some(recorded) = read_record(&record)? else {
+        if intent != Intent::Read {
+            renamed_campaign(&campaign_file, campaign_id)?;
+        }
         return Ok(Located {
             place: asked,
             record,
             recorded: false,
+            campaign_file: campaign_file.clone(),
         });
     };
     let recorded = Place {
@@ -165,6 +178,7 @@ pub fn locate(
             place: recorded,
             record,
             recorded: true,
+            campaign_file: campaign_file.clone(),
         });
     }
     if intent != Intent::Move {
@@ -195,7 +209,53 @@ pub fn locate(
         place: asked,
         record,
         recorded: false,
+        campaign_file,
     })
+}
+
+/// Refuses a new campaign id for a campaign file that already has a journal under another id:
+/// editing `[campaign] id` would otherwise make a new campaign, with a new journal that knows
+/// nobody was sent to, and send the whole list again.
+fn renamed_campaign(campaign_file: &Path, campaign_id: &str) -> anyhow::Result<()> {
+    let (Some(dir), Some(name)) = (campaign_file.parent(), campaign_file.file_name()) else {
+        return Ok(());
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let wanted = format!("campaign = {}", name.to_string_lossy());
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(other) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(".mailer-"))
+            .and_then(|n| n.strip_suffix(".where"))
+        else {
+            continue;
+        };
+        if other == campaign_id {
+            continue;
+        }
+        let Ok(text) = crate::files::read_text(&entry.path(), 64 << 10) else {
+            continue;
+        };
+        if text.lines().any(|line| line == wanted) {
+            let journal = text
+                .lines()
+                .find_map(|line| line.strip_prefix("journal = "))
+                .unwrap_or("?");
+            return Err(Failure::new(
+                Exit::InvalidInput,
+                format!(
+                    "`{}` already ran as campaign `{other}` (journal `{journal}`, recorded in `{}`); with `[campaign] id = \"{campaign_id}\"` it would be a new campaign and send to everyone again; nothing was sent — put back `id = \"{other}\"` to go on with that campaign, or save the file under another name to start a new campaign from it on purpose",
+                    campaign_file.display(),
+                    entry.path().display()
+                ),
+            )
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// The journal path the record names, if there is a record.
@@ -325,10 +385,28 @@ mod tests {
         assert_eq!(copy.place.journal, dir.path().join("copy/c1.journal"));
         // Another campaign in the same folder has its own record.
         assert!(
-            !locate(&campaign, Some(&elsewhere), "c2", Intent::Write)
-                .unwrap()
-                .recorded
+            !locate(
+                &dir.path().join("other.toml"),
+                Some(&elsewhere),
+                "c2",
+                Intent::Write
+            )
+            .unwrap()
+            .recorded
         );
+        // The same campaign file under a new id: refused, naming the old id, to write; read,
+        // it is just another (empty) campaign.
+        let renamed = locate(&campaign, None, "c3", Intent::Write).unwrap_err();
+        assert_eq!(Exit::of_error(&renamed), Exit::InvalidInput);
+        let text = format!("{renamed:#}");
+        assert!(
+            text.contains("already ran as campaign `c1`")
+                && text.contains("put back `id = \"c1\"`"),
+            "{text}"
+        );
+        assert!(locate(&campaign, None, "c3", Intent::Read).is_ok());
+        // Another campaign file in the same folder may have any id.
+        assert!(locate(&dir.path().join("other.toml"), None, "c3", Intent::Write).is_ok());
         // A relative --state-dir is refused.
         let relative = locate(&campaign, Some(Path::new("state")), "c1", Intent::Read).unwrap_err();
         assert_eq!(Exit::of_error(&relative), Exit::Usage);

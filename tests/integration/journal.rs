@@ -639,10 +639,12 @@ fn a_journal_damaged_inside_its_rows_is_named_by_every_command() {
 fn another_campaigns_journal_is_refused_and_left_as_it_is() {
     let sink = Sink::start();
     let (campaign, path, journal) = sent_once(&sink);
-    // The same folder, now campaign `other-campaign`, and test-campaign's journal copied
-    // where other-campaign's would be.
+    // Another campaign file in the same folder, campaign `other-campaign`, and test-campaign's
+    // journal copied where other-campaign's would be. (The same file under a new id is
+    // refused before its journal is even looked at: see operator.rs.)
     let toml = std::fs::read_to_string(&path).unwrap();
     assert!(toml.contains("id = \"test-campaign\""), "{toml}");
+    let path = campaign.dir().join("other.toml");
     std::fs::write(
         &path,
         toml.replace("id = \"test-campaign\"", "id = \"other-campaign\""),

@@ -557,3 +557,46 @@ fn a_full_disk_stops_with_exit_74_and_the_journal_s_own_counts_then_resumes_exac
         "nobody twice: {accepted:?}"
     );
 }
+
+/// Editing `[campaign] id` after a send would make a new campaign with a new journal, which
+/// would send the whole list again: refused, naming the old id, until the id is put back.
+#[test]
+fn a_campaign_file_sent_under_one_id_is_not_sent_again_under_another() {
+    let campaign = Campaign::example().rows(people(4));
+    let path = campaign.write();
+    let path_text = path.to_str().unwrap();
+    let first = mailer(&["send", path_text], &[]);
+    assert_eq!(first.code, 0, "{first:?}");
+    let outbox = campaign.dir().join("outbox");
+    assert_eq!(std::fs::read_dir(&outbox).unwrap().count(), 4);
+
+    let original = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        original.replace("id = \"test-campaign\"", "id = \"renamed\""),
+    )
+    .unwrap();
+    for command in ["send", "plan"] {
+        let run = mailer(&[command, path_text], &[]);
+        assert_eq!(run.code, 65, "{command}: {run:?}");
+        assert!(
+            run.stderr
+                .contains("already ran as campaign `test-campaign`")
+                && run.stderr.contains("put back `id = \"test-campaign\"`"),
+            "{command}: {}",
+            run.stderr
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(&outbox).unwrap().count(),
+        4,
+        "nobody was sent twice"
+    );
+    assert!(!campaign.dir().join("mailer-state/renamed.journal").exists());
+
+    // The id put back, the campaign goes on: nothing left to send.
+    std::fs::write(&path, &original).unwrap();
+    let again = mailer(&["send", path_text], &[]);
+    assert_eq!(again.code, 0, "{again:?}");
+    assert_eq!(std::fs::read_dir(&outbox).unwrap().count(), 4);
+}
