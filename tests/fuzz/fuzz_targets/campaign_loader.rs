@@ -110,7 +110,8 @@ fn check_problems(stage: &str, problems: &[Problem], files: &[&Path]) {
         if let Some(line) = problem.line {
             assert!(line >= 1, "{stage}: problem on line {line}: {problem}");
         }
-        if problem.message.contains("syntax error") {
+        // A syntax error, or an id defined twice, is about one line.
+        if problem.message.contains("syntax error") || problem.message.contains("defined twice") {
             assert!(
                 problem.line.is_some(),
                 "{stage}: a syntax error without a line: {problem}"
