@@ -10,7 +10,10 @@
 //!   translates, the CSV columns it reads, its unescaped output of recipient data.
 //! - [`check`] puts the shapes together: missing partials, cycles, chains deeper than
 //!   [`MAX_PARTIAL_DEPTH`], more than [`MAX_INCLUSIONS`] partials in one message, ids no
-//!   locale defines, columns the CSV lacks, raw output of a column in the HTML.
+//!   locale defines, columns the CSV lacks, raw output of a column in the HTML, and
+//!   `{{#each}}` loops (with the partials inside them) that repeat to more than [`MAX_STEPS`]
+//!   template elements per message: a loop that writes nothing never meets the message's size
+//!   limit, so its cost has to be bounded before it runs.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -26,6 +29,13 @@ pub const MAX_PARTIAL_DEPTH: usize = 16;
 /// Partial inclusions one template may expand to (each inclusion counted as often as it is
 /// reached), at most: seven files including the next ten times each would make a million.
 pub const MAX_INCLUSIONS: u64 = 10_000;
+/// Template elements one message may evaluate, at most, each counted as often as the
+/// `{{#each}}` blocks around it (in its file or in the templates including it) may repeat it.
+/// Twelve loops nested over five columns would be 244 million: rendering would hang.
+pub const MAX_STEPS: u64 = 1_000_000;
+/// The keys of the template context's root (`r`, `locale`, `campaign`, `unsubscribe_url`):
+/// with the CSV's columns, what bounds the keys one `{{#each}}` can go through.
+pub const ROOT_KEYS: u64 = 4;
 
 /// Tags (`{{…}}`) in all the templates of a campaign, at most. The handlebars parser works out
 /// the line of each element by counting from the start of its template, so compiling costs a
@@ -109,20 +119,29 @@ pub struct Shape {
     pub refused: Vec<(u64, String)>,
     /// The deepest block nesting.
     pub depth: usize,
+    /// Elements of this template, by how many `{{#each}}` blocks enclose them.
+    pub steps: Vec<u64>,
+    /// Partials included by name, with how many `{{#each}}` blocks enclose the inclusion.
+    pub included: Vec<(String, u32)>,
 }
 
 impl Shape {
     #[must_use]
     pub fn of(template: &Template) -> Shape {
         let mut shape = Shape::default();
-        shape.walk(template, 0, false);
+        shape.walk(template, 0, false, 0);
         shape
     }
 
-    fn walk(&mut self, template: &Template, depth: usize, in_data: bool) {
+    fn walk(&mut self, template: &Template, depth: usize, in_data: bool, loops: u32) {
         self.depth = self.depth.max(depth);
         for (index, element) in template.elements.iter().enumerate() {
             let line = template.mapping.get(index).map_or(0, |m| m.0 as u64);
+            let at = loops as usize;
+            if self.steps.len() <= at {
+                self.steps.resize(at + 1, 0);
+            }
+            self.steps[at] += 1;
             match element {
                 TemplateElement::Expression(helper) => self.expression(helper, line, in_data),
                 TemplateElement::HtmlExpression(helper) => {
@@ -146,15 +165,22 @@ impl Shape {
                             data_in(helper, in_data, &mut found);
                             !found.is_empty()
                         });
-                    for nested in [&helper.template, &helper.inverse].into_iter().flatten() {
-                        self.walk(nested, depth + 1, inner);
+                    // The body of `#each` runs once per key; its `{{else}}` at most once.
+                    let body_loops = loops + u32::from(name == "each");
+                    if let Some(nested) = &helper.template {
+                        self.walk(nested, depth + 1, inner, body_loops);
+                    }
+                    if let Some(nested) = &helper.inverse {
+                        self.walk(nested, depth + 1, inner, loops);
                     }
                 }
-                TemplateElement::PartialExpression(partial) => self.partial(partial, line, false),
+                TemplateElement::PartialExpression(partial) => {
+                    self.partial(partial, line, false, loops);
+                }
                 TemplateElement::PartialBlock(partial) => {
-                    self.partial(partial, line, true);
+                    self.partial(partial, line, true, loops);
                     if let Some(nested) = &partial.template {
-                        self.walk(nested, depth + 1, in_data);
+                        self.walk(nested, depth + 1, in_data, loops);
                     }
                 }
                 TemplateElement::DecoratorExpression(_) | TemplateElement::DecoratorBlock(_) => {
@@ -189,12 +215,13 @@ impl Shape {
         }
     }
 
-    fn partial(&mut self, partial: &DecoratorTemplate, line: u64, has_fallback: bool) {
+    fn partial(&mut self, partial: &DecoratorTemplate, line: u64, has_fallback: bool, loops: u32) {
         match &partial.name {
             Parameter::Name(_) | Parameter::Path(_) => {
                 let name = partial.name.as_name().unwrap_or_default();
                 if name != "@partial-block" {
                     self.partials.push((name.to_owned(), line, has_fallback));
+                    self.included.push((name.to_owned(), loops));
                 }
             }
             _ => self.refused.push((
@@ -284,6 +311,8 @@ pub struct Context<'a> {
     pub lacking: &'a dyn Fn(&str) -> Vec<String>,
     /// How many locales are loaded.
     pub locales: usize,
+    /// The most keys one `{{#each}}` may go through: the CSV's columns, or [`ROOT_KEYS`].
+    pub width: u64,
 }
 
 /// Every problem of the templates together: (template name, line, message). `tops` are the
@@ -350,7 +379,19 @@ pub fn check(
         }
     }
     for top in tops {
-        inclusions(shapes, top, &mut found);
+        if inclusions(shapes, top, &mut found) {
+            let total = steps(shapes, top, context.width, &mut BTreeMap::new());
+            if total > MAX_STEPS {
+                found.push((
+                    (*top).to_owned(),
+                    0,
+                    format!(
+                        "`{{{{#each}}}}` blocks nested in one another (with the partials inside them) may evaluate {total} template elements per message over {} keys each, more than {MAX_STEPS}: nest fewer loops",
+                        context.width
+                    ),
+                ));
+            }
+        }
     }
 
     for name in reachable(shapes, "html") {
@@ -394,13 +435,18 @@ fn reachable(shapes: &BTreeMap<String, Shape>, top: &str) -> Vec<String> {
 }
 
 /// Walks the inclusions of `top`: a cycle, a chain deeper than [`MAX_PARTIAL_DEPTH`] or more
-/// than [`MAX_INCLUSIONS`] inclusions in all is a problem naming the chain.
-fn inclusions(shapes: &BTreeMap<String, Shape>, top: &str, found: &mut Vec<(String, u64, String)>) {
+/// than [`MAX_INCLUSIONS`] inclusions in all is a problem naming the chain. `true` when there
+/// is none, so the inclusions below `top` are a graph without cycles, at most that deep.
+fn inclusions(
+    shapes: &BTreeMap<String, Shape>,
+    top: &str,
+    found: &mut Vec<(String, u64, String)>,
+) -> bool {
     // Inclusions below each template, memoised; a cycle is reported where it closes.
     let mut below: BTreeMap<String, u64> = BTreeMap::new();
     let mut chain = vec![top.to_owned()];
     let Some(total) = count(shapes, &mut chain, &mut below, found) else {
-        return;
+        return false;
     };
     if total > MAX_INCLUSIONS {
         found.push((
@@ -410,7 +456,38 @@ fn inclusions(shapes: &BTreeMap<String, Shape>, top: &str, found: &mut Vec<(Stri
                 "expands to {total} partial inclusions per message, more than {MAX_INCLUSIONS}: partials that include partials several times multiply"
             ),
         ));
+        return false;
     }
+    true
+}
+
+/// The template elements one message evaluates from `name` down, each counted as often as the
+/// `{{#each}}` blocks around it may repeat it (`width` keys each), saturating. Only for a
+/// graph [`inclusions`] has found without cycles, so the recursion ends within
+/// [`MAX_PARTIAL_DEPTH`].
+fn steps(
+    shapes: &BTreeMap<String, Shape>,
+    name: &str,
+    width: u64,
+    memo: &mut BTreeMap<String, u64>,
+) -> u64 {
+    if let Some(&known) = memo.get(name) {
+        return known;
+    }
+    let Some(shape) = shapes.get(name) else {
+        return 0;
+    };
+    let repeat = |loops: u32| width.saturating_pow(loops);
+    let mut total = 0u64;
+    for (loops, &elements) in (0u32..).zip(&shape.steps) {
+        total = total.saturating_add(elements.saturating_mul(repeat(loops)));
+    }
+    for (partial, loops) in &shape.included {
+        let inner = steps(shapes, partial, width, memo).saturating_add(1);
+        total = total.saturating_add(inner.saturating_mul(repeat(*loops)));
+    }
+    memo.insert(name.to_owned(), total);
+    total
 }
 
 /// Inclusions below the last template of `chain`; `None` once a problem is reported.
@@ -495,6 +572,7 @@ mod tests {
             raw_columns,
             lacking: &lacking,
             locales: 2,
+            width: 4,
         };
         check(&shapes(files), &["subject", "text", "html"], &context)
             .into_iter()
@@ -574,6 +652,47 @@ mod tests {
         assert!(found[0].starts_with("text:0: expands to "), "{found:?}");
         // The same partial many times, but few in all, is fine.
         assert!(problems(&[("text", &"{{> leaf}}".repeat(100)), ("leaf", "x")], &[]).is_empty());
+    }
+
+    #[test]
+    fn loops_that_would_repeat_past_the_step_limit_are_refused_before_rendering() {
+        // Found by the campaign_loader fuzz target (tests/fuzz/regressions/campaign_loader/
+        // nested_each_hang): twelve loops over the root write nothing, so the message's size
+        // limit never stops them, and rendering hangs.
+        let nested =
+            |n: usize| format!("{}{}", "{{#each @root.r}}".repeat(n), "{{/each}}".repeat(n));
+        let found = problems(&[("text", &nested(12))], &[]);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("text:0: `{{#each}}` blocks nested in one another"),
+            "{found:?}"
+        );
+        assert!(problems(&[("text", &nested(3))], &[]).is_empty());
+        // Loops multiply across partials too: a chain of eleven, one loop each.
+        let mut files: Vec<(String, String)> = (0..11)
+            .map(|i| {
+                (
+                    format!("p{i}"),
+                    format!("{{{{#each r}}}}{{{{> p{}}}}}{{{{/each}}}}", i + 1),
+                )
+            })
+            .collect();
+        files.push(("p11".to_owned(), "x".to_owned()));
+        files.push(("html".to_owned(), "{{> p0}}".to_owned()));
+        let files: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.as_str()))
+            .collect();
+        let found = problems(&files, &[]);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("html:0: `{{#each}}`"), "{found:?}");
+        // An `{{else}}` runs once, not once per key.
+        let elses = format!(
+            "{}{}",
+            "{{#each r}}x{{else}}".repeat(12),
+            "{{/each}}".repeat(12)
+        );
+        assert!(problems(&[("text", &elses)], &[]).is_empty());
     }
 
     #[test]

@@ -173,18 +173,36 @@ impl Locales {
                     _ => None,
                 }));
                 if let Err(errors) = bundle.add_resource(resource) {
+                    // How many times each id has been reported in this file so far.
+                    let mut reported: HashMap<(bool, String), usize> = HashMap::new();
+                    let overridden = |error: &fluent_bundle::FluentError| match error {
+                        // fluent-bundle does not export `EntryKind`; its name says it.
+                        fluent_bundle::FluentError::Overriding { kind, id } => {
+                            Some((kind.to_string() == "term", id.clone()))
+                        }
+                        _ => None,
+                    };
+                    let mut totals: HashMap<(bool, String), usize> = HashMap::new();
+                    for key in errors.iter().filter_map(overridden) {
+                        *totals.entry(key).or_default() += 1;
+                    }
                     for error in errors {
-                        let (message, line) = match &error {
-                            fluent_bundle::FluentError::Overriding { id, .. } => (
-                                format!(
-                                    "`{id}` is defined twice in the locale `{}`",
-                                    id_tag(bundle.locales.first())
-                                ),
-                                source
-                                    .find(&format!("\n{id} "))
-                                    .map(|at| line_of(&source, at + 1)),
-                            ),
-                            other => (other.to_string(), None),
+                        let (message, line) = match overridden(&error) {
+                            Some((term, id)) => {
+                                let key = (term, id.clone());
+                                let nth = reported.entry(key.clone()).or_default();
+                                let line = duplicate_line(&source, term, &id, *nth, totals[&key]);
+                                *nth += 1;
+                                let shown = if term { format!("-{id}") } else { id };
+                                (
+                                    format!(
+                                        "`{shown}` is defined twice in the locale `{}`",
+                                        id_tag(bundle.locales.first())
+                                    ),
+                                    line,
+                                )
+                            }
+                            None => (error.to_string(), None),
                         };
                         problems.push(Problem::error(&path, line, message));
                     }
@@ -606,6 +624,25 @@ fn language_id(requested: &str) -> Option<LanguageIdentifier> {
     (!id.language.is_empty()).then_some(id)
 }
 
+/// The line of the `nth` (0-based) of `reported` redefinitions of message (or term) `id` in
+/// `source`: fluent reports each entry whose id is taken, in file order, so when there are as
+/// many reports as entries in the file, all of them redefine an earlier file's id; with one
+/// fewer, the file's first entry is the original.
+fn duplicate_line(source: &str, term: bool, id: &str, nth: usize, reported: usize) -> Option<u64> {
+    let prefix = if term { "-" } else { "" };
+    let starts: Vec<u64> = (1u64..)
+        .zip(source.split('\n'))
+        .filter(|(_, line)| {
+            line.strip_prefix(prefix)
+                .and_then(|rest| rest.strip_prefix(id))
+                .is_some_and(|rest| rest.trim_start_matches([' ', '\t']).starts_with('='))
+        })
+        .map(|(number, _)| number)
+        .collect();
+    let first = starts.len().checked_sub(reported)?;
+    starts.get(first + nth).copied()
+}
+
 fn id_tag(id: Option<&LanguageIdentifier>) -> String {
     id.map_or_else(String::new, ToString::to_string)
 }
@@ -647,6 +684,53 @@ mod tests {
             l.translate(l.resolve(requested), id, &args).as_deref(),
             Ok(expected),
             "{requested:?} {id}"
+        );
+    }
+
+    #[test]
+    fn an_id_defined_twice_is_reported_on_the_line_of_the_second() {
+        // Found by the campaign_loader fuzz target (tests/fuzz/regressions/campaign_loader/
+        // duplicate_term_line): a term, or an entry on a file's first line, had no line.
+        let lines = |sources: &[(&str, &str)]| -> Vec<String> {
+            locales(sources)
+                .unwrap_err()
+                .0
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(
+            lines(&[("en", "-brand = A\nx = y\n-brand = B\nx=z\n")]),
+            [
+                "en/main.ftl:3: `-brand` is defined twice in the locale `en`",
+                "en/main.ftl:4: `x` is defined twice in the locale `en`",
+            ]
+        );
+        // Across files: the second file's first entry is the redefinition.
+        let sources = vec![(
+            "en".parse().unwrap(),
+            vec![
+                (PathBuf::from("en/a.ftl"), "x = 1\n-t = 1\n".to_owned()),
+                (
+                    PathBuf::from("en/b.ftl"),
+                    "-t = 2\nx = 2\nx = 3\n".to_owned(),
+                ),
+            ],
+        )];
+        let found: Vec<String> =
+            Locales::from_sources(Path::new("locales"), sources, &"en".parse().unwrap())
+                .unwrap_err()
+                .0
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+        assert_eq!(
+            found,
+            [
+                "en/b.ftl:1: `-t` is defined twice in the locale `en`",
+                "en/b.ftl:2: `x` is defined twice in the locale `en`",
+                "en/b.ftl:3: `x` is defined twice in the locale `en`",
+            ]
         );
     }
 

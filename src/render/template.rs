@@ -233,6 +233,11 @@ impl Templates {
             raw_columns: limits.raw_columns,
             lacking: &lacking,
             locales: locales.tags().count(),
+            // `r` holds one key per column; the root holds `ROOT_KEYS`.
+            width: limits
+                .columns
+                .map_or(0, |columns| columns.len() as u64)
+                .max(bounds::ROOT_KEYS),
         };
         for (name, line, message) in bounds::check(&shapes, &TOPS, &context) {
             let path = files.get(&name).map_or(dir, PathBuf::as_path);
