@@ -238,6 +238,11 @@ impl Renderer {
             .has_html()
             .then(|| self.templates.render(Part::Html, &data, &mut budget))
             .transpose()?;
+        if let Some(depth) = html.as_deref().and_then(too_deep) {
+            return Err(format!(
+                "the rendered HTML nests elements {depth} deep, more than {MAX_HTML_DEPTH}: the HTML parsers that inline its CSS and make its text part take the square of that time"
+            ));
+        }
         if let (Some(inliner), Some(rendered)) = (&self.inliner, html.as_mut()) {
             *rendered = inliner
                 .inline(rendered)
@@ -342,6 +347,54 @@ impl Unsubscribing {
     }
 }
 
+/// How deep a message's HTML elements may nest. Table layouts nest a few dozen deep; the HTML
+/// parsers behind `inline_css` and the text part made from HTML take the square of the depth
+/// (20,000 levels: a second per message).
+pub const MAX_HTML_DEPTH: usize = 256;
+
+/// The depth `html` reaches, if more than [`MAX_HTML_DEPTH`]. An estimate from the tags alone:
+/// elements that are empty (`<br>`) or whose end tag may be left out (`<p>`, `<li>`, `<td>`, …)
+/// are not counted, so that sloppy but ordinary HTML is not taken for deep HTML.
+fn too_deep(html: &str) -> Option<usize> {
+    const FLAT: [&str; 30] = [
+        "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param",
+        "source", "track", "wbr", "p", "li", "dt", "dd", "tr", "td", "th", "option", "optgroup",
+        "thead", "tbody", "tfoot", "colgroup", "caption", "rt", "rp",
+    ];
+    let bytes = html.as_bytes();
+    let mut depth = 0usize;
+    for at in memchr::memchr_iter(b'<', bytes) {
+        let rest = &bytes[at + 1..];
+        let (closing, rest) = match rest.first() {
+            Some(b'/') => (true, &rest[1..]),
+            _ => (false, rest),
+        };
+        let name_len = rest
+            .iter()
+            .take_while(|b| b.is_ascii_alphanumeric())
+            .count();
+        if name_len == 0 || !rest[0].is_ascii_alphabetic() {
+            continue;
+        }
+        let name = std::str::from_utf8(&rest[..name_len]).unwrap_or_default();
+        if FLAT.iter().any(|flat| flat.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        if closing {
+            depth = depth.saturating_sub(1);
+        } else {
+            let end = memchr::memchr(b'>', rest).unwrap_or(rest.len());
+            if end == 0 || rest[end - 1] != b'/' {
+                depth += 1;
+                if depth > MAX_HTML_DEPTH {
+                    return Some(depth);
+                }
+            }
+        }
+    }
+    None
+}
+
 /// Line width of a text part made from HTML: short enough to read anywhere.
 const TEXT_WIDTH: usize = 76;
 
@@ -359,6 +412,25 @@ fn text_from_html(html: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn html_nested_too_deep_is_found_and_ordinary_html_is_not() {
+        let nested = |n: usize| format!("{}x{}", "<div>".repeat(n), "</div>".repeat(n));
+        assert_eq!(too_deep(&nested(MAX_HTML_DEPTH)), None);
+        assert_eq!(
+            too_deep(&nested(MAX_HTML_DEPTH + 1)),
+            Some(MAX_HTML_DEPTH + 1)
+        );
+        // Siblings, empty elements, self-closed ones, end tags left out, comments and text.
+        let flat = format!(
+            "{}{}{}{}<!-- <div> --> a < b",
+            "<div>x</div>".repeat(1000),
+            "<br><img src=x>".repeat(1000),
+            "<span/>".repeat(1000),
+            "<ul><li>one<li>two</ul><p>a<p>b<table><tr><td>1<td>2</table>".repeat(1000),
+        );
+        assert_eq!(too_deep(&flat), None);
+    }
 
     #[test]
     fn the_text_part_of_html_keeps_the_words_and_drops_the_markup() {

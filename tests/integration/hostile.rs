@@ -405,3 +405,29 @@ fn a_dangling_template_link_reads_as_missing() {
     symlink(Path::new("nowhere.hbs"), &subject).unwrap();
     refused_everywhere(&campaign, "subject.hbs: this template cannot be read");
 }
+
+#[test]
+fn html_nested_past_its_limit_is_refused_before_the_html_parsers_see_it() {
+    let deep = format!(
+        "<p>{}{{{{t \"body\"}}}}{}</p>\n",
+        "<div>".repeat(20_000),
+        "</div>".repeat(20_000)
+    );
+    for extra in ["", "[campaign]\ninline_css = true\n"] {
+        let campaign = example().file("templates/html.hbs", &deep);
+        std::fs::remove_file(campaign.dir().join("templates/text.hbs")).unwrap();
+        let path = campaign.write();
+        if !extra.is_empty() {
+            let toml = std::fs::read_to_string(&path).unwrap();
+            std::fs::write(&path, toml.replace("[campaign]\n", extra)).unwrap();
+        }
+        let run = watched(&["check", path.to_str().unwrap()]);
+        assert_eq!(run.code, 65, "{extra}: {run:?}");
+        assert!(
+            run.stdout
+                .contains("the rendered HTML nests elements 257 deep, more than 256"),
+            "{extra}: {}",
+            run.stdout
+        );
+    }
+}

@@ -267,8 +267,9 @@ fuzz_target!(|data: &[u8]| {
 /// A render error names the template file (and a line ≥ 1 when it gives one), or is about the
 /// message as a whole.
 fn check_render_error(error: &str, files: &[&Path]) {
-    const WHOLE_MESSAGE: [&str; 7] = [
+    const WHOLE_MESSAGE: [&str; 8] = [
         "the rendered subject contains a line break",
+        "the rendered HTML nests elements ",
         "the rendered subject is empty",
         "the rendered message contains a NUL character",
         "the message is ",
