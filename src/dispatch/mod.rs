@@ -12,6 +12,7 @@
 mod file;
 mod pace;
 mod schedule;
+pub mod probe;
 mod smtp;
 
 use std::sync::Arc;
