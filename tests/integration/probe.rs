@@ -282,7 +282,7 @@ fn an_untrusted_certificate_is_a_configuration_error() {
         "{}",
         run.stdout
     );
-    assert!(run.stdout.contains("STARTTLS"), "{}", run.stdout);
+    assert!(run.stdout.contains("certificate"), "{}", run.stdout);
     assert!(run.stdout.ends_with("(exit 65)\n"), "{}", run.stdout);
     // Nothing after the handshake: no credentials went.
     assert_eq!(heard(&sink), [verbs(&["EHLO", "STARTTLS"])]);
@@ -335,6 +335,27 @@ fn a_refused_recipient_is_a_configuration_error_and_a_deferred_one_the_relay() {
     );
     assert!(!sink.commands().iter().any(|(_, v)| v == "DATA"));
     assert!(sink.transactions().is_empty());
+}
+
+#[test]
+fn a_refused_sender_is_a_configuration_error_and_no_recipient_is_tried() {
+    let sink = Sink::scripted(Arc::new(|phase, _| {
+        (phase == Phase::Mail).then(|| "553 5.7.1 sender not allowed".to_owned())
+    }));
+    let run = probe(&on(&sink), &[]);
+    assert_eq!(run.code, 65, "{run:?}");
+    assert!(
+        run.stdout.contains(
+            "configuration error: the relay refused the sender `news@example.com`: 553 5.7.1 sender not allowed"
+        ),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        heard(&sink),
+        [verbs(&["EHLO", "AUTH", "EHLO", "MAIL", "QUIT"])]
+    );
+    assert!(sink.rcpts().is_empty());
 }
 
 #[test]
