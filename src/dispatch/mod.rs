@@ -11,8 +11,8 @@
 
 mod file;
 mod pace;
-mod schedule;
 pub mod probe;
+mod schedule;
 mod smtp;
 
 use std::sync::Arc;
