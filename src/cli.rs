@@ -95,6 +95,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Try the relay as a send would, without sending anything: connect (TLS, STARTTLS,
+    /// AUTH), list the relay's extensions and its certificate, then `MAIL FROM` the campaign's
+    /// sender and `RCPT TO` the first `[safety] canary` address (or `--to`), `RSET` and
+    /// `QUIT` — never `DATA`. Records nothing and needs no approval. Exit codes: 0 a send
+    /// would get through (or the campaign writes to an outbox: no relay), 64 no address to
+    /// try, 65 something in the configuration must change (the campaign file, a missing
+    /// password, a certificate mailer refuses, credentials, sender or recipient refused for
+    /// good), 69 the relay cannot be used now (no connection, no answer, a 4xx).
+    Probe {
+        /// The campaign file (campaign.toml).
+        campaign: PathBuf,
+        /// The address for `RCPT TO` instead of the first `[safety] canary` address.
+        #[arg(long, value_name = "ADDRESS")]
+        to: Option<String>,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Render, check and deliver the campaign: one message, one envelope, per recipient.
     ///
     /// Every outcome is recorded in the campaign's journal: running `send` again resumes

@@ -7,7 +7,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::exit::{Exit, Failure};
 
-/// Now, for timestamps: message `Date`s, journal records, retry times.
+/// Now, for timestamps: message `Date`s, journal records, retry times; and for the time a
+/// relay's certificate has left (`probe`: TLS checks it against the real clock too).
 #[must_use]
 #[allow(clippy::disallowed_methods)] // the one permitted read
 pub fn now() -> SystemTime {

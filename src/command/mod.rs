@@ -7,6 +7,7 @@ mod check;
 mod init;
 mod plan;
 mod preview;
+mod probe;
 mod report;
 mod resume;
 pub mod send;
@@ -51,6 +52,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
             out,
         ),
         Command::Plan { campaign, json } => plan::run(campaign, state_dir, *json, out),
+        Command::Probe { campaign, to, json } => probe::run(campaign, to.as_deref(), *json, out),
         Command::Send {
             campaign,
             dry_run,

@@ -11,6 +11,7 @@
 
 mod file;
 mod pace;
+pub mod probe;
 mod schedule;
 mod smtp;
 

@@ -188,7 +188,8 @@ impl Connection {
         }
     }
 
-    async fn connect(&self) -> Result<AsyncSmtpConnection, RelayFailure> {
+    /// Opens a connection, TLS and AUTH included; `mailer probe` opens its own this way too.
+    pub(super) async fn connect(&self) -> Result<AsyncSmtpConnection, RelayFailure> {
         let s = &self.settings;
         let smtp = &s.smtp;
         let place = format!("{}:{}", smtp.host, smtp.port);
@@ -352,6 +353,22 @@ impl Connection {
     }
 }
 
+/// What `mailer probe` (`probe.rs`) reads of the settings, to talk to the relay as a send does.
+impl Settings {
+    pub(super) fn smtp(&self) -> &Smtp {
+        &self.smtp
+    }
+
+    pub(super) fn hello(&self) -> &ClientId {
+        &self.hello
+    }
+
+    /// The TLS of `smtps://`, whose stream lettre cannot look into.
+    pub(super) fn implicit_tls(&self) -> Option<&tokio_rustls::TlsConnector> {
+        self.implicit_tls.as_ref()
+    }
+}
+
 /// Whether a STARTTLS error is the relay's TLS being refused (a certificate we do not trust,
 /// a TLS alert) rather than the network: rustls reports those as invalid data, and lettre
 /// wraps them as a connection error.
@@ -385,7 +402,7 @@ async fn timed<T>(
 }
 
 /// A lettre error as one line: the reply code and text when there was a reply.
-fn describe(error: &lettre::transport::smtp::Error) -> String {
+pub(super) fn describe(error: &lettre::transport::smtp::Error) -> String {
     match reply_of(error) {
         Some(reply) => reply.exact(),
         None => error_text(error),
@@ -397,7 +414,7 @@ fn error_text(error: &lettre::transport::smtp::Error) -> String {
 }
 
 /// The server's negative reply inside a lettre error, when there was one.
-fn reply_of(error: &lettre::transport::smtp::Error) -> Option<Reply> {
+pub(super) fn reply_of(error: &lettre::transport::smtp::Error) -> Option<Reply> {
     error
         .status()
         .map(|code| Reply::new(u16::from(code), &error_text(error)))

@@ -13,6 +13,7 @@ mod journal;
 mod locales;
 mod operator;
 mod output;
+mod probe;
 mod properties;
 mod review;
 mod sink;

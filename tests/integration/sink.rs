@@ -27,7 +27,8 @@
 //! - the greeting and some refusals (552, 554) span several lines; 421 closes the connection.
 //!
 //! What the client did wrong is kept as a [`Violation`]; dropping the sink fails the test when
-//! there was one nobody took with [`Sink::violations`]. CHUNKING (BDAT) is not offered.
+//! there was one nobody took with [`Sink::violations`]. CHUNKING (BDAT) is not offered, unless
+//! a test adds it to the list ([`Faults::extensions`]) for a client that only reads the list.
 
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
@@ -85,6 +86,45 @@ pub enum Tls {
     Starttls(TlsAcceptor),
     /// TLS from the first byte (`smtps://`).
     Implicit(TlsAcceptor),
+}
+
+/// A certificate for `localhost` signed by a CA of its own, valid from a day ago until `days`
+/// and a half from now (so that it has `days` whole days left however long the test takes):
+/// the acceptor (which sends the leaf and the CA) and the CA's PEM to trust it by. Names the
+/// leaf `localhost relay` and the CA `mailer test CA`.
+pub fn ca_signed_certificate(days: u64) -> (TlsAcceptor, String) {
+    let now = mailer::clock::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let epoch = rcgen::date_time_ymd(1970, 1, 1);
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "mailer test CA");
+    ca.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    leaf.distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost relay");
+    leaf.not_before = epoch + now.checked_sub(Duration::from_secs(86_400)).unwrap();
+    leaf.not_after = epoch + (now + Duration::from_secs(days * 86_400 + 43_200));
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &ca).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone(), ca.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    (TlsAcceptor::from(Arc::new(config)), ca.pem())
 }
 
 /// A self-signed certificate for `localhost`: the acceptor and the PEM to trust it by.
@@ -161,6 +201,11 @@ struct Recorded {
     logins: Vec<String>,
     violations: Vec<Violation>,
     writes: Vec<Written>,
+    /// Every command's verb, in order, with its connection (arguments left out: AUTH's hold
+    /// credentials).
+    commands: Vec<(usize, String)>,
+    /// Every EHLO reply's extensions (its lines after the first, codes stripped).
+    offers: Vec<Vec<String>>,
 }
 
 type Shared = Arc<Mutex<Recorded>>;
@@ -187,6 +232,10 @@ pub struct Faults {
     /// apart: half of its first line, the rest but the last byte, the final LF. As a reply
     /// crosses a slow or fragmenting link: the client must read until the reply is whole.
     pub split_replies: bool,
+    /// Extensions added at the end of every EHLO reply (`CHUNKING`): offered, not
+    /// implemented, for a client that only lists them (`mailer probe`). A command of theirs
+    /// is refused as unknown.
+    pub extensions: &'static [&'static str],
 }
 
 impl Sink {
@@ -273,6 +322,16 @@ impl Sink {
 
     pub fn rcpts(&self) -> Vec<RcptAttempt> {
         lock(&self.recorded).rcpts.clone()
+    }
+
+    /// The verbs of every command the sink was sent, in order, with their connection.
+    pub fn commands(&self) -> Vec<(usize, String)> {
+        lock(&self.recorded).commands.clone()
+    }
+
+    /// The extensions of every EHLO reply the sink gave, in order: `SIZE 10240000`, …
+    pub fn offers(&self) -> Vec<Vec<String>> {
+        lock(&self.recorded).offers.clone()
     }
 
     /// Every write the sink made, in order.
@@ -699,6 +758,7 @@ impl Session {
             let command = String::from_utf8_lossy(text).into_owned();
             let (verb, args) = command.split_once(' ').unwrap_or((&command, ""));
             let verb = verb.to_ascii_uppercase();
+            lock(&self.state).commands.push((self.number, verb.clone()));
             let last = matches!(
                 verb.as_str(),
                 "EHLO" | "HELO" | "STARTTLS" | "AUTH" | "DATA" | "NOOP" | "QUIT"
@@ -747,9 +807,15 @@ impl Session {
                 "AUTH PLAIN LOGIN"
             });
             lines.extend(["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]);
+            lines.extend(self.faults.extensions);
             self.scripted(Phase::Ehlo, "", &lines.join("\n"))
         };
         let sent = wire(&text);
+        if verb == "EHLO" && text.starts_with('2') {
+            let extensions = sent.lines().skip(1);
+            let extensions = extensions.map(|l| l.get(4..).unwrap_or_default().to_owned());
+            lock(&self.state).offers.push(extensions.collect());
+        }
         self.offers = Offers::of(&sent);
         self.greeted = text.starts_with('2');
         self.out.extend_from_slice(sent.as_bytes());
