@@ -354,6 +354,48 @@ fn unused_ca_file(campaign: &Campaign) -> Option<Problem> {
     })
 }
 
+/// Errors for the secrets a send over SMTP will need and cannot get: a `password_env` that is
+/// not set or is empty, a `password_file` or `ca_file` that cannot be read. Found by `check` and
+/// `plan` as well as `send`, so that review does not pass a campaign the send would refuse.
+#[must_use]
+pub fn missing_secrets(campaign: &Campaign) -> Vec<Problem> {
+    let config::Transport::Smtp(smtp) = &campaign.transport else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    if let Some(auth) = &smtp.auth {
+        match auth.password.read() {
+            Ok(secret) if secret.expose().is_empty() => {
+                let source = match &auth.password {
+                    config::PasswordSource::Env(name) => {
+                        format!("the environment variable `{name}` named by password_env")
+                    }
+                    config::PasswordSource::File(path) => {
+                        format!("password_file `{}`", path.display())
+                    }
+                };
+                found.push(Problem::error(
+                    &campaign.file,
+                    None,
+                    format!("{source} is empty: the relay would refuse the login"),
+                ));
+            }
+            Ok(_) => {}
+            Err(error) => found.push(Problem::error(&campaign.file, None, format!("{error:#}"))),
+        }
+    }
+    if let Some(path) = &smtp.ca_file
+        && let Err(error) = crate::files::read(path, crate::files::SECRET_CAP)
+    {
+        found.push(Problem::error(
+            &campaign.file,
+            None,
+            format!("ca_file {error}"),
+        ));
+    }
+    found
+}
+
 /// Warnings for the files holding secrets — a `password_file`, the DKIM key — that other
 /// users of the machine may read (group or others have any permission on them).
 #[must_use]
@@ -409,6 +451,7 @@ pub fn validated(
     let mut validation = validate(&loaded, date, keep_bytes);
     let mut all = loaded.list.problems.clone();
     all.extend(std::mem::take(&mut validation.problems));
+    all.extend(missing_secrets(&loaded.campaign));
     let invalid_rows = all.errors_of(problem::Kind::Row);
     let blocking = all.errors() - invalid_rows;
     let max_invalid = loaded.campaign.safety.max_invalid;

@@ -102,6 +102,7 @@ pub fn examine(campaign: Campaign) -> anyhow::Result<Examination> {
     let rendered = summary.locales.values().sum();
     let mut problems = loaded.list.problems.clone();
     problems.extend(rendering);
+    problems.extend(pipeline::missing_secrets(&loaded.campaign));
     problems.extend(pipeline::expectations(&loaded, &problems));
     problems.extend(pipeline::warnings(&loaded));
     let locale_requests = pipeline::locale_requests(&loaded);

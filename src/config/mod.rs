@@ -212,10 +212,12 @@ impl PasswordSource {
     /// Reads the password. The error names the variable or file, never the value.
     pub fn read(&self) -> anyhow::Result<Secret> {
         match self {
-            PasswordSource::Env(name) => std::env::var(name).map(Secret).map_err(|_| {
-                anyhow::anyhow!(
-                    "the environment variable `{name}` named by password_env is not set"
-                )
+            PasswordSource::Env(name) => std::env::var(name).map(Secret).map_err(|error| {
+                let why = match error {
+                    std::env::VarError::NotPresent => "is not set",
+                    std::env::VarError::NotUnicode(_) => "is not valid UTF-8",
+                };
+                anyhow::anyhow!("the environment variable `{name}` named by password_env {why}")
             }),
             PasswordSource::File(path) => crate::files::read_text(path, crate::files::SECRET_CAP)
                 .map(|text| Secret(text.trim_end_matches(['\r', '\n']).to_owned()))

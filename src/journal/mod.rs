@@ -398,6 +398,9 @@ pub struct Roster<'a> {
     pub suppressed: &'a [Recipient],
     /// Lines that cannot be sent (bad row, or a message that cannot be made), with why.
     pub invalid: &'a BTreeMap<u64, String>,
+    /// The locale a recipient's message is made in, recorded with its row from the start so
+    /// that `report` shows it for recipients still pending.
+    pub locale: &'a dyn Fn(&Recipient) -> String,
 }
 
 /// Where a recipient's row stands, as the journal stores it (`recipients.state`): an outcome
@@ -835,10 +838,14 @@ impl Journal {
         Ok(())
     }
 
-    /// Whether any recipient of `slot` has a row (a run listed them).
-    pub fn slot_has_rows(&self, slot: &str) -> anyhow::Result<bool> {
+    /// Whether any message of `slot` may have reached the relay: a row that was ever in
+    /// flight or attempted, or has an outcome that only an attempt gives. Rows merely listed
+    /// (`pending`, `suppressed`, `invalid`) do not count.
+    pub fn slot_has_attempts(&self, slot: &str) -> anyhow::Result<bool> {
         Ok(self.conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM recipients WHERE slot = ?1)",
+            "SELECT EXISTS (SELECT 1 FROM recipients WHERE slot = ?1 AND (
+                 first_attempt_at IS NOT NULL OR attempts > 0
+                 OR state IN ('in_flight', 'sent', 'failed', 'deferred', 'ambiguous')))",
             params![slot],
             |r| r.get(0),
         )?)
@@ -1032,7 +1039,7 @@ fn match_roster(
     known: &Known,
     sync: Sync,
 ) -> anyhow::Result<Sync> {
-    let mut listing = Listing::new(tx, slot, now, sync)?;
+    let mut listing = Listing::new(tx, slot, roster.locale, now, sync)?;
     for recipient in roster.recipients {
         let invalid = roster.invalid.get(&recipient.line).map(String::as_str);
         listing.recipient(recipient, known.get(&*recipient.address.key), invalid)?;
@@ -1065,19 +1072,27 @@ struct Listing<'t> {
     conn: &'t Connection,
     insert: rusqlite::Statement<'t>,
     update: rusqlite::Statement<'t>,
+    locale: &'t dyn Fn(&Recipient) -> String,
     slot: &'t str,
     now: i64,
     sync: Sync,
 }
 
 impl<'t> Listing<'t> {
-    fn new(conn: &'t Connection, slot: &'t str, now: i64, sync: Sync) -> rusqlite::Result<Self> {
+    fn new(
+        conn: &'t Connection,
+        slot: &'t str,
+        locale: &'t dyn Fn(&Recipient) -> String,
+        now: i64,
+        sync: Sync,
+    ) -> rusqlite::Result<Self> {
         Ok(Listing {
             conn,
             insert: conn.prepare(
-                "INSERT INTO recipients (slot, address, domain, line, state, reply_text, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+                "INSERT INTO recipients (slot, address, domain, line, locale, state, reply_text, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
             )?,
+            locale,
             update: conn.prepare(
                 "UPDATE recipients SET state = ?2, reply_text = ?3, line = ?4, updated_at = ?5 WHERE id = ?1",
             )?,
@@ -1214,6 +1229,7 @@ impl<'t> Listing<'t> {
             recipient.map(|r| &*r.address.key),
             recipient.map(|r| r.address.domain()),
             line,
+            recipient.map(self.locale),
             state.name(),
             why,
             self.now
@@ -1431,6 +1447,7 @@ mod tests {
             recipients: &list.recipients,
             suppressed: &list.suppressed,
             invalid,
+            locale: &|_: &crate::recipients::Recipient| "en".to_owned(),
         };
         journal.sync("", &roster, retry_ambiguous, now()).unwrap()
     }
@@ -1591,6 +1608,7 @@ mod tests {
             recipients: &list.recipients,
             suppressed: &list.suppressed,
             invalid: &invalid,
+            locale: &|_: &crate::recipients::Recipient| "en".to_owned(),
         };
         let other = journal
             .sync("2030-01-01T00:00:00Z", &roster, false, now())

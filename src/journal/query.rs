@@ -390,6 +390,7 @@ mod tests {
             recipients: &list.recipients,
             suppressed: &list.suppressed,
             invalid: &BTreeMap::new(),
+            locale: &|_: &crate::recipients::Recipient| "en".to_owned(),
         };
         journal
             .sync("", &roster, false, crate::clock::now_millis())

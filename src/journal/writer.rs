@@ -449,6 +449,7 @@ mod tests {
             recipients: &list.recipients,
             suppressed: &list.suppressed,
             invalid: &BTreeMap::new(),
+            locale: &|_: &crate::recipients::Recipient| "en".to_owned(),
         };
         let sync = journal
             .sync("", &roster, false, crate::clock::now_millis())

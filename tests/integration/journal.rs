@@ -218,6 +218,63 @@ fn a_second_send_while_one_runs_exits_75_naming_the_first_process() {
 }
 
 #[test]
+fn a_run_that_handed_nothing_to_the_relay_does_not_freeze_the_inputs() {
+    // The relay refuses every connection: the first run hands it nothing (exit 69).
+    let (sink, limit) = relay_that_takes(0);
+    let campaign = Campaign::example()
+        .smtp(&sink, 1)
+        .rows(people(5))
+        .retry("relay_attempts = 1");
+    let path = campaign.write();
+    let first = campaign.run("send", &[]);
+    assert_eq!(first.code, 69, "{first:?}");
+    assert!(sink.transactions().is_empty());
+
+    // The report lists the recipients still pending with their line and locale.
+    let report = mailer(&["report", arg(&path), "--format", "csv"], &[]);
+    assert_eq!(report.code, 0, "{report:?}");
+    let rows: Vec<&str> = report.stdout.lines().skip(1).collect();
+    assert_eq!(rows.len(), 5, "{}", report.stdout);
+    for row in rows {
+        let cells: Vec<&str> = row.split(',').collect();
+        assert!(cells[0].parse::<u64>().is_ok_and(|line| line >= 2), "{row}");
+        assert!(!cells[2].is_empty(), "a locale for a pending row: {row}");
+        assert_eq!(cells[3], "pending", "{row}");
+    }
+
+    // The operator fixes the campaign (two more rows, an edited template) and approves the
+    // new plan: that is enough, no --accept-changed-inputs.
+    let campaign = campaign.rows(people(7).into_iter().skip(5));
+    let text = std::fs::read_to_string(campaign.dir().join("templates/text.hbs")).unwrap();
+    let campaign = campaign.file("templates/text.hbs", &format!("{text}\nP.S. edited\n"));
+    limit.store(usize::MAX, Ordering::SeqCst);
+    let second = campaign.run("send", &[]);
+    assert_eq!(second.code, 0, "{second:?}");
+    let accepted = received(&sink);
+    assert_eq!(
+        accepted.keys().cloned().collect::<BTreeSet<_>>(),
+        addresses(7)
+    );
+    assert!(accepted.values().all(|&n| n == 1), "{accepted:?}");
+    for t in &sink.transactions() {
+        assert!(String::from_utf8_lossy(&t.data).contains("P.S. edited"));
+    }
+
+    // Once messages went out, a change is frozen out again.
+    let campaign = campaign.file(
+        "templates/text.hbs",
+        &format!("{text}\nP.S. edited twice\n"),
+    );
+    let refused = campaign.run("send", &[]);
+    assert_eq!(refused.code, 65, "{refused:?}");
+    assert!(
+        refused.stderr.contains("--accept-changed-inputs"),
+        "{}",
+        refused.stderr
+    );
+}
+
+#[test]
 fn changed_inputs_are_refused_unless_accepted_and_the_acceptance_is_recorded() {
     let sink = Sink::start();
     let campaign = Campaign::example().smtp(&sink, 1).rows(people(5));

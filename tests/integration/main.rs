@@ -785,6 +785,39 @@ fn the_password_comes_from_the_environment_or_a_file_and_never_shows() {
         missing.stderr
     );
     assert_eq!(sink.connections(), 0);
+
+    // Review finds it too: `check` and `plan` do not pass a campaign the send would refuse,
+    // nor an empty password file or a `ca_file` that is not there.
+    for command in ["check", "plan"] {
+        let run = mailer(&[command, path.to_str().unwrap()], &[]);
+        assert_eq!(run.code, 65, "{command}: {run:?}");
+        assert!(
+            run.stdout
+                .contains("`TEST_SMTP_PASSWORD` named by password_env is not set")
+                || run
+                    .stderr
+                    .contains("`TEST_SMTP_PASSWORD` named by password_env is not set"),
+            "{command}: {run:?}"
+        );
+        let set = mailer(
+            &[command, path.to_str().unwrap()],
+            &[("TEST_SMTP_PASSWORD", "pw")],
+        );
+        assert_eq!(set.code, 0, "{command}: {set:?}");
+    }
+    let empty = Campaign::example()
+        .smtp(&sink, 1)
+        .transport(
+            "username = \"mailer-user\"\npassword_file = \"pw.txt\"\nca_file = \"no-such-ca.pem\"",
+        )
+        .file("pw.txt", "\n")
+        .rows(people(3));
+    let path = empty.write();
+    let run = mailer(&["check", path.to_str().unwrap()], &[]);
+    assert_eq!(run.code, 65, "{run:?}");
+    assert!(run.stdout.contains("pw.txt` is empty"), "{}", run.stdout);
+    assert!(run.stdout.contains("ca_file"), "{}", run.stdout);
+    assert_eq!(sink.connections(), 0);
 }
 
 #[test]

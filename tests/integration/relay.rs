@@ -93,7 +93,11 @@ fn starttls_is_taken_on_loopback_whenever_the_relay_offers_it() {
     let sink = Sink::tls(Tls::Starttls(acceptor));
     let url = format!("smtp://localhost:{}", sink.port());
     let tls = campaign(&url, LOGIN, Some(&pem), 3);
-    let plan = tls.run("plan", &[]);
+    let path = tls.write();
+    let plan = mailer(
+        &["plan", path.to_str().unwrap()],
+        &[("TEST_SMTP_PASSWORD", "pw")],
+    );
     assert_eq!(plan.code, 0, "{plan:?}");
     assert!(
         plan.stdout
@@ -285,24 +289,40 @@ fn a_refused_certificate_with_nothing_sent_is_exit_65_and_the_fixed_campaign_sen
     let (_, other_pem) = localhost_certificate();
     let sink = Sink::tls(Tls::Starttls(acceptor));
     let place = format!("localhost:{}", sink.port());
-    // `ca_file` holds some other certificate.
-    let wrong = campaign(&format!("smtp://{place}"), LOGIN, Some(&other_pem), 3);
-    let (run, took) = send(&wrong);
-    assert_config_failure(
-        &run,
-        took,
-        &format!("mailer refused the certificate of the relay at `{place}`: "),
-    );
+    let url = format!("smtp://{place}");
+    let refused = |run: &Run, took: Duration| {
+        assert_config_failure(
+            run,
+            took,
+            &format!("mailer refused the certificate of the relay at `{place}`: "),
+        );
+        assert!(
+            run.stderr
+                .contains("give the CA that signed it in `ca_file`"),
+            "{}",
+            run.stderr
+        );
+        assert!(!run.stderr.contains("the relay rejected"), "{}", run.stderr);
+        assert!(sink.logins().is_empty() && sink.transactions().is_empty());
+    };
+    // No `ca_file`: nobody vouches for the relay's certificate.
+    let unverified = campaign(&url, LOGIN, None, 3);
+    let (run, took) = send(&unverified);
     assert!(
-        run.stderr
-            .contains("give the CA that signed it in `ca_file`"),
+        run.stderr.contains(": no trusted CA signed it; "),
         "{}",
         run.stderr
     );
-    assert!(!run.stderr.contains("the relay rejected"), "{}", run.stderr);
-    assert!(sink.logins().is_empty() && sink.transactions().is_empty());
+    refused(&run, took);
+    // campaign.toml gets a `ca_file`, which holds some other certificate.
+    let wrong = unverified
+        .file("relay-ca.pem", &other_pem)
+        .transport("ca_file = \"relay-ca.pem\"");
+    let (run, took) = send(&wrong);
+    refused(&run, took);
 
-    // The right certificate in `ca_file`, and the same send goes: no `mailer resume`.
+    // The right certificate in `ca_file`, and the send goes: no `mailer resume`, nothing to
+    // accept (nothing reached the relay under the earlier inputs).
     let fixed = wrong.file("relay-ca.pem", &pem);
     let (run, _) = send(&fixed);
     assert_eq!(run.code, 0, "{run:?}");
@@ -337,4 +357,30 @@ fn a_self_signed_certificate_without_the_ca_flag_is_trusted_through_ca_file() {
         ),
     );
     assert!(sink.transactions().is_empty());
+}
+
+#[test]
+fn a_plain_relay_slow_to_greet_is_still_waited_for() {
+    // Silent for longer than mailer's patience: the TLS question, on a second connection, gets
+    // plain text back (or nothing in time), and the first connection goes on waiting for its
+    // greeting.
+    let sink = Sink::scripted(Arc::new(|phase, _| {
+        (phase == Phase::Greeting).then(|| "SLEEP 4000 220 sink.test ESMTP".to_owned())
+    }));
+    let (run, _) = send(&campaign(
+        &format!("smtp://127.0.0.1:{}", sink.port()),
+        "",
+        None,
+        2,
+    ));
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(sink.transactions().len(), 2);
+    // What the question's connection sent, if the sink read it: a TLS ClientHello only.
+    let violations = sink.violations();
+    assert!(
+        violations
+            .iter()
+            .all(|v| v.what.contains("\\u{16}\\u{3}\\u{1}")),
+        "{violations:?}"
+    );
 }

@@ -255,10 +255,11 @@ fn freeze_inputs(
     let mut inputs_changed = false;
     match journal.frozen_inputs(slot)? {
         None => journal.freeze_inputs(slot, combined, inputs, None)?,
-        Some(frozen) if !journal.slot_has_rows(slot)? => {
-            // The runs that froze these inputs listed nobody — refused by validation or
-            // `expect_count`, say — so nothing was sent under them: the fixed inputs are frozen
-            // in their place, without a flag.
+        Some(frozen) if !journal.slot_has_attempts(slot)? => {
+            // The runs that froze these inputs handed no message to the relay — refused by
+            // validation, `expect_count`, the relay's TLS or AUTH before the first message —
+            // so nothing was sent under them: the fixed inputs are frozen in their place,
+            // without a flag.
             let changes = fingerprint::changes(&frozen, inputs);
             if !changes.is_empty() {
                 inputs_changed = true;
@@ -267,7 +268,7 @@ fn freeze_inputs(
                     slot,
                     "inputs-refrozen",
                     &format!(
-                        "{} (no recipient was listed under the earlier inputs)",
+                        "{} (no message was handed to the relay under the earlier inputs)",
                         changes.join(", ")
                     ),
                 )?;

@@ -61,10 +61,17 @@ pub fn due(
         settled.insert(State::Invalid, skipped);
         return Ok((None, settled));
     };
+    let locales = loaded.renderer.locales();
+    let locale = |recipient: &crate::recipients::Recipient| {
+        locales
+            .tag(locales.resolve(recipient.locale(&loaded.list.columns)))
+            .to_owned()
+    };
     let roster = journal::Roster {
         recipients: &loaded.list.recipients,
         suppressed: &loaded.list.suppressed,
         invalid,
+        locale: &locale,
     };
     let retry_ambiguous = loaded.campaign.retry.on_ambiguous == config::OnAmbiguous::Retry;
     let sync = j
