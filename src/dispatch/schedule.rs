@@ -12,6 +12,9 @@
 //!   backoff, then resumes with one probe at a time; `relay_attempts` failures in a row end
 //!   the run (exit 69, the rest still pending). A connection refused while the relay is
 //!   answering on the others is the relay's connection limit: that worker retires instead.
+//! - A configuration failure (the relay and the transport's settings disagree: certificate,
+//!   TLS, AUTH, scheme) is not waited for: the run ends at once, without a halt while the relay
+//!   has answered about no recipient in this run (exit 65), with the breaker's halt after.
 //! - A worker that stops unexpectedly (a panic) reports its message `ambiguous` and retires.
 //!
 //! Each worker has its own job channel; idle workers are a stack, so the most recently used

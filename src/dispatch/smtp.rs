@@ -1720,4 +1720,23 @@ mod tests {
             "connection refused (os error 111)"
         );
     }
+
+    #[test]
+    fn a_refused_certificate_says_who_refused_what_and_the_fix() {
+        use rustls::CertificateError as E;
+        let says = |why: E| certificate_refused("relay.test:587", "relay.test", &why);
+        assert_eq!(
+            says(E::UnknownIssuer),
+            "mailer refused the certificate of the relay at `relay.test:587`: no trusted CA \
+             signed it; give the CA that signed it in `ca_file` (for a self-signed certificate, \
+             the certificate itself, made as the README shows)"
+        );
+        assert_eq!(
+            says(E::NotValidForName),
+            "mailer refused the certificate of the relay at `relay.test:587`: it is not made \
+             out to `relay.test`; put a name the certificate lists in `url`, or give the relay a \
+             certificate that lists this one"
+        );
+        assert!(says(E::Expired).contains(": it has expired; renew the relay's certificate"));
+    }
 }
