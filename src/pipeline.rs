@@ -278,6 +278,7 @@ pub fn warnings(loaded: &Loaded) -> Vec<Problem> {
         }
     }
     found.extend(exposed_secrets(&loaded.campaign));
+    found.extend(unused_ca_file(&loaded.campaign));
     found.extend(duplicates(&loaded.list));
     found
 }
@@ -333,6 +334,24 @@ pub fn request_warnings(loaded: &Loaded, requests: &Mismatches) -> Vec<Problem> 
         .into_iter()
         .map(|line| Problem::warning(&loaded.list.path, None, line))
         .collect()
+}
+
+/// A warning when `ca_file` is given but no TLS will be spoken to use it with.
+fn unused_ca_file(campaign: &Campaign) -> Option<Problem> {
+    let config::Transport::Smtp(smtp) = &campaign.transport else {
+        return None;
+    };
+    let ca_file = smtp.ca_file.as_ref()?;
+    (!smtp.security.may_use_tls()).then(|| {
+        Problem::warning(
+            &campaign.file,
+            None,
+            format!(
+                "ca_file `{}` is not used: `dangerous_plaintext = true` turns TLS off; remove one of them",
+                ca_file.display()
+            ),
+        )
+    })
 }
 
 /// Errors for the secrets a send over SMTP will need and cannot get: a `password_env` that is

@@ -160,14 +160,38 @@ pub struct Smtp {
     pub data_timeout: Duration,
 }
 
+/// What the transport requires of the relay's TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Security {
     /// `smtps://`: TLS from the first byte.
     ImplicitTls,
-    /// `smtp://` to anything but loopback: STARTTLS, and the send fails if it is not offered.
+    /// `smtp://` to anything but loopback (or with `require_starttls = true`): STARTTLS, and
+    /// the send fails if it is not offered.
     StartTls,
-    /// `smtp://` to loopback, or with `dangerous_plaintext = true`.
+    /// `smtp://` to loopback: STARTTLS when the relay offers it (verified as always), plain
+    /// text when it does not.
+    StartTlsIfOffered,
+    /// `dangerous_plaintext = true`: plain text, STARTTLS never tried.
     Plain,
+}
+
+impl Security {
+    /// What the transport requires, as `plan` shows it.
+    #[must_use]
+    pub fn describe(self) -> &'static str {
+        match self {
+            Security::ImplicitTls => "TLS from the first byte",
+            Security::StartTls => "STARTTLS required",
+            Security::StartTlsIfOffered => "STARTTLS if offered, else plain text (loopback)",
+            Security::Plain => "plain text, no STARTTLS (dangerous_plaintext)",
+        }
+    }
+
+    /// Whether TLS may be used at all (what `ca_file` is for).
+    #[must_use]
+    pub fn may_use_tls(self) -> bool {
+        self != Security::Plain
+    }
 }
 
 /// Credentials: a user name and where the password lives. The password itself is read only
@@ -705,7 +729,7 @@ impl Validator<'_> {
             || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
         let (security, default_port) = self.security(t, url_value, url.scheme(), loopback)?;
         let auth = self.auth(t);
-        if auth.is_some() && security == Security::Plain && !loopback {
+        if auth.is_some() && !security.may_use_tls() && !loopback {
             self.error(
                 url_value,
                 "refusing to send a password over plain text; use `smtps://` or STARTTLS",
@@ -777,7 +801,8 @@ impl Validator<'_> {
     }
 
     /// The security the `url` scheme and the opt-ins ask for, with its default port: TLS
-    /// unless the relay is loopback or `dangerous_plaintext` says otherwise.
+    /// required unless `dangerous_plaintext` says otherwise, or the relay is loopback (then
+    /// STARTTLS whenever it is offered).
     fn security(
         &mut self,
         t: &RawTransport,
@@ -796,7 +821,8 @@ impl Validator<'_> {
         match scheme {
             "smtps" => Some((Security::ImplicitTls, 465)),
             "smtp" if require_starttls => Some((Security::StartTls, 587)),
-            "smtp" if loopback || plaintext_opt_out => Some((Security::Plain, 25)),
+            "smtp" if plaintext_opt_out => Some((Security::Plain, 25)),
+            "smtp" if loopback => Some((Security::StartTlsIfOffered, 25)),
             "smtp" => Some((Security::StartTls, 587)),
             other => {
                 self.error(
@@ -894,12 +920,26 @@ path = "r.csv"
 
     #[test]
     fn plain_smtp_is_only_for_loopback() {
-        let local =
-            check("[transport]\nkind = \"smtp\"\nurl = \"smtp://127.0.0.1:2525\"\n").unwrap();
-        let Transport::Smtp(smtp) = local.transport else {
+        // Loopback: STARTTLS when offered, plain text otherwise; [::1] and localhost alike.
+        for host in ["127.0.0.1", "[::1]", "localhost"] {
+            let local = check(&format!(
+                "[transport]\nkind = \"smtp\"\nurl = \"smtp://{host}:2525\"\n"
+            ))
+            .unwrap();
+            let Transport::Smtp(smtp) = local.transport else {
+                panic!()
+            };
+            assert_eq!(
+                (smtp.security, smtp.port),
+                (Security::StartTlsIfOffered, 2525),
+                "{host}"
+            );
+        }
+        let local_opted_out = check("[transport]\nkind = \"smtp\"\nurl = \"smtp://127.0.0.1\"\ndangerous_plaintext = true\n").unwrap();
+        let Transport::Smtp(smtp) = local_opted_out.transport else {
             panic!()
         };
-        assert_eq!((smtp.security, smtp.port), (Security::Plain, 2525));
+        assert_eq!((smtp.security, smtp.port), (Security::Plain, 25));
 
         let remote =
             check("[transport]\nkind = \"smtp\"\nurl = \"smtp://relay.example.com\"\n").unwrap();

@@ -121,7 +121,7 @@ mod tests {
             .write(&message(1, "a@x.example"))
             .await
             .expect_err("a file is in the way");
-        assert!(!failure.rejected);
+        assert_eq!(failure.kind, super::super::FailureKind::Local);
         assert!(
             failure.reason.starts_with(&format!(
                 "cannot create the outbox `{}`: ",

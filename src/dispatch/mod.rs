@@ -80,36 +80,63 @@ impl Transport {
 /// nothing about any recipient, so none changes state because of it.
 #[derive(Debug, Clone)]
 pub struct RelayFailure {
+    /// One sentence: who failed or refused what, and what to change.
     pub reason: String,
-    /// The relay refused our credentials or TLS: waiting will not help, so this trips the
-    /// breaker (the campaign halts) instead of pausing.
-    pub rejected: bool,
+    pub kind: FailureKind,
+}
+
+/// What a relay failure calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The relay is unreachable, busy or failing: waiting may mend it, so sending pauses and
+    /// tries again.
+    Outage,
+    /// The settings and the relay do not fit, found on connecting: a certificate mailer
+    /// refuses, a TLS handshake or a password the relay refuses, no common AUTH mechanism,
+    /// STARTTLS required but not offered, the wrong scheme for the port. Waiting will not
+    /// mend it: before any recipient got an answer the run ends at once (exit 65, nothing
+    /// halted, so a fixed campaign sends again); later, the breaker halts the campaign.
+    Config,
     /// Not the relay but this machine: the outbox cannot be written (full, read-only). Waiting
     /// will not help either; the run stops at once (exit 74) and nothing is halted.
-    pub local: bool,
+    Local,
+}
+
+impl FailureKind {
+    /// The exit code of a run that such a failure ended: a configuration the relay cannot be
+    /// used with is invalid input (65), like any other mistake in the campaign's settings.
+    #[must_use]
+    pub fn exit(self) -> crate::exit::Exit {
+        match self {
+            FailureKind::Outage => crate::exit::Exit::RelayUnavailable,
+            FailureKind::Config => crate::exit::Exit::InvalidInput,
+            FailureKind::Local => crate::exit::Exit::IoError,
+        }
+    }
 }
 
 impl RelayFailure {
+    /// An outage: waiting may mend it.
     pub fn new(reason: impl Into<String>) -> RelayFailure {
         RelayFailure {
             reason: reason.into(),
-            rejected: false,
-            local: false,
+            kind: FailureKind::Outage,
         }
     }
 
-    pub fn rejected(reason: impl Into<String>) -> RelayFailure {
+    /// The settings and the relay do not fit: waiting will not mend it.
+    pub fn config(reason: impl Into<String>) -> RelayFailure {
         RelayFailure {
-            rejected: true,
-            ..RelayFailure::new(reason)
+            reason: reason.into(),
+            kind: FailureKind::Config,
         }
     }
 
     /// The outbox (a local folder) could not be written.
     pub fn local(reason: impl Into<String>) -> RelayFailure {
         RelayFailure {
-            local: true,
-            ..RelayFailure::new(reason)
+            reason: reason.into(),
+            kind: FailureKind::Local,
         }
     }
 }

@@ -16,8 +16,8 @@ use lettre::transport::smtp::extension::{Extension as LettreExtension, MailParam
 use serde::Serialize;
 use tokio::net::TcpStream;
 
-use super::RelayFailure;
 use super::smtp::{Connection, Settings, describe, reply_of};
+use super::{FailureKind, RelayFailure};
 use crate::config::Security;
 use crate::exit::Exit;
 use crate::outcome::Reply;
@@ -63,15 +63,14 @@ impl Verdict {
     /// The one place where the kinds of a failed connection become the probe's verdicts.
     #[must_use]
     pub fn of(failure: &RelayFailure) -> Verdict {
-        match failure {
-            // mailer refused the relay's certificate, or the relay refused the credentials or
-            // the TLS: waiting will not fix it.
-            RelayFailure { rejected: true, .. } => Verdict::ConfigurationError,
-            // No connection, no greeting, no answer in time, a session that broke. (`local`
+        match failure.kind {
+            // mailer refused the relay's certificate, the relay refused the credentials or the
+            // TLS, no AUTH mechanism in common, the wrong scheme for the port: waiting will
+            // not fix it.
+            FailureKind::Config => Verdict::ConfigurationError,
+            // No connection, no greeting, no answer in time, a session that broke. (`Local`
             // is the outbox's, never the relay's.)
-            RelayFailure {
-                rejected: false, ..
-            } => Verdict::RelayUnavailable,
+            FailureKind::Outage | FailureKind::Local => Verdict::RelayUnavailable,
         }
     }
 
@@ -513,9 +512,7 @@ fn capped(text: &str, limit: usize) -> String {
 /// The certificate of an `smtps://` relay, read with the send's own TLS settings on a
 /// connection that says nothing once TLS is up.
 async fn implicit_tls_certificate(settings: &Settings) -> Result<Option<Vec<u8>>, String> {
-    let Some(connector) = settings.implicit_tls() else {
-        return Ok(None);
-    };
+    let connector = settings.tls_first();
     let smtp = settings.smtp();
     let name = rustls::pki_types::ServerName::try_from(smtp.host.clone())
         .map_err(|e| format!("bad TLS name: {e}"))?;
@@ -719,7 +716,7 @@ mod tests {
         assert_eq!(Verdict::RelayUnavailable.exit(), Exit::RelayUnavailable);
         assert_eq!(Verdict::Ready.exit(), Exit::Complete);
         assert_eq!(
-            Verdict::of(&RelayFailure::rejected("535 bad password")),
+            Verdict::of(&RelayFailure::config("535 bad password")),
             Verdict::ConfigurationError
         );
         assert_eq!(

@@ -12,6 +12,9 @@
 //!   backoff, then resumes with one probe at a time; `relay_attempts` failures in a row end
 //!   the run (exit 69, the rest still pending). A connection refused while the relay is
 //!   answering on the others is the relay's connection limit: that worker retires instead.
+//! - A configuration failure (the relay and the transport's settings disagree: certificate,
+//!   TLS, AUTH, scheme) is not waited for: the run ends at once, without a halt while the relay
+//!   has answered about no recipient in this run (exit 65), with the breaker's halt after.
 //! - A worker that stops unexpectedly (a panic) reports its message `ambiguous` and retires.
 //!
 //! Each worker has its own job channel; idle workers are a stack, so the most recently used
@@ -28,7 +31,9 @@ use governor::clock::{Clock, MonotonicClock};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{Job, Outcome, Pacer, Queued, Recorder, RelayFailure, Settings, Suppressed, Verdict};
+use super::{
+    FailureKind, Job, Outcome, Pacer, Queued, Recorder, RelayFailure, Settings, Suppressed, Verdict,
+};
 
 use crate::config::{Batch, Retry};
 use crate::outcome::{Attempt, Delivery, Reply, State};
@@ -91,6 +96,9 @@ pub struct Scheduler<C: Clock = MonotonicClock> {
     relay_failures: u32,
     /// Bumped at each relay pause; jobs carry the value they went out with.
     epoch: u64,
+    /// Whether the relay has answered about any recipient in this run: until then, a
+    /// configuration failure ends the run without a halt (see `settle_relay_failure`).
+    relay_answered: bool,
     /// Answers from the relay (any reply about a recipient) to jobs handed out in this epoch.
     answers_in_epoch: u64,
     paused_until: Option<Instant>,
@@ -102,8 +110,9 @@ pub struct Scheduler<C: Clock = MonotonicClock> {
 
 /// Why a run's dispatching ends early.
 pub enum GaveUp {
-    /// The relay failed too often, or no worker is left (exit 69), or the outbox cannot be
-    /// written (exit 74).
+    /// The relay failed too often, or no worker is left (exit 69), the relay cannot be used
+    /// as configured and has answered about no recipient yet (exit 65), or the outbox cannot
+    /// be written (exit 74).
     Relay(RelayFailure),
     /// A stop or a breaker: hand out nothing more (exit 3).
     Halt(String),
@@ -138,6 +147,7 @@ impl<C: Clock + Clone> Scheduler<C> {
             halt_sample: settings.safety.halt_min_sample.get(),
             answered: 0,
             failed: 0,
+            relay_answered: false,
             batch: settings.rate.batch,
             idle: (0..workers.len()).rev().collect(),
             workers: workers.into_iter().map(Some).collect(),
@@ -326,6 +336,7 @@ impl<C: Clock + Clone> Scheduler<C> {
         } = outcome;
         match verdict {
             Verdict::Answered(attempt) => {
+                self.relay_answered = true;
                 self.idle.push(worker);
                 self.settle_answer(job, attempt, now, results).await
             }
@@ -494,8 +505,10 @@ impl<C: Clock + Clone> Scheduler<C> {
         ))
     }
 
-    /// A relay-wide failure: the message goes back to its queue untouched. A rejection halts
-    /// the run; a refused connection while the relay serves the others retires the worker;
+    /// A relay-wide failure: the message goes back to its queue untouched. A configuration
+    /// failure ends the run at once: without a halt while the relay has answered about no
+    /// recipient in this run (the campaign is fixed and sent again), with the breaker's halt
+    /// once it has (something changed mid-run, and a person should look); a refused connection while the relay serves the others retires the worker;
     /// otherwise sending pauses (`relay_pause`).
     fn settle_relay_failure(
         &mut self,
@@ -509,15 +522,18 @@ impl<C: Clock + Clone> Scheduler<C> {
         }
         let stale = job.epoch != self.epoch;
         self.enqueue(job, true);
-        if failure.local {
+        if failure.kind == FailureKind::Local {
             // This machine, not the relay: no pause mends a full or read-only outbox.
             self.idle.push(worker);
             return Some(GaveUp::Relay(failure));
         }
-        if failure.rejected {
+        if failure.kind == FailureKind::Config {
             self.idle.push(worker);
+            if !self.relay_answered {
+                return Some(GaveUp::Relay(failure));
+            }
             return Some(GaveUp::Halt(format!(
-                "the relay rejected the connection: {}",
+                "a new connection to the relay failed after messages had gone out: {}",
                 failure.reason
             )));
         }
@@ -722,6 +738,9 @@ impl<C: Clock + Clone> Scheduler<C> {
     /// Says why the run gives up, and records a halt in the journal.
     fn give_up(&self, end: &GaveUp) {
         match end {
+            GaveUp::Relay(failure) if failure.kind == FailureKind::Config => {
+                tracing::error!(reason = %failure.reason, "the relay cannot be used as configured; nothing more is sent in this run");
+            }
             GaveUp::Relay(failure) => {
                 tracing::error!(reason = %failure.reason, "relay unavailable; giving up for this run");
             }
@@ -1161,11 +1180,11 @@ mod tests {
     }
 
     #[test]
-    fn a_relay_that_rejects_us_halts_the_run_at_once() {
+    fn a_configuration_failure_before_any_answer_ends_the_run_without_a_halt() {
         on_tokio_time(async {
             let setup = Setup::new();
             let script = Script::new(1, Duration::ZERO, |_| {
-                Act::Relay(RelayFailure::rejected("535 5.7.8 authentication failed"))
+                Act::Relay(RelayFailure::config("535 5.7.8 authentication failed"))
             });
             let finished = setup
                 .run(
@@ -1174,17 +1193,46 @@ mod tests {
                 )
                 .await;
             assert!(finished.deliveries.is_empty());
+            // No retry, no pause: one attempt, and the run is over.
             assert_eq!(script.calls().len(), 1);
-            let reason = "the relay rejected the connection: 535 5.7.8 authentication failed";
+            assert!(finished.ended.halted.is_none());
+            let failure = finished.ended.failure.expect("the run ends on the failure");
+            assert_eq!(failure.kind, FailureKind::Config);
+            assert_eq!(failure.reason, "535 5.7.8 authentication failed");
+            assert_eq!(finished.ended.tally.relay_pauses, 0);
+            assert_eq!(
+                setup.journal.events(),
+                [Event::InFlight(1), Event::Requeued(1)]
+            );
+        });
+    }
+
+    #[test]
+    fn a_configuration_failure_after_an_answer_halts_the_run() {
+        on_tokio_time(async {
+            let setup = Setup::new();
+            let script = Script::new(1, Duration::ZERO, |call| {
+                if call.line == 1 {
+                    reply(250, "2.0.0 ok")
+                } else {
+                    Act::Relay(RelayFailure::config("535 5.7.8 authentication failed"))
+                }
+            });
+            let finished = setup
+                .run(
+                    scripted(&script),
+                    vec![queued(1, "a@a.example"), queued(2, "b@a.example")],
+                )
+                .await;
+            assert_eq!(finished.deliveries.len(), 1);
+            assert_eq!(script.calls().len(), 2);
+            let reason = "a new connection to the relay failed after messages had gone out: \
+                          535 5.7.8 authentication failed";
             assert_eq!(finished.ended.halted.as_deref(), Some(reason));
             assert!(finished.ended.failure.is_none());
             assert_eq!(
-                setup.journal.events(),
-                [
-                    Event::InFlight(1),
-                    Event::Requeued(1),
-                    Event::Halt(reason.to_owned())
-                ]
+                setup.journal.events().last(),
+                Some(&Event::Halt(reason.to_owned()))
             );
         });
     }

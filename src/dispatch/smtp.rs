@@ -11,6 +11,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,13 +30,28 @@ use crate::config::{Security, Smtp};
 use crate::outcome::{Attempt, Reply, State};
 use crate::render::OutgoingMessage;
 
+/// How long a connection that has not started with TLS waits for the relay's greeting before
+/// asking, on a second connection, whether the port speaks TLS from the first byte (see
+/// [`Connection::speaks_tls_first`]). A relay greets at once; one that waits for a TLS
+/// hello (`ClientHello`) never does.
+const GREETING_PATIENCE: Duration = Duration::from_secs(3);
+/// The longest that question may take: a TCP connection and a TLS handshake.
+const TLS_QUESTION_LIMIT: Duration = Duration::from_secs(10);
+/// The AUTH mechanisms mailer speaks, in order of preference.
+const MECHANISMS: [Mechanism; 2] = [Mechanism::Plain, Mechanism::Login];
+
 /// Everything a worker needs to open a connection, prepared once per run.
 pub struct Settings {
     smtp: Smtp,
     hello: ClientId,
     credentials: Option<Credentials>,
+    /// For STARTTLS, required or taken when offered (`None` with `dangerous_plaintext`).
     starttls: Option<TlsParameters>,
-    implicit_tls: Option<tokio_rustls::TlsConnector>,
+    /// TLS from the first byte: every connection's with `smtps://`; with `smtp://`, only the
+    /// question whether a port that sends no greeting speaks TLS.
+    tls_first: tokio_rustls::TlsConnector,
+    /// Whether the log has said that a loopback relay offers no STARTTLS (said once a run).
+    plain_text_noted: AtomicBool,
 }
 
 // Written by hand: `Credentials` would print the password.
@@ -64,7 +80,10 @@ impl Settings {
             ),
             None => None,
         };
-        let starttls = if smtp.security == Security::StartTls {
+        let starttls = if matches!(
+            smtp.security,
+            Security::StartTls | Security::StartTlsIfOffered
+        ) {
             let mut builder = TlsParameters::builder(smtp.host.clone())
                 .dangerous_accept_invalid_certs(smtp.accept_invalid_certs);
             if let Some(pem) = &ca {
@@ -76,21 +95,19 @@ impl Settings {
         } else {
             None
         };
-        let implicit_tls = if smtp.security == Security::ImplicitTls {
+        if smtp.security == Security::ImplicitTls {
             anyhow::ensure!(
                 !smtp.accept_invalid_certs,
                 "`dangerous_accept_invalid_certs` is not supported with `smtps://`; give the relay's CA in `ca_file`"
             );
-            Some(implicit_tls_connector(ca.as_deref())?)
-        } else {
-            None
-        };
+        }
         Ok(Settings {
             hello: ClientId::Domain(smtp.hello_name.clone()),
             smtp: smtp.clone(),
             credentials,
             starttls,
-            implicit_tls,
+            tls_first: implicit_tls_connector(ca.as_deref())?,
+            plain_text_noted: AtomicBool::new(false),
         })
     }
 
@@ -188,107 +205,277 @@ impl Connection {
         }
     }
 
-    /// Opens a connection, TLS and AUTH included; `mailer probe` opens its own this way too.
-    pub(super) async fn connect(&self) -> Result<AsyncSmtpConnection, RelayFailure> {
+    /// Opens a connection as the campaign's settings say: TCP, TLS (from the first byte, or
+    /// STARTTLS when required or offered), AUTH. A failure that waiting will not mend — a
+    /// certificate mailer refuses, a handshake or login the relay refuses, no common AUTH
+    /// mechanism, the wrong scheme for the port — is [`RelayFailure::config`] and says what
+    /// to change; anything else is an outage.
+    pub(crate) async fn connect(&self) -> Result<AsyncSmtpConnection, RelayFailure> {
         let s = &self.settings;
         let smtp = &s.smtp;
-        let place = format!("{}:{}", smtp.host, smtp.port);
-        let fail = |what: &str, error: &dyn fmt::Display| {
-            RelayFailure::new(format!("{what} `{place}`: {error}"))
+        let place = self.place();
+        let outage = |what: &str, error: &dyn fmt::Display| {
+            RelayFailure::new(format!("{what} `{place}`: {}", without_urls(error)))
         };
-        let refused = |what: &str, error: &dyn fmt::Display| {
-            RelayFailure::rejected(format!("{what} `{place}`: {error}"))
+        let tcp = self.open_tcp().await?;
+        let stream: Box<dyn AsyncTokioStream> = if smtp.security == Security::ImplicitTls {
+            let name = rustls::pki_types::ServerName::try_from(smtp.host.clone())
+                .map_err(|e| outage("bad TLS name for", &e))?;
+            let tls = tokio::time::timeout(smtp.connect_timeout, s.tls_first.connect(name, tcp))
+                .await
+                .map_err(|_| outage("timed out in the TLS handshake with", &"no answer"))?
+                .map_err(|e| match rustls_error(&e) {
+                    Some(error) => RelayFailure::config(self.tls_refusal(error, TlsStart::First)),
+                    None => outage("TLS handshake failed with", &e),
+                })?;
+            Box::new(ImplicitTls(tls))
+        } else {
+            Box::new(tcp)
         };
+        let mut connection = self.greeting(stream).await?;
+        let mut encrypted = smtp.security == Security::ImplicitTls;
+        let starttls_offered = connection.can_starttls();
+        if let Some(tls) = &s.starttls {
+            if starttls_offered {
+                self.starttls(&mut connection, tls).await?;
+                encrypted = true;
+            } else if smtp.security == Security::StartTls {
+                let _ = tokio::time::timeout(smtp.command_timeout, connection.quit()).await;
+                return Err(RelayFailure::config(format!(
+                    "the relay at `{place}` does not offer STARTTLS, which mailer requires of a relay \
+                     that is not on loopback (or with `require_starttls`): use the relay's \
+                     implicit-TLS port (465) with `smtps://`, or have the relay offer STARTTLS"
+                )));
+            } else if let Some(ca_file) = &smtp.ca_file
+                && !s.plain_text_noted.swap(true, Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    relay = %place,
+                    ca_file = %ca_file.display(),
+                    "the loopback relay offers no STARTTLS: sending in plain text, and ca_file goes unused"
+                );
+            }
+        }
+        if let Some(credentials) = &s.credentials {
+            self.authenticate(&mut connection, credentials, encrypted, starttls_offered)
+                .await?;
+        }
+        Ok(connection)
+    }
+
+    /// `host:port`, as messages name the relay.
+    fn place(&self) -> String {
+        format!("{}:{}", self.settings.smtp.host, self.settings.smtp.port)
+    }
+
+    async fn open_tcp(&self) -> Result<TcpStream, RelayFailure> {
+        let smtp = &self.settings.smtp;
+        let place = self.place();
         let tcp = tokio::time::timeout(
             smtp.connect_timeout,
             TcpStream::connect((smtp.host.as_str(), smtp.port)),
         )
         .await
         .map_err(|_| {
-            fail(
-                "timed out connecting to",
-                &humantime::format_duration(smtp.connect_timeout),
-            )
+            RelayFailure::new(format!(
+                "timed out connecting to `{place}`: {}",
+                humantime::format_duration(smtp.connect_timeout)
+            ))
         })?
-        .map_err(|e| fail("cannot connect to", &e))?;
-        tcp.set_nodelay(true)
-            .map_err(|e| fail("cannot set TCP_NODELAY on", &e))?;
-        let stream: Box<dyn AsyncTokioStream> = match &s.implicit_tls {
-            Some(connector) => {
-                let name = rustls::pki_types::ServerName::try_from(smtp.host.clone())
-                    .map_err(|e| fail("bad TLS name for", &e))?;
-                let tls = tokio::time::timeout(smtp.connect_timeout, connector.connect(name, tcp))
-                    .await
-                    .map_err(|_| fail("timed out in the TLS handshake with", &"no answer"))?
-                    .map_err(|e| {
-                        // rustls reports a refused certificate or a TLS alert as invalid data;
-                        // anything else (a reset, say) is the network, not a rejection.
-                        if e.kind() == std::io::ErrorKind::InvalidData {
-                            refused("TLS handshake failed with", &e)
-                        } else {
-                            fail("TLS handshake failed with", &e)
-                        }
-                    })?;
-                Box::new(ImplicitTls(tls))
-            }
-            None => Box::new(tcp),
-        };
-        let mut connection = timed(
-            smtp.command_timeout,
+        .map_err(|e| {
+            RelayFailure::new(format!("cannot connect to `{place}`: {}", without_urls(&e)))
+        })?;
+        tcp.set_nodelay(true).map_err(|e| {
+            RelayFailure::new(format!(
+                "cannot set TCP_NODELAY on `{place}`: {}",
+                without_urls(&e)
+            ))
+        })?;
+        Ok(tcp)
+    }
+
+    /// Reads the greeting and sends EHLO. Over plain text, a relay silent for
+    /// [`GREETING_PATIENCE`] may be waiting for a TLS `ClientHello` (`smtp://` at an
+    /// implicit-TLS port): a second connection asks; if it speaks TLS, the scheme is wrong
+    /// and waiting is pointless; otherwise this connection goes on waiting for its greeting,
+    /// up to `command_timeout` as always.
+    async fn greeting(
+        &self,
+        stream: Box<dyn AsyncTokioStream>,
+    ) -> Result<AsyncSmtpConnection, RelayFailure> {
+        let s = &self.settings;
+        let greeting = timed(
+            s.smtp.command_timeout,
             AsyncSmtpConnection::connect_with_transport(stream, &s.hello),
+        );
+        tokio::pin!(greeting);
+        let result = if s.smtp.security == Security::ImplicitTls {
+            greeting.await
+        } else {
+            tokio::select! {
+                result = &mut greeting => result,
+                () = tokio::time::sleep(GREETING_PATIENCE) => {
+                    // The greeting may still come while the question is asked.
+                    let question = self.speaks_tls_first();
+                    tokio::pin!(question);
+                    tokio::select! {
+                        result = &mut greeting => result,
+                        tls_first = &mut question => {
+                            if tls_first {
+                                return Err(RelayFailure::config(format!(
+                                    "the relay at `{}` speaks TLS from the first byte and sends no \
+                                     greeting in plain text: use `smtps://` for this port, or the \
+                                     relay's STARTTLS port (587 or 25) with `smtp://`",
+                                    self.place()
+                                )));
+                            }
+                            greeting.await
+                        }
+                    }
+                }
+            }
+        };
+        result.map_err(|e| {
+            RelayFailure::new(format!("no usable greeting from `{}`: {e}", self.place()))
+        })
+    }
+
+    /// Whether the relay's port answers a TLS `ClientHello`: a TLS handshake on a connection
+    /// of its own, within [`TLS_QUESTION_LIMIT`]. Any TLS answer counts (a certificate mailer
+    /// would refuse, an alert); plain text, silence or a hang-up do not. Nothing is sent over
+    /// that connection but the handshake.
+    async fn speaks_tls_first(&self) -> bool {
+        let Ok(name) = rustls::pki_types::ServerName::try_from(self.settings.smtp.host.clone())
+        else {
+            return false;
+        };
+        let question = async {
+            let tcp = self.open_tcp().await.ok()?;
+            Some(self.settings.tls_first.connect(name, tcp).await)
+        };
+        match tokio::time::timeout(TLS_QUESTION_LIMIT, question).await {
+            Ok(Some(Ok(_))) => true,
+            Ok(Some(Err(error))) => rustls_error(&error).is_some_and(|e| {
+                !matches!(
+                    e,
+                    rustls::Error::InvalidMessage(_) | rustls::Error::PeerMisbehaved(_)
+                )
+            }),
+            _ => false,
+        }
+    }
+
+    async fn starttls(
+        &self,
+        connection: &mut AsyncSmtpConnection,
+        tls: &TlsParameters,
+    ) -> Result<(), RelayFailure> {
+        let s = &self.settings;
+        let place = self.place();
+        match tokio::time::timeout(
+            s.smtp.command_timeout,
+            connection.starttls(tls.clone(), &s.hello),
         )
         .await
-        .map_err(|e| fail("no usable greeting from", &e))?;
-        if let Some(tls) = &s.starttls {
-            if !connection.can_starttls() {
-                let _ = tokio::time::timeout(smtp.command_timeout, connection.quit()).await;
-                return Err(refused(
-                    "STARTTLS is required but not offered by",
-                    &"remove the risk: fix the relay, or use smtps://",
-                ));
-            }
-            match tokio::time::timeout(
-                smtp.command_timeout,
-                connection.starttls(tls.clone(), &s.hello),
-            )
-            .await
-            {
-                Ok(Ok(())) => {}
-                // A certificate or TLS failure: waiting will not fix it.
-                Ok(Err(e)) if rejected_tls(&e) => {
-                    return Err(refused("STARTTLS failed with", &describe(&e)));
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(match lettre_rustls_error(&e) {
+                Some(error) => RelayFailure::config(self.tls_refusal(error, TlsStart::Starttls)),
+                None if e.is_permanent() => RelayFailure::config(format!(
+                    "the relay at `{place}` refused STARTTLS: {}",
+                    describe(&e)
+                )),
+                None => {
+                    RelayFailure::new(format!("STARTTLS failed with `{place}`: {}", describe(&e)))
                 }
-                Ok(Err(e)) => return Err(fail("STARTTLS failed with", &describe(&e))),
-                Err(_) => {
-                    return Err(fail(
-                        "no reply to STARTTLS within",
-                        &humantime::format_duration(smtp.command_timeout),
-                    ));
-                }
-            }
+            }),
+            Err(_) => Err(RelayFailure::new(format!(
+                "no reply to STARTTLS within {} from `{place}`",
+                humantime::format_duration(s.smtp.command_timeout)
+            ))),
         }
-        if let Some(credentials) = &s.credentials {
-            let auth = tokio::time::timeout(
-                smtp.command_timeout,
-                connection.auth(&[Mechanism::Plain, Mechanism::Login], credentials),
-            )
-            .await;
-            match auth {
-                Ok(Ok(_)) => {}
-                // A permanent refusal (535): the credentials are wrong, waiting will not help.
-                Ok(Err(e)) if e.is_permanent() => {
-                    return Err(refused("authentication was refused by", &describe(&e)));
-                }
-                Ok(Err(e)) => return Err(fail("authentication failed with", &describe(&e))),
-                Err(_) => {
-                    return Err(fail(
-                        "no reply to AUTH within",
-                        &humantime::format_duration(smtp.command_timeout),
-                    ));
-                }
-            }
+    }
+
+    /// AUTH PLAIN or LOGIN. No mechanism in common, or a permanent refusal (535: the
+    /// credentials are wrong), is a configuration failure; a 4xx is an outage.
+    async fn authenticate(
+        &self,
+        connection: &mut AsyncSmtpConnection,
+        credentials: &Credentials,
+        encrypted: bool,
+        starttls_offered: bool,
+    ) -> Result<(), RelayFailure> {
+        let s = &self.settings;
+        let place = self.place();
+        if connection
+            .server_info()
+            .get_auth_mechanism(&MECHANISMS)
+            .is_none()
+        {
+            let offered = self.offered_mechanisms(connection).await;
+            let _ = tokio::time::timeout(s.smtp.command_timeout, connection.quit()).await;
+            return Err(RelayFailure::config(no_common_mechanism(
+                &place,
+                &offered,
+                encrypted,
+                starttls_offered,
+            )));
         }
-        Ok(connection)
+        let auth = tokio::time::timeout(
+            s.smtp.command_timeout,
+            connection.auth(&MECHANISMS, credentials),
+        )
+        .await;
+        match auth {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if e.is_permanent() => Err(RelayFailure::config(format!(
+                "the relay at `{place}` refused mailer's login: {}; check `username` and the password",
+                describe(&e)
+            ))),
+            Ok(Err(e)) => Err(RelayFailure::new(format!(
+                "authentication failed with `{place}`: {}",
+                describe(&e)
+            ))),
+            Err(_) => Err(RelayFailure::new(format!(
+                "no reply to AUTH within {} from `{place}`",
+                humantime::format_duration(s.smtp.command_timeout)
+            ))),
+        }
+    }
+
+    /// The AUTH mechanisms the relay lists, as it lists them (lettre keeps only those it
+    /// knows): from an EHLO of our own, sent only to say what the relay offers.
+    async fn offered_mechanisms(&self, connection: &mut AsyncSmtpConnection) -> Vec<String> {
+        let s = &self.settings;
+        let ehlo = lettre::transport::smtp::commands::Ehlo::new(s.hello.clone());
+        match tokio::time::timeout(s.smtp.command_timeout, connection.command(ehlo)).await {
+            Ok(Ok(response)) => auth_mechanisms(response.message()),
+            _ => Vec::new(),
+        }
+    }
+
+    /// What mailer or the relay refused in a TLS handshake, and what to change.
+    fn tls_refusal(&self, error: &rustls::Error, start: TlsStart) -> String {
+        let place = self.place();
+        match error {
+            rustls::Error::InvalidCertificate(why) => {
+                certificate_refused(&place, &self.settings.smtp.host, why)
+            }
+            rustls::Error::InvalidMessage(_) if start == TlsStart::First => format!(
+                "the relay at `{place}` does not speak TLS from the first byte: use `smtp://` \
+                 (STARTTLS) for this port, or the relay's implicit-TLS port (465) with `smtps://`"
+            ),
+            rustls::Error::AlertReceived(alert) => format!(
+                "the relay at `{place}` refused mailer's TLS handshake (alert: {alert:?}): it may \
+                 want a TLS version or cipher mailer does not offer (TLS 1.2 and 1.3, modern \
+                 ciphers only), or a client certificate; see the relay's log"
+            ),
+            other => format!(
+                "the TLS handshake with the relay at `{place}` failed: {}; check the relay's TLS \
+                 settings and the scheme and port in `url`",
+                without_urls(other)
+            ),
+        }
     }
 
     /// Delivers one message, reconnecting once if the connection turns out to be dead.
@@ -364,26 +551,133 @@ impl Settings {
     }
 
     /// The TLS of `smtps://`, whose stream lettre cannot look into.
-    pub(super) fn implicit_tls(&self) -> Option<&tokio_rustls::TlsConnector> {
-        self.implicit_tls.as_ref()
+    pub(super) fn tls_first(&self) -> &tokio_rustls::TlsConnector {
+        &self.tls_first
     }
 }
 
-/// Whether a STARTTLS error is the relay's TLS being refused (a certificate we do not trust,
-/// a TLS alert) rather than the network: rustls reports those as invalid data, and lettre
-/// wraps them as a connection error.
-fn rejected_tls(error: &lettre::transport::smtp::Error) -> bool {
+/// Where TLS started: from the first byte (`smtps://`) or after STARTTLS.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TlsStart {
+    First,
+    Starttls,
+}
+
+/// The rustls error inside an I/O error from a TLS handshake (tokio-rustls wraps it as
+/// invalid data); `None` for the network's own errors (a reset, a hang-up).
+fn rustls_error(error: &io::Error) -> Option<&rustls::Error> {
+    error.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// The rustls error behind a lettre error from STARTTLS, if the handshake failed.
+fn lettre_rustls_error(error: &lettre::transport::smtp::Error) -> Option<&rustls::Error> {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
     while let Some(inner) = cause {
-        if let Some(io) = inner.downcast_ref::<std::io::Error>() {
-            return io.kind() == std::io::ErrorKind::InvalidData;
+        if let Some(found) = inner.downcast_ref::<rustls::Error>() {
+            return Some(found);
         }
-        if inner.downcast_ref::<rustls::Error>().is_some() {
-            return true;
+        if let Some(found) = inner.downcast_ref::<io::Error>().and_then(rustls_error) {
+            return Some(found);
         }
         cause = inner.source();
     }
-    error.is_tls()
+    None
+}
+
+/// Why mailer refused the relay's certificate, and what to change.
+fn certificate_refused(place: &str, host: &str, why: &rustls::CertificateError) -> String {
+    use rustls::CertificateError as E;
+    let (reason, fix) = match why {
+        E::UnknownIssuer => (
+            "no trusted CA signed it".to_owned(),
+            "give the CA that signed it in `ca_file` (for a self-signed certificate, the \
+             certificate itself, made as the README shows)"
+                .to_owned(),
+        ),
+        E::NotValidForName | E::NotValidForNameContext { .. } => (
+            format!("it is not made out to `{host}`"),
+            "put a name the certificate lists in `url`, or give the relay a certificate that \
+             lists this one"
+                .to_owned(),
+        ),
+        E::Expired | E::ExpiredContext { .. } => (
+            "it has expired".to_owned(),
+            "renew the relay's certificate (or set this machine's clock right)".to_owned(),
+        ),
+        E::NotValidYet | E::NotValidYetContext { .. } => (
+            "it is not valid yet".to_owned(),
+            "check this machine's clock and the relay's certificate".to_owned(),
+        ),
+        E::Other(other) if other.to_string().contains("CaUsedAsEndEntity") => (
+            "it is a CA certificate (basicConstraints CA:TRUE) used as the relay's own, which \
+             TLS does not allow"
+                .to_owned(),
+            "give the relay a self-signed certificate without the CA flag and with its name \
+             in subjectAltName (the README shows the openssl command), and that certificate in \
+             `ca_file`"
+                .to_owned(),
+        ),
+        other => (
+            without_urls(&format!("{other:?}")),
+            "give the CA that signed it in `ca_file`, or fix the relay's certificate".to_owned(),
+        ),
+    };
+    format!("mailer refused the certificate of the relay at `{place}`: {reason}; {fix}")
+}
+
+/// Why no AUTH mechanism is in common, and what to change.
+fn no_common_mechanism(
+    place: &str,
+    offered: &[String],
+    encrypted: bool,
+    starttls_offered: bool,
+) -> String {
+    if !offered.is_empty() {
+        return format!(
+            "the relay at `{place}` offers AUTH {} and mailer speaks PLAIN and LOGIN: enable one \
+             of them on the relay",
+            offered.join(" ")
+        );
+    }
+    if !encrypted && starttls_offered {
+        return format!(
+            "the relay at `{place}` offers AUTH only after STARTTLS, which \
+             `dangerous_plaintext = true` turns off: remove `dangerous_plaintext`"
+        );
+    }
+    let tls = if encrypted { "" } else { " before TLS" };
+    format!(
+        "the relay at `{place}` offers no AUTH{tls}: remove `username` and the password if it \
+         needs no login, or enable AUTH PLAIN or LOGIN on the relay"
+    )
+}
+
+/// The mechanisms of the `AUTH` line of an EHLO reply (its lines without their codes).
+fn auth_mechanisms<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<String> {
+    lines
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let keyword = words.next()?;
+            keyword
+                .eq_ignore_ascii_case("AUTH")
+                .then(|| words.map(str::to_owned).collect::<Vec<_>>())
+        })
+        .flatten()
+        .collect()
+}
+
+/// An error's text without the web addresses libraries put in theirs (rustls links its
+/// manual when a peer hangs up without `close_notify`): a reply, a report or a log line says
+/// what happened, not where a library documents it.
+fn without_urls(error: &dyn fmt::Display) -> String {
+    let text = error.to_string();
+    let kept: Vec<&str> = text
+        .split(' ')
+        .filter(|word| !(word.contains("://") && word.contains("http")))
+        .collect();
+    kept.join(" ")
+        .trim_end_matches(|c: char| c.is_whitespace() || matches!(c, ':' | ';' | ','))
+        .to_owned()
 }
 
 /// Runs `future` with a deadline, folding the timeout into lettre's error type's place.
@@ -410,7 +704,10 @@ pub(super) fn describe(error: &lettre::transport::smtp::Error) -> String {
 }
 
 fn error_text(error: &lettre::transport::smtp::Error) -> String {
-    std::error::Error::source(error).map_or_else(|| error.to_string(), ToString::to_string)
+    match std::error::Error::source(error) {
+        Some(source) => without_urls(&source),
+        None => without_urls(error),
+    }
 }
 
 /// The server's negative reply inside a lettre error, when there was one.
@@ -592,7 +889,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::super::tests::{Durable, Event, Journal, message};
-    use super::super::{Gate, Recorder};
+    use super::super::{FailureKind, Gate, Recorder};
     use super::*;
 
     /// One step of the scripted server on one connection.
@@ -748,6 +1045,19 @@ mod tests {
             command_timeout: Duration::from_secs(5),
             data_timeout: Duration::from_secs(5),
         };
+        Arc::new(Settings::new(&smtp).unwrap())
+    }
+
+    /// Settings that log in as `mailer-user` with the password `secret` (from a file kept in
+    /// `dir`).
+    fn settings_with_login(port: u16, dir: &tempfile::TempDir) -> Arc<Settings> {
+        let password = dir.path().join("password");
+        std::fs::write(&password, "secret\n").unwrap();
+        let mut smtp = settings(port, 100).smtp.clone();
+        smtp.auth = Some(crate::config::Auth {
+            username: "mailer-user".to_owned(),
+            password: crate::config::PasswordSource::File(password),
+        });
         Arc::new(Settings::new(&smtp).unwrap())
     }
 
@@ -1031,7 +1341,7 @@ mod tests {
         let mut connection = Connection::new(settings(server.port, 100));
         let message = with_bytes(1, "a@x.example", BODY);
         let failure = relay_failure(deliver(&mut connection, &journal, &message).await);
-        assert!(!failure.rejected);
+        assert_eq!(failure.kind, FailureKind::Outage);
         assert_eq!(
             failure.reason,
             "the connection broke twice: RCPT TO: incomplete response; \
@@ -1092,7 +1402,7 @@ mod tests {
         for reason in ["incomplete response", "421 4.3.2 service not available"] {
             let mut connection = Connection::new(settings(server.port, 100));
             let failure = relay_failure(deliver(&mut connection, &journal, &message).await);
-            assert!(!failure.rejected);
+            assert_eq!(failure.kind, FailureKind::Outage);
             assert_eq!(
                 failure.reason,
                 format!("no usable greeting from {place}: {reason}")
@@ -1112,7 +1422,7 @@ mod tests {
         let mut connection = Connection::new(settings(port, 100));
         let message = with_bytes(1, "a@x.example", BODY);
         let failure = relay_failure(deliver(&mut connection, &journal, &message).await);
-        assert!(!failure.rejected);
+        assert_eq!(failure.kind, FailureKind::Outage);
         assert!(
             failure
                 .reason
@@ -1142,7 +1452,7 @@ mod tests {
             failure.reason,
             "the relay refused the sender `news@sender.example`: 553 5.7.1 sender not allowed"
         );
-        assert!(!failure.rejected);
+        assert_eq!(failure.kind, FailureKind::Outage);
         drop(connection);
         let heard = server.finish().await;
         assert_eq!(
@@ -1315,5 +1625,134 @@ mod tests {
                 format!("EHLO mailer.test\r\n{}QUIT\r\n", said("b@x.example", BODY)),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn no_auth_mechanism_in_common_is_a_configuration_failure_naming_what_the_relay_offers() {
+        const OFFERS: Turn =
+            Say("250-sink.test\r\n250-AUTH CRAM-MD5 DIGEST-MD5\r\n250 8BITMIME\r\n");
+        let server =
+            Server::start(vec![vec![GREETING, Hear, OFFERS, Hear, OFFERS, Hear, BYE]]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings_with_login(server.port, &dir));
+        let message = with_bytes(1, "a@x.example", BODY);
+        let failure = relay_failure(deliver(&mut connection, &journal, &message).await);
+        assert_eq!(failure.kind, FailureKind::Config);
+        assert_eq!(
+            failure.reason,
+            format!(
+                "the relay at `127.0.0.1:{}` offers AUTH CRAM-MD5 DIGEST-MD5 and mailer speaks \
+                 PLAIN and LOGIN: enable one of them on the relay",
+                server.port
+            )
+        );
+        drop(connection);
+        // No AUTH was tried, and no message.
+        assert_eq!(
+            server.finish().await,
+            ["EHLO mailer.test\r\nEHLO mailer.test\r\nQUIT\r\n"]
+        );
+        assert!(journal.events().is_empty());
+    }
+
+    #[test]
+    fn without_auth_the_message_says_whether_tls_would_bring_it() {
+        let place = "relay.test:25";
+        assert_eq!(
+            no_common_mechanism(place, &[], false, true),
+            "the relay at `relay.test:25` offers AUTH only after STARTTLS, which \
+             `dangerous_plaintext = true` turns off: remove `dangerous_plaintext`"
+        );
+        for (encrypted, before) in [(false, " before TLS"), (true, "")] {
+            assert_eq!(
+                no_common_mechanism(place, &[], encrypted, false),
+                format!(
+                    "the relay at `relay.test:25` offers no AUTH{before}: remove `username` and \
+                     the password if it needs no login, or enable AUTH PLAIN or LOGIN on the relay"
+                )
+            );
+        }
+        assert_eq!(
+            auth_mechanisms(
+                [
+                    "sink.test",
+                    "PIPELINING",
+                    "auth cram-md5 SCRAM-SHA-256",
+                    "SIZE 100"
+                ]
+                .into_iter()
+            ),
+            ["cram-md5", "SCRAM-SHA-256"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_login_is_a_configuration_failure() {
+        const OFFERS: Turn = Say("250-sink.test\r\n250 AUTH PLAIN LOGIN\r\n");
+        let server = Server::start(vec![vec![
+            GREETING,
+            Hear,
+            OFFERS,
+            Hear,
+            Say("535 5.7.8 authentication failed\r\n"),
+        ]])
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings_with_login(server.port, &dir));
+        let message = with_bytes(1, "a@x.example", BODY);
+        let failure = relay_failure(deliver(&mut connection, &journal, &message).await);
+        assert_eq!(failure.kind, FailureKind::Config);
+        assert_eq!(
+            failure.reason,
+            format!(
+                "the relay at `127.0.0.1:{}` refused mailer's login: 535 5.7.8 authentication \
+                 failed; check `username` and the password",
+                server.port
+            )
+        );
+        assert!(!failure.reason.contains("secret"));
+        drop(connection);
+        let heard = server.finish().await;
+        assert!(
+            heard[0].starts_with("EHLO mailer.test\r\nAUTH PLAIN "),
+            "{heard:?}"
+        );
+        assert!(journal.events().is_empty());
+    }
+
+    #[test]
+    fn web_addresses_are_taken_out_of_error_texts() {
+        // rustls' text when a peer hangs up without close_notify.
+        let rustls = "peer closed connection without sending TLS close_notify: \
+                      https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof";
+        assert_eq!(
+            without_urls(&rustls),
+            "peer closed connection without sending TLS close_notify"
+        );
+        assert_eq!(
+            without_urls(&"connection refused (os error 111)"),
+            "connection refused (os error 111)"
+        );
+    }
+
+    #[test]
+    fn a_refused_certificate_says_who_refused_what_and_the_fix() {
+        use rustls::CertificateError as E;
+        let says = |why: E| certificate_refused("relay.test:587", "relay.test", &why);
+        assert_eq!(
+            says(E::UnknownIssuer),
+            "mailer refused the certificate of the relay at `relay.test:587`: no trusted CA \
+             signed it; give the CA that signed it in `ca_file` (for a self-signed certificate, \
+             the certificate itself, made as the README shows)"
+        );
+        assert_eq!(
+            says(E::NotValidForName),
+            "mailer refused the certificate of the relay at `relay.test:587`: it is not made \
+             out to `relay.test`; put a name the certificate lists in `url`, or give the relay a \
+             certificate that lists this one"
+        );
+        assert!(says(E::Expired).contains(": it has expired; renew the relay's certificate"));
     }
 }

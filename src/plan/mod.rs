@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::{Campaign, Rate, Security, Transport};
+use crate::config::{Campaign, Rate, Transport};
 use crate::printable::Shown;
 use crate::problem::Problem;
 use crate::recipients::{NormalisedAddress, Recipient, RecipientList};
@@ -399,12 +399,12 @@ fn describe(transport: &Transport) -> String {
             format!("file: one .eml per message in `{}`", outbox.display())
         }
         Transport::Smtp(smtp) => {
-            let security = match smtp.security {
-                Security::ImplicitTls => "TLS",
-                Security::StartTls => "STARTTLS required",
-                Security::Plain => "plain text",
+            let security = smtp.security.describe();
+            let auth = if smtp.auth.is_some() {
+                ", AUTH PLAIN or LOGIN"
+            } else {
+                ""
             };
-            let auth = if smtp.auth.is_some() { ", AUTH" } else { "" };
             format!(
                 "smtp {}:{} ({security}{auth}), {} connections",
                 smtp.host, smtp.port, smtp.connections

@@ -426,3 +426,23 @@ fn a_campaign_that_writes_files_has_no_relay_to_probe() {
     assert_eq!(json["verdict"], "no_relay");
     assert_eq!(json["transport"], "file");
 }
+
+#[test]
+fn no_auth_mechanism_in_common_is_a_configuration_error() {
+    // Plain text by the opt-out, to a relay that offers AUTH only after STARTTLS (as Postfix
+    // does): the probe names what keeps AUTH away, exit 65, and tries no transaction.
+    let (acceptor, _) = sink::localhost_certificate();
+    let sink = Sink::tls(Tls::Starttls(acceptor));
+    let campaign = on(&sink).transport_kind(&format!(
+        "kind = \"smtp\"\nurl = \"smtp://localhost:{}\"\nconnections = 1\ndangerous_plaintext = true",
+        sink.port()
+    ));
+    let run = probe(&campaign, &[]);
+    assert_eq!(run.code, 65, "{run:?}");
+    assert!(
+        run.stdout.contains("offers AUTH only after STARTTLS"),
+        "{}",
+        run.stdout
+    );
+    assert!(!sink.commands().iter().any(|(_, v)| v == "MAIL"));
+}

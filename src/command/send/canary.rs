@@ -114,12 +114,13 @@ pub fn run(
         return Err(Failure::new(Exit::Halted, format!("halted: {reason}")).into());
     }
     if let Some(failure) = ended.failure {
+        let what = match failure.kind {
+            crate::dispatch::FailureKind::Config => "the relay cannot be used as configured",
+            _ => "relay unavailable",
+        };
         return Err(Failure::new(
-            Exit::RelayUnavailable,
-            format!(
-                "relay unavailable during the canary stage: {}",
-                failure.reason
-            ),
+            failure.kind.exit(),
+            format!("{what} during the canary stage: {}", failure.reason),
         )
         .into());
     }

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use super::admit::Journaled;
 use super::deliver::Delivered;
+use crate::dispatch::FailureKind;
 use crate::exit::{Exit, Failure};
 use crate::outcome::State;
 use crate::printable::Shown;
@@ -41,10 +42,8 @@ pub fn conclude(
     let halted = producer_halt.or_else(|| ended.halted.clone());
     let exit = if halted.is_some() {
         Exit::Halted
-    } else if ended.failure.as_ref().is_some_and(|f| f.local) {
-        Exit::IoError
-    } else if ended.failure.is_some() {
-        Exit::RelayUnavailable
+    } else if let Some(failure) = &ended.failure {
+        failure.kind.exit()
     } else if ended.interrupted.is_some() {
         Exit::WorkRemaining
     } else {
@@ -66,20 +65,23 @@ pub fn conclude(
         .into());
     }
     if let Some(failure) = ended.failure {
-        let (exit, what) = if failure.local {
-            (Exit::IoError, "the run stopped")
-        } else {
-            (Exit::RelayUnavailable, "relay unavailable")
-        };
-        return Err(Failure::new(
-            exit,
-            format!(
-                "{what}, {} recipients left pending: {}",
-                summary.count(State::Pending),
+        let pending = summary.count(State::Pending);
+        let message = match failure.kind {
+            FailureKind::Local => format!(
+                "the run stopped, {pending} recipients left pending: {}",
                 failure.reason
             ),
-        )
-        .into());
+            FailureKind::Outage => format!(
+                "relay unavailable, {pending} recipients left pending: {}",
+                failure.reason
+            ),
+            // Nothing is halted: once the setting is fixed, the next send goes on.
+            FailureKind::Config => format!(
+                "{} (the relay has taken nothing from this run; {pending} recipients left pending)",
+                failure.reason
+            ),
+        };
+        return Err(Failure::new(failure.kind.exit(), message).into());
     }
     if let Some(signal) = ended.interrupted {
         return Err(Failure::new(
