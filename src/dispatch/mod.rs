@@ -650,6 +650,8 @@ pub(crate) mod tests {
         Relay(RelayFailure),
         /// The worker panics.
         Panic,
+        /// This act, after this long instead of the script's `took`.
+        After(Duration, Box<Act>),
     }
 
     /// An answer with this SMTP reply: 2xx sent, 4xx deferred, 5xx failed.
@@ -781,9 +783,12 @@ pub(crate) mod tests {
             let _done = Done(&self.busy);
             // Decided as the attempt starts (a halt it raises is raised while it is on the
             // wire), carried out when it ends.
-            let act = (self.decide)(&call);
-            if !self.took.is_zero() {
-                tokio::time::sleep(self.took).await;
+            let (took, act) = match (self.decide)(&call) {
+                Act::After(took, act) => (took, *act),
+                act => (self.took, act),
+            };
+            if !took.is_zero() {
+                tokio::time::sleep(took).await;
             }
             match act {
                 Act::Answer(attempt) => {
@@ -796,6 +801,7 @@ pub(crate) mod tests {
                     Err(failure.into())
                 }
                 Act::Panic => panic!("the scripted worker panics on line {}", message.line),
+                Act::After(..) => unreachable!("unwrapped above"),
             }
         }
     }
@@ -895,7 +901,7 @@ pub(crate) mod tests {
         };
         // A run that never ends (a message lost between the scheduler and a worker) fails
         // the test instead of hanging it.
-        let (ended, deliveries) = tokio::time::timeout(Duration::from_secs(30), async {
+        let (ended, deliveries) = tokio::time::timeout(Duration::from_secs(3600), async {
             tokio::join!(run(transport, settings, pacer, taken, results), collect)
         })
         .await

@@ -8,10 +8,14 @@
 //!   while attempts remain and the retry falls due before the run would end (plus
 //!   `[retry] linger`); otherwise it stays `deferred`. A throttling reply also slows its domain.
 //! - 5xx, sent, ambiguous: final, reported once.
-//! - A relay-wide failure: the message goes back to its queue untouched, sending pauses with
-//!   backoff, then resumes with one probe at a time; `relay_attempts` failures in a row end
-//!   the run (exit 69, the rest still pending). A connection refused while the relay is
-//!   answering on the others is the relay's connection limit: that worker retires instead.
+//! - A relay-wide failure: the message goes back to its queue untouched. While other messages
+//!   are on the wire, their fate decides what it was: one of them answered after it (see
+//!   [`answering`]), the relay is serving the others and this was its connection limit — the
+//!   pool shrinks to the connections in use and tries one more after [`GROW_AGAIN_AFTER`]; they
+//!   fail too, or none was on the wire, the relay is unavailable — sending pauses with backoff,
+//!   then resumes on one connection (the probe) and grows back by one connection per answer
+//!   up to `connections`. `relay_attempts` failures in a row end the run (exit 69, the rest
+//!   still pending).
 //! - A worker that stops unexpectedly (a panic) reports its message `ambiguous` and retires.
 //!
 //! Each worker has its own job channel; idle workers are a stack, so the most recently used
@@ -36,6 +40,9 @@ use crate::outcome::{Attempt, Delivery, Reply, State};
 /// Messages held in the per-domain queues at most. A domain that is much slower than the
 /// others can fill it; then everything waits for that domain (documented in the README).
 pub const POOL: usize = 8192;
+/// After the relay refused one more connection while serving the others (its connection
+/// limit), the pool stays at the connections in use this long before it tries one more.
+pub const GROW_AGAIN_AFTER: Duration = Duration::from_secs(60);
 /// Recipients waiting for a retry at most (they hold their message); past it, a 4xx leaves the
 /// recipient `deferred` for the next run at once.
 pub const RETRY_CAP: usize = POOL / 2;
@@ -47,8 +54,10 @@ pub struct Tally {
     pub retried: usize,
     /// Pauses after relay failures.
     pub relay_pauses: usize,
-    /// Workers retired because the relay refused more connections.
-    pub connections_retired: usize,
+    /// Connections the relay refused while it answered on the others (its connection limit).
+    pub connections_refused: usize,
+    /// Times the pool grew back to `connections` after an outage or a connection limit.
+    pub regrown: usize,
     /// Domains slowed down by a throttling reply, with the slowest pace they got (per second).
     pub throttled: BTreeMap<String, f64>,
 }
@@ -91,11 +100,18 @@ pub struct Scheduler<C: Clock = MonotonicClock> {
     relay_failures: u32,
     /// Bumped at each relay pause; jobs carry the value they went out with.
     epoch: u64,
-    /// Answers from the relay (any reply about a recipient) to jobs handed out in this epoch.
-    answers_in_epoch: u64,
     paused_until: Option<Instant>,
-    /// After a relay pause: one message at a time until one gets an answer.
-    probing: bool,
+    /// Connections in use at most: `connections`, one after a relay pause (the probe), growing
+    /// by one per answer; the connections in use after the relay's connection limit.
+    cap: usize,
+    /// After a connection limit: no growth before then.
+    hold_until: Option<Instant>,
+    /// Below `connections` since a pause or a connection limit: growing back is logged once.
+    shrunk: bool,
+    /// Relay failures (the first, and how many) while other messages were on the wire,
+    /// waiting for their fate: an answer makes them the relay's connection limit; none left
+    /// on the wire without an answer, an outage.
+    suspect: Option<(RelayFailure, usize)>,
     batch_sent: usize,
     tally: Tally,
 }
@@ -128,6 +144,7 @@ impl<C: Clock + Clone> Scheduler<C> {
         settings: &Settings<'_>,
         workers: Vec<mpsc::UnboundedSender<Job>>,
     ) -> Scheduler<C> {
+        let connections = workers.len();
         Scheduler {
             pacer,
             retry: settings.retry.clone(),
@@ -151,9 +168,11 @@ impl<C: Clock + Clone> Scheduler<C> {
             global_held: false,
             relay_failures: 0,
             epoch: 0,
-            answers_in_epoch: 0,
             paused_until: None,
-            probing: false,
+            cap: connections,
+            hold_until: None,
+            shrunk: false,
+            suspect: None,
             batch_sent: 0,
             tally: Tally::default(),
         }
@@ -204,7 +223,9 @@ impl<C: Clock + Clone> Scheduler<C> {
     /// waking up for, when something is waiting on time rather than on an outcome.
     fn dispatch(&mut self, now: Instant) -> Option<Instant> {
         loop {
-            if self.idle.is_empty() || (self.probing && self.in_flight > 0) {
+            // While a relay failure waits for a verdict, nothing new goes: the verdict must
+            // come from connections that were on the wire when it failed.
+            if self.idle.is_empty() || self.in_flight >= self.cap || self.suspect.is_some() {
                 return None;
             }
             if let Some(until) = self.paused_until {
@@ -300,6 +321,26 @@ impl<C: Clock + Clone> Scheduler<C> {
         self.workers.iter().filter(|w| w.is_some()).count()
     }
 
+    /// One more connection, after an answer, while under `connections` and not holding
+    /// after a connection limit.
+    fn grow(&mut self, now: Instant) {
+        let connections = self.alive();
+        if self.cap >= connections || self.hold_until.is_some_and(|until| now < until) {
+            return;
+        }
+        if self.shrunk {
+            self.shrunk = false;
+            tracing::info!(
+                connections,
+                "relay answers again; growing back to {connections} connections"
+            );
+        }
+        self.cap += 1;
+        if self.cap == connections {
+            self.tally.regrown += 1;
+        }
+    }
+
     /// The wait before trying again after `attempt` answers in a row, with jitter: a random
     /// point in the upper half of the exponential backoff, so that recipients deferred
     /// together do not come back together.
@@ -324,7 +365,7 @@ impl<C: Clock + Clone> Scheduler<C> {
             job,
             verdict,
         } = outcome;
-        match verdict {
+        let ended = match verdict {
             Verdict::Answered(attempt) => {
                 self.idle.push(worker);
                 self.settle_answer(job, attempt, now, results).await
@@ -332,7 +373,15 @@ impl<C: Clock + Clone> Scheduler<C> {
             Verdict::Crashed => self.settle_crash(worker, job, results).await,
             Verdict::Unrecorded(error) => Some(self.settle_unrecorded(worker, job, &error)),
             Verdict::Relay(failure) => self.settle_relay_failure(worker, job, failure, now),
+        };
+        if ended.is_none()
+            && self.in_flight == 0
+            && let Some((failure, _)) = self.suspect.take()
+        {
+            // Nothing on the wire answered after the failure: the relay is unavailable.
+            return self.relay_pause(failure, now);
         }
+        ended
     }
 
     /// The relay answered about the recipient (or the file was written): a 4xx is retried or
@@ -345,7 +394,7 @@ impl<C: Clock + Clone> Scheduler<C> {
         now: Instant,
         results: &mpsc::Sender<Delivery>,
     ) -> Option<GaveUp> {
-        self.note_answer(&job, &attempt);
+        self.note_answer(&job, &attempt, now);
         if attempt.state == State::Deferred {
             self.defer(job, attempt, now, results).await;
             return None;
@@ -359,15 +408,35 @@ impl<C: Clock + Clone> Scheduler<C> {
         None
     }
 
-    /// What any answer says about the relay: that it works (when the job went out in this
-    /// epoch), and whether it throttles the recipient's domain.
-    fn note_answer(&mut self, job: &Job, attempt: &Attempt) {
+    /// What any answer says about the relay: that it answers now (a failure waiting for a
+    /// verdict was its connection limit), that it works again (when the job went out since
+    /// the last pause: the pool grows by one connection), and whether it throttles the
+    /// recipient's domain.
+    fn note_answer(&mut self, job: &Job, attempt: &Attempt, now: Instant) {
+        let answering = answering(attempt);
+        if answering && let Some((failure, refused)) = self.suspect.take() {
+            // The relay answered on another connection after refusing one: it serves the
+            // others, so that was its connection limit. Go on with those in use (this one's
+            // worker goes on too), and try one more after a while.
+            self.cap = (self.in_flight + 1).clamp(1, self.alive().max(1));
+            self.hold_until = Some(now + GROW_AGAIN_AFTER);
+            self.shrunk = true;
+            self.tally.connections_refused += refused;
+            tracing::warn!(
+                reason = %failure.reason,
+                refused,
+                connections = self.cap,
+                again_in = %humantime::format_duration(GROW_AGAIN_AFTER),
+                "the relay refused one more connection while answering on the others; going on with fewer"
+            );
+        }
         // An answer about a recipient handed out since the last pause: the relay is
         // working again. (An answer to an older one says nothing about now.)
         if job.epoch == self.epoch {
-            self.answers_in_epoch += 1;
             self.relay_failures = 0;
-            self.probing = false;
+            if answering {
+                self.grow(now);
+            }
         }
         let throttling = attempt.reply.as_ref().is_some_and(Reply::is_throttling);
         let domain = job.message.envelope.rcpt_to.domain();
@@ -495,8 +564,9 @@ impl<C: Clock + Clone> Scheduler<C> {
     }
 
     /// A relay-wide failure: the message goes back to its queue untouched. A rejection halts
-    /// the run; a refused connection while the relay serves the others retires the worker;
-    /// otherwise sending pauses (`relay_pause`).
+    /// the run; with other messages on the wire, what they get decides between the relay's
+    /// connection limit and an outage (see `suspect`); otherwise sending pauses
+    /// (`relay_pause`).
     fn settle_relay_failure(
         &mut self,
         worker: usize,
@@ -521,24 +591,24 @@ impl<C: Clock + Clone> Scheduler<C> {
                 failure.reason
             )));
         }
+        // This worker has no connection now: the others (open, warm) are used first.
+        self.idle.insert(0, worker);
         if stale {
             // A connection that was already on its way when the relay failed.
-            self.idle.push(worker);
             return None;
         }
-        if self.answers_in_epoch > 0 && self.alive() > 1 {
-            // The relay answers on other connections since the last pause: this is its
-            // connection limit, not an outage.
-            self.workers[worker] = None;
-            tracing::warn!(
-                reason = %failure.reason,
-                connections = self.alive(),
-                "the relay refused one more connection while serving the others; going on with fewer"
-            );
-            self.tally.connections_retired += 1;
+        if self.in_flight > 0 {
+            // Others are on the wire: no new message until their fate says whether the relay
+            // is serving them (its connection limit) or unavailable (they fail too: the
+            // pause comes when none is left, in `settle`).
+            tracing::debug!(reason = %failure.reason, on_the_wire = self.in_flight, "relay failure; waiting for the connections in use");
+            match &mut self.suspect {
+                Some((_, refused)) => *refused += 1,
+                None => self.suspect = Some((failure, 1)),
+            }
             return None;
         }
-        self.idle.push(worker);
+        let failure = self.suspect.take().map_or(failure, |(first, _)| first);
         self.relay_pause(failure, now)
     }
 
@@ -547,7 +617,9 @@ impl<C: Clock + Clone> Scheduler<C> {
     fn relay_pause(&mut self, failure: RelayFailure, now: Instant) -> Option<GaveUp> {
         self.relay_failures += 1;
         self.epoch += 1;
-        self.answers_in_epoch = 0;
+        self.cap = 1;
+        self.hold_until = None;
+        self.shrunk = true;
         if self.relay_failures >= self.retry.relay_attempts.get() {
             return Some(GaveUp::Relay(failure));
         }
@@ -560,7 +632,6 @@ impl<C: Clock + Clone> Scheduler<C> {
         );
         self.tally.relay_pauses += 1;
         self.pause_until(now + pause);
-        self.probing = true;
         None
     }
 
@@ -764,6 +835,15 @@ impl<C: Clock + Clone> Scheduler<C> {
     }
 }
 
+/// Whether an attempt shows the relay answering: a reply about the recipient, other than a 421
+/// (which closes the connection: a relay going down says it too).
+fn answering(attempt: &Attempt) -> bool {
+    attempt
+        .reply
+        .as_ref()
+        .is_some_and(|reply| reply.code != 421)
+}
+
 fn new_job(queued: Queued) -> Job {
     Job {
         message: queued.message,
@@ -787,7 +867,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::super::tests::{
-        Act, Durable, Event, Journal, Script, Setup, accepted, on_tokio_time, queued, reply,
+        Act, Call, Durable, Event, Journal, Script, Setup, accepted, on_tokio_time, queued, reply,
     };
     use super::super::{Entry, Transport};
     use super::*;
@@ -1190,36 +1270,113 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_refused_while_the_relay_serves_the_others_retires_one_worker() {
+    fn a_connection_refused_while_the_relay_answers_the_others_shrinks_the_pool_for_a_while() {
         on_tokio_time(async {
-            let setup = Setup::new();
+            let mut setup = Setup::new();
+            setup.retry.relay_attempts = NonZeroU32::new(1000).unwrap();
             let count = AtomicUsize::new(0);
-            // The fifth attempt starts after answers on the other connections.
-            let script = Script::new(3, ms(1), move |_| {
+            // Each attempt takes a second; the fifth is refused at once, while the two others
+            // are on the wire and then answer.
+            let script = Script::new(3, Duration::from_secs(1), move |_| {
                 if count.fetch_add(1, Ordering::SeqCst) == 4 {
-                    Act::Relay(RelayFailure::new("too many connections"))
+                    Act::After(
+                        ms(1),
+                        Box::new(Act::Relay(RelayFailure::new("too many connections"))),
+                    )
                 } else {
                     accepted()
                 }
             });
-            let messages = (1..=10)
+            let messages = (1..=240)
                 .map(|line| queued(line, &format!("r{line}@a.example")))
                 .collect();
             let finished = setup.run(scripted(&script), messages).await;
-            for line in 1..=10 {
+            assert_eq!(finished.deliveries.len(), 240);
+            assert!(finished.deliveries.iter().all(|d| d.state == State::Sent));
+            assert_eq!(finished.ended.tally.connections_refused, 1);
+            assert_eq!(finished.ended.tally.relay_pauses, 0);
+            assert_eq!(finished.ended.tally.regrown, 1);
+            let calls = script.calls();
+            let refused = &calls[4];
+            // Two connections until the hold is over; then three again.
+            let held: Vec<&Call> = calls[5..]
+                .iter()
+                .filter(|c| c.at > refused.at && c.at < refused.at + GROW_AGAIN_AFTER)
+                .collect();
+            assert!(held.len() > 10);
+            assert!(held.iter().all(|c| c.alongside <= 1), "two at a time");
+            assert!(
+                calls
+                    .iter()
+                    .any(|c| c.at >= refused.at + GROW_AGAIN_AFTER && c.alongside == 2),
+                "three at a time again"
+            );
+            assert!(finished.ended.failure.is_none());
+        });
+    }
+
+    #[test]
+    fn an_outage_after_answers_pauses_then_grows_back_to_every_connection() {
+        on_tokio_time(async {
+            let setup = Setup::new();
+            let count = AtomicUsize::new(0);
+            // Six answers, then the relay goes down under all three connections at once,
+            // then it is back.
+            let script = Script::new(3, ms(1), move |_| {
+                if (6..9).contains(&count.fetch_add(1, Ordering::SeqCst)) {
+                    Act::Relay(RelayFailure::new("connection reset by peer"))
+                } else {
+                    accepted()
+                }
+            });
+            let messages = (1..=30)
+                .map(|line| queued(line, &format!("r{line}@a.example")))
+                .collect();
+            let finished = setup.run(scripted(&script), messages).await;
+            for line in 1..=30 {
                 assert_eq!(finished.state(line), Some((State::Sent, 1)), "line {line}");
             }
-            assert_eq!(script.calls().len(), 11);
-            assert_eq!(finished.ended.tally.connections_retired, 1);
-            assert_eq!(finished.ended.tally.relay_pauses, 0);
-            // The worker refused is not used again; the two others go on.
+            // Not a connection limit: the others failed too.
+            assert_eq!(finished.ended.tally.connections_refused, 0);
+            assert_eq!(finished.ended.tally.relay_pauses, 1);
+            assert_eq!(finished.ended.tally.regrown, 1);
             let calls = script.calls();
-            let retired = calls[4].worker;
-            assert!(calls[5..].iter().all(|c| c.worker != retired));
-            let others: std::collections::BTreeSet<usize> =
-                calls[5..].iter().map(|c| c.worker).collect();
-            assert_eq!(others.len(), 2);
-            assert!(finished.ended.failure.is_none());
+            assert_eq!(calls.len(), 33);
+            // One probe alone, then one more connection per answer, up to three.
+            let probe = &calls[9];
+            assert_eq!(probe.alongside, 0);
+            assert!(calls[10].at >= probe.at + ms(1), "nothing beside the probe");
+            assert!(calls[10..].iter().any(|c| c.alongside == 2), "three again");
+            let workers: std::collections::BTreeSet<usize> =
+                calls[10..].iter().map(|c| c.worker).collect();
+            assert_eq!(workers.len(), 3);
+        });
+    }
+
+    #[test]
+    fn a_failure_beside_connections_that_only_get_421_is_an_outage() {
+        on_tokio_time(async {
+            let setup = Setup::new();
+            let count = AtomicUsize::new(0);
+            // The first attempt fails at once; the other, on the wire, gets a 421 (the relay
+            // closing its connections), not an answer.
+            let script = Script::new(2, ms(2), move |_| {
+                match count.fetch_add(1, Ordering::SeqCst) {
+                    0 => Act::After(
+                        ms(1),
+                        Box::new(Act::Relay(RelayFailure::new("connection refused"))),
+                    ),
+                    1 => reply(421, "4.3.2 shutting down"),
+                    _ => accepted(),
+                }
+            });
+            let messages = (1..=4)
+                .map(|line| queued(line, &format!("r{line}@a.example")))
+                .collect();
+            let finished = setup.run(scripted(&script), messages).await;
+            assert_eq!(finished.ended.tally.connections_refused, 0);
+            assert_eq!(finished.ended.tally.relay_pauses, 1);
+            assert_eq!(finished.deliveries.len(), 4);
         });
     }
 

@@ -240,8 +240,10 @@ fn relay_failures_pause_sending_and_change_no_recipients_state() {
 
 #[test]
 fn a_relay_that_takes_fewer_connections_than_configured_gets_fewer() {
-    // The relay takes two connections; every later one is refused at the greeting. The two
-    // extra workers retire; nobody's state changes; everything goes over the two.
+    // The relay takes two connections; every later one is refused at the greeting. A refusal
+    // while the others are answered is its connection limit: the pool goes on with the two
+    // (a refusal before any answer may count as an outage first); nobody's state changes;
+    // everything goes over the two.
     let greetings = Arc::new(AtomicUsize::new(0));
     let script: Script = Arc::new(move |phase, _| {
         (phase == Phase::Greeting && greetings.fetch_add(1, Ordering::SeqCst) >= 2)
@@ -251,15 +253,107 @@ fn a_relay_that_takes_fewer_connections_than_configured_gets_fewer() {
     let run = send(&sink, 30, 4, |c| c);
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(balanced(&run, &sink, 30)["sent"], 30);
-    assert_eq!(
-        count(&run.stdout, "connections refused"),
-        Some(2),
+    assert!(
+        count(&run.stdout, "connections refused").is_some_and(|n| (1..=2).contains(&n)),
+        "{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("the relay refused one more connection while answering on the others"),
         "{}",
-        run.stdout
+        run.stderr
     );
     let served: std::collections::BTreeSet<usize> =
         sink.transactions().iter().map(|t| t.connection).collect();
     assert_eq!(served.len(), 2, "{served:?}");
+}
+
+/// A relay that answers `answered` recipients, then goes down: every reply is a 421 (which
+/// closes the connection) until it has refused `greetings` new connections (forever with
+/// `usize::MAX`).
+fn outage(answered: usize, greetings: usize) -> Script {
+    let rcpts = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    Arc::new(move |phase, _| {
+        if phase == Phase::Rcpt {
+            rcpts.fetch_add(1, Ordering::SeqCst);
+        }
+        let down = rcpts.load(Ordering::SeqCst) > answered
+            && refused.load(Ordering::SeqCst) < greetings
+            && phase != Phase::Ehlo;
+        if down && phase == Phase::Greeting {
+            refused.fetch_add(1, Ordering::SeqCst);
+        }
+        down.then(|| "421 4.3.2 service shutting down".to_owned())
+    })
+}
+
+#[test]
+fn after_an_outage_the_pool_grows_back_to_every_connection() {
+    // Three connections; after 20 recipients the relay goes down under all of them, until it
+    // has refused four new connections (at most three can try before mailer holds back, so
+    // the last is a probe after a pause, when no connection is left from before). Then one
+    // connection (the probe), and one more per answer, back to three at once.
+    let sink = Sink::scripted(outage(20, 4));
+    let run = send(&sink, 60, 3, |c| c.retry("relay_attempts = 10"));
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(balanced(&run, &sink, 60)["sent"], 60);
+    assert!(
+        count(&run.stdout, "relay pauses").is_some_and(|n| n >= 1),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stderr.contains("relay unavailable; pausing"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("relay answers again; growing back to 3 connections"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        count(&run.stdout, "pool grown back").is_some_and(|n| n >= 1),
+        "{}",
+        run.stdout
+    );
+    let back = sink.last_421_close().expect("the outage");
+    assert_eq!(
+        sink.max_concurrent_after(back),
+        3,
+        "three sessions at once after the outage"
+    );
+}
+
+#[test]
+fn a_relay_down_after_answering_is_an_outage_not_a_connection_limit() {
+    // The relay answers ten recipients on three connections, then every reply is a 421: the
+    // connections refused after those answers are not its connection limit.
+    let sink = Sink::scripted(outage(10, usize::MAX));
+    let run = send(&sink, 30, 3, |c| c.retry("relay_attempts = 3"));
+    assert_eq!(run.code, 69, "{run:?}");
+    let states = balanced(&run, &sink, 30);
+    assert!((1..=10).contains(&states["sent"]), "{}", run.stdout);
+    assert_eq!(
+        count(&run.stdout, "connections refused"),
+        None,
+        "{}",
+        run.stdout
+    );
+    assert!(
+        !run.stderr.contains("refused one more connection"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("relay unavailable; pausing"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]

@@ -29,7 +29,8 @@ pub fn conclude(
     let recorded = written.map_err(|e| Failure::new(Exit::IoError, format!("{e:#}")));
     summary.retried = ended.tally.retried;
     summary.relay_pauses = ended.tally.relay_pauses;
-    summary.connections_retired = ended.tally.connections_retired;
+    summary.connections_refused = ended.tally.connections_refused;
+    summary.regrown = ended.tally.regrown;
     summary.throttled = ended.tally.throttled.clone();
     summary.print(out)?;
     if summary.dry_run {
