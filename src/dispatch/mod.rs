@@ -22,8 +22,8 @@ use tokio::sync::mpsc;
 use crate::config;
 use crate::outcome::{Attempt, Delivery, Reply, State};
 use crate::render::OutgoingMessage;
-pub use pace::Pacer;
-pub use schedule::Tally;
+pub use pace::{Pacer, Suspension, Throttled};
+pub use schedule::{SuspendedDomain, Tally};
 pub use smtp::Settings as SmtpSettings;
 
 /// Where messages go.
@@ -155,6 +155,17 @@ pub trait Record: Send + Sync {
     );
     /// Records a halt (a breaker tripped) at once.
     fn halt(&self, reason: &str);
+    /// Records that `domain` is suspended until `until` (it kept throttling below the floor),
+    /// with the pace it had (`per_second`) and its normal one (`ceiling`), for later runs; its
+    /// deferred recipients wait until then too.
+    fn suspended(
+        &self,
+        domain: &str,
+        until: std::time::SystemTime,
+        per_second: f64,
+        ceiling: f64,
+        detail: &str,
+    );
     /// Puts row `id` back to `pending`: it was not sent after all.
     fn requeued(&self, id: i64);
 }
@@ -546,6 +557,7 @@ pub(crate) mod tests {
         },
         Halt(String),
         Requeued(i64),
+        Suspended(String),
     }
 
     /// How the fake journal answers an `in_flight` record.
@@ -635,6 +647,17 @@ pub(crate) mod tests {
 
         fn halt(&self, reason: &str) {
             self.push(Event::Halt(reason.to_owned()));
+        }
+
+        fn suspended(
+            &self,
+            domain: &str,
+            _until: std::time::SystemTime,
+            _per_second: f64,
+            _ceiling: f64,
+            _detail: &str,
+        ) {
+            self.push(Event::Suspended(domain.to_owned()));
         }
 
         fn requeued(&self, id: i64) {
@@ -814,6 +837,8 @@ pub(crate) mod tests {
         pub journal: Arc<Journal>,
         pub halt: Arc<watch::Sender<Option<String>>>,
         pub suppressed: Suppressed,
+        /// Suspensions an earlier run left in force.
+        pub carried: Vec<Suspension>,
     }
 
     /// What a run reported.
@@ -850,6 +875,7 @@ pub(crate) mod tests {
                     linger: Duration::from_secs(60),
                     relay_attempts: 5.try_into().unwrap(),
                     relay_backoff: Duration::from_millis(2),
+                    suspension: Duration::from_secs(1800),
                     on_ambiguous: config::OnAmbiguous::Report,
                 },
                 safety: config::Safety {
@@ -859,6 +885,7 @@ pub(crate) mod tests {
                 journal: Journal::new(Durable::Yes),
                 halt: Arc::new(watch::channel(None).0),
                 suppressed: Suppressed::default(),
+                carried: Vec::new(),
             }
         }
 
@@ -873,7 +900,10 @@ pub(crate) mod tests {
                 interrupt: watch::channel(None).1,
                 suppressed: Some(Arc::clone(&self.suppressed)),
             };
-            let pacer = Pacer::with_clock(&self.rate, TokioClock::new());
+            let mut pacer = Pacer::with_clock(&self.rate, TokioClock::new());
+            for suspension in &self.carried {
+                pacer.carry_suspension(suspension.clone());
+            }
             run_with(transport, settings, pacer, messages).await
         }
     }

@@ -32,7 +32,9 @@ use governor::clock::{Clock, MonotonicClock};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{Job, Outcome, Pacer, Queued, Recorder, RelayFailure, Settings, Suppressed, Verdict};
+use super::{
+    Job, Outcome, Pacer, Queued, Recorder, RelayFailure, Settings, Suppressed, Throttled, Verdict,
+};
 
 use crate::config::{Batch, Retry};
 use crate::outcome::{Attempt, Delivery, Reply, State};
@@ -60,6 +62,26 @@ pub struct Tally {
     pub regrown: usize,
     /// Domains slowed down by a throttling reply, with the slowest pace they got (per second).
     pub throttled: BTreeMap<String, f64>,
+    /// Domains suspended (in this run, or still from an earlier one), with the recipients
+    /// left deferred until then.
+    pub suspended: BTreeMap<String, SuspendedDomain>,
+}
+
+/// A suspended domain, for the summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SuspendedDomain {
+    /// When it ends.
+    pub until: std::time::SystemTime,
+    /// Its recipients this run left deferred until then.
+    pub deferred: usize,
+}
+
+/// A domain whose messages wait: it kept throttling below `[rate] throttle_floor`.
+struct Suspended {
+    until: Instant,
+    /// The same moment on the wall clock, for the journal.
+    due: std::time::SystemTime,
+    detail: String,
 }
 
 /// `C`: the pacer's clock (governor's monotonic clock; tests give one that follows tokio's).
@@ -70,6 +92,10 @@ pub struct Scheduler<C: Clock = MonotonicClock> {
     suppressed: Option<Suppressed>,
     /// Jobs whose recipient was suppressed after the run started: reported, never sent.
     dropped: Vec<Job>,
+    /// Suspended domains, from this run or an earlier one.
+    suspended: HashMap<Arc<str>, Suspended>,
+    /// Jobs of a suspended domain, to report deferred until the suspension ends.
+    aside: Vec<Job>,
     /// The permanent-failure breaker: `[safety] halt_failure_ratio` after `halt_min_sample`.
     halt_ratio: f64,
     halt_sample: usize,
@@ -140,17 +166,32 @@ pub enum Stopped {
 
 impl<C: Clock + Clone> Scheduler<C> {
     pub fn new(
-        pacer: Pacer<C>,
+        mut pacer: Pacer<C>,
         settings: &Settings<'_>,
         workers: Vec<mpsc::UnboundedSender<Job>>,
     ) -> Scheduler<C> {
         let connections = workers.len();
+        let start = Instant::now();
+        let suspended = pacer
+            .take_suspensions()
+            .into_iter()
+            .map(|s| {
+                let held = Suspended {
+                    until: start + s.remaining,
+                    due: s.until,
+                    detail: s.detail,
+                };
+                (Arc::from(s.domain.as_str()), held)
+            })
+            .collect();
         Scheduler {
             pacer,
             retry: settings.retry.clone(),
             journal: settings.journal.clone(),
             suppressed: settings.suppressed.clone(),
             dropped: Vec::new(),
+            suspended,
+            aside: Vec::new(),
             halt_ratio: settings.safety.halt_failure_ratio,
             halt_sample: settings.safety.halt_min_sample.get(),
             answered: 0,
@@ -184,6 +225,10 @@ impl<C: Clock + Clone> Scheduler<C> {
     }
 
     fn enqueue(&mut self, job: Job, front: bool) {
+        if self.held_back(job.message.envelope.rcpt_to.domain()) {
+            self.aside.push(job);
+            return;
+        }
         let domain = job.message.envelope.rcpt_to.domain();
         let queue = if let Some(queue) = self.domains.get_mut(domain) {
             queue
@@ -198,6 +243,75 @@ impl<C: Clock + Clone> Scheduler<C> {
             queue.push_back(job);
         }
         self.parked += 1;
+    }
+
+    /// Whether `domain` is suspended now; a suspension that is over is lifted.
+    fn held_back(&mut self, domain: &str) -> bool {
+        let Some(suspension) = self.suspended.get(domain) else {
+            return false;
+        };
+        if suspension.until > Instant::now() {
+            return true;
+        }
+        tracing::info!(domain, "suspension over; sending to this domain again");
+        self.suspended.remove(domain);
+        false
+    }
+
+    /// `domain` kept throttling below the floor: it is suspended for `[retry] suspension`,
+    /// recorded with its pace for later runs, and its messages here are set aside (reported
+    /// deferred until then).
+    fn suspend(&mut self, domain: &str, per_second: f64, ceiling: f64, reply: &str, now: Instant) {
+        if self.suspended.contains_key(domain) {
+            return;
+        }
+        let due = crate::clock::now() + self.retry.suspension;
+        let until = humantime::format_rfc3339_seconds(due);
+        let detail = format!(
+            "{domain} suspended until {until}: it kept answering with throttling replies ({reply}) below `[rate] throttle_floor`"
+        );
+        tracing::warn!(
+            domain,
+            until = %until,
+            per_second,
+            reply,
+            "domain suspended: it keeps throttling below `[rate] throttle_floor`; its messages are left deferred for a run after then"
+        );
+        if let Some(journal) = &self.journal {
+            journal.suspended(domain, due, per_second, ceiling, &detail);
+        }
+        self.tally.suspended.insert(
+            domain.to_owned(),
+            SuspendedDomain {
+                until: due,
+                deferred: 0,
+            },
+        );
+        if let Some(queue) = self.domains.remove(domain) {
+            self.parked -= queue.len();
+            self.aside.extend(queue);
+        }
+        self.ready.retain(|d| &**d != domain);
+        self.blocked.retain(|_, d| &**d != domain);
+        let waiting: Vec<(Instant, u64)> = self
+            .retries
+            .iter()
+            .filter(|(_, job)| job.message.envelope.rcpt_to.domain() == domain)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in waiting {
+            if let Some(job) = self.retries.remove(&key) {
+                self.aside.push(job);
+            }
+        }
+        self.suspended.insert(
+            domain.into(),
+            Suspended {
+                until: now + self.retry.suspension,
+                due,
+                detail,
+            },
+        );
     }
 
     /// Moves retries that are due into their queues, and domains whose wait is over back
@@ -440,14 +554,31 @@ impl<C: Clock + Clone> Scheduler<C> {
         }
         let throttling = attempt.reply.as_ref().is_some_and(Reply::is_throttling);
         let domain = job.message.envelope.rcpt_to.domain();
-        if let Some(per_second) = throttling.then(|| self.pacer.throttle(domain)).flatten() {
-            tracing::warn!(domain, per_second, reply = %attempt.detail, "throttled by the server; slowing this domain down");
-            let slowest = self
-                .tally
-                .throttled
-                .entry(domain.to_owned())
-                .or_insert(per_second);
-            *slowest = slowest.min(per_second);
+        match throttling.then(|| self.pacer.throttle(domain)).flatten() {
+            Some(Throttled::Slowed(per_second)) => {
+                tracing::warn!(domain, per_second, reply = %attempt.detail, "throttled by the server; slowing this domain down");
+                let slowest = self
+                    .tally
+                    .throttled
+                    .entry(domain.to_owned())
+                    .or_insert(per_second);
+                *slowest = slowest.min(per_second);
+            }
+            Some(Throttled::Suspend {
+                per_second,
+                ceiling,
+            }) => {
+                // The reply's codes only: its text may be about this recipient, and the
+                // detail goes on every row of the domain.
+                let codes = attempt.reply.as_ref().map_or_else(String::new, |reply| {
+                    match &reply.enhanced {
+                        Some(enhanced) => format!("{} {enhanced}", reply.code),
+                        None => reply.code.to_string(),
+                    }
+                });
+                self.suspend(domain, per_second, ceiling, &codes, now);
+            }
+            None => {}
         }
     }
 
@@ -461,6 +592,13 @@ impl<C: Clock + Clone> Scheduler<C> {
         results: &mpsc::Sender<Delivery>,
     ) {
         job.attempts += 1;
+        if self.held_back(job.message.envelope.rcpt_to.domain()) {
+            // Its domain is suspended: it waits with the others.
+            job.last_reply = attempt.detail;
+            job.last_answer = attempt.reply;
+            self.aside.push(job);
+            return;
+        }
         let more = job.attempts < self.retry.max_attempts.get();
         let wait = self.backoff(self.retry.backoff, job.prior + job.attempts);
         if more && self.retries.len() < RETRY_CAP {
@@ -729,6 +867,7 @@ impl<C: Clock + Clone> Scheduler<C> {
                 None
             };
             self.report_dropped(&results).await;
+            self.report_aside(&results).await;
             if self.in_flight == 0 {
                 if gave_up.is_some() {
                     break;
@@ -779,6 +918,7 @@ impl<C: Clock + Clone> Scheduler<C> {
         // Dropping the job channels stops the workers.
         self.workers.clear();
         self.report_retries_left(&results).await;
+        self.report_aside(&results).await;
         let (failure, halted) = match gave_up {
             Some(GaveUp::Relay(failure)) => (Some(failure), None),
             Some(GaveUp::Halt(reason) | GaveUp::Unrecorded(reason)) => {
@@ -821,6 +961,34 @@ impl<C: Clock + Clone> Scheduler<C> {
                 None,
             )
             .await;
+        }
+    }
+
+    /// Reports the jobs of suspended domains deferred, due when the suspension ends.
+    async fn report_aside(&mut self, results: &mpsc::Sender<Delivery>) {
+        for job in std::mem::take(&mut self.aside) {
+            let domain = job.message.envelope.rcpt_to.domain();
+            let Some(suspension) = self.suspended.get(domain) else {
+                // Lifted meanwhile (cannot happen within one loop turn): it goes after all.
+                self.enqueue(job, false);
+                continue;
+            };
+            let detail = suspension.detail.clone();
+            let due = suspension.due;
+            self.tally
+                .suspended
+                .entry(domain.to_owned())
+                .or_insert(SuspendedDomain {
+                    until: due,
+                    deferred: 0,
+                })
+                .deferred += 1;
+            tracing::debug!(line = job.message.line, recipient = %job.message.envelope.rcpt_to, "deferred: its domain is suspended");
+            let wait = due
+                .duration_since(crate::clock::now())
+                .unwrap_or(Duration::ZERO);
+            self.report(results, &job, State::Deferred, detail, Some(wait))
+                .await;
         }
     }
 
@@ -1522,6 +1690,117 @@ mod tests {
             lines.sort_unstable();
             assert_eq!(lines, [1, 3, 4, 5, 6, 7, 8]);
             assert!(finished.state(2).is_none());
+        });
+    }
+
+    #[test]
+    fn a_domain_that_keeps_throttling_is_suspended_while_the_others_complete() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            setup.retry.max_attempts = NonZeroU32::new(50).unwrap();
+            setup.rate.throttle_floor = Some(pace(5, Duration::from_secs(1)));
+            setup
+                .rate
+                .domains
+                .insert("busy.example".to_owned(), pace(20, Duration::from_secs(1)));
+            // The busy domain throttles every message; the calm one takes its time (each of
+            // its messages takes 100 ms, one connection for it at a time at most).
+            let script = Script::new(2, Duration::ZERO, |call| {
+                if call.recipient.ends_with("@busy.example") {
+                    reply(421, "4.7.28 Our system has detected an unusual rate")
+                } else {
+                    Act::After(ms(100), Box::new(accepted()))
+                }
+            });
+            let mut messages: Vec<Queued> = (1..=20)
+                .map(|line| queued(line, &format!("r{line}@busy.example")))
+                .collect();
+            messages.extend((21..=80).map(|line| queued(line, &format!("r{line}@calm.example"))));
+            let finished = setup.run(scripted(&script), messages).await;
+            let by_line = finished.by_line();
+            assert_eq!(by_line.len(), 80, "every message is reported");
+            for line in 21..=80 {
+                assert_eq!(by_line[&line].state, State::Sent, "line {line}");
+            }
+            // 20/s halved to 10, then 5; the next would be below the floor: suspended.
+            assert_eq!(
+                finished.ended.tally.throttled,
+                BTreeMap::from([("busy.example".to_owned(), 5.0)])
+            );
+            let suspended = &finished.ended.tally.suspended["busy.example"];
+            assert!(suspended.deferred > 0);
+            let mut aside = 0;
+            for line in 1..=20 {
+                let delivery = by_line[&line];
+                assert_eq!(delivery.state, State::Deferred, "line {line}");
+                if delivery.detail.starts_with("busy.example suspended until ") {
+                    assert!(
+                        delivery.detail.ends_with(
+                            "it kept answering with throttling replies (421 4.7.28) below `[rate] throttle_floor`"
+                        ),
+                        "{}",
+                        delivery.detail
+                    );
+                    aside += 1;
+                }
+                // Recorded deferred with when it is due.
+                assert!(matches!(
+                    recorded(&setup.journal, line).last(),
+                    Some((State::Deferred, _, _, true))
+                ));
+            }
+            assert_eq!(aside, suspended.deferred);
+            assert!(
+                setup
+                    .journal
+                    .events()
+                    .contains(&Event::Suspended("busy.example".to_owned()))
+            );
+            // Nothing went to it after the suspension: far fewer attempts than allowed.
+            let busy = script
+                .calls()
+                .iter()
+                .filter(|c| c.recipient.ends_with("@busy.example"))
+                .count();
+            assert!(busy < 100, "{busy}");
+            assert!(finished.ended.failure.is_none() && finished.ended.halted.is_none());
+        });
+    }
+
+    #[test]
+    fn a_domain_still_suspended_by_an_earlier_run_gets_nothing() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            let until = crate::clock::now() + Duration::from_secs(600);
+            setup.carried.push(crate::dispatch::Suspension {
+                domain: "busy.example".to_owned(),
+                until,
+                remaining: Duration::from_secs(600),
+                detail: "busy.example suspended until later".to_owned(),
+            });
+            let script = Script::new(1, Duration::ZERO, |_| accepted());
+            let finished = setup
+                .run(
+                    scripted(&script),
+                    vec![
+                        queued(1, "a@busy.example"),
+                        queued(2, "b@calm.example"),
+                        queued(3, "c@busy.example"),
+                    ],
+                )
+                .await;
+            assert_eq!(script.lines(), [2]);
+            assert_eq!(finished.state(1), Some((State::Deferred, 0)));
+            assert_eq!(finished.state(3), Some((State::Deferred, 0)));
+            assert_eq!(
+                finished.by_line()[&1].detail,
+                "busy.example suspended until later"
+            );
+            assert_eq!(
+                recorded(&setup.journal, 1),
+                [(State::Deferred, 0, None, true)]
+            );
+            assert_eq!(finished.ended.tally.suspended["busy.example"].deferred, 2);
         });
     }
 

@@ -53,6 +53,17 @@ enum Change {
     Requeued { id: i64, at: i64 },
     /// A breaker tripped: recorded at once, so it holds even if the run dies before its end.
     Halt { slot: String, reason: String },
+    /// A domain suspended for throttling: recorded with its pace, its deferred recipients
+    /// (every slot) due no sooner than its end, and an event.
+    Suspended {
+        slot: String,
+        domain: String,
+        until: i64,
+        per_second: f64,
+        ceiling: f64,
+        detail: String,
+        at: i64,
+    },
 }
 
 /// The sending side, for the scheduler and workers. Cheap to clone.
@@ -343,6 +354,32 @@ fn apply(conn: &Connection, group: &[Change]) -> rusqlite::Result<Vec<i64>> {
                 Change::Halt { slot, reason } => {
                     super::halt(conn, slot, "breaker", reason)?;
                 }
+                Change::Suspended {
+                    slot,
+                    domain,
+                    until,
+                    per_second,
+                    ceiling,
+                    detail,
+                    at,
+                } => {
+                    conn.execute(
+                        "INSERT INTO suspensions (domain, until, per_second, ceiling, detail, at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT (domain) DO UPDATE SET until = ?2, per_second = ?3,
+                             ceiling = ?4, detail = ?5, at = ?6",
+                        params![domain, until, per_second, ceiling, detail, at],
+                    )?;
+                    conn.execute(
+                        "UPDATE recipients SET next_attempt_at = max(coalesce(next_attempt_at, 0), ?2)
+                         WHERE domain = ?1 AND state = 'deferred'",
+                        params![domain, until],
+                    )?;
+                    conn.execute(
+                        "INSERT INTO events (at, slot, kind, detail) VALUES (?1, ?2, 'suspended', ?3)",
+                        params![at, slot, detail],
+                    )?;
+                }
             }
         }
         Ok(stray)
@@ -408,6 +445,25 @@ impl Record for Recorder {
         let _ = self.changes.send(Change::Halt {
             slot: self.slot.to_string(),
             reason: reason.to_owned(),
+        });
+    }
+
+    fn suspended(
+        &self,
+        domain: &str,
+        until: SystemTime,
+        per_second: f64,
+        ceiling: f64,
+        detail: &str,
+    ) {
+        let _ = self.changes.send(Change::Suspended {
+            slot: self.slot.to_string(),
+            domain: domain.to_owned(),
+            until: millis(until),
+            per_second,
+            ceiling,
+            detail: detail.to_owned(),
+            at: crate::clock::now_millis(),
         });
     }
 

@@ -44,6 +44,9 @@ pub struct Summary {
     pub regrown: usize,
     /// Domains slowed down by throttling replies, with the slowest pace (per second).
     pub throttled: BTreeMap<String, f64>,
+    /// Domains suspended for throttling: until when, and how many recipients this run left
+    /// deferred until then.
+    pub suspended: BTreeMap<String, (std::time::SystemTime, usize)>,
     /// Recipients this run attempted (the rest were settled by earlier runs, or are waiting).
     pub attempted: usize,
     /// Recipients sent by this run.
@@ -184,6 +187,14 @@ impl Summary {
                 out,
                 "throttled: {} slowed to {per_second:.2}/s after a throttling reply",
                 Shown(domain)
+            )?;
+        }
+        for (domain, (until, deferred)) in &self.suspended {
+            writeln!(
+                out,
+                "suspended: {} until {} (it kept throttling below `[rate] throttle_floor`): {deferred} recipients deferred until then",
+                Shown(domain),
+                humantime::format_rfc3339_seconds(*until)
             )?;
         }
         if !self.locales.is_empty() {

@@ -560,6 +560,110 @@ fn a_throttled_domain_slows_down_without_holding_up_the_others() {
     );
 }
 
+#[test]
+fn a_domain_that_keeps_throttling_is_suspended_and_a_later_run_finishes_it() {
+    // slow.example answers every RCPT with Gmail's rate complaint until the test says
+    // otherwise. At 40/s, halved to 20 and 10 (the floor), then suspended; the others finish.
+    let throttling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let script: Script = {
+        let throttling = Arc::clone(&throttling);
+        Arc::new(move |phase, rcpt| {
+            (phase == Phase::Rcpt
+                && rcpt.ends_with("@slow.example")
+                && throttling.load(Ordering::SeqCst))
+            .then(|| "421 4.7.28 Our system has detected an unusual rate of mail".to_owned())
+        })
+    };
+    let sink = Sink::scripted(script);
+    let slow: Vec<String> = (0..20)
+        .map(|i| format!("s{i}@slow.example,Slow {i},en,Pro"))
+        .collect();
+    let campaign = Campaign::example()
+        .smtp(&sink, 2)
+        .rows(slow)
+        .rows(people(40))
+        .retry("max_attempts = 50")
+        .extra(
+            "[rate]\nthrottle_floor = \"10/s\"\n[rate.per_domain]\n\"slow.example\" = \"40/s\"\n",
+        );
+    let started = Instant::now();
+    let first = campaign.run("send", &[]);
+    assert!(started.elapsed() < Duration::from_secs(120), "not trickled");
+    assert_eq!(first.code, 75, "work remains: {first:?}");
+    let states = balanced(&first, &sink, 60);
+    assert_eq!(
+        (states["sent"], states["deferred"]),
+        (40, 20),
+        "{}",
+        first.stdout
+    );
+    assert!(
+        first.stdout.contains("suspended: slow.example until ")
+            && first
+                .stdout
+                .contains("(it kept throttling below `[rate] throttle_floor`)"),
+        "{}",
+        first.stdout
+    );
+    assert!(
+        first
+            .stderr
+            .contains("domain suspended: it keeps throttling")
+            && first.stderr.contains("slow.example"),
+        "{}",
+        first.stderr
+    );
+    let report = campaign.run("report", &["--format", "csv"]);
+    assert!(
+        report.stdout.contains("slow.example suspended until "),
+        "{}",
+        report.stdout
+    );
+
+    // A run before the suspension ends sends nothing to it; status says until when.
+    let tried = sink.rcpts().len();
+    let second = campaign.run("send", &[]);
+    assert_eq!(second.code, 75, "{second:?}");
+    assert_eq!(
+        sink.rcpts().len(),
+        tried,
+        "nothing before the suspension ends"
+    );
+    let status = campaign.run("status", &[]);
+    assert!(
+        status.stdout.contains("slow.example suspended until "),
+        "{}",
+        status.stdout
+    );
+
+    // A run just after it (a fixed clock) sends the rest, starting the domain at the pace it
+    // had.
+    throttling.store(false, Ordering::SeqCst);
+    let until = first
+        .stdout
+        .split("suspended: slow.example until ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap();
+    let later = (chrono::DateTime::parse_from_rfc3339(until).unwrap()
+        + chrono::Duration::seconds(1))
+    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let path = campaign.write();
+    let third = crate::campaign::mailer(
+        &["send", path.to_str().unwrap()],
+        &[("MAILER_NOW", later.as_str())],
+    );
+    assert_eq!(third.code, 0, "{third:?}");
+    assert_eq!(balanced(&third, &sink, 60)["sent"], 60);
+    assert!(
+        third.stderr.contains(
+            "domain suspended by an earlier run for throttling: it starts at the pace it had"
+        ) && third.stderr.contains("per_second=10"),
+        "{}",
+        third.stderr
+    );
+}
+
 /// The most RCPTs in any half-open window `[t, t + 1 s)`.
 pub(crate) fn busiest_second(mut times: Vec<Instant>) -> usize {
     times.sort();

@@ -32,6 +32,17 @@ pub fn conclude(
     summary.connections_refused = ended.tally.connections_refused;
     summary.regrown = ended.tally.regrown;
     summary.throttled = ended.tally.throttled.clone();
+    for (domain, suspended) in &ended.tally.suspended {
+        tracing::warn!(
+            domain,
+            until = %humantime::format_rfc3339_seconds(suspended.until),
+            deferred = suspended.deferred,
+            "domain suspended for throttling: its recipients are deferred until then, for a later run"
+        );
+        summary
+            .suspended
+            .insert(domain.clone(), (suspended.until, suspended.deferred));
+    }
     summary.print(out)?;
     if summary.dry_run {
         writeln!(

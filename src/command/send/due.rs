@@ -26,9 +26,9 @@ pub fn idle(
         return Ok(None);
     };
     let retry_ambiguous = campaign.retry.on_ambiguous == config::OnAmbiguous::Retry;
-    let Some(counts) = j
-        .journal
-        .idle(&j.slot, clock::now_millis(), retry_ambiguous)?
+    let Some(counts) =
+        j.journal
+            .idle(&j.slot, clock::millis(clock::due_now()?), retry_ambiguous)?
     else {
         return Ok(None);
     };
@@ -67,9 +67,12 @@ pub fn due(
         invalid,
     };
     let retry_ambiguous = loaded.campaign.retry.on_ambiguous == config::OnAmbiguous::Retry;
-    let sync = j
-        .journal
-        .sync(&j.slot, &roster, retry_ambiguous, clock::now_millis())?;
+    let sync = j.journal.sync(
+        &j.slot,
+        &roster,
+        retry_ambiguous,
+        clock::millis(clock::due_now()?),
+    )?;
     if !sync.recovered.is_empty() {
         writeln!(
             out,
