@@ -6,7 +6,10 @@
 //!
 //! - 4xx: the recipient is retried after an exponential backoff with jitter, within this run
 //!   while attempts remain and the retry falls due before the run would end (plus
-//!   `[retry] linger`); otherwise it stays `deferred`. A throttling reply also slows its domain.
+//!   `[retry] linger`); otherwise it stays `deferred`. A throttling reply also slows its domain;
+//!   one that would slow it below `[rate] throttle_floor` suspends it for `[retry] suspension`:
+//!   its messages are set aside and reported `deferred` until then (recorded with the journal,
+//!   which later runs read), and the other domains go on.
 //! - 5xx, sent, ambiguous: final, reported once.
 //! - A relay-wide failure: the message goes back to its queue untouched. While other messages
 //!   are on the wire, their fate decides what it was: one of them answered after it (see
