@@ -12,8 +12,8 @@
 //!   which later runs read), and the other domains go on.
 //! - 5xx, sent, ambiguous: final, reported once.
 //! - A relay-wide failure: the message goes back to its queue untouched. While other messages
-//!   are on the wire, their fate decides what it was: one of them answered after it (see
-//!   [`answering`]), the relay is serving the others and this was its connection limit — the
+//!   are on the wire, their fate decides what it was: one of them answered after it (any
+//!   reply but a 421), the relay is serving the others and this was its connection limit — the
 //!   pool shrinks to the connections in use and tries one more after [`GROW_AGAIN_AFTER`]; they
 //!   fail too, or none was on the wire, the relay is unavailable — sending pauses with backoff,
 //!   then resumes on one connection (the probe) and grows back by one connection per answer

@@ -611,6 +611,71 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
+    async fn a_suspension_is_kept_with_its_pace_and_holds_the_domains_deferred_rows() {
+        let (_dir, journal, entries) = journal(Durability::Relaxed, 3);
+        let path = journal.path().to_owned();
+        let (writer, recorder) = Writer::start(&journal, Durability::Relaxed).unwrap();
+        let running = tokio::spawn(writer.run());
+        let now = crate::clock::now();
+        // Row 0 was deferred for a second; row 1 was sent; row 2 is pending.
+        let deferred = |id| {
+            recorder.outcome(
+                id,
+                State::Deferred,
+                1,
+                None,
+                "451 later".to_owned(),
+                Some(now + Duration::from_secs(1)),
+            );
+        };
+        deferred(entries[0].id);
+        recorder.outcome(entries[1].id, State::Sent, 1, None, "250".to_owned(), None);
+        let until = now + Duration::from_secs(1800);
+        recorder.suspended("example.com", until, 0.5, 4.0, "example.com suspended");
+        // Suspended again later: the record is replaced.
+        let later = until + Duration::from_secs(60);
+        recorder.suspended(
+            "example.com",
+            later,
+            0.25,
+            4.0,
+            "example.com suspended again",
+        );
+        drop(recorder);
+        tokio::time::timeout(PATIENCE, running)
+            .await
+            .expect("the writer ends")
+            .unwrap()
+            .unwrap();
+        let next = |id: i64| -> Option<i64> {
+            Connection::open(&path)
+                .unwrap()
+                .query_row(
+                    "SELECT next_attempt_at FROM recipients WHERE id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        assert_eq!(next(entries[0].id), Some(millis(later)));
+        assert_eq!(next(entries[1].id), None);
+        assert_eq!(next(entries[2].id), None);
+        let journal = Journal::open(&path, "c", false, Durability::Relaxed).unwrap();
+        let suspensions = journal.suspensions(millis(now)).unwrap();
+        assert_eq!(
+            suspensions,
+            [crate::journal::SuspendedDomain {
+                domain: "example.com".to_owned(),
+                until: millis(later),
+                per_second: 0.25,
+                ceiling: 4.0,
+                detail: "example.com suspended again".to_owned(),
+            }]
+        );
+        assert!(journal.suspensions(millis(later) + 1).unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
     async fn the_writer_runs_until_every_recorder_is_dropped() {
         for durability in [Durability::Full, Durability::Relaxed] {
             let (_dir, journal, entries) = journal(durability, 2);
