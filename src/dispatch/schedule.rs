@@ -754,7 +754,8 @@ impl<C: Clock + Clone> Scheduler<C> {
     }
 
     /// The relay is down: a new epoch begins, and sending pauses with backoff, then resumes
-    /// with one probe at a time; `relay_attempts` failures in a row give up.
+    /// on one connection (the probe), one more per answer (`grow`); `relay_attempts` failures
+    /// in a row give up.
     fn relay_pause(&mut self, failure: RelayFailure, now: Instant) -> Option<GaveUp> {
         self.relay_failures += 1;
         self.epoch += 1;
