@@ -629,6 +629,11 @@ fn a_domain_that_keeps_throttling_is_suspended_and_a_later_run_finishes_it() {
         tried,
         "nothing before the suspension ends"
     );
+    assert!(
+        second.stdout.contains("suspended: slow.example until "),
+        "{}",
+        second.stdout
+    );
     let status = campaign.run("status", &[]);
     assert!(
         status.stdout.contains("slow.example suspended until "),
