@@ -46,6 +46,16 @@ pub fn schedule_now() -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
     }
 }
 
+/// Now, for when deferred recipients and suspended domains fall due. `MAILER_NOW` replaces it
+/// as it does for schedules, so that a later run can be tried out (and tested) at a fixed
+/// time without waiting for it.
+pub fn due_now() -> anyhow::Result<SystemTime> {
+    if std::env::var_os("MAILER_NOW").is_some() {
+        return Ok(SystemTime::from(schedule_now()?));
+    }
+    Ok(now())
+}
+
 /// When `MAILER_NOW` replaces the schedule's clock: a sentence saying so, and by how much it
 /// differs from the real clock. Every command says it, so that nobody runs a real send on a
 /// fake clock unawares.
@@ -70,7 +80,9 @@ fn describe_override(
         humantime::format_duration(std::time::Duration::from_secs(seconds)).to_string()
     };
     let side = if fixed < real { "behind" } else { "ahead of" };
-    format!("MAILER_NOW={text} replaces the clock for schedules: {apart} {side} the real clock")
+    format!(
+        "MAILER_NOW={text} replaces the clock for schedules and due times: {apart} {side} the real clock"
+    )
 }
 
 #[cfg(test)]
@@ -90,7 +102,7 @@ mod tests {
         let real = at("2026-12-06T04:00:00Z");
         assert_eq!(
             describe_override("2020-01-01T00:00:00Z", at("2020-01-01T00:00:00Z"), real),
-            "MAILER_NOW=2020-01-01T00:00:00Z replaces the clock for schedules: 2531 days behind the real clock"
+            "MAILER_NOW=2020-01-01T00:00:00Z replaces the clock for schedules and due times: 2531 days behind the real clock"
         );
         assert!(
             describe_override("x", at("2026-12-06T05:00:00Z"), real)

@@ -64,6 +64,23 @@ pub struct Rate {
     /// Keys are lower-case and IDNA-encoded, as recipients' domains are.
     pub domains: BTreeMap<String, Pace>,
     pub batch: Option<Batch>,
+    /// `throttle_floor`: a domain that keeps throttling is slowed down (halved) until the next
+    /// halving would go below this pace; then it is suspended (`[retry] suspension`). `None`:
+    /// [`DEFAULT_THROTTLE_FLOOR`].
+    pub throttle_floor: Option<Pace>,
+}
+
+/// The default `[rate] throttle_floor`: six messages a minute (one every ten seconds).
+pub const DEFAULT_THROTTLE_FLOOR: f64 = 0.1;
+
+impl Rate {
+    /// The throttle floor in messages per second.
+    #[must_use]
+    pub fn throttle_floor_per_second(&self) -> f64 {
+        self.throttle_floor
+            .as_ref()
+            .map_or(DEFAULT_THROTTLE_FLOOR, Pace::per_second)
+    }
 }
 
 /// `[retry] on_ambiguous`: what to do with a recipient whose outcome is unknown — a message in
@@ -78,6 +95,11 @@ pub enum OnAmbiguous {
     /// Send it again on the next run (maybe a duplicate, never a missing message).
     Retry,
 }
+
+/// The default `[retry] suspension`: 30 minutes — between Postfix's deferred-queue back-off
+/// (300 s, doubling up to 4000 s) and the hour large senders suspend a provider for after it
+/// complains about the rate.
+pub const DEFAULT_SUSPENSION: Duration = Duration::from_secs(30 * 60);
 
 /// `[retry]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +117,9 @@ pub struct Retry {
     pub relay_attempts: NonZeroU32,
     /// The pause after the first relay failure; it doubles, up to `max_backoff`.
     pub relay_backoff: Duration,
+    /// How long a domain that keeps throttling below `[rate] throttle_floor` is suspended: its
+    /// messages are left `deferred` until then, for a later run.
+    pub suspension: Duration,
     /// Recipients whose outcome is unknown: reported (the default) or sent again.
     pub on_ambiguous: OnAmbiguous,
 }
@@ -108,6 +133,7 @@ impl Default for Retry {
             linger: Duration::from_secs(60),
             relay_attempts: NonZeroU32::new(5).unwrap_or(NonZeroU32::MIN),
             relay_backoff: Duration::from_secs(2),
+            suspension: DEFAULT_SUSPENSION,
             on_ambiguous: OnAmbiguous::Report,
         }
     }
@@ -235,11 +261,22 @@ impl Validator<'_> {
                 None
             }
         };
+        let throttle_floor = raw.throttle_floor.as_ref().and_then(|value| {
+            let parsed = parse_pace(value.get_ref());
+            if parsed.is_none() {
+                self.error(
+                    value,
+                    "`throttle_floor` must be like `6/min`, `1/s` or `100/h` (at least 1)",
+                );
+            }
+            parsed.map(|(count, per)| Pace::new(count, per, None))
+        });
         Rate {
             global,
             domain_default,
             domains,
             batch,
+            throttle_floor,
         }
     }
 
@@ -299,6 +336,7 @@ impl Validator<'_> {
                 raw.relay_backoff.as_ref(),
                 defaults.relay_backoff,
             ),
+            suspension: self.duration("suspension", raw.suspension.as_ref(), defaults.suspension),
             on_ambiguous,
         }
     }
@@ -378,6 +416,25 @@ mod tests {
             "`per_domain` value for `a.example` must be like `20/s`",
             "`max_backoff` is shorter than `backoff`",
             "`on_ambiguous` = `always` must be `report` (never send again) or `retry`",
+        ] {
+            assert!(error.contains(expected), "{expected} missing from {error}");
+        }
+    }
+
+    #[test]
+    fn the_throttle_floor_and_the_suspension_have_defaults_and_are_checked() {
+        let campaign = parse("").unwrap();
+        assert!((campaign.rate.throttle_floor_per_second() - 0.1).abs() < 1e-9);
+        assert_eq!(campaign.retry.suspension, Duration::from_secs(1800));
+        let campaign =
+            parse("[rate]\nthrottle_floor = \"2/s\"\n[retry]\nsuspension = \"5m\"\n").unwrap();
+        assert!((campaign.rate.throttle_floor_per_second() - 2.0).abs() < 1e-9);
+        assert_eq!(campaign.retry.suspension, Duration::from_secs(300));
+        let error =
+            parse("[rate]\nthrottle_floor = \"slow\"\n[retry]\nsuspension = \"0s\"\n").unwrap_err();
+        for expected in [
+            "toml:23: `throttle_floor` must be like `6/min`, `1/s` or `100/h` (at least 1)",
+            "toml:25: `suspension` = `0s` is not a duration such as `30s` or `10m`",
         ] {
             assert!(error.contains(expected), "{expected} missing from {error}");
         }

@@ -88,6 +88,9 @@ pub struct RawRate {
     pub per_domain: std::collections::BTreeMap<String, Spanned<toml::Value>>,
     pub batch_size: Option<Spanned<i64>>,
     pub batch_pause: Option<Spanned<String>>,
+    /// The slowest pace a throttled domain is slowed to before it is suspended, like a
+    /// `per_domain` value.
+    pub throttle_floor: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,6 +102,8 @@ pub struct RawRetry {
     pub linger: Option<Spanned<String>>,
     pub relay_attempts: Option<Spanned<i64>>,
     pub relay_backoff: Option<Spanned<String>>,
+    /// How long a domain that keeps throttling is suspended.
+    pub suspension: Option<Spanned<String>>,
     /// `"report"` or `"retry"`; a string rather than a serde enum so that a bad value is one
     /// more collected problem, not the end of parsing.
     pub on_ambiguous: Option<Spanned<String>>,

@@ -23,8 +23,8 @@ use tokio::sync::mpsc;
 use crate::config;
 use crate::outcome::{Attempt, Delivery, Reply, State};
 use crate::render::OutgoingMessage;
-pub use pace::Pacer;
-pub use schedule::Tally;
+pub use pace::{Pacer, Suspension, Throttled};
+pub use schedule::{SuspendedDomain, Tally};
 pub use smtp::Settings as SmtpSettings;
 
 /// Where messages go.
@@ -183,6 +183,17 @@ pub trait Record: Send + Sync {
     );
     /// Records a halt (a breaker tripped) at once.
     fn halt(&self, reason: &str);
+    /// Records that `domain` is suspended until `until` (it kept throttling below the floor),
+    /// with the pace it had (`per_second`) and its normal one (`ceiling`), for later runs; its
+    /// deferred recipients wait until then too.
+    fn suspended(
+        &self,
+        domain: &str,
+        until: std::time::SystemTime,
+        per_second: f64,
+        ceiling: f64,
+        detail: &str,
+    );
     /// Puts row `id` back to `pending`: it was not sent after all.
     fn requeued(&self, id: i64);
 }
@@ -574,6 +585,7 @@ pub(crate) mod tests {
         },
         Halt(String),
         Requeued(i64),
+        Suspended(String),
     }
 
     /// How the fake journal answers an `in_flight` record.
@@ -665,6 +677,17 @@ pub(crate) mod tests {
             self.push(Event::Halt(reason.to_owned()));
         }
 
+        fn suspended(
+            &self,
+            domain: &str,
+            _until: std::time::SystemTime,
+            _per_second: f64,
+            _ceiling: f64,
+            _detail: &str,
+        ) {
+            self.push(Event::Suspended(domain.to_owned()));
+        }
+
         fn requeued(&self, id: i64) {
             self.push(Event::Requeued(id));
         }
@@ -678,6 +701,8 @@ pub(crate) mod tests {
         Relay(RelayFailure),
         /// The worker panics.
         Panic,
+        /// This act, after this long instead of the script's `took`.
+        After(Duration, Box<Act>),
     }
 
     /// An answer with this SMTP reply: 2xx sent, 4xx deferred, 5xx failed.
@@ -809,9 +834,12 @@ pub(crate) mod tests {
             let _done = Done(&self.busy);
             // Decided as the attempt starts (a halt it raises is raised while it is on the
             // wire), carried out when it ends.
-            let act = (self.decide)(&call);
-            if !self.took.is_zero() {
-                tokio::time::sleep(self.took).await;
+            let (took, act) = match (self.decide)(&call) {
+                Act::After(took, act) => (took, *act),
+                act => (self.took, act),
+            };
+            if !took.is_zero() {
+                tokio::time::sleep(took).await;
             }
             match act {
                 Act::Answer(attempt) => {
@@ -824,6 +852,7 @@ pub(crate) mod tests {
                     Err(failure.into())
                 }
                 Act::Panic => panic!("the scripted worker panics on line {}", message.line),
+                Act::After(..) => unreachable!("unwrapped above"),
             }
         }
     }
@@ -836,6 +865,8 @@ pub(crate) mod tests {
         pub journal: Arc<Journal>,
         pub halt: Arc<watch::Sender<Option<String>>>,
         pub suppressed: Suppressed,
+        /// Suspensions an earlier run left in force.
+        pub carried: Vec<Suspension>,
     }
 
     /// What a run reported.
@@ -872,6 +903,7 @@ pub(crate) mod tests {
                     linger: Duration::from_secs(60),
                     relay_attempts: 5.try_into().unwrap(),
                     relay_backoff: Duration::from_millis(2),
+                    suspension: Duration::from_secs(1800),
                     on_ambiguous: config::OnAmbiguous::Report,
                 },
                 safety: config::Safety {
@@ -881,6 +913,7 @@ pub(crate) mod tests {
                 journal: Journal::new(Durable::Yes),
                 halt: Arc::new(watch::channel(None).0),
                 suppressed: Suppressed::default(),
+                carried: Vec::new(),
             }
         }
 
@@ -895,7 +928,10 @@ pub(crate) mod tests {
                 interrupt: watch::channel(None).1,
                 suppressed: Some(Arc::clone(&self.suppressed)),
             };
-            let pacer = Pacer::with_clock(&self.rate, TokioClock::new());
+            let mut pacer = Pacer::with_clock(&self.rate, TokioClock::new());
+            for suspension in &self.carried {
+                pacer.carry_suspension(suspension.clone());
+            }
             run_with(transport, settings, pacer, messages).await
         }
     }
@@ -923,7 +959,7 @@ pub(crate) mod tests {
         };
         // A run that never ends (a message lost between the scheduler and a worker) fails
         // the test instead of hanging it.
-        let (ended, deliveries) = tokio::time::timeout(Duration::from_secs(30), async {
+        let (ended, deliveries) = tokio::time::timeout(Duration::from_secs(3600), async {
             tokio::join!(run(transport, settings, pacer, taken, results), collect)
         })
         .await

@@ -4,6 +4,9 @@
 //! `per_domain` default, one direct limiter per domain named in `per_domain`, and, for a
 //! domain that answered with a throttling reply, a temporary slower limiter (halved on each
 //! signal, raised by half every quiet [`RECOVER_AFTER`] until it is back at its normal pace).
+//! A halving that would go below `[rate] throttle_floor` is not made: the domain is to be
+//! suspended instead ([`Throttled::Suspend`]), and a later run starts it again at the pace it
+//! had ([`Pacer::carry_throttle`]).
 //!
 //! Only the scheduler task calls it, one message at a time, so no two tasks ever wait on the
 //! same key (governor's waiters are not FIFO). Nothing here sleeps: every check answers now,
@@ -27,8 +30,8 @@ type Keyed<C> =
 
 /// A throttled domain goes back up by half after this long without a new throttling reply.
 pub const RECOVER_AFTER: Duration = Duration::from_secs(30);
-/// The slowest a throttled domain gets: one message a minute.
-const FLOOR_PER_SECOND: f64 = 1.0 / 60.0;
+/// The slowest any limiter here goes, whatever the configuration says: one message an hour.
+const SLOWEST_PER_SECOND: f64 = 1.0 / 3600.0;
 /// Admissions between two prunings of per-domain state.
 const PRUNE_EVERY: u32 = 4096;
 /// How long a domain's observed rate is measured over.
@@ -56,8 +59,34 @@ struct Observed<I> {
     per_second: f64,
 }
 
+/// What a throttling reply did to its domain's pace.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Throttled {
+    /// Slowed down to this many messages per second.
+    Slowed(f64),
+    /// Halving again would go below the floor: suspend the domain. `per_second` is the pace it
+    /// has (to start from after the suspension), `ceiling` its normal pace.
+    Suspend { per_second: f64, ceiling: f64 },
+}
+
+/// A domain an earlier run suspended, still suspended when this one starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suspension {
+    pub domain: String,
+    /// When it ends (the wall clock, as the journal has it).
+    pub until: std::time::SystemTime,
+    /// How long from the start of this run.
+    pub remaining: Duration,
+    /// What the journal says about it (the domain, until when, why).
+    pub detail: String,
+}
+
 pub struct Pacer<C: Clock = MonotonicClock> {
     clock: C,
+    /// `[rate] throttle_floor`, per second.
+    floor: f64,
+    /// Suspensions from earlier runs still in force, for the scheduler.
+    suspensions: Vec<Suspension>,
     global: Option<(Direct<C>, Pace)>,
     default: Option<(Keyed<C>, f64, Pace)>,
     named: HashMap<Box<str>, (Direct<C>, f64, Pace)>,
@@ -101,8 +130,38 @@ impl<C: Clock + Clone> Pacer<C> {
             throttled: HashMap::new(),
             observed: HashMap::new(),
             since_prune: 0,
+            floor: rate.throttle_floor_per_second(),
+            suspensions: Vec::new(),
             clock,
         }
+    }
+
+    /// A suspension an earlier run recorded, still in force: the scheduler holds the domain's
+    /// messages until it ends.
+    pub fn carry_suspension(&mut self, suspension: Suspension) {
+        self.suspensions.push(suspension);
+    }
+
+    /// The suspensions carried over, handed to the scheduler (once).
+    pub fn take_suspensions(&mut self) -> Vec<Suspension> {
+        std::mem::take(&mut self.suspensions)
+    }
+
+    /// Starts `domain` at the pace an earlier run's throttle left it at (it suspended the
+    /// domain there), easing back up to `ceiling` as usual while it does not throttle again.
+    pub fn carry_throttle(&mut self, domain: &str, per_second: f64, ceiling: f64) {
+        if !(per_second > 0.0 && per_second < ceiling) {
+            return;
+        }
+        self.throttled.insert(
+            domain.into(),
+            Throttle {
+                limiter: slow_limiter(per_second, self.clock.clone()),
+                per_second,
+                ceiling,
+                changed: self.clock.now(),
+            },
+        );
     }
 
     /// Makes the limits hold across a restart. An earlier run's limiter state is gone, but its
@@ -236,8 +295,9 @@ impl<C: Clock + Clone> Pacer<C> {
 
     /// A throttling reply from `domain`: halve its pace (not more than once per couple of
     /// intervals, since every connection in flight may bring the same news). Gives the new
-    /// messages-per-second when it changed.
-    pub fn throttle(&mut self, domain: &str) -> Option<f64> {
+    /// messages-per-second when it changed, or [`Throttled::Suspend`] when the halved pace
+    /// would be below the floor.
+    pub fn throttle(&mut self, domain: &str) -> Option<Throttled> {
         let now = self.clock.now();
         let (current, ceiling) = match self.throttled.get(domain) {
             Some(throttle) => {
@@ -254,7 +314,13 @@ impl<C: Clock + Clone> Pacer<C> {
                 (normal, normal)
             }
         };
-        let halved = (current / 2.0).max(FLOOR_PER_SECOND);
+        let halved = current / 2.0;
+        if halved < self.floor {
+            return Some(Throttled::Suspend {
+                per_second: current,
+                ceiling,
+            });
+        }
         let limiter = slow_limiter(halved, self.clock.clone());
         // The slot just used: the next message waits a whole interval at the new pace.
         let _ = limiter.check();
@@ -267,7 +333,7 @@ impl<C: Clock + Clone> Pacer<C> {
                 changed: now,
             },
         );
-        Some(halved)
+        Some(Throttled::Slowed(halved))
     }
 
     /// Drops state that no longer limits anything, so memory stays flat over many domains.
@@ -288,9 +354,9 @@ impl<C: Clock + Clone> Pacer<C> {
     }
 }
 
-/// A limiter of `per_second` (at least the floor, so the interval is never zero), burst 1.
+/// A limiter of `per_second` (at least one an hour, so the interval is never zero), burst 1.
 fn slow_limiter<C: Clock>(per_second: f64, clock: C) -> Direct<C> {
-    let interval = Duration::from_secs_f64(1.0 / per_second.max(FLOOR_PER_SECOND));
+    let interval = Duration::from_secs_f64(1.0 / per_second.max(SLOWEST_PER_SECOND));
     let quota = Quota::with_period(interval)
         .unwrap_or_else(|| Quota::per_second(std::num::NonZeroU32::MIN));
     RateLimiter::direct_with_clock(quota, clock)
@@ -485,11 +551,17 @@ mod tests {
             ..Rate::default()
         };
         let mut pacer = Pacer::with_clock(&rate, clock.clone());
-        assert_eq!(pacer.throttle("busy.example"), Some(20.0));
+        assert_eq!(
+            pacer.throttle("busy.example"),
+            Some(Throttled::Slowed(20.0))
+        );
         // The same news from other connections at once: no further halving.
         assert_eq!(pacer.throttle("busy.example"), None);
         clock.advance(Duration::from_secs(1));
-        assert_eq!(pacer.throttle("busy.example"), Some(10.0));
+        assert_eq!(
+            pacer.throttle("busy.example"),
+            Some(Throttled::Slowed(10.0))
+        );
 
         let count = |pacer: &mut Pacer<FakeRelativeClock>, domain: &str| {
             let start = Duration::from(clock.now());
@@ -528,10 +600,72 @@ mod tests {
             pacer.admit(&key("big.example")).unwrap();
             clock.advance(Duration::from_millis(10));
         }
-        let halved = pacer.throttle("big.example").unwrap();
+        let Some(Throttled::Slowed(halved)) = pacer.throttle("big.example") else {
+            panic!("slowed down");
+        };
         assert!((49.0..=51.0).contains(&halved), "{halved}");
         assert!(pacer.admit(&key("big.example")).is_err());
         assert!(pacer.admit(&key("other.example")).is_ok());
+    }
+
+    #[test]
+    fn a_domain_that_keeps_throttling_is_to_be_suspended_at_the_floor() {
+        let clock = FakeRelativeClock::default();
+        let mut rate = Rate {
+            throttle_floor: Some(Pace::new(
+                NonZeroU32::new(6).unwrap(),
+                Duration::from_secs(60),
+                None,
+            )),
+            ..Rate::default()
+        };
+        rate.domains.insert("busy.example".into(), pace(1, 1));
+        let mut pacer = Pacer::with_clock(&rate, clock.clone());
+        // 1/s: halved to 0.5, 0.25 and 0.125 (each once the last one has settled), then the
+        // next halving would go below six a minute.
+        let mut paces = Vec::new();
+        let outcome = loop {
+            match pacer.throttle("busy.example") {
+                Some(Throttled::Slowed(per_second)) => paces.push(per_second),
+                Some(suspend) => break suspend,
+                None => {}
+            }
+            clock.advance(Duration::from_secs(1));
+        };
+        assert_eq!(paces, [0.5, 0.25, 0.125]);
+        assert_eq!(
+            outcome,
+            Throttled::Suspend {
+                per_second: 0.125,
+                ceiling: 1.0
+            }
+        );
+        // Still at 0.125/s: one message, then eight seconds.
+        assert!(pacer.admit(&key("busy.example")).is_ok());
+        let wait = pacer.admit(&key("busy.example")).unwrap_err();
+        assert!(wait > Duration::from_secs(7), "{wait:?}");
+    }
+
+    #[test]
+    fn a_carried_throttle_starts_the_domain_slow_and_eases_back_up() {
+        let clock = FakeRelativeClock::default();
+        let mut rate = Rate::default();
+        rate.domains.insert("busy.example".into(), pace(4, 1));
+        let mut pacer = Pacer::with_clock(&rate, clock.clone());
+        pacer.carry_throttle("busy.example", 0.5, 4.0);
+        assert!(pacer.admit(&key("busy.example")).is_ok());
+        let wait = pacer.admit(&key("busy.example")).unwrap_err();
+        assert!(wait > Duration::from_millis(1900), "{wait:?}");
+        // Quiet: it eases by half every RECOVER_AFTER, and is lifted at its normal pace.
+        for _ in 0..6 {
+            clock.advance(RECOVER_AFTER);
+            let _ = pacer.admit(&key("busy.example"));
+        }
+        assert!(pacer.throttled.is_empty());
+        // Nothing to carry: a pace at or above the normal one, or none.
+        pacer.carry_throttle("busy.example", 4.0, 4.0);
+        pacer.carry_throttle("busy.example", 0.0, 4.0);
+        assert!(pacer.throttled.is_empty());
     }
 
     #[test]

@@ -6,12 +6,19 @@
 //!
 //! - 4xx: the recipient is retried after an exponential backoff with jitter, within this run
 //!   while attempts remain and the retry falls due before the run would end (plus
-//!   `[retry] linger`); otherwise it stays `deferred`. A throttling reply also slows its domain.
+//!   `[retry] linger`); otherwise it stays `deferred`. A throttling reply also slows its domain;
+//!   one that would slow it below `[rate] throttle_floor` suspends it for `[retry] suspension`:
+//!   its messages are set aside and reported `deferred` until then (recorded with the journal,
+//!   which later runs read), and the other domains go on.
 //! - 5xx, sent, ambiguous: final, reported once.
-//! - A relay-wide failure: the message goes back to its queue untouched, sending pauses with
-//!   backoff, then resumes with one probe at a time; `relay_attempts` failures in a row end
-//!   the run (exit 69, the rest still pending). A connection refused while the relay is
-//!   answering on the others is the relay's connection limit: that worker retires instead.
+//! - A relay-wide failure: the message goes back to its queue untouched. While other messages
+//!   are on the wire, their fate decides what it was: one of them answered after it (any
+//!   reply but a 421), the relay is serving the others and this was its connection limit — the
+//!   pool shrinks to the connections in use and tries one more after [`GROW_AGAIN_AFTER`]; they
+//!   fail too, or none was on the wire, the relay is unavailable — sending pauses with backoff,
+//!   then resumes on one connection (the probe) and grows back by one connection per answer
+//!   up to `connections`. `relay_attempts` failures in a row end the run (exit 69, the rest
+//!   still pending).
 //! - A configuration failure (the relay and the transport's settings disagree: certificate,
 //!   TLS, AUTH, scheme) is not waited for: the run ends at once, without a halt while the relay
 //!   has answered about no recipient in this run (exit 65), with the breaker's halt after.
@@ -32,7 +39,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::{
-    FailureKind, Job, Outcome, Pacer, Queued, Recorder, RelayFailure, Settings, Suppressed, Verdict,
+    FailureKind, Job, Outcome, Pacer, Queued, Recorder, RelayFailure, Settings, Suppressed,
+    Throttled, Verdict,
 };
 
 use crate::config::{Batch, Retry};
@@ -41,6 +49,9 @@ use crate::outcome::{Attempt, Delivery, Reply, State};
 /// Messages held in the per-domain queues at most. A domain that is much slower than the
 /// others can fill it; then everything waits for that domain (documented in the README).
 pub const POOL: usize = 8192;
+/// After the relay refused one more connection while serving the others (its connection
+/// limit), the pool stays at the connections in use this long before it tries one more.
+pub const GROW_AGAIN_AFTER: Duration = Duration::from_secs(60);
 /// Recipients waiting for a retry at most (they hold their message); past it, a 4xx leaves the
 /// recipient `deferred` for the next run at once.
 pub const RETRY_CAP: usize = POOL / 2;
@@ -52,10 +63,32 @@ pub struct Tally {
     pub retried: usize,
     /// Pauses after relay failures.
     pub relay_pauses: usize,
-    /// Workers retired because the relay refused more connections.
-    pub connections_retired: usize,
+    /// Connections the relay refused while it answered on the others (its connection limit).
+    pub connections_refused: usize,
+    /// Times the pool grew back to `connections` after an outage or a connection limit.
+    pub regrown: usize,
     /// Domains slowed down by a throttling reply, with the slowest pace they got (per second).
     pub throttled: BTreeMap<String, f64>,
+    /// Domains suspended (in this run, or still from an earlier one), with the recipients
+    /// left deferred until then.
+    pub suspended: BTreeMap<String, SuspendedDomain>,
+}
+
+/// A suspended domain, for the summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SuspendedDomain {
+    /// When it ends.
+    pub until: std::time::SystemTime,
+    /// Its recipients this run left deferred until then.
+    pub deferred: usize,
+}
+
+/// A domain whose messages wait: it kept throttling below `[rate] throttle_floor`.
+struct Suspended {
+    until: Instant,
+    /// The same moment on the wall clock, for the journal.
+    due: std::time::SystemTime,
+    detail: String,
 }
 
 /// `C`: the pacer's clock (governor's monotonic clock; tests give one that follows tokio's).
@@ -66,6 +99,10 @@ pub struct Scheduler<C: Clock = MonotonicClock> {
     suppressed: Option<Suppressed>,
     /// Jobs whose recipient was suppressed after the run started: reported, never sent.
     dropped: Vec<Job>,
+    /// Suspended domains, from this run or an earlier one.
+    suspended: HashMap<Arc<str>, Suspended>,
+    /// Jobs of a suspended domain, to report deferred until the suspension ends.
+    aside: Vec<Job>,
     /// The permanent-failure breaker: `[safety] halt_failure_ratio` after `halt_min_sample`.
     halt_ratio: f64,
     halt_sample: usize,
@@ -99,11 +136,18 @@ pub struct Scheduler<C: Clock = MonotonicClock> {
     /// Whether the relay has answered about any recipient in this run: until then, a
     /// configuration failure ends the run without a halt (see `settle_relay_failure`).
     relay_answered: bool,
-    /// Answers from the relay (any reply about a recipient) to jobs handed out in this epoch.
-    answers_in_epoch: u64,
     paused_until: Option<Instant>,
-    /// After a relay pause: one message at a time until one gets an answer.
-    probing: bool,
+    /// Connections in use at most: `connections`, one after a relay pause (the probe), growing
+    /// by one per answer; the connections in use after the relay's connection limit.
+    cap: usize,
+    /// After a connection limit: no growth before then.
+    hold_until: Option<Instant>,
+    /// Below `connections` since a pause or a connection limit: growing back is logged once.
+    shrunk: bool,
+    /// Relay failures (the first, and how many) while other messages were on the wire,
+    /// waiting for their fate: an answer makes them the relay's connection limit; none left
+    /// on the wire without an answer, an outage.
+    suspect: Option<(RelayFailure, usize)>,
     batch_sent: usize,
     tally: Tally,
 }
@@ -133,16 +177,32 @@ pub enum Stopped {
 
 impl<C: Clock + Clone> Scheduler<C> {
     pub fn new(
-        pacer: Pacer<C>,
+        mut pacer: Pacer<C>,
         settings: &Settings<'_>,
         workers: Vec<mpsc::UnboundedSender<Job>>,
     ) -> Scheduler<C> {
+        let connections = workers.len();
+        let start = Instant::now();
+        let suspended = pacer
+            .take_suspensions()
+            .into_iter()
+            .map(|s| {
+                let held = Suspended {
+                    until: start + s.remaining,
+                    due: s.until,
+                    detail: s.detail,
+                };
+                (Arc::from(s.domain.as_str()), held)
+            })
+            .collect();
         Scheduler {
             pacer,
             retry: settings.retry.clone(),
             journal: settings.journal.clone(),
             suppressed: settings.suppressed.clone(),
             dropped: Vec::new(),
+            suspended,
+            aside: Vec::new(),
             halt_ratio: settings.safety.halt_failure_ratio,
             halt_sample: settings.safety.halt_min_sample.get(),
             answered: 0,
@@ -161,9 +221,11 @@ impl<C: Clock + Clone> Scheduler<C> {
             global_held: false,
             relay_failures: 0,
             epoch: 0,
-            answers_in_epoch: 0,
             paused_until: None,
-            probing: false,
+            cap: connections,
+            hold_until: None,
+            shrunk: false,
+            suspect: None,
             batch_sent: 0,
             tally: Tally::default(),
         }
@@ -175,6 +237,10 @@ impl<C: Clock + Clone> Scheduler<C> {
     }
 
     fn enqueue(&mut self, job: Job, front: bool) {
+        if self.held_back(job.message.envelope.rcpt_to.domain()) {
+            self.aside.push(job);
+            return;
+        }
         let domain = job.message.envelope.rcpt_to.domain();
         let queue = if let Some(queue) = self.domains.get_mut(domain) {
             queue
@@ -189,6 +255,75 @@ impl<C: Clock + Clone> Scheduler<C> {
             queue.push_back(job);
         }
         self.parked += 1;
+    }
+
+    /// Whether `domain` is suspended now; a suspension that is over is lifted.
+    fn held_back(&mut self, domain: &str) -> bool {
+        let Some(suspension) = self.suspended.get(domain) else {
+            return false;
+        };
+        if suspension.until > Instant::now() {
+            return true;
+        }
+        tracing::info!(domain, "suspension over; sending to this domain again");
+        self.suspended.remove(domain);
+        false
+    }
+
+    /// `domain` kept throttling below the floor: it is suspended for `[retry] suspension`,
+    /// recorded with its pace for later runs, and its messages here are set aside (reported
+    /// deferred until then).
+    fn suspend(&mut self, domain: &str, per_second: f64, ceiling: f64, reply: &str, now: Instant) {
+        if self.suspended.contains_key(domain) {
+            return;
+        }
+        let due = crate::clock::now() + self.retry.suspension;
+        let until = humantime::format_rfc3339_seconds(due);
+        let detail = format!(
+            "{domain} suspended until {until}: it kept answering with throttling replies ({reply}) below `[rate] throttle_floor`"
+        );
+        tracing::warn!(
+            domain,
+            until = %until,
+            per_second,
+            reply,
+            "domain suspended: it keeps throttling below `[rate] throttle_floor`; its messages are left deferred for a run after then"
+        );
+        if let Some(journal) = &self.journal {
+            journal.suspended(domain, due, per_second, ceiling, &detail);
+        }
+        self.tally.suspended.insert(
+            domain.to_owned(),
+            SuspendedDomain {
+                until: due,
+                deferred: 0,
+            },
+        );
+        if let Some(queue) = self.domains.remove(domain) {
+            self.parked -= queue.len();
+            self.aside.extend(queue);
+        }
+        self.ready.retain(|d| &**d != domain);
+        self.blocked.retain(|_, d| &**d != domain);
+        let waiting: Vec<(Instant, u64)> = self
+            .retries
+            .iter()
+            .filter(|(_, job)| job.message.envelope.rcpt_to.domain() == domain)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in waiting {
+            if let Some(job) = self.retries.remove(&key) {
+                self.aside.push(job);
+            }
+        }
+        self.suspended.insert(
+            domain.into(),
+            Suspended {
+                until: now + self.retry.suspension,
+                due,
+                detail,
+            },
+        );
     }
 
     /// Moves retries that are due into their queues, and domains whose wait is over back
@@ -214,7 +349,9 @@ impl<C: Clock + Clone> Scheduler<C> {
     /// waking up for, when something is waiting on time rather than on an outcome.
     fn dispatch(&mut self, now: Instant) -> Option<Instant> {
         loop {
-            if self.idle.is_empty() || (self.probing && self.in_flight > 0) {
+            // While a relay failure waits for a verdict, nothing new goes: the verdict must
+            // come from connections that were on the wire when it failed.
+            if self.idle.is_empty() || self.in_flight >= self.cap || self.suspect.is_some() {
                 return None;
             }
             if let Some(until) = self.paused_until {
@@ -310,6 +447,26 @@ impl<C: Clock + Clone> Scheduler<C> {
         self.workers.iter().filter(|w| w.is_some()).count()
     }
 
+    /// One more connection, after an answer, while under `connections` and not holding
+    /// after a connection limit.
+    fn grow(&mut self, now: Instant) {
+        let connections = self.alive();
+        if self.cap >= connections || self.hold_until.is_some_and(|until| now < until) {
+            return;
+        }
+        if self.shrunk {
+            self.shrunk = false;
+            tracing::info!(
+                connections,
+                "relay answers again; growing back to {connections} connections"
+            );
+        }
+        self.cap += 1;
+        if self.cap == connections {
+            self.tally.regrown += 1;
+        }
+    }
+
     /// The wait before trying again after `attempt` answers in a row, with jitter: a random
     /// point in the upper half of the exponential backoff, so that recipients deferred
     /// together do not come back together.
@@ -334,7 +491,7 @@ impl<C: Clock + Clone> Scheduler<C> {
             job,
             verdict,
         } = outcome;
-        match verdict {
+        let ended = match verdict {
             Verdict::Answered(attempt) => {
                 self.relay_answered = true;
                 self.idle.push(worker);
@@ -343,7 +500,15 @@ impl<C: Clock + Clone> Scheduler<C> {
             Verdict::Crashed => self.settle_crash(worker, job, results).await,
             Verdict::Unrecorded(error) => Some(self.settle_unrecorded(worker, job, &error)),
             Verdict::Relay(failure) => self.settle_relay_failure(worker, job, failure, now),
+        };
+        if ended.is_none()
+            && self.in_flight == 0
+            && let Some((failure, _)) = self.suspect.take()
+        {
+            // Nothing on the wire answered after the failure: the relay is unavailable.
+            return self.relay_pause(failure, now);
         }
+        ended
     }
 
     /// The relay answered about the recipient (or the file was written): a 4xx is retried or
@@ -356,7 +521,7 @@ impl<C: Clock + Clone> Scheduler<C> {
         now: Instant,
         results: &mpsc::Sender<Delivery>,
     ) -> Option<GaveUp> {
-        self.note_answer(&job, &attempt);
+        self.note_answer(&job, &attempt, now);
         if attempt.state == State::Deferred {
             self.defer(job, attempt, now, results).await;
             return None;
@@ -370,26 +535,63 @@ impl<C: Clock + Clone> Scheduler<C> {
         None
     }
 
-    /// What any answer says about the relay: that it works (when the job went out in this
-    /// epoch), and whether it throttles the recipient's domain.
-    fn note_answer(&mut self, job: &Job, attempt: &Attempt) {
+    /// What any answer says about the relay: that it answers now (a failure waiting for a
+    /// verdict was its connection limit), that it works again (when the job went out since
+    /// the last pause: the pool grows by one connection), and whether it throttles the
+    /// recipient's domain.
+    fn note_answer(&mut self, job: &Job, attempt: &Attempt, now: Instant) {
+        let answering = answering(attempt);
+        if answering && let Some((failure, refused)) = self.suspect.take() {
+            // The relay answered on another connection after refusing one: it serves the
+            // others, so that was its connection limit. Go on with those in use (this one's
+            // worker goes on too), and try one more after a while.
+            self.cap = (self.in_flight + 1).clamp(1, self.alive().max(1));
+            self.hold_until = Some(now + GROW_AGAIN_AFTER);
+            self.shrunk = true;
+            self.tally.connections_refused += refused;
+            tracing::warn!(
+                reason = %failure.reason,
+                refused,
+                connections = self.cap,
+                again_in = %humantime::format_duration(GROW_AGAIN_AFTER),
+                "the relay refused one more connection while answering on the others; going on with fewer"
+            );
+        }
         // An answer about a recipient handed out since the last pause: the relay is
         // working again. (An answer to an older one says nothing about now.)
         if job.epoch == self.epoch {
-            self.answers_in_epoch += 1;
             self.relay_failures = 0;
-            self.probing = false;
+            if answering {
+                self.grow(now);
+            }
         }
         let throttling = attempt.reply.as_ref().is_some_and(Reply::is_throttling);
         let domain = job.message.envelope.rcpt_to.domain();
-        if let Some(per_second) = throttling.then(|| self.pacer.throttle(domain)).flatten() {
-            tracing::warn!(domain, per_second, reply = %attempt.detail, "throttled by the server; slowing this domain down");
-            let slowest = self
-                .tally
-                .throttled
-                .entry(domain.to_owned())
-                .or_insert(per_second);
-            *slowest = slowest.min(per_second);
+        match throttling.then(|| self.pacer.throttle(domain)).flatten() {
+            Some(Throttled::Slowed(per_second)) => {
+                tracing::warn!(domain, per_second, reply = %attempt.detail, "throttled by the server; slowing this domain down");
+                let slowest = self
+                    .tally
+                    .throttled
+                    .entry(domain.to_owned())
+                    .or_insert(per_second);
+                *slowest = slowest.min(per_second);
+            }
+            Some(Throttled::Suspend {
+                per_second,
+                ceiling,
+            }) => {
+                // The reply's codes only: its text may be about this recipient, and the
+                // detail goes on every row of the domain.
+                let codes = attempt.reply.as_ref().map_or_else(String::new, |reply| {
+                    match &reply.enhanced {
+                        Some(enhanced) => format!("{} {enhanced}", reply.code),
+                        None => reply.code.to_string(),
+                    }
+                });
+                self.suspend(domain, per_second, ceiling, &codes, now);
+            }
+            None => {}
         }
     }
 
@@ -403,6 +605,13 @@ impl<C: Clock + Clone> Scheduler<C> {
         results: &mpsc::Sender<Delivery>,
     ) {
         job.attempts += 1;
+        if self.held_back(job.message.envelope.rcpt_to.domain()) {
+            // Its domain is suspended: it waits with the others.
+            job.last_reply = attempt.detail;
+            job.last_answer = attempt.reply;
+            self.aside.push(job);
+            return;
+        }
         let more = job.attempts < self.retry.max_attempts.get();
         let wait = self.backoff(self.retry.backoff, job.prior + job.attempts);
         if more && self.retries.len() < RETRY_CAP {
@@ -508,8 +717,9 @@ impl<C: Clock + Clone> Scheduler<C> {
     /// A relay-wide failure: the message goes back to its queue untouched. A configuration
     /// failure ends the run at once: without a halt while the relay has answered about no
     /// recipient in this run (the campaign is fixed and sent again), with the breaker's halt
-    /// once it has (something changed mid-run, and a person should look); a refused connection while the relay serves the others retires the worker;
-    /// otherwise sending pauses (`relay_pause`).
+    /// once it has (something changed mid-run, and a person should look). With other messages
+    /// on the wire, what they get decides between the relay's connection limit and an outage
+    /// (see `suspect`); otherwise sending pauses (`relay_pause`).
     fn settle_relay_failure(
         &mut self,
         worker: usize,
@@ -537,33 +747,36 @@ impl<C: Clock + Clone> Scheduler<C> {
                 failure.reason
             )));
         }
+        // This worker has no connection now: the others (open, warm) are used first.
+        self.idle.insert(0, worker);
         if stale {
             // A connection that was already on its way when the relay failed.
-            self.idle.push(worker);
             return None;
         }
-        if self.answers_in_epoch > 0 && self.alive() > 1 {
-            // The relay answers on other connections since the last pause: this is its
-            // connection limit, not an outage.
-            self.workers[worker] = None;
-            tracing::warn!(
-                reason = %failure.reason,
-                connections = self.alive(),
-                "the relay refused one more connection while serving the others; going on with fewer"
-            );
-            self.tally.connections_retired += 1;
+        if self.in_flight > 0 {
+            // Others are on the wire: no new message until their fate says whether the relay
+            // is serving them (its connection limit) or unavailable (they fail too: the
+            // pause comes when none is left, in `settle`).
+            tracing::debug!(reason = %failure.reason, on_the_wire = self.in_flight, "relay failure; waiting for the connections in use");
+            match &mut self.suspect {
+                Some((_, refused)) => *refused += 1,
+                None => self.suspect = Some((failure, 1)),
+            }
             return None;
         }
-        self.idle.push(worker);
+        let failure = self.suspect.take().map_or(failure, |(first, _)| first);
         self.relay_pause(failure, now)
     }
 
     /// The relay is down: a new epoch begins, and sending pauses with backoff, then resumes
-    /// with one probe at a time; `relay_attempts` failures in a row give up.
+    /// on one connection (the probe), one more per answer (`grow`); `relay_attempts` failures
+    /// in a row give up.
     fn relay_pause(&mut self, failure: RelayFailure, now: Instant) -> Option<GaveUp> {
         self.relay_failures += 1;
         self.epoch += 1;
-        self.answers_in_epoch = 0;
+        self.cap = 1;
+        self.hold_until = None;
+        self.shrunk = true;
         if self.relay_failures >= self.retry.relay_attempts.get() {
             return Some(GaveUp::Relay(failure));
         }
@@ -576,7 +789,6 @@ impl<C: Clock + Clone> Scheduler<C> {
         );
         self.tally.relay_pauses += 1;
         self.pause_until(now + pause);
-        self.probing = true;
         None
     }
 
@@ -674,6 +886,7 @@ impl<C: Clock + Clone> Scheduler<C> {
                 None
             };
             self.report_dropped(&results).await;
+            self.report_aside(&results).await;
             if self.in_flight == 0 {
                 if gave_up.is_some() {
                     break;
@@ -724,6 +937,7 @@ impl<C: Clock + Clone> Scheduler<C> {
         // Dropping the job channels stops the workers.
         self.workers.clear();
         self.report_retries_left(&results).await;
+        self.report_aside(&results).await;
         let (failure, halted) = match gave_up {
             Some(GaveUp::Relay(failure)) => (Some(failure), None),
             Some(GaveUp::Halt(reason) | GaveUp::Unrecorded(reason)) => {
@@ -772,6 +986,34 @@ impl<C: Clock + Clone> Scheduler<C> {
         }
     }
 
+    /// Reports the jobs of suspended domains deferred, due when the suspension ends.
+    async fn report_aside(&mut self, results: &mpsc::Sender<Delivery>) {
+        for job in std::mem::take(&mut self.aside) {
+            let domain = job.message.envelope.rcpt_to.domain();
+            let Some(suspension) = self.suspended.get(domain) else {
+                // Lifted meanwhile (cannot happen within one loop turn): it goes after all.
+                self.enqueue(job, false);
+                continue;
+            };
+            let detail = suspension.detail.clone();
+            let due = suspension.due;
+            self.tally
+                .suspended
+                .entry(domain.to_owned())
+                .or_insert(SuspendedDomain {
+                    until: due,
+                    deferred: 0,
+                })
+                .deferred += 1;
+            tracing::debug!(line = job.message.line, recipient = %job.message.envelope.rcpt_to, "deferred: its domain is suspended");
+            let wait = due
+                .duration_since(crate::clock::now())
+                .unwrap_or(Duration::ZERO);
+            self.report(results, &job, State::Deferred, detail, Some(wait))
+                .await;
+        }
+    }
+
     /// Recipients still waiting for a retry when the run ends stay deferred, for the next run.
     async fn report_retries_left(&mut self, results: &mpsc::Sender<Delivery>) {
         for ((due, _), job) in std::mem::take(&mut self.retries) {
@@ -781,6 +1023,15 @@ impl<C: Clock + Clone> Scheduler<C> {
                 .await;
         }
     }
+}
+
+/// Whether an attempt shows the relay answering: a reply about the recipient, other than a 421
+/// (which closes the connection: a relay going down says it too).
+fn answering(attempt: &Attempt) -> bool {
+    attempt
+        .reply
+        .as_ref()
+        .is_some_and(|reply| reply.code != 421)
 }
 
 fn new_job(queued: Queued) -> Job {
@@ -806,7 +1057,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::super::tests::{
-        Act, Durable, Event, Journal, Script, Setup, accepted, on_tokio_time, queued, reply,
+        Act, Call, Durable, Event, Journal, Script, Setup, accepted, on_tokio_time, queued, reply,
     };
     use super::super::{Entry, Transport};
     use super::*;
@@ -1238,36 +1489,113 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_refused_while_the_relay_serves_the_others_retires_one_worker() {
+    fn a_connection_refused_while_the_relay_answers_the_others_shrinks_the_pool_for_a_while() {
         on_tokio_time(async {
-            let setup = Setup::new();
+            let mut setup = Setup::new();
+            setup.retry.relay_attempts = NonZeroU32::new(1000).unwrap();
             let count = AtomicUsize::new(0);
-            // The fifth attempt starts after answers on the other connections.
-            let script = Script::new(3, ms(1), move |_| {
+            // Each attempt takes a second; the fifth is refused at once, while the two others
+            // are on the wire and then answer.
+            let script = Script::new(3, Duration::from_secs(1), move |_| {
                 if count.fetch_add(1, Ordering::SeqCst) == 4 {
-                    Act::Relay(RelayFailure::new("too many connections"))
+                    Act::After(
+                        ms(1),
+                        Box::new(Act::Relay(RelayFailure::new("too many connections"))),
+                    )
                 } else {
                     accepted()
                 }
             });
-            let messages = (1..=10)
+            let messages = (1..=240)
                 .map(|line| queued(line, &format!("r{line}@a.example")))
                 .collect();
             let finished = setup.run(scripted(&script), messages).await;
-            for line in 1..=10 {
+            assert_eq!(finished.deliveries.len(), 240);
+            assert!(finished.deliveries.iter().all(|d| d.state == State::Sent));
+            assert_eq!(finished.ended.tally.connections_refused, 1);
+            assert_eq!(finished.ended.tally.relay_pauses, 0);
+            assert_eq!(finished.ended.tally.regrown, 1);
+            let calls = script.calls();
+            let refused = &calls[4];
+            // Two connections until the hold is over; then three again.
+            let held: Vec<&Call> = calls[5..]
+                .iter()
+                .filter(|c| c.at > refused.at && c.at < refused.at + GROW_AGAIN_AFTER)
+                .collect();
+            assert!(held.len() > 10);
+            assert!(held.iter().all(|c| c.alongside <= 1), "two at a time");
+            assert!(
+                calls
+                    .iter()
+                    .any(|c| c.at >= refused.at + GROW_AGAIN_AFTER && c.alongside == 2),
+                "three at a time again"
+            );
+            assert!(finished.ended.failure.is_none());
+        });
+    }
+
+    #[test]
+    fn an_outage_after_answers_pauses_then_grows_back_to_every_connection() {
+        on_tokio_time(async {
+            let setup = Setup::new();
+            let count = AtomicUsize::new(0);
+            // Six answers, then the relay goes down under all three connections at once,
+            // then it is back.
+            let script = Script::new(3, ms(1), move |_| {
+                if (6..9).contains(&count.fetch_add(1, Ordering::SeqCst)) {
+                    Act::Relay(RelayFailure::new("connection reset by peer"))
+                } else {
+                    accepted()
+                }
+            });
+            let messages = (1..=30)
+                .map(|line| queued(line, &format!("r{line}@a.example")))
+                .collect();
+            let finished = setup.run(scripted(&script), messages).await;
+            for line in 1..=30 {
                 assert_eq!(finished.state(line), Some((State::Sent, 1)), "line {line}");
             }
-            assert_eq!(script.calls().len(), 11);
-            assert_eq!(finished.ended.tally.connections_retired, 1);
-            assert_eq!(finished.ended.tally.relay_pauses, 0);
-            // The worker refused is not used again; the two others go on.
+            // Not a connection limit: the others failed too.
+            assert_eq!(finished.ended.tally.connections_refused, 0);
+            assert_eq!(finished.ended.tally.relay_pauses, 1);
+            assert_eq!(finished.ended.tally.regrown, 1);
             let calls = script.calls();
-            let retired = calls[4].worker;
-            assert!(calls[5..].iter().all(|c| c.worker != retired));
-            let others: std::collections::BTreeSet<usize> =
-                calls[5..].iter().map(|c| c.worker).collect();
-            assert_eq!(others.len(), 2);
-            assert!(finished.ended.failure.is_none());
+            assert_eq!(calls.len(), 33);
+            // One probe alone, then one more connection per answer, up to three.
+            let probe = &calls[9];
+            assert_eq!(probe.alongside, 0);
+            assert!(calls[10].at >= probe.at + ms(1), "nothing beside the probe");
+            assert!(calls[10..].iter().any(|c| c.alongside == 2), "three again");
+            let workers: std::collections::BTreeSet<usize> =
+                calls[10..].iter().map(|c| c.worker).collect();
+            assert_eq!(workers.len(), 3);
+        });
+    }
+
+    #[test]
+    fn a_failure_beside_connections_that_only_get_421_is_an_outage() {
+        on_tokio_time(async {
+            let setup = Setup::new();
+            let count = AtomicUsize::new(0);
+            // The first attempt fails at once; the other, on the wire, gets a 421 (the relay
+            // closing its connections), not an answer.
+            let script = Script::new(2, ms(2), move |_| {
+                match count.fetch_add(1, Ordering::SeqCst) {
+                    0 => Act::After(
+                        ms(1),
+                        Box::new(Act::Relay(RelayFailure::new("connection refused"))),
+                    ),
+                    1 => reply(421, "4.3.2 shutting down"),
+                    _ => accepted(),
+                }
+            });
+            let messages = (1..=4)
+                .map(|line| queued(line, &format!("r{line}@a.example")))
+                .collect();
+            let finished = setup.run(scripted(&script), messages).await;
+            assert_eq!(finished.ended.tally.connections_refused, 0);
+            assert_eq!(finished.ended.tally.relay_pauses, 1);
+            assert_eq!(finished.deliveries.len(), 4);
         });
     }
 
@@ -1413,6 +1741,117 @@ mod tests {
             lines.sort_unstable();
             assert_eq!(lines, [1, 3, 4, 5, 6, 7, 8]);
             assert!(finished.state(2).is_none());
+        });
+    }
+
+    #[test]
+    fn a_domain_that_keeps_throttling_is_suspended_while_the_others_complete() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            setup.retry.max_attempts = NonZeroU32::new(50).unwrap();
+            setup.rate.throttle_floor = Some(pace(5, Duration::from_secs(1)));
+            setup
+                .rate
+                .domains
+                .insert("busy.example".to_owned(), pace(20, Duration::from_secs(1)));
+            // The busy domain throttles every message; the calm one takes its time (each of
+            // its messages takes 100 ms, one connection for it at a time at most).
+            let script = Script::new(2, Duration::ZERO, |call| {
+                if call.recipient.ends_with("@busy.example") {
+                    reply(421, "4.7.28 Our system has detected an unusual rate")
+                } else {
+                    Act::After(ms(100), Box::new(accepted()))
+                }
+            });
+            let mut messages: Vec<Queued> = (1..=20)
+                .map(|line| queued(line, &format!("r{line}@busy.example")))
+                .collect();
+            messages.extend((21..=80).map(|line| queued(line, &format!("r{line}@calm.example"))));
+            let finished = setup.run(scripted(&script), messages).await;
+            let by_line = finished.by_line();
+            assert_eq!(by_line.len(), 80, "every message is reported");
+            for line in 21..=80 {
+                assert_eq!(by_line[&line].state, State::Sent, "line {line}");
+            }
+            // 20/s halved to 10, then 5; the next would be below the floor: suspended.
+            assert_eq!(
+                finished.ended.tally.throttled,
+                BTreeMap::from([("busy.example".to_owned(), 5.0)])
+            );
+            let suspended = &finished.ended.tally.suspended["busy.example"];
+            assert!(suspended.deferred > 0);
+            let mut aside = 0;
+            for line in 1..=20 {
+                let delivery = by_line[&line];
+                assert_eq!(delivery.state, State::Deferred, "line {line}");
+                if delivery.detail.starts_with("busy.example suspended until ") {
+                    assert!(
+                        delivery.detail.ends_with(
+                            "it kept answering with throttling replies (421 4.7.28) below `[rate] throttle_floor`"
+                        ),
+                        "{}",
+                        delivery.detail
+                    );
+                    aside += 1;
+                }
+                // Recorded deferred with when it is due.
+                assert!(matches!(
+                    recorded(&setup.journal, line).last(),
+                    Some((State::Deferred, _, _, true))
+                ));
+            }
+            assert_eq!(aside, suspended.deferred);
+            assert!(
+                setup
+                    .journal
+                    .events()
+                    .contains(&Event::Suspended("busy.example".to_owned()))
+            );
+            // Nothing went to it after the suspension: far fewer attempts than allowed.
+            let busy = script
+                .calls()
+                .iter()
+                .filter(|c| c.recipient.ends_with("@busy.example"))
+                .count();
+            assert!(busy < 100, "{busy}");
+            assert!(finished.ended.failure.is_none() && finished.ended.halted.is_none());
+        });
+    }
+
+    #[test]
+    fn a_domain_still_suspended_by_an_earlier_run_gets_nothing() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            let until = crate::clock::now() + Duration::from_secs(600);
+            setup.carried.push(crate::dispatch::Suspension {
+                domain: "busy.example".to_owned(),
+                until,
+                remaining: Duration::from_secs(600),
+                detail: "busy.example suspended until later".to_owned(),
+            });
+            let script = Script::new(1, Duration::ZERO, |_| accepted());
+            let finished = setup
+                .run(
+                    scripted(&script),
+                    vec![
+                        queued(1, "a@busy.example"),
+                        queued(2, "b@calm.example"),
+                        queued(3, "c@busy.example"),
+                    ],
+                )
+                .await;
+            assert_eq!(script.lines(), [2]);
+            assert_eq!(finished.state(1), Some((State::Deferred, 0)));
+            assert_eq!(finished.state(3), Some((State::Deferred, 0)));
+            assert_eq!(
+                finished.by_line()[&1].detail,
+                "busy.example suspended until later"
+            );
+            assert_eq!(
+                recorded(&setup.journal, 1),
+                [(State::Deferred, 0, None, true)]
+            );
+            assert_eq!(finished.ended.tally.suspended["busy.example"].deferred, 2);
         });
     }
 

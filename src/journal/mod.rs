@@ -118,6 +118,33 @@ CREATE TABLE IF NOT EXISTS canary (
 );
 ";
 
+/// Domains suspended for throttling, campaign-wide (every slot): made when missing by any
+/// writer, so that a format-3 journal without it is read as having none.
+const SUSPENSIONS_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS suspensions (
+    domain TEXT PRIMARY KEY,
+    -- Until when (ms): nothing is sent to the domain before.
+    until INTEGER NOT NULL,
+    -- The pace it had when suspended, and its normal pace (messages per second): a later run
+    -- starts it at the first and eases back up to the second.
+    per_second REAL NOT NULL,
+    ceiling REAL NOT NULL,
+    detail TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+";
+
+/// A domain suspended for throttling, as the journal has it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SuspendedDomain {
+    pub domain: String,
+    /// Until when (ms).
+    pub until: i64,
+    pub per_second: f64,
+    pub ceiling: f64,
+    pub detail: String,
+}
+
 pub use crate::clock::millis;
 
 /// The last attempt of all (ms), and each domain's last attempt.
@@ -540,6 +567,10 @@ impl Journal {
         journal
             .configure(durability)
             .map_err(|e| unwritable(path, &e))?;
+        journal
+            .conn
+            .execute_batch(SUSPENSIONS_SCHEMA)
+            .map_err(|e| unwritable(path, &e))?;
         Ok(journal)
     }
 
@@ -724,7 +755,7 @@ impl Journal {
         self.conn.execute_batch("BEGIN")?;
         let created = (|| {
             self.conn.execute_batch(&format!(
-                "{SCHEMA} {REVIEW_SCHEMA} PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"
+                "{SCHEMA} {REVIEW_SCHEMA} {SUSPENSIONS_SCHEMA} PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"
             ))?;
             self.conn.execute(
                 "INSERT INTO campaign (id, created_at) VALUES (?1, ?2)",
@@ -863,6 +894,34 @@ impl Journal {
             .collect::<Result<_, _>>()?;
         let latest = domains.iter().map(|(_, at)| *at).max();
         Ok((latest, domains))
+    }
+
+    /// The domains suspended until `since` (ms) or later, latest first.
+    pub fn suspensions(&self, since: i64) -> anyhow::Result<Vec<SuspendedDomain>> {
+        let exists: bool = self.conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'suspensions')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !exists {
+            return Ok(Vec::new());
+        }
+        let mut statement = self.conn.prepare(
+            "SELECT domain, until, per_second, ceiling, detail FROM suspensions
+             WHERE until >= ?1 ORDER BY until DESC, domain",
+        )?;
+        let rows = statement
+            .query_map(params![since], |r| {
+                Ok(SuspendedDomain {
+                    domain: r.get(0)?,
+                    until: r.get(1)?,
+                    per_second: r.get(2)?,
+                    ceiling: r.get(3)?,
+                    detail: r.get(4)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
     }
 
     /// Schedule slots before `slot` with recipients of the given states, oldest first, with

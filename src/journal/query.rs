@@ -36,6 +36,16 @@ pub struct Status {
     pub halt: Option<HaltView>,
     /// The latest canary stage (its inputs' fingerprint), apart from the counts.
     pub canary: Vec<CanaryView>,
+    /// Domains suspended for throttling now (campaign-wide), latest end first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub suspended: Vec<SuspendedView>,
+}
+
+/// A domain suspended for throttling: nothing goes to it before `until`.
+#[derive(Debug, Serialize)]
+pub struct SuspendedView {
+    pub domain: String,
+    pub until: String,
 }
 
 /// One canary message of the latest canary stage.
@@ -204,6 +214,14 @@ impl Journal {
             reason,
         });
         let canary = self.latest_canary()?;
+        let suspended = self
+            .suspensions(crate::clock::now_millis())?
+            .into_iter()
+            .map(|s| SuspendedView {
+                domain: s.domain,
+                until: time(s.until),
+            })
+            .collect();
         Ok(Status {
             campaign: campaign.to_owned(),
             slot: (!slot.is_empty()).then(|| slot.to_owned()),
@@ -220,6 +238,7 @@ impl Journal {
             domains,
             halt,
             canary,
+            suspended,
         })
     }
 

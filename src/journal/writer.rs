@@ -53,6 +53,17 @@ enum Change {
     Requeued { id: i64, at: i64 },
     /// A breaker tripped: recorded at once, so it holds even if the run dies before its end.
     Halt { slot: String, reason: String },
+    /// A domain suspended for throttling: recorded with its pace, its deferred recipients
+    /// (every slot) due no sooner than its end, and an event.
+    Suspended {
+        slot: String,
+        domain: String,
+        until: i64,
+        per_second: f64,
+        ceiling: f64,
+        detail: String,
+        at: i64,
+    },
 }
 
 /// The sending side, for the scheduler and workers. Cheap to clone.
@@ -343,6 +354,32 @@ fn apply(conn: &Connection, group: &[Change]) -> rusqlite::Result<Vec<i64>> {
                 Change::Halt { slot, reason } => {
                     super::halt(conn, slot, "breaker", reason)?;
                 }
+                Change::Suspended {
+                    slot,
+                    domain,
+                    until,
+                    per_second,
+                    ceiling,
+                    detail,
+                    at,
+                } => {
+                    conn.execute(
+                        "INSERT INTO suspensions (domain, until, per_second, ceiling, detail, at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT (domain) DO UPDATE SET until = ?2, per_second = ?3,
+                             ceiling = ?4, detail = ?5, at = ?6",
+                        params![domain, until, per_second, ceiling, detail, at],
+                    )?;
+                    conn.execute(
+                        "UPDATE recipients SET next_attempt_at = max(coalesce(next_attempt_at, 0), ?2)
+                         WHERE domain = ?1 AND state = 'deferred'",
+                        params![domain, until],
+                    )?;
+                    conn.execute(
+                        "INSERT INTO events (at, slot, kind, detail) VALUES (?1, ?2, 'suspended', ?3)",
+                        params![at, slot, detail],
+                    )?;
+                }
             }
         }
         Ok(stray)
@@ -408,6 +445,25 @@ impl Record for Recorder {
         let _ = self.changes.send(Change::Halt {
             slot: self.slot.to_string(),
             reason: reason.to_owned(),
+        });
+    }
+
+    fn suspended(
+        &self,
+        domain: &str,
+        until: SystemTime,
+        per_second: f64,
+        ceiling: f64,
+        detail: &str,
+    ) {
+        let _ = self.changes.send(Change::Suspended {
+            slot: self.slot.to_string(),
+            domain: domain.to_owned(),
+            until: millis(until),
+            per_second,
+            ceiling,
+            detail: detail.to_owned(),
+            at: crate::clock::now_millis(),
         });
     }
 
@@ -553,6 +609,71 @@ mod tests {
             (code, enhanced.as_deref(), text.as_str()),
             (250, Some("2.0.0"), "250 2.0.0 queued")
         );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_suspension_is_kept_with_its_pace_and_holds_the_domains_deferred_rows() {
+        let (_dir, journal, entries) = journal(Durability::Relaxed, 3);
+        let path = journal.path().to_owned();
+        let (writer, recorder) = Writer::start(&journal, Durability::Relaxed).unwrap();
+        let running = tokio::spawn(writer.run());
+        let now = crate::clock::now();
+        // Row 0 was deferred for a second; row 1 was sent; row 2 is pending.
+        let deferred = |id| {
+            recorder.outcome(
+                id,
+                State::Deferred,
+                1,
+                None,
+                "451 later".to_owned(),
+                Some(now + Duration::from_secs(1)),
+            );
+        };
+        deferred(entries[0].id);
+        recorder.outcome(entries[1].id, State::Sent, 1, None, "250".to_owned(), None);
+        let until = now + Duration::from_secs(1800);
+        recorder.suspended("example.com", until, 0.5, 4.0, "example.com suspended");
+        // Suspended again later: the record is replaced.
+        let later = until + Duration::from_secs(60);
+        recorder.suspended(
+            "example.com",
+            later,
+            0.25,
+            4.0,
+            "example.com suspended again",
+        );
+        drop(recorder);
+        tokio::time::timeout(PATIENCE, running)
+            .await
+            .expect("the writer ends")
+            .unwrap()
+            .unwrap();
+        let next = |id: i64| -> Option<i64> {
+            Connection::open(&path)
+                .unwrap()
+                .query_row(
+                    "SELECT next_attempt_at FROM recipients WHERE id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        assert_eq!(next(entries[0].id), Some(millis(later)));
+        assert_eq!(next(entries[1].id), None);
+        assert_eq!(next(entries[2].id), None);
+        let journal = Journal::open(&path, "c", false, Durability::Relaxed).unwrap();
+        let suspensions = journal.suspensions(millis(now)).unwrap();
+        assert_eq!(
+            suspensions,
+            [crate::journal::SuspendedDomain {
+                domain: "example.com".to_owned(),
+                until: millis(later),
+                per_second: 0.25,
+                ceiling: 4.0,
+                detail: "example.com suspended again".to_owned(),
+            }]
+        );
+        assert!(journal.suspensions(millis(later) + 1).unwrap().is_empty());
     }
 
     #[tokio::test(flavor = "current_thread")]

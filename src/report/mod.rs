@@ -38,10 +38,15 @@ pub struct Summary {
     pub retried: usize,
     /// Pauses because the relay as a whole failed.
     pub relay_pauses: usize,
-    /// Connections given up because the relay refused them while serving the others.
-    pub connections_retired: usize,
+    /// Connections the relay refused while it answered on the others (its connection limit).
+    pub connections_refused: usize,
+    /// Times the connection pool grew back to `connections` after an outage or a limit.
+    pub regrown: usize,
     /// Domains slowed down by throttling replies, with the slowest pace (per second).
     pub throttled: BTreeMap<String, f64>,
+    /// Domains suspended for throttling: until when, and how many recipients this run left
+    /// deferred until then.
+    pub suspended: BTreeMap<String, (std::time::SystemTime, usize)>,
     /// Recipients this run attempted (the rest were settled by earlier runs, or are waiting).
     pub attempted: usize,
     /// Recipients sent by this run.
@@ -143,12 +148,15 @@ impl Summary {
         if self.relay_pauses > 0 {
             writeln!(out, "  {:<24} {:>9}", "relay pauses", self.relay_pauses)?;
         }
-        if self.connections_retired > 0 {
+        if self.connections_refused > 0 {
             writeln!(
                 out,
                 "  {:<24} {:>9}",
-                "connections refused", self.connections_retired
+                "connections refused", self.connections_refused
             )?;
+        }
+        if self.regrown > 0 {
+            writeln!(out, "  {:<24} {:>9}", "pool grown back", self.regrown)?;
         }
         if let Some(elapsed) = self.elapsed {
             #[allow(clippy::cast_precision_loss)] // counts far below 2^52
@@ -179,6 +187,14 @@ impl Summary {
                 out,
                 "throttled: {} slowed to {per_second:.2}/s after a throttling reply",
                 Shown(domain)
+            )?;
+        }
+        for (domain, (until, deferred)) in &self.suspended {
+            writeln!(
+                out,
+                "suspended: {} until {} (it kept throttling below `[rate] throttle_floor`): {deferred} recipients deferred until then",
+                Shown(domain),
+                humantime::format_rfc3339_seconds(*until)
             )?;
         }
         if !self.locales.is_empty() {

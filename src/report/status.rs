@@ -81,6 +81,14 @@ pub fn print_status(status: &Status, out: &mut impl Write) -> io::Result<()> {
             )?;
         }
     }
+    for suspended in &status.suspended {
+        writeln!(
+            out,
+            "  {} suspended until {} (it kept throttling): nothing goes to it before then",
+            Shown(&suspended.domain),
+            suspended.until
+        )?;
+    }
     for canary in &status.canary {
         writeln!(
             out,

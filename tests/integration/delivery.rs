@@ -240,8 +240,10 @@ fn relay_failures_pause_sending_and_change_no_recipients_state() {
 
 #[test]
 fn a_relay_that_takes_fewer_connections_than_configured_gets_fewer() {
-    // The relay takes two connections; every later one is refused at the greeting. The two
-    // extra workers retire; nobody's state changes; everything goes over the two.
+    // The relay takes two connections; every later one is refused at the greeting. A refusal
+    // while the others are answered is its connection limit: the pool goes on with the two
+    // (a refusal before any answer may count as an outage first); nobody's state changes;
+    // everything goes over the two.
     let greetings = Arc::new(AtomicUsize::new(0));
     let script: Script = Arc::new(move |phase, _| {
         (phase == Phase::Greeting && greetings.fetch_add(1, Ordering::SeqCst) >= 2)
@@ -251,15 +253,107 @@ fn a_relay_that_takes_fewer_connections_than_configured_gets_fewer() {
     let run = send(&sink, 30, 4, |c| c);
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(balanced(&run, &sink, 30)["sent"], 30);
-    assert_eq!(
-        count(&run.stdout, "connections refused"),
-        Some(2),
+    assert!(
+        count(&run.stdout, "connections refused").is_some_and(|n| (1..=2).contains(&n)),
+        "{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("the relay refused one more connection while answering on the others"),
         "{}",
-        run.stdout
+        run.stderr
     );
     let served: std::collections::BTreeSet<usize> =
         sink.transactions().iter().map(|t| t.connection).collect();
     assert_eq!(served.len(), 2, "{served:?}");
+}
+
+/// A relay that answers `answered` recipients, then goes down: every reply is a 421 (which
+/// closes the connection) until it has refused `greetings` new connections (forever with
+/// `usize::MAX`).
+fn outage(answered: usize, greetings: usize) -> Script {
+    let rcpts = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    Arc::new(move |phase, _| {
+        if phase == Phase::Rcpt {
+            rcpts.fetch_add(1, Ordering::SeqCst);
+        }
+        let down = rcpts.load(Ordering::SeqCst) > answered
+            && refused.load(Ordering::SeqCst) < greetings
+            && phase != Phase::Ehlo;
+        if down && phase == Phase::Greeting {
+            refused.fetch_add(1, Ordering::SeqCst);
+        }
+        down.then(|| "421 4.3.2 service shutting down".to_owned())
+    })
+}
+
+#[test]
+fn after_an_outage_the_pool_grows_back_to_every_connection() {
+    // Three connections; after 20 recipients the relay goes down under all of them, until it
+    // has refused four new connections (at most three can try before mailer holds back, so
+    // the last is a probe after a pause, when no connection is left from before). Then one
+    // connection (the probe), and one more per answer, back to three at once.
+    let sink = Sink::scripted(outage(20, 4));
+    let run = send(&sink, 60, 3, |c| c.retry("relay_attempts = 10"));
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(balanced(&run, &sink, 60)["sent"], 60);
+    assert!(
+        count(&run.stdout, "relay pauses").is_some_and(|n| n >= 1),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stderr.contains("relay unavailable; pausing"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("relay answers again; growing back to 3 connections"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        count(&run.stdout, "pool grown back").is_some_and(|n| n >= 1),
+        "{}",
+        run.stdout
+    );
+    let back = sink.last_421_close().expect("the outage");
+    assert_eq!(
+        sink.max_concurrent_after(back),
+        3,
+        "three sessions at once after the outage"
+    );
+}
+
+#[test]
+fn a_relay_down_after_answering_is_an_outage_not_a_connection_limit() {
+    // The relay answers ten recipients on three connections, then every reply is a 421: the
+    // connections refused after those answers are not its connection limit.
+    let sink = Sink::scripted(outage(10, usize::MAX));
+    let run = send(&sink, 30, 3, |c| c.retry("relay_attempts = 3"));
+    assert_eq!(run.code, 69, "{run:?}");
+    let states = balanced(&run, &sink, 30);
+    assert!((1..=10).contains(&states["sent"]), "{}", run.stdout);
+    assert_eq!(
+        count(&run.stdout, "connections refused"),
+        None,
+        "{}",
+        run.stdout
+    );
+    assert!(
+        !run.stderr.contains("refused one more connection"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("relay unavailable; pausing"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
@@ -463,6 +557,127 @@ fn a_throttled_domain_slows_down_without_holding_up_the_others() {
         span >= Duration::from_millis(100) * u32::try_from(after.len() - 1).unwrap(),
         "{} messages in {span:?}",
         after.len()
+    );
+}
+
+#[test]
+fn a_domain_that_keeps_throttling_is_suspended_and_a_later_run_finishes_it() {
+    // slow.example answers every RCPT with Gmail's rate complaint until the test says
+    // otherwise. At 40/s, halved to 20 and 10 (the floor), then suspended; the others finish.
+    let throttling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let script: Script = {
+        let throttling = Arc::clone(&throttling);
+        Arc::new(move |phase, rcpt| {
+            (phase == Phase::Rcpt
+                && rcpt.ends_with("@slow.example")
+                && throttling.load(Ordering::SeqCst))
+            .then(|| "421 4.7.28 Our system has detected an unusual rate of mail".to_owned())
+        })
+    };
+    let sink = Sink::scripted(script);
+    let slow: Vec<String> = (0..20)
+        .map(|i| format!("s{i}@slow.example,Slow {i},en,Pro"))
+        .collect();
+    let campaign = Campaign::example()
+        .smtp(&sink, 2)
+        .rows(slow)
+        .rows(people(40))
+        .retry("max_attempts = 50")
+        .extra(
+            "[rate]\nthrottle_floor = \"10/s\"\n[rate.per_domain]\n\"slow.example\" = \"40/s\"\n",
+        );
+    let started = Instant::now();
+    let first = campaign.run("send", &[]);
+    assert!(started.elapsed() < Duration::from_secs(120), "not trickled");
+    assert_eq!(first.code, 75, "work remains: {first:?}");
+    let states = balanced(&first, &sink, 60);
+    assert_eq!(
+        (states["sent"], states["deferred"]),
+        (40, 20),
+        "{}",
+        first.stdout
+    );
+    assert!(
+        first.stdout.contains("suspended: slow.example until ")
+            && first
+                .stdout
+                .contains("(it kept throttling below `[rate] throttle_floor`)"),
+        "{}",
+        first.stdout
+    );
+    assert!(
+        first
+            .stderr
+            .contains("domain suspended: it keeps throttling")
+            && first.stderr.contains("slow.example"),
+        "{}",
+        first.stderr
+    );
+    let report = campaign.run("report", &["--format", "csv"]);
+    assert!(
+        report.stdout.contains("slow.example suspended until "),
+        "{}",
+        report.stdout
+    );
+
+    // A run before the suspension ends sends nothing to it; status says until when.
+    let tried = sink.rcpts().len();
+    let second = campaign.run("send", &[]);
+    assert_eq!(second.code, 75, "{second:?}");
+    assert_eq!(
+        sink.rcpts().len(),
+        tried,
+        "nothing before the suspension ends"
+    );
+    assert!(
+        second.stdout.contains("suspended: slow.example until "),
+        "{}",
+        second.stdout
+    );
+    let status = campaign.run("status", &[]);
+    assert!(
+        status.stdout.contains("slow.example suspended until "),
+        "{}",
+        status.stdout
+    );
+
+    // A run just after it (a fixed clock) sends the rest, starting the domain at the pace it
+    // had.
+    throttling.store(false, Ordering::SeqCst);
+    let until = first
+        .stdout
+        .split("suspended: slow.example until ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap();
+    let later = (chrono::DateTime::parse_from_rfc3339(until).unwrap()
+        + chrono::Duration::seconds(1))
+    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let path = campaign.write();
+    let third = crate::campaign::mailer(
+        &["send", path.to_str().unwrap()],
+        &[("MAILER_NOW", later.as_str())],
+    );
+    assert_eq!(third.code, 0, "{third:?}");
+    assert_eq!(balanced(&third, &sink, 60)["sent"], 60);
+    // The pace it had when suspended (10/s here, unless the rate it was getting was lower).
+    let pace = |log: &str, line: &str| -> String {
+        let line = log.lines().find(|l| l.contains(line)).unwrap_or_default();
+        line.split_whitespace()
+            .find(|word| word.starts_with("per_second="))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let suspended_at = pace(&first.stderr, "domain suspended: it keeps throttling");
+    assert!(!suspended_at.is_empty(), "{}", first.stderr);
+    assert_eq!(
+        pace(
+            &third.stderr,
+            "domain suspended by an earlier run for throttling: it starts at the pace it had"
+        ),
+        suspended_at,
+        "{}",
+        third.stderr
     );
 }
 

@@ -190,11 +190,22 @@ pub struct Written {
     pub bytes: Vec<u8>,
 }
 
+/// One session, from the connection's accept to its end.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: Instant,
+    end: Option<Instant>,
+    /// The sink ended it with a 421.
+    closed_by_421: bool,
+}
+
 #[derive(Debug, Default)]
 struct Recorded {
     connections: usize,
     /// Sessions still running.
     active: usize,
+    /// Every session, by connection number − 1.
+    spans: Vec<Span>,
     transactions: Vec<Transaction>,
     rcpts: Vec<RcptAttempt>,
     /// Decoded AUTH PLAIN and LOGIN credentials, as `user:password`.
@@ -281,9 +292,14 @@ impl Sink {
                         let mut recorded = lock(&state);
                         recorded.connections += 1;
                         recorded.active += 1;
+                        recorded.spans.push(Span {
+                            start: Instant::now(),
+                            end: None,
+                            closed_by_421: false,
+                        });
                         recorded.connections
                     };
-                    let active = Active(Arc::clone(&state));
+                    let active = Active(Arc::clone(&state), number);
                     tokio::spawn(serve(
                         stream,
                         number,
@@ -310,6 +326,44 @@ impl Sink {
 
     pub fn connections(&self) -> usize {
         lock(&self.recorded).connections
+    }
+
+    /// When the last session the sink ended with a 421 ended.
+    pub fn last_421_close(&self) -> Option<Instant> {
+        lock(&self.recorded)
+            .spans
+            .iter()
+            .filter(|s| s.closed_by_421)
+            .filter_map(|s| s.end)
+            .max()
+    }
+
+    /// The most sessions open at once at any moment from `after` on (sessions that ended by
+    /// then do not count).
+    pub fn max_concurrent_after(&self, after: Instant) -> usize {
+        let spans = lock(&self.recorded).spans.clone();
+        let open_at_start = spans
+            .iter()
+            .filter(|s| s.start <= after && s.end.is_none_or(|end| end > after))
+            .count();
+        // Starts (+1) and ends (−1) after `after`, ends first at the same instant.
+        let mut changes: Vec<(Instant, i64)> = Vec::new();
+        for span in spans.iter().filter(|s| s.start > after) {
+            changes.push((span.start, 1));
+        }
+        for span in &spans {
+            if let Some(end) = span.end.filter(|end| *end > after) {
+                changes.push((end, -1));
+            }
+        }
+        changes.sort();
+        let mut open = i64::try_from(open_at_start).unwrap();
+        let mut most = open;
+        for (_, change) in changes {
+            open += change;
+            most = most.max(open);
+        }
+        usize::try_from(most).unwrap()
     }
 
     pub fn transactions(&self) -> Vec<Transaction> {
@@ -385,12 +439,14 @@ impl Drop for Sink {
     }
 }
 
-/// Counts a session as running while it lives.
-struct Active(Shared);
+/// Counts a session as running while it lives, and records when it ended.
+struct Active(Shared, usize);
 
 impl Drop for Active {
     fn drop(&mut self) {
-        lock(&self.0).active -= 1;
+        let mut recorded = lock(&self.0);
+        recorded.active -= 1;
+        recorded.spans[self.1 - 1].end = Some(Instant::now());
     }
 }
 
@@ -693,6 +749,7 @@ impl Session {
         }
         self.queue(&text);
         if text.starts_with("421") {
+            lock(&self.state).spans[self.number - 1].closed_by_421 = true;
             return Err(End);
         }
         Ok(text.starts_with('2') || text.starts_with('3'))

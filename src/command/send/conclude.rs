@@ -30,8 +30,20 @@ pub fn conclude(
     let recorded = written.map_err(|e| Failure::new(Exit::IoError, format!("{e:#}")));
     summary.retried = ended.tally.retried;
     summary.relay_pauses = ended.tally.relay_pauses;
-    summary.connections_retired = ended.tally.connections_retired;
+    summary.connections_refused = ended.tally.connections_refused;
+    summary.regrown = ended.tally.regrown;
     summary.throttled = ended.tally.throttled.clone();
+    for (domain, suspended) in &ended.tally.suspended {
+        tracing::warn!(
+            domain,
+            until = %humantime::format_rfc3339_seconds(suspended.until),
+            deferred = suspended.deferred,
+            "domain suspended for throttling: its recipients are deferred until then, for a later run"
+        );
+        summary
+            .suspended
+            .insert(domain.clone(), (suspended.until, suspended.deferred));
+    }
     summary.print(out)?;
     if summary.dry_run {
         writeln!(

@@ -26,10 +26,8 @@ pub fn idle(
         return Ok(None);
     };
     let retry_ambiguous = campaign.retry.on_ambiguous == config::OnAmbiguous::Retry;
-    let Some(counts) = j
-        .journal
-        .idle(&j.slot, clock::now_millis(), retry_ambiguous)?
-    else {
+    let now = clock::millis(clock::due_now()?);
+    let Some(counts) = j.journal.idle(&j.slot, now, retry_ambiguous)? else {
         return Ok(None);
     };
     let mut summary = Summary {
@@ -44,6 +42,14 @@ pub fn idle(
         out,
         "nothing due: every recipient of this run is settled or waiting for its retry time (`mailer status` shows when)"
     )?;
+    for suspended in j.journal.suspensions(now)? {
+        writeln!(
+            out,
+            "suspended: {} until {} (it kept throttling)",
+            Shown(&suspended.domain),
+            journal::query::time(suspended.until)
+        )?;
+    }
     Ok(Some(summary.exit()))
 }
 
@@ -74,9 +80,12 @@ pub fn due(
         locale: &locale,
     };
     let retry_ambiguous = loaded.campaign.retry.on_ambiguous == config::OnAmbiguous::Retry;
-    let sync = j
-        .journal
-        .sync(&j.slot, &roster, retry_ambiguous, clock::now_millis())?;
+    let sync = j.journal.sync(
+        &j.slot,
+        &roster,
+        retry_ambiguous,
+        clock::millis(clock::due_now()?),
+    )?;
     if !sync.recovered.is_empty() {
         writeln!(
             out,

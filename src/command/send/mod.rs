@@ -126,7 +126,7 @@ pub fn run(
         .map_or(sendable, std::collections::HashMap::len);
     tracing::info!(campaign = %loaded.campaign.id, recipients = total, due = due_count, dry_run, "sending");
     if let Some(j) = &journaled {
-        journal_the_run(j, &setup.pacer, due_count).map_err(|e| named(Some(j), e))?;
+        journal_the_run(j, &mut setup.pacer, due_count).map_err(|e| named(Some(j), e))?;
         let (writer, recorder) =
             journal::Writer::start(&j.journal, j.durability).map_err(|e| named(Some(j), e))?;
         setup.journal = Some((writer, recorder.with_slot(&j.slot)));
@@ -167,11 +167,15 @@ pub fn run(
     conclude::conclude(path, summary, delivered, journaled.as_ref(), out)
 }
 
+/// How long after its end a suspension's reduced pace still starts its domain slow.
+const CARRY_THROTTLE_FOR: i64 = 24 * 3_600_000;
+
 /// Before the first message: limits hold across a restart (the last run's recent attempts
-/// count), and the run's start is recorded.
+/// count; a domain suspended for throttling stays suspended until its time and then starts
+/// at the pace it had), and the run's start is recorded.
 fn journal_the_run(
     j: &admit::Journaled,
-    pacer: &crate::dispatch::Pacer,
+    pacer: &mut crate::dispatch::Pacer,
     due_count: usize,
 ) -> anyhow::Result<()> {
     let now_ms = clock::now_millis();
@@ -180,6 +184,25 @@ fn journal_the_run(
     let domains: Vec<(String, std::time::Duration)> =
         domains.into_iter().map(|(d, at)| (d, ago(at))).collect();
     pacer.carry_over(latest.map(ago), &domains);
+    let due_ms = clock::millis(clock::due_now()?);
+    for suspended in j.journal.suspensions(due_ms - CARRY_THROTTLE_FOR)? {
+        let until = std::time::UNIX_EPOCH
+            + std::time::Duration::from_millis(u64::try_from(suspended.until).unwrap_or(0));
+        if suspended.until > due_ms {
+            let remaining = std::time::Duration::from_millis(
+                u64::try_from(suspended.until - due_ms).unwrap_or(0),
+            );
+            tracing::warn!(domain = %suspended.domain, until = %humantime::format_rfc3339_seconds(until), "domain still suspended: nothing goes to it before then");
+            pacer.carry_suspension(crate::dispatch::Suspension {
+                domain: suspended.domain.clone(),
+                until,
+                remaining,
+                detail: suspended.detail,
+            });
+        }
+        tracing::info!(domain = %suspended.domain, per_second = suspended.per_second, normal = suspended.ceiling, "domain suspended by an earlier run for throttling: it starts at the pace it had, easing back up");
+        pacer.carry_throttle(&suspended.domain, suspended.per_second, suspended.ceiling);
+    }
     j.journal.run_started(
         &j.slot,
         &format!("started by process {}: {due_count} due", std::process::id()),
