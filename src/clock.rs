@@ -56,6 +56,27 @@ pub fn due_now() -> anyhow::Result<SystemTime> {
     Ok(now())
 }
 
+/// Now, for the calendar: send windows and the days of the daily caps, and the time each
+/// attempt is counted at. `MAILER_NOW` fixes the moment this process first asks; from there the
+/// clock runs at the monotonic clock's pace, so that a window can close during a run on a
+/// fixed clock too.
+pub fn calendar_now() -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    if std::env::var_os("MAILER_NOW").is_none() {
+        return schedule_now();
+    }
+    let elapsed = chrono::TimeDelta::from_std(start.elapsed()).unwrap_or_default();
+    Ok(schedule_now()? + elapsed)
+}
+
+/// [`calendar_now`] in the journal's milliseconds; the real clock if `MAILER_NOW` is not a
+/// time (the command refused it before anything was sent).
+#[must_use]
+pub fn calendar_millis() -> i64 {
+    calendar_now().map_or_else(|_| now_millis(), |t| t.timestamp_millis())
+}
+
 /// When `MAILER_NOW` replaces the schedule's clock: a sentence saying so, and by how much it
 /// differs from the real clock. Every command says it, so that nobody runs a real send on a
 /// fake clock unawares.

@@ -68,6 +68,56 @@ pub struct Rate {
     /// halving would go below this pace; then it is suspended (`[retry] suspension`). `None`:
     /// [`DEFAULT_THROTTLE_FLOOR`].
     pub throttle_floor: Option<Pace>,
+    /// `per_day`, `warmup` and `per_domain_per_day`: messages a calendar day.
+    pub daily: DailyCaps,
+}
+
+/// Daily caps: how many messages may be handed to the relay in one calendar day (in
+/// `[schedule] timezone`), counting every attempt (retries too) of every run and slot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DailyCaps {
+    /// Every domain together, once the warm-up is over (and during it, as a ceiling).
+    pub per_day: Option<NonZeroU32>,
+    /// The caps of the first days, day 0 being the day of the campaign's first attempt.
+    pub warmup: Vec<NonZeroU32>,
+    /// For each domain not named in `domains`.
+    pub domain_default: Option<NonZeroU32>,
+    /// Keys are lower-case and IDNA-encoded, as recipients' domains are.
+    pub domains: BTreeMap<String, NonZeroU32>,
+}
+
+impl DailyCaps {
+    /// Whether any cap is set.
+    #[must_use]
+    pub fn any(&self) -> bool {
+        self.per_day.is_some()
+            || !self.warmup.is_empty()
+            || self.domain_default.is_some()
+            || !self.domains.is_empty()
+    }
+
+    /// The cap of every domain together on `day` (0: the day of the first attempt): the
+    /// warm-up's for its days (no more than `per_day`), then `per_day`; `None`: no cap.
+    #[must_use]
+    pub fn global(&self, day: u32) -> Option<u32> {
+        let warm = usize::try_from(day)
+            .ok()
+            .and_then(|d| self.warmup.get(d))
+            .map(|c| c.get());
+        match (warm, self.per_day.map(NonZeroU32::get)) {
+            (Some(warm), Some(cap)) => Some(warm.min(cap)),
+            (warm, cap) => warm.or(cap),
+        }
+    }
+
+    /// `domain`'s own cap (lower-case, IDNA-encoded), if any.
+    #[must_use]
+    pub fn domain(&self, domain: &str) -> Option<u32> {
+        self.domains
+            .get(domain)
+            .or(self.domain_default.as_ref())
+            .map(|c| c.get())
+    }
 }
 
 /// The default `[rate] throttle_floor`: six messages a minute (one every ten seconds).
@@ -271,12 +321,62 @@ impl Validator<'_> {
             }
             parsed.map(|(count, per)| Pace::new(count, per, None))
         });
+        let daily = self.daily(raw);
         Rate {
             global,
             domain_default,
             domains,
             batch,
             throttle_floor,
+            daily,
+        }
+    }
+
+    fn daily(&mut self, raw: &RawRate) -> DailyCaps {
+        let per_day = raw
+            .per_day
+            .as_ref()
+            .and_then(|v| self.count_u32("per_day", v));
+        let warmup = raw
+            .warmup
+            .iter()
+            .flatten()
+            .filter_map(|v| self.count_u32("warmup", v))
+            .collect();
+        let mut domain_default = None;
+        let mut domains = BTreeMap::new();
+        for (domain, value) in &raw.per_domain_per_day {
+            let Some(cap) =
+                self.count_u32(&format!("per_domain_per_day` value for `{domain}"), value)
+            else {
+                continue;
+            };
+            if domain == "default" {
+                domain_default = Some(cap);
+                continue;
+            }
+            match idna::domain_to_ascii(domain.trim_end_matches('.')) {
+                Ok(key) if key.contains('.') => {
+                    if domains.insert(key.clone(), cap).is_some() {
+                        self.error(
+                            value,
+                            format!("`per_domain_per_day` names `{key}` twice (keys are compared lower-case, IDNA-encoded)"),
+                        );
+                    }
+                }
+                _ => self.error(
+                    value,
+                    format!(
+                        "`per_domain_per_day` key `{domain}` is not a domain such as `example.com`"
+                    ),
+                ),
+            }
+        }
+        DailyCaps {
+            per_day,
+            warmup,
+            domain_default,
+            domains,
         }
     }
 
@@ -435,6 +535,41 @@ mod tests {
         for expected in [
             "toml:23: `throttle_floor` must be like `6/min`, `1/s` or `100/h` (at least 1)",
             "toml:25: `suspension` = `0s` is not a duration such as `30s` or `10m`",
+        ] {
+            assert!(error.contains(expected), "{expected} missing from {error}");
+        }
+    }
+
+    #[test]
+    fn daily_caps_warm_up_then_hold_at_per_day() {
+        let campaign = parse(
+            "[rate]\nper_day = 1500\nwarmup = [500, 1000, 2000]\n[rate.per_domain_per_day]\ndefault = 300\n\"GMail.com\" = 200\n",
+        )
+        .unwrap();
+        let daily = campaign.rate.daily;
+        assert!(daily.any());
+        // Day 2's 2000 is held to per_day; past the warm-up, per_day.
+        let caps: Vec<Option<u32>> = (0..5).map(|d| daily.global(d)).collect();
+        assert_eq!(
+            caps,
+            [Some(500), Some(1000), Some(1500), Some(1500), Some(1500)]
+        );
+        assert_eq!(daily.domain("gmail.com"), Some(200));
+        assert_eq!(daily.domain("example.org"), Some(300));
+        let warm_only = parse("[rate]\nwarmup = [10, 20]\n").unwrap().rate.daily;
+        assert_eq!(
+            (0..3).map(|d| warm_only.global(d)).collect::<Vec<_>>(),
+            [Some(10), Some(20), None]
+        );
+        assert_eq!(warm_only.domain("gmail.com"), None);
+        assert!(!parse("").unwrap().rate.daily.any());
+        let error =
+            parse("[rate]\nper_day = 0\nwarmup = [10, -1]\n[rate.per_domain_per_day]\n\"x\" = 5\n")
+                .unwrap_err();
+        for expected in [
+            "`per_day` must be a whole number of at least 1",
+            "`warmup` must be a whole number of at least 1",
+            "`per_domain_per_day` key `x` is not a domain",
         ] {
             assert!(error.contains(expected), "{expected} missing from {error}");
         }

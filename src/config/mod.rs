@@ -4,6 +4,7 @@
 //! [`parse`] checks every value and resolves paths against the campaign file's folder. Every
 //! problem is collected with its line. Only [`load`] touches the file system.
 
+mod calendar;
 mod delivery;
 mod dkim;
 pub mod raw;
@@ -23,7 +24,8 @@ use unic_langid::LanguageIdentifier;
 
 use crate::address::NormalisedAddress;
 use crate::problem::{Problem, Problems, line_of};
-pub use delivery::{Batch, OnAmbiguous, Pace, Rate, Retry};
+pub use calendar::{Calendar, Open, Window, WindowError};
+pub use delivery::{Batch, DailyCaps, OnAmbiguous, Pace, Rate, Retry};
 pub use dkim::Dkim;
 use raw::{RawFile, RawKind, RawTransport, RawTransportKind};
 pub use schedule::{Cron, CronError, Due, Schedule};

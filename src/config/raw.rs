@@ -91,6 +91,13 @@ pub struct RawRate {
     /// The slowest pace a throttled domain is slowed to before it is suspended, like a
     /// `per_domain` value.
     pub throttle_floor: Option<Spanned<toml::Value>>,
+    /// Messages a calendar day, every domain together.
+    pub per_day: Option<Spanned<i64>>,
+    /// Daily caps for the first days since the campaign's first message.
+    pub warmup: Option<Vec<Spanned<i64>>>,
+    /// Domain → messages a calendar day; `default` for each domain not named.
+    #[serde(default)]
+    pub per_domain_per_day: std::collections::BTreeMap<String, Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +122,10 @@ pub struct RawSchedule {
     /// An RFC 3339 string, or a TOML offset date-time (a local one is refused with its line).
     pub not_before: Option<Spanned<toml::Value>>,
     pub cron: Option<Spanned<String>>,
+    /// An IANA time zone name, for `window` and the daily caps' days.
+    pub timezone: Option<Spanned<String>>,
+    /// Send windows such as `Mon-Fri 09:00-17:00`.
+    pub window: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,8 +1,9 @@
 //! `[schedule]`: when a campaign may be sent, and the cron slots of a recurring one.
 //!
 //! Pure: every question takes the time to ask about as a parameter; nothing here reads the
-//! clock. All times are UTC, cron expressions included: `0 9 * * 1` is Monday 09:00 UTC, whatever
-//! the machine's time zone, so that a slot means the same thing on every host.
+//! clock. Cron expressions are UTC: `0 9 * * 1` is Monday 09:00 UTC, whatever the machine's time
+//! zone, so that a slot means the same thing on every host. Send windows and the days of the
+//! daily caps are in `timezone` (see [`super::calendar`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -12,6 +13,7 @@ use croner::parser::{CronParser, Seconds, Year};
 use toml::Spanned;
 
 use super::Validator;
+use super::calendar::{Calendar, Window};
 use super::raw::RawSchedule;
 
 /// `[schedule]`. The default has no constraints: a `send` may run at any time, once.
@@ -21,6 +23,8 @@ pub struct Schedule {
     pub not_before: Option<DateTime<Utc>>,
     /// A recurring campaign: each occurrence (in UTC) is a slot, and each slot is its own run.
     pub cron: Option<Cron>,
+    /// `timezone` and `window`: when in the week messages may start.
+    pub calendar: Calendar,
 }
 
 /// What a `send` at a given time may do.
@@ -289,7 +293,30 @@ impl Validator<'_> {
                     None
                 }
             });
-        Schedule { not_before, cron }
+        let timezone = raw.timezone.as_ref().map_or_else(chrono_tz::Tz::default, |zone| {
+            zone.get_ref().trim().parse().unwrap_or_else(|_| {
+                self.error(
+                    zone,
+                    format!(
+                        "`timezone` = `{}` is not an IANA time zone name such as `Europe/Paris` or `UTC`",
+                        zone.get_ref()
+                    ),
+                );
+                chrono_tz::Tz::default()
+            })
+        });
+        let mut windows = Vec::new();
+        for text in raw.window.iter().flatten() {
+            match text.get_ref().parse::<Window>() {
+                Ok(window) => windows.push(window),
+                Err(error) => self.error(text, format!("`window` `{}` {error}", text.get_ref())),
+            }
+        }
+        Schedule {
+            not_before,
+            cron,
+            calendar: Calendar { timezone, windows },
+        }
     }
 
     fn not_before(&mut self, value: &Spanned<toml::Value>) -> Option<DateTime<Utc>> {
@@ -345,6 +372,7 @@ mod tests {
         Schedule {
             not_before: not_before.map(utc),
             cron: cron.map(|c| c.parse().unwrap()),
+            calendar: Calendar::default(),
         }
     }
 
@@ -551,6 +579,26 @@ mod tests {
     }
 
     #[test]
+    fn time_zones_and_windows_are_read_and_bad_ones_named_with_their_line() {
+        let schedule = check(
+            "[schedule]\ntimezone = \"Europe/Paris\"\nwindow = [\"Mon-Fri 09:00-17:00\", \"Sat 10:00-14:00\"]\n",
+        )
+        .unwrap();
+        assert_eq!(schedule.calendar.timezone, chrono_tz::Tz::Europe__Paris);
+        assert_eq!(schedule.calendar.windows.len(), 2);
+        assert_eq!(check("").unwrap().calendar.timezone, chrono_tz::Tz::UTC);
+        let error = check(
+            "[schedule]\ntimezone = \"Europe/Pariss\"\nwindow = [\n  \"Mon-Fri 09:00-17:00\",\n  \"Mon 09:00\",\n]\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            error,
+            "12: `timezone` = `Europe/Pariss` is not an IANA time zone name such as `Europe/Paris` or `UTC`\n\
+             15: `window` `Mon 09:00` has `09:00`, which is not hours such as `09:00-17:00`"
+        );
+    }
+
+    #[test]
     fn bad_schedules_are_refused_with_their_line() {
         let error = check("[schedule]\nnot_before = 2026-12-01T09:00:00\ncron = \"61 * * * *\"\n")
             .unwrap_err();
@@ -585,7 +633,7 @@ mod tests {
         }
         let unknown = check("[schedule]\nevery = \"day\"\n").unwrap_err();
         assert!(
-            unknown.starts_with("12: unknown field `every`, expected `not_before` or `cron`"),
+            unknown.starts_with("12: unknown field `every`, expected one of `not_before`, `cron`"),
             "{unknown}"
         );
     }

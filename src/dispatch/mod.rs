@@ -9,6 +9,7 @@
 //! transport — SMTP, the file outbox and the dry run — is driven this way, so a dry run takes
 //! the real path up to the wire.
 
+pub mod daily;
 mod file;
 mod pace;
 pub mod probe;
@@ -23,6 +24,7 @@ use tokio::sync::mpsc;
 use crate::config;
 use crate::outcome::{Attempt, Delivery, Reply, State};
 use crate::render::OutgoingMessage;
+pub use daily::{Attempted, Daily, Waiting};
 pub use pace::{Pacer, Suspension, Throttled};
 pub use schedule::{SuspendedDomain, Tally};
 pub use smtp::Settings as SmtpSettings;
@@ -281,6 +283,9 @@ pub struct Settings<'a> {
     /// The suppression lists as they are now (read again when a file changes), checked just
     /// before each message goes; `None` when nothing watches them (a dry run).
     pub suppressed: Option<Suppressed>,
+    /// Send windows and daily caps, with what the journal counts today; `None` when there are
+    /// none (or in a dry run).
+    pub daily: Option<Daily>,
 }
 
 /// The live set of suppressed keys (see `recipients::suppression_key`).
@@ -311,6 +316,9 @@ pub struct Ended {
     pub halted: Option<String>,
     /// The signal that stopped this run, if one did: recipients not reported are pending.
     pub interrupted: Option<String>,
+    /// The send window closed, or the day's cap was reached: recipients not reported are
+    /// pending, and may go on then.
+    pub waiting: Option<Waiting>,
     pub tally: schedule::Tally,
 }
 
@@ -431,15 +439,18 @@ pub async fn run<C: Clock + Clone>(
             )));
         }
     }
-    let (halted, interrupted) = match stopped {
-        Some(schedule::Stopped::Halt(reason)) => (Some(reason), None),
-        Some(schedule::Stopped::Interrupt(signal)) => (None, Some(signal)),
-        None => (None, None),
-    };
+    let (mut halted, mut interrupted, mut waiting) = (None, None, None);
+    match stopped {
+        Some(schedule::Stopped::Halt(reason)) => halted = Some(reason),
+        Some(schedule::Stopped::Interrupt(signal)) => interrupted = Some(signal),
+        Some(schedule::Stopped::Wait(until)) => waiting = Some(until),
+        None => {}
+    }
     Ended {
         failure,
         halted,
         interrupted,
+        waiting,
         tally,
     }
 }
@@ -867,6 +878,8 @@ pub(crate) mod tests {
         pub suppressed: Suppressed,
         /// Suspensions an earlier run left in force.
         pub carried: Vec<Suspension>,
+        /// Send windows and daily caps.
+        pub daily: Option<Daily>,
     }
 
     /// What a run reported.
@@ -914,6 +927,7 @@ pub(crate) mod tests {
                 halt: Arc::new(watch::channel(None).0),
                 suppressed: Suppressed::default(),
                 carried: Vec::new(),
+                daily: None,
             }
         }
 
@@ -927,6 +941,7 @@ pub(crate) mod tests {
                 halt: self.halt.subscribe(),
                 interrupt: watch::channel(None).1,
                 suppressed: Some(Arc::clone(&self.suppressed)),
+                daily: self.daily.clone(),
             };
             let mut pacer = Pacer::with_clock(&self.rate, TokioClock::new());
             for suspension in &self.carried {
@@ -986,6 +1001,7 @@ pub(crate) mod tests {
             halt: watch::channel(None).1,
             interrupt: watch::channel(None).1,
             suppressed: None,
+            daily: None,
         };
         let messages = (1..=40)
             .map(|line| Queued {

@@ -38,6 +38,7 @@ use governor::clock::{Clock, MonotonicClock};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::daily::{Check, Daily, Waiting};
 use super::{
     FailureKind, Job, Outcome, Pacer, Queued, Recorder, RelayFailure, Settings, Suppressed,
     Throttled, Verdict,
@@ -72,6 +73,9 @@ pub struct Tally {
     /// Domains suspended (in this run, or still from an earlier one), with the recipients
     /// left deferred until then.
     pub suspended: BTreeMap<String, SuspendedDomain>,
+    /// Domains whose daily cap was reached, with until when (the next day) and the
+    /// recipients left deferred until then.
+    pub capped: BTreeMap<String, SuspendedDomain>,
 }
 
 /// A suspended domain, for the summary.
@@ -89,6 +93,8 @@ struct Suspended {
     /// The same moment on the wall clock, for the journal.
     due: std::time::SystemTime,
     detail: String,
+    /// Held for its daily cap, not for throttling.
+    capped: bool,
 }
 
 /// `C`: the pacer's clock (governor's monotonic clock; tests give one that follows tokio's).
@@ -150,6 +156,10 @@ pub struct Scheduler<C: Clock = MonotonicClock> {
     suspect: Option<(RelayFailure, usize)>,
     batch_sent: usize,
     tally: Tally,
+    /// Send windows and daily caps, and the moment of the run's start they count from.
+    daily: Option<(Daily, Instant)>,
+    /// Set when the window closed or the day's cap was reached: the run ends.
+    waiting: Option<Waiting>,
 }
 
 /// Why a run's dispatching ends early.
@@ -165,6 +175,9 @@ pub enum GaveUp {
     /// The journal cannot be written: hand out nothing more (exit 74). No halt is recorded
     /// (it could not be, and the next run may go on once the journal can be written).
     Unrecorded(String),
+    /// The send window closed or the day's cap is reached: hand out nothing more in this run
+    /// (exit 75); the rest stays pending.
+    Wait(Waiting),
 }
 
 /// Why a run stopped handing out messages, when it was not the relay.
@@ -173,6 +186,8 @@ pub enum Stopped {
     Halt(String),
     /// A signal, for this run only.
     Interrupt(String),
+    /// The send window closed or the day's cap is reached.
+    Wait(Waiting),
 }
 
 impl<C: Clock + Clone> Scheduler<C> {
@@ -191,6 +206,7 @@ impl<C: Clock + Clone> Scheduler<C> {
                     until: start + s.remaining,
                     due: s.until,
                     detail: s.detail,
+                    capped: false,
                 };
                 (Arc::from(s.domain.as_str()), held)
             })
@@ -228,6 +244,77 @@ impl<C: Clock + Clone> Scheduler<C> {
             suspect: None,
             batch_sent: 0,
             tally: Tally::default(),
+            daily: settings.daily.clone().map(|daily| (daily, start)),
+            waiting: None,
+        }
+    }
+
+    /// `now` on the calendar's clock: the run's start there, plus the time since.
+    fn wall(&self, now: Instant) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.daily.as_ref().map(|(daily, start)| {
+            daily.start()
+                + chrono::TimeDelta::from_std(now.saturating_duration_since(*start))
+                    .unwrap_or_default()
+        })
+    }
+
+    /// `domain` reached its daily cap: its messages are set aside (reported deferred until
+    /// `until`, the next day), and the other domains go on.
+    fn cap_domain(
+        &mut self,
+        domain: &str,
+        until: chrono::DateTime<chrono::Utc>,
+        reason: String,
+        now: Instant,
+    ) {
+        let wall = self.wall(now).unwrap_or(until);
+        let wait = (until - wall).to_std().unwrap_or_default();
+        tracing::info!(domain, reason = %reason, "daily cap reached for this domain; its messages are left deferred until the next day");
+        self.tally.capped.insert(
+            domain.to_owned(),
+            SuspendedDomain {
+                until: until.into(),
+                deferred: 0,
+            },
+        );
+        self.set_aside(domain);
+        self.suspended.insert(
+            domain.into(),
+            Suspended {
+                until: now + wait,
+                due: until.into(),
+                detail: reason,
+                capped: true,
+            },
+        );
+    }
+
+    /// Takes `domain`'s queued and retrying jobs out, to be reported deferred.
+    fn set_aside(&mut self, domain: &str) {
+        if let Some(queue) = self.domains.remove(domain) {
+            self.parked -= queue.len();
+            self.aside.extend(queue);
+        }
+        self.ready.retain(|d| &**d != domain);
+        self.blocked.retain(|_, d| &**d != domain);
+        let waiting: Vec<(Instant, u64)> = self
+            .retries
+            .iter()
+            .filter(|(_, job)| job.message.envelope.rcpt_to.domain() == domain)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in waiting {
+            if let Some(job) = self.retries.remove(&key) {
+                self.aside.push(job);
+            }
+        }
+    }
+
+    /// A message of `domain` was not taken by the relay after all: its place in the day's
+    /// cap is free again.
+    fn give_back(&mut self, domain: &str) {
+        if let Some((daily, _)) = &mut self.daily {
+            daily.give_back(domain);
         }
     }
 
@@ -299,29 +386,14 @@ impl<C: Clock + Clone> Scheduler<C> {
                 deferred: 0,
             },
         );
-        if let Some(queue) = self.domains.remove(domain) {
-            self.parked -= queue.len();
-            self.aside.extend(queue);
-        }
-        self.ready.retain(|d| &**d != domain);
-        self.blocked.retain(|_, d| &**d != domain);
-        let waiting: Vec<(Instant, u64)> = self
-            .retries
-            .iter()
-            .filter(|(_, job)| job.message.envelope.rcpt_to.domain() == domain)
-            .map(|(key, _)| *key)
-            .collect();
-        for key in waiting {
-            if let Some(job) = self.retries.remove(&key) {
-                self.aside.push(job);
-            }
-        }
+        self.set_aside(domain);
         self.suspended.insert(
             domain.into(),
             Suspended {
                 until: now + self.retry.suspension,
                 due,
                 detail,
+                capped: false,
             },
         );
     }
@@ -365,6 +437,13 @@ impl<C: Clock + Clone> Scheduler<C> {
                 let retry = self.retries.first_key_value().map(|((at, _), _)| *at);
                 return blocked.into_iter().chain(retry).min();
             }
+            let wall = self.wall(now);
+            if let (Some((daily, _)), Some(wall)) = (&mut self.daily, wall)
+                && let Some(waiting) = daily.blocked(wall)
+            {
+                self.waiting = Some(waiting);
+                return None;
+            }
             if !self.global_held {
                 match self.pacer.reserve_global() {
                     Ok(()) => self.global_held = true,
@@ -375,6 +454,20 @@ impl<C: Clock + Clone> Scheduler<C> {
                 .ready
                 .pop_front()
                 .expect("`ready` is not empty: checked above");
+            if let (Some((daily, _)), Some(wall)) = (&mut self.daily, wall) {
+                match daily.check(wall, &domain) {
+                    Check::Go => {}
+                    Check::Stop(waiting) => {
+                        self.ready.push_front(domain);
+                        self.waiting = Some(waiting);
+                        return None;
+                    }
+                    Check::Capped { until, reason } => {
+                        self.cap_domain(&domain, until, reason, now);
+                        continue;
+                    }
+                }
+            }
             if let Err(wait) = self.pacer.admit(&domain) {
                 let key = (now + wait, self.next_sequence());
                 self.blocked.insert(key, domain);
@@ -400,6 +493,10 @@ impl<C: Clock + Clone> Scheduler<C> {
                 continue;
             }
             job.epoch = self.epoch;
+            let taken_domain: Option<Arc<str>> = self
+                .daily
+                .is_some()
+                .then(|| job.message.envelope.rcpt_to.domain().into());
             let worker = self.idle.pop().expect("a worker is idle: checked above");
             let Some(Some(sender)) = self.workers.get(worker) else {
                 // Retired workers are never idle; put the job back rather than lose it.
@@ -413,6 +510,11 @@ impl<C: Clock + Clone> Scheduler<C> {
                 continue;
             }
             self.in_flight += 1;
+            if let (Some((daily, _)), Some(wall), Some(taken)) =
+                (&mut self.daily, wall, taken_domain)
+            {
+                daily.take(wall, &taken);
+            }
             if let Some(batch) = self.batch {
                 self.batch_sent += 1;
                 let nothing_left = self.parked == 0 && self.retries.is_empty();
@@ -498,8 +600,14 @@ impl<C: Clock + Clone> Scheduler<C> {
                 self.settle_answer(job, attempt, now, results).await
             }
             Verdict::Crashed => self.settle_crash(worker, job, results).await,
-            Verdict::Unrecorded(error) => Some(self.settle_unrecorded(worker, job, &error)),
-            Verdict::Relay(failure) => self.settle_relay_failure(worker, job, failure, now),
+            Verdict::Unrecorded(error) => {
+                self.give_back(job.message.envelope.rcpt_to.domain());
+                Some(self.settle_unrecorded(worker, job, &error))
+            }
+            Verdict::Relay(failure) => {
+                self.give_back(job.message.envelope.rcpt_to.domain());
+                self.settle_relay_failure(worker, job, failure, now)
+            }
         };
         if ended.is_none()
             && self.in_flight == 0
@@ -885,6 +993,13 @@ impl<C: Clock + Clone> Scheduler<C> {
             } else {
                 None
             };
+            if gave_up.is_none()
+                && let Some(waiting) = self.waiting.take()
+            {
+                let end = GaveUp::Wait(waiting);
+                self.give_up(&end);
+                gave_up = Some(end);
+            }
             self.report_dropped(&results).await;
             self.report_aside(&results).await;
             if self.in_flight == 0 {
@@ -944,6 +1059,7 @@ impl<C: Clock + Clone> Scheduler<C> {
                 (None, Some(Stopped::Halt(reason)))
             }
             Some(GaveUp::Interrupt(signal)) => (None, Some(Stopped::Interrupt(signal))),
+            Some(GaveUp::Wait(waiting)) => (None, Some(Stopped::Wait(waiting))),
             None => (None, None),
         };
         (failure, halted, self.tally)
@@ -967,6 +1083,9 @@ impl<C: Clock + Clone> Scheduler<C> {
             }
             GaveUp::Interrupt(signal) => {
                 tracing::warn!(signal = %signal, "stopped by a signal: no new message starts in this run");
+            }
+            GaveUp::Wait(waiting) => {
+                tracing::warn!(reason = %waiting.reason, "no new message starts in this run");
             }
         }
     }
@@ -997,8 +1116,12 @@ impl<C: Clock + Clone> Scheduler<C> {
             };
             let detail = suspension.detail.clone();
             let due = suspension.due;
-            self.tally
-                .suspended
+            let tally = if suspension.capped {
+                &mut self.tally.capped
+            } else {
+                &mut self.tally.suspended
+            };
+            tally
                 .entry(domain.to_owned())
                 .or_insert(SuspendedDomain {
                     until: due,

@@ -134,6 +134,25 @@ CREATE TABLE IF NOT EXISTS suspensions (
 );
 ";
 
+/// Every message handed to the relay (its `in_flight` record), retries included, with when
+/// on the calendar's clock (`clock::calendar_now`): what the daily caps and the warm-up count.
+/// A message the relay failed before taking (put back to `pending`) is taken out again. Made
+/// when missing by any writer, filled then with each recipient's last attempt.
+const ATTEMPTS_SCHEMA: &str = "
+CREATE TABLE attempts (
+    id INTEGER PRIMARY KEY,
+    recipient INTEGER NOT NULL,
+    domain TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE INDEX attempts_at ON attempts (at);
+INSERT INTO attempts (recipient, domain, at)
+    SELECT id, domain, last_attempt_at FROM recipients
+    WHERE last_attempt_at IS NOT NULL AND domain IS NOT NULL ORDER BY last_attempt_at;
+";
+
+pub use crate::dispatch::Attempted;
+
 /// A domain suspended for throttling, as the journal has it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SuspendedDomain {
@@ -571,6 +590,15 @@ impl Journal {
             .conn
             .execute_batch(SUSPENSIONS_SCHEMA)
             .map_err(|e| unwritable(path, &e))?;
+        if !journal
+            .has_table("attempts")
+            .map_err(|e| unwritable(path, &e))?
+        {
+            journal
+                .conn
+                .execute_batch(&format!("BEGIN; {ATTEMPTS_SCHEMA} COMMIT;"))
+                .map_err(|e| unwritable(path, &e))?;
+        }
         Ok(journal)
     }
 
@@ -755,7 +783,7 @@ impl Journal {
         self.conn.execute_batch("BEGIN")?;
         let created = (|| {
             self.conn.execute_batch(&format!(
-                "{SCHEMA} {REVIEW_SCHEMA} {SUSPENSIONS_SCHEMA} PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"
+                "{SCHEMA} {REVIEW_SCHEMA} {SUSPENSIONS_SCHEMA} {ATTEMPTS_SCHEMA} PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"
             ))?;
             self.conn.execute(
                 "INSERT INTO campaign (id, created_at) VALUES (?1, ?2)",
@@ -894,6 +922,46 @@ impl Journal {
             .collect::<Result<_, _>>()?;
         let latest = domains.iter().map(|(_, at)| *at).max();
         Ok((latest, domains))
+    }
+
+    fn has_table(&self, name: &str) -> rusqlite::Result<bool> {
+        self.conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1)",
+            params![name],
+            |r| r.get(0),
+        )
+    }
+
+    /// The messages handed to the relay from `from` (ms, included) to `to` (excluded), in
+    /// every slot: for the daily caps.
+    pub fn attempted(&self, from: i64, to: i64) -> anyhow::Result<Attempted> {
+        let mut attempted = Attempted::default();
+        if !self.has_table("attempts")? {
+            return Ok(attempted);
+        }
+        let mut statement = self.conn.prepare(
+            "SELECT domain, count(*) FROM attempts WHERE at >= ?1 AND at < ?2 GROUP BY domain",
+        )?;
+        let rows = statement.query_map(params![from, to], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?))
+        })?;
+        for row in rows {
+            let (domain, count) = row?;
+            attempted.total = attempted.total.saturating_add(count);
+            attempted.domains.insert(domain, count);
+        }
+        Ok(attempted)
+    }
+
+    /// When the campaign's first message was handed to the relay (ms, calendar clock): day 0
+    /// of the warm-up.
+    pub fn first_attempt(&self) -> anyhow::Result<Option<i64>> {
+        if !self.has_table("attempts")? {
+            return Ok(None);
+        }
+        Ok(self
+            .conn
+            .query_row("SELECT min(at) FROM attempts", [], |r| r.get(0))?)
     }
 
     /// The domains suspended until `since` (ms) or later, latest first.

@@ -37,6 +37,8 @@ enum Change {
         message_id: String,
         content_hash: String,
         at: i64,
+        /// The same moment on the calendar's clock, for the daily caps.
+        day_at: i64,
         done: oneshot::Sender<Result<(), String>>,
     },
     /// What the server (or the transport) said.
@@ -314,6 +316,13 @@ fn apply(conn: &Connection, group: &[Change]) -> rusqlite::Result<Vec<i64>> {
         let mut requeued = conn.prepare_cached(
             "UPDATE recipients SET state = 'pending', updated_at = ?2 WHERE id = ?1 AND state = 'in_flight'",
         )?;
+        let mut attempt = conn.prepare_cached(
+            "INSERT INTO attempts (recipient, domain, at) SELECT id, domain, ?2 FROM recipients
+             WHERE id = ?1 AND domain IS NOT NULL",
+        )?;
+        let mut not_taken = conn.prepare_cached(
+            "DELETE FROM attempts WHERE id = (SELECT max(id) FROM attempts WHERE recipient = ?1)",
+        )?;
         for change in group {
             match change {
                 Change::InFlight {
@@ -322,10 +331,13 @@ fn apply(conn: &Connection, group: &[Change]) -> rusqlite::Result<Vec<i64>> {
                     message_id,
                     content_hash,
                     at,
+                    day_at,
                     ..
                 } => {
                     if in_flight.execute(params![id, locale, message_id, content_hash, at])? == 0 {
                         stray.push(*id);
+                    } else {
+                        attempt.execute(params![id, day_at])?;
                     }
                 }
                 Change::Outcome {
@@ -349,7 +361,9 @@ fn apply(conn: &Connection, group: &[Change]) -> rusqlite::Result<Vec<i64>> {
                     ])?;
                 }
                 Change::Requeued { id, at } => {
-                    requeued.execute(params![id, at])?;
+                    if requeued.execute(params![id, at])? > 0 {
+                        not_taken.execute(params![id])?;
+                    }
                 }
                 Change::Halt { slot, reason } => {
                     super::halt(conn, slot, "breaker", reason)?;
@@ -415,6 +429,7 @@ impl Record for Recorder {
             message_id: message_id.to_owned(),
             content_hash,
             at: crate::clock::now_millis(),
+            day_at: crate::clock::calendar_millis(),
             done,
         });
         Gate::sent(wait)

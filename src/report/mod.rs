@@ -47,6 +47,12 @@ pub struct Summary {
     /// Domains suspended for throttling: until when, and how many recipients this run left
     /// deferred until then.
     pub suspended: BTreeMap<String, (std::time::SystemTime, usize)>,
+    /// Domains that reached their daily cap: until when (the next day), and how many
+    /// recipients this run left deferred until then.
+    pub capped: BTreeMap<String, (std::time::SystemTime, usize)>,
+    /// Why the run stopped before the end: the send window closed or the day's cap was
+    /// reached, and when sending may go on.
+    pub waiting: Option<String>,
     /// Recipients this run attempted (the rest were settled by earlier runs, or are waiting).
     pub attempted: usize,
     /// Recipients sent by this run.
@@ -196,6 +202,17 @@ impl Summary {
                 Shown(domain),
                 humantime::format_rfc3339_seconds(*until)
             )?;
+        }
+        for (domain, (until, deferred)) in &self.capped {
+            writeln!(
+                out,
+                "capped: {} reached its daily cap ([rate.per_domain_per_day]): {deferred} recipients deferred until {}",
+                Shown(domain),
+                humantime::format_rfc3339_seconds(*until)
+            )?;
+        }
+        if let Some(reason) = &self.waiting {
+            writeln!(out, "waiting: {reason}")?;
         }
         if !self.locales.is_empty() {
             writeln!(out, "{}", self.locale_line())?;

@@ -8,6 +8,7 @@ use std::path::Path;
 use super::Options;
 use crate::clock;
 use crate::config::{self, Campaign};
+use crate::dispatch;
 use crate::exit::{Exit, Failure};
 use crate::journal;
 use crate::plan::{self, fingerprint};
@@ -49,6 +50,51 @@ fn slot_of(campaign: &Campaign, asked: Option<&str>) -> anyhow::Result<String> {
         )
         .into()),
     }
+}
+
+/// The campaign's send windows and daily caps as they stand now, with what the journal counts
+/// today (`None` when it has neither). Fails with exit 75 outside a window or once the day's
+/// cap is reached: nothing is loaded or sent.
+pub fn daily(campaign: &Campaign, j: &Journaled) -> anyhow::Result<Option<dispatch::Daily>> {
+    let Some(mut daily) = daily_of(campaign, &j.journal)? else {
+        return Ok(None);
+    };
+    if let Some(waiting) = daily.blocked(daily.start()) {
+        return Err(Failure::new(
+            Exit::WorkRemaining,
+            format!(
+                "campaign `{}` is waiting: {}; nothing was sent",
+                campaign.id, waiting.reason
+            ),
+        )
+        .into());
+    }
+    Ok(Some(daily))
+}
+
+/// [`daily`] without the refusal: what `status` and `plan` read too.
+pub fn daily_of(
+    campaign: &Campaign,
+    journal: &journal::Journal,
+) -> anyhow::Result<Option<dispatch::Daily>> {
+    let calendar = &campaign.schedule.calendar;
+    let caps = &campaign.rate.daily;
+    if !caps.any() && calendar.windows.is_empty() {
+        return Ok(None);
+    }
+    let now = clock::calendar_now()?;
+    let (from, to) = calendar.day_bounds(now);
+    let used = journal.attempted(from.timestamp_millis(), to.timestamp_millis())?;
+    let first = journal
+        .first_attempt()?
+        .and_then(chrono::DateTime::from_timestamp_millis);
+    Ok(Some(dispatch::Daily::new(
+        calendar.clone(),
+        caps.clone(),
+        now,
+        first,
+        used,
+    )))
 }
 
 /// What a journaled run holds: the lock, the journal and the slot.

@@ -44,6 +44,12 @@ pub fn conclude(
             .suspended
             .insert(domain.clone(), (suspended.until, suspended.deferred));
     }
+    for (domain, capped) in &ended.tally.capped {
+        summary
+            .capped
+            .insert(domain.clone(), (capped.until, capped.deferred));
+    }
+    summary.waiting = ended.waiting.as_ref().map(|w| w.reason.clone());
     summary.print(out)?;
     if summary.dry_run {
         writeln!(
@@ -56,12 +62,17 @@ pub fn conclude(
         Exit::Halted
     } else if let Some(failure) = &ended.failure {
         failure.kind.exit()
-    } else if ended.interrupted.is_some() {
+    } else if ended.interrupted.is_some() || ended.waiting.is_some() {
         Exit::WorkRemaining
     } else {
         summary.exit()
     };
     if let Some(j) = journaled {
+        if let Some(waiting) = &ended.waiting
+            && let Err(error) = j.journal.event(&j.slot, "waiting", &waiting.reason)
+        {
+            tracing::error!("cannot record why the run stopped in the journal: {error:#}");
+        }
         record_end(j, ended.halted.is_none(), halted.as_deref(), exit, &summary);
     }
     recorded?;
@@ -94,6 +105,18 @@ pub fn conclude(
             ),
         };
         return Err(Failure::new(failure.kind.exit(), message).into());
+    }
+    if let Some(waiting) = ended.waiting {
+        return Err(Failure::new(
+            Exit::WorkRemaining,
+            format!(
+                "{}: {} recipients left pending, nothing is halted — `mailer send {}` then goes on",
+                waiting.reason,
+                summary.count(State::Pending),
+                path.display()
+            ),
+        )
+        .into());
     }
     if let Some(signal) = ended.interrupted {
         return Err(Failure::new(

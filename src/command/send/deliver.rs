@@ -40,6 +40,9 @@ pub struct Setup<'a> {
     pub suppressed: Option<dispatch::Suppressed>,
     /// Becomes the signal's name when SIGINT, SIGTERM or SIGHUP asks the run to stop.
     pub interrupt: Option<tokio::sync::watch::Receiver<Option<String>>>,
+    /// Send windows and daily caps, with what the journal counts today; `None` in a dry run,
+    /// for the canary stage, and when the campaign has none.
+    pub daily: Option<dispatch::Daily>,
 }
 
 impl<'a> Setup<'a> {
@@ -61,6 +64,7 @@ impl<'a> Setup<'a> {
             halts: None,
             suppressed: None,
             interrupt: None,
+            daily: None,
         })
     }
 }
@@ -98,6 +102,7 @@ pub fn deliver(
         halts,
         suppressed,
         interrupt,
+        daily,
     } = setup;
     let (writer, recorder) = journal.map_or((None, None), |(w, r)| {
         (Some(w), Some(std::sync::Arc::new(r) as dispatch::Recorder))
@@ -139,6 +144,7 @@ pub fn deliver(
                 halt: halt_out,
                 interrupt: interrupt.unwrap_or_else(|| tokio::sync::watch::channel(None).1),
                 suppressed: suppressed.clone(),
+                daily,
             };
             let dispatching = dispatch::run(transport, settings, pacer, messages_out, results_in);
             let writing = async {

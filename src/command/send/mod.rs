@@ -88,6 +88,11 @@ pub fn run(
         Some(j) => journal::named(j.journal.path())(error),
         None => error,
     };
+    // Outside a send window, or with the day's cap reached: exit 75 before the long work.
+    let mut daily = match &journaled {
+        Some(j) => admit::daily(&campaign, j).map_err(|e| named(Some(j), e))?,
+        None => None,
+    };
     if let Some(exit) =
         due::idle(journaled.as_ref(), &campaign, out).map_err(|e| named(journaled.as_ref(), e))?
     {
@@ -137,6 +142,10 @@ pub fn run(
             setup.suppressed = Some(std::sync::Arc::new(std::sync::RwLock::new(set)));
         }
     }
+    if let Some(daily) = &mut daily {
+        daily.restart(clock::calendar_now()?);
+    }
+    setup.daily = daily;
     let started = Instant::now();
     let mut progress = report::Progress::new(
         options.limit.map_or(due_count, |n| n.min(due_count)) as u64,
