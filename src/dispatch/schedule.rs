@@ -1052,6 +1052,7 @@ impl<C: Clock + Clone> Scheduler<C> {
         // Dropping the job channels stops the workers.
         self.workers.clear();
         self.report_retries_left(&results).await;
+        self.report_retried_parked(&results).await;
         self.report_aside(&results).await;
         let (failure, halted) = match gave_up {
             Some(GaveUp::Relay(failure)) => (Some(failure), None),
@@ -1133,6 +1134,24 @@ impl<C: Clock + Clone> Scheduler<C> {
                 .duration_since(crate::clock::now())
                 .unwrap_or(Duration::ZERO);
             self.report(results, &job, State::Deferred, detail, Some(wait))
+                .await;
+        }
+    }
+
+    /// Recipients whose retry fell due but did not go before the run ended early stay
+    /// deferred, as their last answer left them (the others in the queues stay pending).
+    async fn report_retried_parked(&mut self, results: &mpsc::Sender<Delivery>) {
+        let mut retried = Vec::new();
+        for queue in self.domains.values_mut() {
+            let (tried, untried): (VecDeque<Job>, VecDeque<Job>) =
+                queue.drain(..).partition(|job| job.attempts > 0);
+            *queue = untried;
+            retried.extend(tried);
+        }
+        for job in retried {
+            self.parked -= 1;
+            let detail = format!("{} (left for the next run)", job.last_reply);
+            self.report(results, &job, State::Deferred, detail, Some(Duration::ZERO))
                 .await;
         }
     }
@@ -2211,6 +2230,189 @@ mod tests {
             assert!(finished.deliveries.is_empty());
             assert!(finished.ended.halted.is_some());
             assert_eq!(script.calls().len(), 3, "only those already handed out");
+        });
+    }
+
+    /// Windows and caps for a run starting at `start` (UTC, the calendar's clock), with what
+    /// the journal counts today.
+    fn daily(windows: &[&str], caps: crate::config::DailyCaps, start: &str, used: u32) -> Daily {
+        let start = chrono::DateTime::parse_from_rfc3339(start)
+            .unwrap()
+            .to_utc();
+        Daily::new(
+            crate::config::Calendar {
+                timezone: chrono_tz::Tz::UTC,
+                windows: windows.iter().map(|w| w.parse().unwrap()).collect(),
+            },
+            caps,
+            start,
+            Some(start),
+            super::super::Attempted {
+                total: used,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn per_day(cap: u32) -> crate::config::DailyCaps {
+        crate::config::DailyCaps {
+            per_day: NonZeroU32::new(cap),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_window_closing_mid_run_lets_the_wire_finish_and_leaves_the_rest_pending() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            // One message every 100 ms; the window (Monday 2026-12-07) closes 1 s in.
+            setup.rate.global = Some(pace(1, ms(100)));
+            setup.daily = Some(daily(
+                &["Mon-Fri 09:00-17:00"],
+                crate::config::DailyCaps::default(),
+                "2026-12-07T16:59:59Z",
+                0,
+            ));
+            // Each attempt takes 150 ms: the last ones are on the wire when the window closes.
+            let script = Script::new(2, ms(150), |_| accepted());
+            let messages = (1..=30)
+                .map(|line| queued(line, &format!("r{line}@a.example")))
+                .collect();
+            let finished = setup.run(scripted(&script), messages).await;
+            // Handed out at 0, 100, …, 900 ms (two on the wire at a time lets them all go);
+            // every one started finished, and nothing started at or after 17:00.
+            assert_eq!(script.lines(), (1..=10).collect::<Vec<_>>());
+            assert_eq!(finished.deliveries.len(), 10);
+            assert!(finished.deliveries.iter().all(|d| d.state == State::Sent));
+            let waiting = finished.ended.waiting.expect("the window closed");
+            assert_eq!(
+                waiting.reason,
+                "outside the send window ([schedule] window); the next opens Tue 2026-12-08 09:00 UTC"
+            );
+            assert!(finished.ended.halted.is_none() && finished.ended.failure.is_none());
+            // The rest were never started: still pending (no record of them at all).
+            assert!(
+                setup
+                    .journal
+                    .events()
+                    .iter()
+                    .all(|e| !matches!(e, Event::InFlight(11..) | Event::Outcome { id: 11.., .. }))
+            );
+        });
+    }
+
+    #[test]
+    fn the_daily_cap_is_reserved_before_a_message_goes_whatever_the_connections() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            // Seven sent earlier today, a cap of ten: three more, on four connections.
+            setup.daily = Some(daily(&[], per_day(10), "2026-12-07T10:00:00Z", 7));
+            let script = Script::new(4, ms(100), |_| accepted());
+            let messages = (1..=20)
+                .map(|line| queued(line, &format!("r{line}@d{}.example", line % 3)))
+                .collect();
+            let finished = setup.run(scripted(&script), messages).await;
+            assert_eq!(script.calls().len(), 3);
+            assert_eq!(finished.deliveries.len(), 3);
+            let waiting = finished.ended.waiting.expect("the cap");
+            assert_eq!(
+                waiting.reason,
+                "daily cap of 10 reached; next message after Tue 2026-12-08 00:00 UTC"
+            );
+        });
+    }
+
+    #[test]
+    fn retries_count_toward_the_daily_cap() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            setup.daily = Some(daily(&[], per_day(3), "2026-12-07T10:00:00Z", 0));
+            // Line 1 gets a 4xx on its first attempt and is accepted after.
+            let script = Script::new(1, ms(10), |call| {
+                if call.line == 1 && call.nth == 1 {
+                    reply(451, "4.3.0 try later")
+                } else {
+                    accepted()
+                }
+            });
+            let messages = (1..=5)
+                .map(|line| queued(line, &format!("r{line}@a.example")))
+                .collect();
+            let finished = setup.run(scripted(&script), messages).await;
+            // Line 1, line 2, line 3: three attempts, the cap; line 1's retry does not go.
+            let lines: Vec<u64> = script.calls().iter().map(|c| c.line).collect();
+            assert_eq!(lines, [1, 2, 3]);
+            assert_eq!(finished.state(1).map(|(s, _)| s), Some(State::Deferred));
+            assert_eq!(finished.state(2).map(|(s, _)| s), Some(State::Sent));
+            assert_eq!(finished.state(4), None, "never started: pending");
+            assert!(finished.ended.waiting.is_some());
+        });
+    }
+
+    #[test]
+    fn a_domain_cap_defers_that_domain_until_the_next_day_and_the_others_go_on() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            let caps = crate::config::DailyCaps {
+                domains: [("capped.example".to_owned(), NonZeroU32::new(2).unwrap())].into(),
+                ..Default::default()
+            };
+            setup.daily = Some(daily(&[], caps, "2026-12-07T10:00:00Z", 0));
+            let script = Script::new(2, ms(10), |_| accepted());
+            let messages = (1..=10)
+                .map(|line| {
+                    let domain = if line % 2 == 0 { "capped" } else { "free" };
+                    queued(line, &format!("r{line}@{domain}.example"))
+                })
+                .collect();
+            let finished = setup.run(scripted(&script), messages).await;
+            let capped_sent = script
+                .calls()
+                .iter()
+                .filter(|c| c.recipient.ends_with("@capped.example"))
+                .count();
+            assert_eq!(capped_sent, 2);
+            assert_eq!(finished.deliveries.len(), 10);
+            for line in [1, 3, 5, 7, 9] {
+                assert_eq!(finished.state(line).map(|(s, _)| s), Some(State::Sent));
+            }
+            let deferred: Vec<&Delivery> = finished
+                .deliveries
+                .iter()
+                .filter(|d| d.state == State::Deferred)
+                .collect();
+            assert_eq!(deferred.len(), 3);
+            assert!(deferred.iter().all(|d| d.detail.starts_with(
+                "capped.example daily cap of 2 reached ([rate.per_domain_per_day]); its next message after Tue 2026-12-08 00:00 UTC"
+            )));
+            let capped = &finished.ended.tally.capped["capped.example"];
+            assert_eq!(capped.deferred, 3);
+            assert!(finished.ended.waiting.is_none());
+            assert!(finished.ended.tally.suspended.is_empty());
+        });
+    }
+
+    #[test]
+    fn a_message_the_relay_did_not_take_frees_its_place_in_the_cap() {
+        on_tokio_time(async {
+            let mut setup = Setup::new();
+            setup.daily = Some(daily(&[], per_day(2), "2026-12-07T10:00:00Z", 0));
+            // The first attempt meets a relay failure before the body; everything after goes.
+            let script = Script::new(1, ms(10), |call| {
+                if call.line == 1 && call.nth == 1 {
+                    Act::Relay(RelayFailure::new("connection refused"))
+                } else {
+                    accepted()
+                }
+            });
+            let messages = (1..=4)
+                .map(|line| queued(line, &format!("r{line}@a.example")))
+                .collect();
+            let finished = setup.run(scripted(&script), messages).await;
+            assert_eq!(finished.state(1).map(|(s, _)| s), Some(State::Sent));
+            assert_eq!(finished.state(2).map(|(s, _)| s), Some(State::Sent));
+            assert_eq!(finished.deliveries.len(), 2);
+            assert!(finished.ended.waiting.is_some());
         });
     }
 }
