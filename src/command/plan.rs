@@ -71,7 +71,12 @@ pub fn run(
         warnings: examination.problems.warnings(),
         sendable,
     };
-    let plan = plan::Plan::new(&loaded.campaign, &loaded.list, &counts, inputs, canary);
+    let mut plan = plan::Plan::new(&loaded.campaign, &loaded.list, &counts, inputs, canary);
+    plan.with_calendar(
+        &loaded.campaign,
+        &summary.domains,
+        crate::clock::calendar_now()?,
+    );
     let text = serde_json::to_string(&plan)?;
     if json {
         writeln!(out, "{text}")?;

@@ -200,6 +200,28 @@ impl Daily {
         None
     }
 
+    /// The domains whose own cap the current day has reached, each with until when.
+    #[must_use]
+    pub fn capped(&self) -> Vec<String> {
+        let mut capped: Vec<String> = self
+            .used
+            .domains
+            .iter()
+            .filter_map(|(domain, used)| {
+                let cap = self.caps.domain(domain)?;
+                (*used >= cap).then(|| {
+                    format!(
+                        "{domain} daily cap of {} reached; its next message after {}",
+                        thousands(cap),
+                        self.when(self.after_today())
+                    )
+                })
+            })
+            .collect();
+        capped.sort();
+        capped
+    }
+
     /// What may happen to a message of `domain` (lower-case, IDNA-encoded) at `now`.
     pub fn check(&mut self, now: DateTime<Utc>, domain: &str) -> Check {
         if let Some(waiting) = self.blocked(now) {

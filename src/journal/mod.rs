@@ -953,6 +953,31 @@ impl Journal {
         Ok(attempted)
     }
 
+    /// The campaign's send windows and daily caps at `now` (the calendar's clock), with what
+    /// this journal counts on `now`'s day; `None` when the campaign has neither.
+    pub fn daily(
+        &self,
+        calendar: &crate::config::Calendar,
+        caps: &crate::config::DailyCaps,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> anyhow::Result<Option<crate::dispatch::Daily>> {
+        if !caps.any() && calendar.windows.is_empty() {
+            return Ok(None);
+        }
+        let (from, to) = calendar.day_bounds(now);
+        let used = self.attempted(from.timestamp_millis(), to.timestamp_millis())?;
+        let first = self
+            .first_attempt()?
+            .and_then(chrono::DateTime::from_timestamp_millis);
+        Ok(Some(crate::dispatch::Daily::new(
+            calendar.clone(),
+            caps.clone(),
+            now,
+            first,
+            used,
+        )))
+    }
+
     /// When the campaign's first message was handed to the relay (ms, calendar clock): day 0
     /// of the warm-up.
     pub fn first_attempt(&self) -> anyhow::Result<Option<i64>> {

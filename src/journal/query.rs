@@ -39,6 +39,13 @@ pub struct Status {
     /// Domains suspended for throttling now (campaign-wide), latest end first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub suspended: Vec<SuspendedView>,
+    /// Why no message may start now, and until when: outside the send window, or the day's
+    /// cap reached (filled in by `status`, which reads the campaign's calendar).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+    /// Domains whose daily cap is reached today, each with until when.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub capped: Vec<String>,
 }
 
 /// A domain suspended for throttling: nothing goes to it before `until`.
@@ -223,6 +230,8 @@ impl Journal {
             })
             .collect();
         Ok(Status {
+            waiting: None,
+            capped: Vec::new(),
             campaign: campaign.to_owned(),
             slot: (!slot.is_empty()).then(|| slot.to_owned()),
             total,

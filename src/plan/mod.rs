@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::{Campaign, Rate, Transport};
+use crate::config::{Calendar, Campaign, DailyCaps, Open, Rate, Transport};
 use crate::printable::Shown;
 use crate::problem::Problem;
 use crate::recipients::{NormalisedAddress, Recipient, RecipientList};
@@ -181,6 +181,10 @@ pub struct Plan {
     /// The least time the messages take at the configured limits (global, per domain,
     /// batch pauses); `None` without any limit (as fast as the relay takes them).
     pub eta_seconds: Option<f64>,
+    /// With send windows or daily caps: when the last message would go if sending began now
+    /// (on the calendar's clock) and nothing had been sent yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finish: Option<Finish>,
     pub transport: String,
     /// The canary stage's messages, when `[safety] canary` is set.
     pub canary: Vec<CanaryPick>,
@@ -245,12 +249,39 @@ impl Plan {
             per_second: campaign.rate.global.as_ref().map(per_second),
             burst: campaign.rate.global.as_ref().map(|p| p.burst.get()),
             eta_seconds: eta.map(|d| d.as_secs_f64()),
+            finish: None,
             transport: describe(&campaign.transport),
             canary,
             errors: counts.errors,
             warnings: counts.warnings,
             sendable: counts.sendable,
         }
+    }
+
+    /// Adds when the campaign would end across its send windows and daily caps, sending from
+    /// `now` at the pace of [`eta`] (`domains`: every domain's messages).
+    pub fn with_calendar(
+        &mut self,
+        campaign: &Campaign,
+        domains: &BTreeMap<String, usize>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) {
+        let calendar = &campaign.schedule.calendar;
+        if calendar.windows.is_empty() && !campaign.rate.daily.any() {
+            return;
+        }
+        #[allow(clippy::cast_precision_loss)] // counts far below 2^53
+        let per_second = self
+            .eta_seconds
+            .filter(|s| *s > 0.0)
+            .map(|s| self.messages as f64 / s);
+        self.finish = Some(finish(
+            calendar,
+            &campaign.rate.daily,
+            per_second,
+            domains,
+            now,
+        ));
     }
 
     /// The fingerprint as people read it: its first [`SHORT`] hex digits.
@@ -311,6 +342,9 @@ impl Plan {
             |s| format!("at least {} at the configured limits", duration(s)),
         );
         writeln!(out, "  duration        {eta}")?;
+        if let Some(finish) = &self.finish {
+            writeln!(out, "  calendar        {}", finish.shown)?;
+        }
         for pick in &self.canary {
             writeln!(
                 out,
@@ -390,6 +424,123 @@ pub fn eta(rate: &Rate, messages: usize, domains: &BTreeMap<String, usize>) -> O
         }
     }
     limited.then(|| Duration::from_secs_f64(seconds))
+}
+
+/// When the last message goes, across send windows and daily caps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finish {
+    /// RFC 3339, UTC; `None`: never (a domain's messages with no way through).
+    pub ends_at: Option<String>,
+    /// Calendar days with sending, from the first to the last (in the campaign's time zone).
+    pub days: u32,
+    /// For people: `4 days: ends Thu 2026-12-10 14:05 Europe/Paris`.
+    pub shown: String,
+}
+
+/// When `domains`' messages are all sent, starting at `now` with nothing sent yet (day 0 of
+/// the warm-up), at `per_second` overall (`None`: no limit), only inside the send windows, and
+/// no more a day than the caps allow. Domains with a cap of their own go first each day (it
+/// gives the least time; the scheduler takes turns, so this is a lower bound like [`eta`]).
+#[must_use]
+pub fn finish(
+    calendar: &Calendar,
+    caps: &DailyCaps,
+    per_second: Option<f64>,
+    domains: &BTreeMap<String, usize>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Finish {
+    // Domains with their own cap, and every other message together.
+    let mut capped: Vec<(usize, u64)> = Vec::new();
+    let mut free: u64 = 0;
+    for (domain, &count) in domains {
+        match caps.domain(domain) {
+            Some(cap) => capped.push((count, u64::from(cap))),
+            None => free += count as u64,
+        }
+    }
+    let mut t = now;
+    let mut first_day: Option<chrono::NaiveDate> = None;
+    let mut last = now;
+    // The current day, and what its caps still allow.
+    let mut today: Option<chrono::NaiveDate> = None;
+    let mut global_left = u64::MAX;
+    let mut domain_left: Vec<u64> = capped.iter().map(|(_, cap)| *cap).collect();
+    // Four years of windows at most: past that the campaign is said never to end.
+    for _ in 0..(366 * 4 * 8) {
+        if free + capped.iter().map(|(n, _)| *n as u64).sum::<u64>() == 0 {
+            break;
+        }
+        let until = match calendar.open(t) {
+            Open::Closed(Some(next)) => {
+                t = next;
+                continue;
+            }
+            Open::Closed(None) => break,
+            Open::Always => None,
+            Open::Until(until) => Some(until),
+        };
+        let (_, day_end) = calendar.day_bounds(t);
+        let day = calendar.day(t);
+        if today != Some(day) {
+            today = Some(day);
+            let index = first_day.map_or(0, |first| {
+                u32::try_from((day - first).num_days()).unwrap_or(u32::MAX)
+            });
+            global_left = caps.global(index).map_or(u64::MAX, u64::from);
+            domain_left = capped.iter().map(|(_, cap)| *cap).collect();
+        }
+        let end = until.map_or(day_end, |u| u.min(day_end));
+        // Messages the rate lets go before `end`.
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let by_rate = per_second.map_or(u64::MAX, |r| {
+            ((end - t).num_milliseconds().max(0) as f64 / 1000.0 * r).floor() as u64
+        });
+        let mut room = by_rate.min(global_left);
+        let mut sent: u64 = 0;
+        for ((count, _), allowed) in capped.iter_mut().zip(&mut domain_left) {
+            let n = (*count as u64).min(*allowed).min(room);
+            *count -= usize::try_from(n).unwrap_or(*count);
+            *allowed -= n;
+            room -= n;
+            sent += n;
+        }
+        let n = free.min(room);
+        free -= n;
+        sent += n;
+        global_left = global_left.saturating_sub(sent);
+        if sent > 0 {
+            first_day.get_or_insert(day);
+            #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+            let took = per_second.map_or(0, |r| ((sent - 1) as f64 / r * 1000.0).ceil() as i64);
+            last = (t + chrono::TimeDelta::milliseconds(took)).min(end);
+        }
+        // Fewer than the rate allowed: the caps hold the rest until the next day; otherwise
+        // the window (or the day) is over.
+        t = if sent < by_rate { day_end } else { end };
+    }
+    let left = free + capped.iter().map(|(n, _)| *n as u64).sum::<u64>();
+    if left > 0 {
+        return Finish {
+            ends_at: None,
+            days: 0,
+            shown: format!(
+                "{left} messages can never go within `[schedule] window` and the daily caps"
+            ),
+        };
+    }
+    let days = first_day.map_or(1, |first| {
+        u32::try_from((calendar.day(last) - first).num_days() + 1).unwrap_or(u32::MAX)
+    });
+    let plural = if days == 1 { "" } else { "s" };
+    Finish {
+        ends_at: Some(last.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        days,
+        shown: format!("{days} day{plural}: ends {}", calendar.show(last)),
+    }
 }
 
 /// The transport in a line, without credentials.
@@ -479,6 +630,111 @@ mod tests {
             eta(&batched, 1000, &domains),
             Some(Duration::from_secs(180))
         );
+    }
+
+    fn utc(text: &str) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::parse_from_rfc3339(text).unwrap().to_utc()
+    }
+
+    fn paris(windows: &[&str]) -> Calendar {
+        Calendar {
+            timezone: chrono_tz::Tz::Europe__Paris,
+            windows: windows.iter().map(|w| w.parse().unwrap()).collect(),
+        }
+    }
+
+    fn one_domain(count: usize) -> BTreeMap<String, usize> {
+        [("example.com".to_owned(), count)].into()
+    }
+
+    #[test]
+    fn the_plan_ends_across_windows_and_daily_caps() {
+        let monday_nine = utc("2026-12-07T08:00:00Z");
+        let office = paris(&["Mon-Fri 09:00-17:00"]);
+        let cap = |n| DailyCaps {
+            per_day: NonZeroU32::new(n),
+            ..DailyCaps::default()
+        };
+        // 5,000 a day at 1/s: 5,000 Monday, 5,000 Tuesday, 2,000 Wednesday from 09:00.
+        let f = finish(
+            &office,
+            &cap(5000),
+            Some(1.0),
+            &one_domain(12_000),
+            monday_nine,
+        );
+        assert_eq!(f.shown, "3 days: ends Wed 2026-12-09 09:33 Europe/Paris");
+        assert_eq!(f.ends_at.as_deref(), Some("2026-12-09T08:33:19Z"));
+        // No cap: the rate fills each 8-hour window (28,800), the rest on Tuesday.
+        let f = finish(
+            &office,
+            &DailyCaps::default(),
+            Some(1.0),
+            &one_domain(40_000),
+            monday_nine,
+        );
+        assert_eq!(f.shown, "2 days: ends Tue 2026-12-08 12:06 Europe/Paris");
+        // Friday 16:00: an hour on Friday, the rest on Monday morning.
+        let f = finish(
+            &office,
+            &DailyCaps::default(),
+            Some(1.0),
+            &one_domain(7200),
+            utc("2026-12-11T15:00:00Z"),
+        );
+        assert_eq!(f.shown, "4 days: ends Mon 2026-12-14 09:59 Europe/Paris");
+        // Planned outside the window: it starts at the next opening.
+        let f = finish(
+            &office,
+            &cap(5000),
+            None,
+            &one_domain(10),
+            utc("2026-12-12T12:00:00Z"),
+        );
+        assert_eq!(f.shown, "1 day: ends Mon 2026-12-14 09:00 Europe/Paris");
+    }
+
+    #[test]
+    fn the_plan_follows_the_warm_up_and_domain_caps_day_by_day() {
+        let caps = DailyCaps {
+            warmup: vec![NonZeroU32::new(100).unwrap(), NonZeroU32::new(200).unwrap()],
+            ..DailyCaps::default()
+        };
+        let any_time = paris(&[]);
+        let f = finish(
+            &any_time,
+            &caps,
+            None,
+            &one_domain(250),
+            utc("2026-12-07T10:00:00Z"),
+        );
+        assert_eq!(f.shown, "2 days: ends Tue 2026-12-08 00:00 Europe/Paris");
+        // Past the warm-up without per_day: no cap.
+        let f = finish(
+            &any_time,
+            &caps,
+            None,
+            &one_domain(10_000),
+            utc("2026-12-07T10:00:00Z"),
+        );
+        assert_eq!(f.days, 3);
+        let gmail = DailyCaps {
+            domains: [("gmail.com".to_owned(), NonZeroU32::new(10).unwrap())].into(),
+            ..DailyCaps::default()
+        };
+        let domains: BTreeMap<String, usize> = [
+            ("gmail.com".to_owned(), 25),
+            ("example.com".to_owned(), 1000),
+        ]
+        .into();
+        let f = finish(
+            &any_time,
+            &gmail,
+            None,
+            &domains,
+            utc("2026-12-07T10:00:00Z"),
+        );
+        assert_eq!(f.shown, "3 days: ends Wed 2026-12-09 00:00 Europe/Paris");
     }
 
     #[test]

@@ -81,6 +81,12 @@ pub fn print_status(status: &Status, out: &mut impl Write) -> io::Result<()> {
             )?;
         }
     }
+    if let Some(waiting) = &status.waiting {
+        writeln!(out, "  waiting: {waiting}")?;
+    }
+    for capped in &status.capped {
+        writeln!(out, "  capped: {capped}")?;
+    }
     for suspended in &status.suspended {
         writeln!(
             out,

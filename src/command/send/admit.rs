@@ -56,7 +56,11 @@ fn slot_of(campaign: &Campaign, asked: Option<&str>) -> anyhow::Result<String> {
 /// today (`None` when it has neither). Fails with exit 75 outside a window or once the day's
 /// cap is reached: nothing is loaded or sent.
 pub fn daily(campaign: &Campaign, j: &Journaled) -> anyhow::Result<Option<dispatch::Daily>> {
-    let Some(mut daily) = daily_of(campaign, &j.journal)? else {
+    let now = clock::calendar_now()?;
+    let Some(mut daily) =
+        j.journal
+            .daily(&campaign.schedule.calendar, &campaign.rate.daily, now)?
+    else {
         return Ok(None);
     };
     if let Some(waiting) = daily.blocked(daily.start()) {
@@ -70,31 +74,6 @@ pub fn daily(campaign: &Campaign, j: &Journaled) -> anyhow::Result<Option<dispat
         .into());
     }
     Ok(Some(daily))
-}
-
-/// [`daily`] without the refusal: what `status` and `plan` read too.
-pub fn daily_of(
-    campaign: &Campaign,
-    journal: &journal::Journal,
-) -> anyhow::Result<Option<dispatch::Daily>> {
-    let calendar = &campaign.schedule.calendar;
-    let caps = &campaign.rate.daily;
-    if !caps.any() && calendar.windows.is_empty() {
-        return Ok(None);
-    }
-    let now = clock::calendar_now()?;
-    let (from, to) = calendar.day_bounds(now);
-    let used = journal.attempted(from.timestamp_millis(), to.timestamp_millis())?;
-    let first = journal
-        .first_attempt()?
-        .and_then(chrono::DateTime::from_timestamp_millis);
-    Ok(Some(dispatch::Daily::new(
-        calendar.clone(),
-        caps.clone(),
-        now,
-        first,
-        used,
-    )))
 }
 
 /// What a journaled run holds: the lock, the journal and the slot.
