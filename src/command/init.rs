@@ -30,10 +30,23 @@ path = "recipients.csv"
 kind = "file"
 outbox = "outbox"
 
+# When to send. Without [schedule], a send may run at any time. Windows and daily caps count
+# in `timezone` (an IANA name); outside a window, or once the day's cap is reached, `send`
+# starts nothing and exits 75 saying when it may go on. See the README, "Send windows, daily
+# caps and warm-up".
+# [schedule]
+# timezone = "Europe/Paris"
+# window = ["Mon-Fri 09:00-17:00", "Sat 10:00-14:00"]
+
 # How fast to send. Without [rate], as fast as the relay takes it. See the README for
 # per-domain paces, batches and [retry].
 [rate]
 per_second = 20
+# per_day = 10000                  # messages a calendar day, retries included, every run together
+# warmup = [500, 1000, 2000, 5000] # caps of the first days since the first message, then per_day
+
+# [rate.per_domain_per_day]        # a domain's own daily cap (published provider limits)
+# "gmail.com" = 2000
 "#;
 
 const FILES: [(&str, &str); 10] = [
@@ -102,4 +115,48 @@ pub fn run(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Result<Exit> {
         Shown(dir.join("campaign.toml").display())
     )?;
     Ok(Exit::Complete)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scaffold_shows_the_calendar_keys_and_they_read_once_uncommented() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("c");
+        run(&target, &mut Vec::new()).unwrap();
+        let path = target.join("campaign.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let keys = [
+            "[schedule]",
+            "timezone",
+            "window",
+            "per_day",
+            "warmup",
+            "[rate.per_domain_per_day]",
+            "\"gmail.com\"",
+        ];
+        let mut uncommented = String::new();
+        for line in text.lines() {
+            uncommented.push_str(match line.strip_prefix("# ") {
+                Some(rest) if keys.iter().any(|k| rest.starts_with(k)) => rest,
+                _ => line,
+            });
+            uncommented.push('\n');
+        }
+        assert_ne!(uncommented, text, "the keys are there, commented");
+        let campaign = crate::config::parse(&path, &uncommented).unwrap();
+        assert_eq!(
+            campaign.schedule.calendar.timezone,
+            chrono_tz::Tz::Europe__Paris
+        );
+        assert_eq!(campaign.schedule.calendar.windows.len(), 2);
+        assert_eq!(campaign.rate.daily.global(0), Some(500));
+        assert_eq!(campaign.rate.daily.global(9), Some(10_000));
+        assert_eq!(campaign.rate.daily.domain("gmail.com"), Some(2000));
+        // As scaffolded, none of it is on.
+        let plain = crate::config::parse(&path, &text).unwrap();
+        assert!(plain.schedule.calendar.windows.is_empty() && !plain.rate.daily.any());
+    }
 }

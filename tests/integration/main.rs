@@ -2,6 +2,7 @@
 //! dry run, plus snapshots of rendered messages through the library.
 
 mod architecture;
+mod calendar;
 mod campaign;
 mod corpus;
 mod crash;
