@@ -86,7 +86,8 @@ pub enum Command {
         show: Option<u64>,
     },
     /// Everything `check` does, then the plan: counts, batches, the least duration at the
-    /// configured limits, the canary messages, and the fingerprint of every input that
+    /// configured limits (and the day it ends, with send windows or daily caps), the canary
+    /// messages, and the fingerprint of every input that
     /// `send --approve` pins. The plan is recorded in the campaign's journal.
     Plan {
         /// The campaign file (campaign.toml).
@@ -157,7 +158,8 @@ pub enum Command {
         move_journal: bool,
     },
     /// Show a campaign's progress from its journal: counts per state, rate, ETA, top replies,
-    /// domains, and the halt in force if any.
+    /// domains, why it waits (outside a send window, a daily cap reached), and the halt in
+    /// force if any.
     Status {
         /// The campaign file (campaign.toml).
         campaign: PathBuf,
