@@ -692,6 +692,48 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
+    async fn every_in_flight_record_counts_as_an_attempt_and_a_requeued_one_is_taken_back() {
+        let (_dir, journal, entries) = journal(Durability::Relaxed, 3);
+        let path = journal.path().to_owned();
+        let (writer, recorder) = Writer::start(&journal, Durability::Relaxed).unwrap();
+        let running = tokio::spawn(writer.run());
+        for entry in &entries {
+            let _ = recorder.in_flight(entry.id, "en", "m@example.com", &MESSAGE.bytes);
+        }
+        // Row 0 gets a 4xx and is tried again: two attempts. Row 2 never reached the relay.
+        let first = entries[0].id;
+        recorder.outcome(first, State::Deferred, 1, None, "451".to_owned(), None);
+        let _ = recorder.in_flight(first, "en", "m@example.com", &MESSAGE.bytes);
+        recorder.requeued(entries[2].id);
+        drop(recorder);
+        tokio::time::timeout(PATIENCE, running)
+            .await
+            .expect("the writer ends")
+            .unwrap()
+            .unwrap();
+        let journal = Journal::open(&path, "c", false, Durability::Relaxed).unwrap();
+        let attempted = journal.attempted(0, i64::MAX).unwrap();
+        assert_eq!(attempted.total, 3);
+        assert_eq!(attempted.domains["example.com"], 3);
+        let first_at = journal.first_attempt().unwrap().expect("a first attempt");
+        assert_eq!(
+            journal
+                .attempted(first_at + 3_600_000, i64::MAX)
+                .unwrap()
+                .total,
+            0
+        );
+        drop(journal);
+        // A journal from before the attempts were kept gets each recipient's last attempt.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("DROP TABLE attempts")
+            .unwrap();
+        let journal = Journal::open(&path, "c", false, Durability::Relaxed).unwrap();
+        assert_eq!(journal.attempted(0, i64::MAX).unwrap().total, 3);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
     async fn the_writer_runs_until_every_recorder_is_dropped() {
         for durability in [Durability::Full, Durability::Relaxed] {
             let (_dir, journal, entries) = journal(durability, 2);
