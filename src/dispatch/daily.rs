@@ -399,6 +399,33 @@ mod tests {
     }
 
     #[test]
+    fn on_the_day_the_clocks_go_forward_the_cap_resets_after_23_hours() {
+        let caps = DailyCaps {
+            per_day: Some(n(1)),
+            ..DailyCaps::default()
+        };
+        // Paris, 2027-03-28: midnight is 23:00 UTC the day before, the next midnight 22:00 UTC.
+        let morning = utc("2027-03-27T23:30:00Z");
+        let mut daily = Daily::new(paris(&[]), caps, morning, None, Attempted::default());
+        daily.take(morning, "a.example");
+        let Check::Stop(waiting) = daily.check(utc("2027-03-28T21:59:59Z"), "a.example") else {
+            panic!("the day's cap is spent");
+        };
+        assert_eq!(waiting.until, Some(utc("2027-03-28T22:00:00Z")));
+        assert!(
+            waiting
+                .reason
+                .ends_with("next message after Mon 2027-03-29 00:00 Europe/Paris"),
+            "{}",
+            waiting.reason
+        );
+        assert_eq!(
+            daily.check(utc("2027-03-28T22:00:00Z"), "a.example"),
+            Check::Go
+        );
+    }
+
+    #[test]
     fn a_window_closing_stops_new_messages_and_names_the_next_opening() {
         let mut daily = Daily::new(
             paris(&["Mon-Fri 09:00-17:00"]),
