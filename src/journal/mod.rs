@@ -10,6 +10,7 @@
 //!
 //! I/O at the edge: only this module talks SQL.
 
+pub mod bounces;
 mod lock;
 mod place;
 pub mod query;
@@ -442,10 +443,12 @@ pub enum RowState {
     Ambiguous,
     Suppressed,
     Invalid,
+    Bounced,
+    Complained,
 }
 
 impl RowState {
-    pub const ALL: [RowState; 8] = [
+    pub const ALL: [RowState; 10] = [
         RowState::Pending,
         RowState::InFlight,
         RowState::Sent,
@@ -454,6 +457,8 @@ impl RowState {
         RowState::Ambiguous,
         RowState::Suppressed,
         RowState::Invalid,
+        RowState::Bounced,
+        RowState::Complained,
     ];
 
     /// The name stored in the journal.
@@ -468,6 +473,8 @@ impl RowState {
             RowState::Ambiguous => "ambiguous",
             RowState::Suppressed => "suppressed",
             RowState::Invalid => "invalid",
+            RowState::Bounced => "bounced",
+            RowState::Complained => "complained",
         }
     }
 
@@ -489,6 +496,8 @@ impl RowState {
             RowState::Failed => State::Failed,
             RowState::Suppressed => State::Suppressed,
             RowState::Invalid => State::Invalid,
+            RowState::Bounced => State::Bounced,
+            RowState::Complained => State::Complained,
         }
     }
 }
@@ -503,6 +512,8 @@ impl From<State> for RowState {
             State::Ambiguous => RowState::Ambiguous,
             State::Suppressed => RowState::Suppressed,
             State::Invalid => RowState::Invalid,
+            State::Bounced => RowState::Bounced,
+            State::Complained => RowState::Complained,
         }
     }
 }
@@ -570,6 +581,10 @@ impl Journal {
         journal
             .conn
             .execute_batch(SUSPENSIONS_SCHEMA)
+            .map_err(|e| unwritable(path, &e))?;
+        journal
+            .conn
+            .execute_batch(bounces::BOUNCES_SCHEMA)
             .map_err(|e| unwritable(path, &e))?;
         Ok(journal)
     }
@@ -876,7 +891,7 @@ impl Journal {
         Ok(self.conn.query_row(
             "SELECT EXISTS (SELECT 1 FROM recipients WHERE slot = ?1 AND (
                  first_attempt_at IS NOT NULL OR attempts > 0
-                 OR state IN ('in_flight', 'sent', 'failed', 'deferred', 'ambiguous')))",
+                 OR state IN ('in_flight', 'sent', 'failed', 'deferred', 'ambiguous', 'bounced', 'complained')))",
             params![slot],
             |r| r.get(0),
         )?)
@@ -1581,7 +1596,8 @@ mod tests {
         }
         assert_eq!(RowState::InFlight.name(), "in_flight");
         assert_eq!(RowState::InFlight.counted_as(), State::Ambiguous);
-        assert_eq!(RowState::parse("bounced"), None);
+        assert_eq!(RowState::parse("bounced"), Some(RowState::Bounced));
+        assert_eq!(RowState::parse("returned"), None);
     }
 
     #[test]
