@@ -2,6 +2,7 @@
 //! dry run, plus snapshots of rendered messages through the library.
 
 mod architecture;
+mod bounces;
 mod campaign;
 mod corpus;
 mod crash;
