@@ -42,6 +42,8 @@ pub enum Kind {
     /// A feedback report of another type than a complaint (`not-spam`, `auth-failure`):
     /// ignored.
     OtherFeedback,
+    /// A DSN that reports successes only (`delivered`, `relayed`, `expanded`): ignored.
+    Success,
     /// None of these: listed, never dropped.
     Unrecognised,
 }
@@ -55,6 +57,7 @@ impl Kind {
             Kind::Text => "text bounce",
             Kind::AutoReply => "auto-reply",
             Kind::OtherFeedback => "feedback (not a complaint)",
+            Kind::Success => "delivery success",
             Kind::Unrecognised => "unrecognised",
         }
     }
@@ -62,7 +65,7 @@ impl Kind {
     /// Whether it says nothing about recipients, by nature.
     #[must_use]
     pub fn ignored(self) -> bool {
-        matches!(self, Kind::AutoReply | Kind::OtherFeedback)
+        matches!(self, Kind::AutoReply | Kind::OtherFeedback | Kind::Success)
     }
 }
 
@@ -225,15 +228,16 @@ fn field<'a>(block: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-/// The notices of a `message/delivery-status` body; successes (`delivered`, `relayed`,
-/// `expanded`) are left out.
-fn delivery_status(body: &[u8]) -> Vec<Notice> {
+/// The notices of a `message/delivery-status` body, and how many recipients it reports as
+/// successes (`delivered`, `relayed`, `expanded`), which are left out.
+fn delivery_status(body: &[u8]) -> (Vec<Notice>, usize) {
     let blocks = blocks(body);
     // The first block is about the message; a report without one starts with a recipient.
     let recipients = blocks
         .iter()
         .filter(|b| field(b, "final-recipient").is_some() || field(b, "action").is_some());
-    recipients
+    let mut successes = 0;
+    let notices = recipients
         .take(MAX_NOTICES)
         .filter_map(|block| {
             let action = field(block, "action")
@@ -242,7 +246,10 @@ fn delivery_status(body: &[u8]) -> Vec<Notice> {
             let action = match action.split_whitespace().next().unwrap_or("") {
                 "failed" => Action::Failed,
                 "delayed" => Action::Delayed,
-                _ => return None,
+                _ => {
+                    successes += 1;
+                    return None;
+                }
             };
             let diagnostic = field(block, "diagnostic-code").map(typed_text);
             let status = field(block, "status")
@@ -257,7 +264,8 @@ fn delivery_status(body: &[u8]) -> Vec<Notice> {
                 field(block, "remote-mta").map(typed_text),
             ))
         })
-        .collect()
+        .collect();
+    (notices, successes)
 }
 
 /// A failure or delay notice, classified.
@@ -482,6 +490,7 @@ pub fn parse(bytes: &[u8]) -> Returned {
     let mut feedback: Option<Vec<(String, String)>> = None;
     let mut original_to: Vec<String> = Vec::new();
     let mut saw_status = false;
+    let mut successes = 0;
     for part in message.parts.iter().skip(1).take(MAX_PARTS) {
         let Some(kind) = part.content_type() else {
             continue;
@@ -492,9 +501,9 @@ pub fn parse(bytes: &[u8]) -> Returned {
             ("message", "delivery-status" | "global-delivery-status") => {
                 saw_status = true;
                 let room = MAX_NOTICES - returned.notices.len().min(MAX_NOTICES);
-                returned
-                    .notices
-                    .extend(delivery_status(part.contents()).into_iter().take(room));
+                let (notices, succeeded) = delivery_status(part.contents());
+                successes += succeeded;
+                returned.notices.extend(notices.into_iter().take(room));
             }
             ("message", "feedback-report") => {
                 feedback = blocks(part.contents()).into_iter().next();
@@ -549,7 +558,11 @@ pub fn parse(bytes: &[u8]) -> Returned {
         return returned;
     }
     if saw_status || report_type.as_deref() == Some("delivery-status") {
-        returned.kind = Kind::Dsn;
+        returned.kind = if returned.notices.is_empty() && successes > 0 {
+            Kind::Success
+        } else {
+            Kind::Dsn
+        };
         return returned;
     }
     if looks_like_bounce(&message) {

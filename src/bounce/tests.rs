@@ -286,6 +286,17 @@ fn attribution_goes_verp_then_message_id_then_final_recipient() {
 }
 
 #[test]
+fn a_report_of_successes_only_is_ignored() {
+    let text = String::from_utf8(corpus("postfix-unknown-user.eml"))
+        .unwrap()
+        .replace("Action: failed", "Action: delivered")
+        .replace("Status: 5.1.1", "Status: 2.0.0");
+    let returned = parse(text.as_bytes());
+    assert_eq!((returned.kind, returned.notices.len()), (Kind::Success, 0));
+    assert!(returned.kind.ignored());
+}
+
+#[test]
 fn hostile_input_is_bounded_and_never_fails() {
     assert_eq!(parse(b"").kind, Kind::Unrecognised);
     assert_eq!(parse(&vec![b'a'; MAX_MESSAGE + 1]).kind, Kind::Unrecognised);
