@@ -319,10 +319,12 @@ fn an_mbox_is_read_message_by_message() {
 #[test]
 fn the_return_path_carries_an_opaque_token_per_recipient_and_a_refusal_is_classified_at_send_time()
 {
-    let refuse: Script = Arc::new(|phase, rcpt| {
-        (phase == Phase::Rcpt && rcpt.starts_with("gone@")).then(|| {
-            "550 5.1.1 <gone@example.org>: Recipient address rejected: User unknown".to_owned()
-        })
+    let refuse: Script = Arc::new(|phase, rcpt| match (phase, rcpt) {
+        (Phase::Rcpt, "gone@example.org") => Some(
+            "550 5.1.1 <gone@example.org>: Recipient address rejected: User unknown".to_owned(),
+        ),
+        (Phase::EndOfData, "full@example.org") => Some("552 5.2.2 Mailbox full".to_owned()),
+        _ => None,
     });
     let sink = Sink::scripted(refuse);
     let campaign = with_bounces(
@@ -330,7 +332,8 @@ fn the_return_path_carries_an_opaque_token_per_recipient_and_a_refusal_is_classi
             .smtp(&sink, 1)
             .row("ann@example.com,Ann,en,gold")
             .row("bob@example.org,Bob,en,gold")
-            .row("gone@example.org,Gone,en,gold"),
+            .row("gone@example.org,Gone,en,gold")
+            .row("full@example.org,Full,en,gold"),
         "bounces@example.com",
     );
     let path = campaign.write();
@@ -339,9 +342,9 @@ fn the_return_path_carries_an_opaque_token_per_recipient_and_a_refusal_is_classi
     assert!(missing.stderr.contains(KEY_ENV), "{}", missing.stderr);
     assert!(sink.transactions().is_empty());
     let sent = run(&["send", path.to_str().unwrap()]);
-    assert_eq!(sent.code, 1, "one 5xx: {sent:?}");
+    assert_eq!(sent.code, 1, "two 5xx: {sent:?}");
     let transactions = sink.transactions();
-    assert_eq!(transactions.len(), 2);
+    assert_eq!(transactions.len(), 3, "full@ got to the end of DATA");
     let mut froms = Vec::new();
     for t in &transactions {
         let (local, domain) = t.mail_from.split_once('@').unwrap();
@@ -378,11 +381,30 @@ fn the_return_path_carries_an_opaque_token_per_recipient_and_a_refusal_is_classi
         ),
         (Some("failed"), Some("InvalidRecipient"), Some("hard"))
     );
+    let full = row(&rows, "full@example.org");
     assert_eq!(
-        status(&path)["bounce_classes"][0]["class"],
-        "InvalidRecipient"
+        (
+            full["state"].as_str(),
+            full["bounce_class"].as_str(),
+            full["bounce_severity"].as_str(),
+            full["bounce_status"].as_str()
+        ),
+        (
+            Some("failed"),
+            Some("QuotaIssues"),
+            Some("soft"),
+            Some("5.2.2")
+        ),
+        "refused after the dot"
     );
-    // Refused at RCPT: a hard bounce for the suppression file too.
+    let classes: Vec<String> = status(&path)["bounce_classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["class"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(classes, ["InvalidRecipient", "QuotaIssues"]);
+    // Refused at RCPT: a hard bounce for the suppression file too; the full mailbox is not.
     let suppress = campaign.dir().join("out.txt");
     let empty = campaign.dir().join("empty");
     maildir(&empty, &[]);
@@ -395,12 +417,9 @@ fn the_return_path_carries_an_opaque_token_per_recipient_and_a_refusal_is_classi
         suppress.to_str().unwrap(),
     ]);
     assert_eq!(out.code, 0, "{out:?}");
-    assert!(
-        std::fs::read_to_string(&suppress)
-            .unwrap()
-            .lines()
-            .any(|l| l == "gone@example.org")
-    );
+    let written = std::fs::read_to_string(&suppress).unwrap();
+    let listed: Vec<&str> = written.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(listed, ["gone@example.org"]);
     // A DSN to Bob's return path is Bob's, whatever it names.
     let bob_path = transactions
         .iter()
@@ -562,12 +581,17 @@ impl Postfix {
 
 impl Drop for Postfix {
     fn drop(&mut self) {
+        // The master's pid, before `stop` (which returns once the master is told).
+        let pid = std::fs::read_to_string(self.dir.path().join("queue/pid/master.pid"))
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok());
         let _ = self.command("stop");
-        // `stop` returns once master is told; its pid file goes when it has gone.
-        let pid = self.dir.path().join("queue/pid/master.pid");
         let start = std::time::Instant::now();
-        while pid.exists() && start.elapsed() < std::time::Duration::from_secs(20) {
-            std::thread::sleep(std::time::Duration::from_millis(50));
+        while let Some(pid) = pid
+            && Path::new(&format!("/proc/{pid}")).exists()
+            && start.elapsed() < std::time::Duration::from_secs(20)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
 }
