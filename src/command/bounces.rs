@@ -83,23 +83,17 @@ pub fn run(
     let (_, journal) = journal_for(path, state_dir, Access::Write)?;
     let named = journal::named(journal.path());
     let candidates = journal.bounce_candidates().map_err(&named)?;
-    let lookup = Lookup::new(
+    let mut lookup = Lookup::new(
         &candidates,
         &campaign.id,
         verp.as_ref().map(|(_, key)| key.expose().as_bytes()),
     );
+    lookup.return_path = verp.as_ref().map(|(path, _)| path.clone());
+    lookup.from_domain = campaign.from.email.domain().to_ascii_lowercase();
     let mut tally = Tally::default();
     let mut each = |item: Item| -> anyhow::Result<()> {
         tally.read += 1;
-        one(
-            &journal,
-            &lookup,
-            verp.as_ref().map(|(path, _)| path),
-            item,
-            options.move_to,
-            &mut tally,
-            out,
-        )
+        one(&journal, &lookup, item, options.move_to, &mut tally, out)
     };
     match options.input {
         Input::Maildir(dir) => maildir(dir, &mut each)?,
@@ -149,6 +143,10 @@ struct Lookup<'a> {
     by_token: HashMap<String, usize>,
     by_message_id: HashMap<&'a str, usize>,
     by_address: HashMap<String, usize>,
+    /// `[bounces] return_path`, when the campaign has one.
+    return_path: Option<lettre::Address>,
+    /// The sender's domain, which every Message-ID of the campaign is on.
+    from_domain: String,
 }
 
 impl<'a> Lookup<'a> {
@@ -187,6 +185,8 @@ impl<'a> Lookup<'a> {
             by_token,
             by_message_id,
             by_address,
+            return_path: None,
+            from_domain: String::new(),
         }
     }
 }
@@ -195,7 +195,6 @@ impl<'a> Lookup<'a> {
 fn one(
     journal: &Journal,
     lookup: &Lookup<'_>,
-    return_path: Option<&lettre::Address>,
     item: Item,
     move_to: Option<&Path>,
     tally: &mut Tally,
@@ -237,7 +236,19 @@ fn one(
         )?;
         return move_file(item.path.as_deref(), move_to);
     }
-    let found = attribute(&returned, lookup, return_path);
+    if let Some(why) = elsewhere(&returned, lookup) {
+        tally.unattributed += 1;
+        writeln!(
+            out,
+            "unattributed {}: {} from {} \"{}\": {why}",
+            Shown(&item.source),
+            returned.kind.name(),
+            Shown(&returned.from),
+            Shown(&returned.subject)
+        )?;
+        return Ok(());
+    }
+    let found = attribute(&returned, lookup);
     if found.is_empty() {
         tally.unattributed += 1;
         unattributed(&item.source, &returned, out)?;
@@ -300,12 +311,47 @@ fn one(
     move_file(item.path.as_deref(), move_to)
 }
 
+/// Why `returned` is about another campaign's (or schedule slot's) message, if it is: it was
+/// returned to a token of ours that is no recipient's here (tokens are per campaign), or it
+/// quotes a Message-ID on the sender's domain that this journal never gave. Its
+/// Final-Recipient may well be on this campaign's list too, and must not decide then.
+fn elsewhere(returned: &Returned, lookup: &Lookup<'_>) -> Option<&'static str> {
+    let return_path = lookup.return_path.as_ref();
+    let from_domain = lookup.from_domain.as_str();
+    let tokens: Vec<String> = returned
+        .envelope
+        .iter()
+        .filter_map(|a| return_path.and_then(|path| bounce::verp::token_in(path, a)))
+        .collect();
+    if !tokens.is_empty() && !tokens.iter().any(|t| lookup.by_token.contains_key(t)) {
+        return Some(
+            "its return path's token is no recipient's of this campaign (another campaign's, or another key)",
+        );
+    }
+    let ours = |id: &&String| {
+        id.rsplit_once('@')
+            .is_some_and(|(_, domain)| domain.eq_ignore_ascii_case(from_domain))
+    };
+    let quoted: Vec<&String> = returned.message_ids.iter().filter(ours).collect();
+    if tokens.is_empty()
+        && !quoted.is_empty()
+        && !quoted
+            .iter()
+            .any(|id| lookup.by_message_id.contains_key(id.as_str()))
+    {
+        return Some(
+            "its original Message-ID is on the sender's domain but not in this campaign's journal (another campaign's or a canary's)",
+        );
+    }
+    None
+}
+
 /// The rows `returned` is about (indexes into the candidates), in the attribution order.
 fn attribute<'r>(
     returned: &'r Returned,
     lookup: &Lookup<'_>,
-    return_path: Option<&lettre::Address>,
 ) -> Vec<(usize, &'r bounce::Notice, Matched)> {
+    let return_path = lookup.return_path.as_ref();
     bounce::attribute(
         returned,
         |address| return_path.and_then(|path| bounce::verp::token_in(path, address)),

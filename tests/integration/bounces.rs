@@ -125,6 +125,8 @@ fn returned_mail_is_recorded_once_never_deleted_and_the_unattributed_listed() {
             ("4.away", "From: dan@example.net\r\nTo: news@example.com\r\nSubject: Out of Office: news\r\nAuto-Submitted: auto-replied\r\n\r\nAway.\r\n".to_owned()),
             ("5.stranger", dsn("news@example.com", "zed@nowhere.example", "zzz@nowhere.example", "5.1.1", "550 5.1.1 User unknown")),
             ("6.junk", "From: \u{1b}[31mspam@x.example\r\nSubject: hello\u{7}\r\n\r\nbuy\r\n".to_owned()),
+            // Dan is on this list too, but the message was another campaign's.
+            ("7.other", dsn("news@example.com", "dan@example.net", "0123abcd@example.com", "5.1.1", "550 5.1.1 User unknown")),
         ],
     );
     let before = snapshot(&dir);
@@ -158,11 +160,15 @@ fn returned_mail_is_recorded_once_never_deleted_and_the_unattributed_listed() {
         "{out}"
     );
     assert!(
+        out.contains("unattributed new/7.other: dsn from MAILER-DAEMON@mx.example.net \"Undelivered Mail Returned to Sender\": its original Message-ID is on the sender's domain but not in this campaign's journal"),
+        "{out}"
+    );
+    assert!(
         !out.contains('\u{1b}') && !out.contains('\u{7}'),
         "escaped: {out}"
     );
-    assert!(out.contains("6 messages read: 3 attributed (3 notices, 3 recipients now bounced or complained), 1 ignored"), "{out}");
-    assert!(out.contains("2 unattributed, 0 recorded before"), "{out}");
+    assert!(out.contains("7 messages read: 3 attributed (3 notices, 3 recipients now bounced or complained), 1 ignored"), "{out}");
+    assert!(out.contains("3 unattributed, 0 recorded before"), "{out}");
     assert_eq!(snapshot(&dir), before, "nothing changed or deleted");
     // Hard bounces and complaints only: not Bob's full mailbox.
     let suppressed = std::fs::read_to_string(&suppress).unwrap();
@@ -208,6 +214,15 @@ fn returned_mail_is_recorded_once_never_deleted_and_the_unattributed_listed() {
             .ends_with(",bounce_class,bounce_severity,bounce_status,bounce_diagnostic,bounced_at")
     );
 
+    // A later send of the campaign sends none of them again: they are settled.
+    let resend = run(&["send", path.to_str().unwrap()]);
+    assert_eq!(resend.code, 0, "{resend:?}");
+    assert!(
+        resend.stdout.contains("bounced") && resend.stdout.contains("complained"),
+        "{}",
+        resend.stdout
+    );
+    assert!(resend.stdout.contains("nothing due"), "{}", resend.stdout);
     // Twice: nothing changes, the unattributed are listed again.
     let second = run(&[
         "bounces",
@@ -218,9 +233,9 @@ fn returned_mail_is_recorded_once_never_deleted_and_the_unattributed_listed() {
         suppress.to_str().unwrap(),
     ]);
     assert_eq!(second.code, 0, "{second:?}");
-    assert!(second.stdout.contains("6 messages read: 0 attributed (0 notices, 0 recipients now bounced or complained), 0 ignored"), "{}", second.stdout);
+    assert!(second.stdout.contains("7 messages read: 0 attributed (0 notices, 0 recipients now bounced or complained), 0 ignored"), "{}", second.stdout);
     assert!(
-        second.stdout.contains("2 unattributed, 4 recorded before"),
+        second.stdout.contains("3 unattributed, 4 recorded before"),
         "{}",
         second.stdout
     );
@@ -268,7 +283,7 @@ fn returned_mail_is_recorded_once_never_deleted_and_the_unattributed_listed() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     left.sort();
-    assert_eq!(left, ["5.stranger", "6.junk"]);
+    assert_eq!(left, ["5.stranger", "6.junk", "7.other"]);
     assert_eq!(std::fs::read_dir(&done).unwrap().count(), 4);
 }
 
@@ -451,6 +466,35 @@ fn the_return_path_carries_an_opaque_token_per_recipient_and_a_refusal_is_classi
         read.stdout.contains(
             "new/1 bob@example.org: failed InvalidRecipient (hard, 5.1.1) by verp, bounced"
         ),
+        "{}",
+        read.stdout
+    );
+    // A token of ours that is no recipient's here: another campaign's, whoever it names.
+    let foreign = campaign.dir().join("foreign");
+    maildir(
+        &foreign,
+        &[(
+            "1",
+            dsn(
+                "bounces+0000000000000000@example.com",
+                "ann@example.com",
+                "x@y",
+                "5.1.1",
+                "550 5.1.1 unknown",
+            ),
+        )],
+    );
+    let read = run(&[
+        "bounces",
+        path.to_str().unwrap(),
+        "--maildir",
+        foreign.to_str().unwrap(),
+    ]);
+    assert!(
+        read.stdout.contains("unattributed new/1: dsn")
+            && read
+                .stdout
+                .contains("token is no recipient's of this campaign"),
         "{}",
         read.stdout
     );
