@@ -294,3 +294,162 @@ impl Journal {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows of slot '' in these states, ids 1, 2, …
+    fn rows(journal: &Journal, states: &[(&str, &str)]) {
+        for (line, (address, state)) in states.iter().enumerate() {
+            journal
+                .conn
+                .execute(
+                    "INSERT INTO recipients (slot, address, domain, line, state, created_at, updated_at)
+                     VALUES ('', ?1, 'example.com', ?2, ?3, 0, 0)",
+                    params![address, line + 2, state],
+                )
+                .unwrap();
+        }
+    }
+
+    fn state(journal: &Journal, id: i64) -> String {
+        journal
+            .conn
+            .query_row(
+                "SELECT state FROM recipients WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    fn notice(row: i64, address: &str, action: Action, class: Class) -> Notice<'_> {
+        Notice {
+            row,
+            address,
+            action,
+            class,
+            severity: classify::severity(class, action == Action::Delayed),
+            status: None,
+            diagnostic: None,
+            remote_mta: None,
+            matched_by: "verp",
+        }
+    }
+
+    #[test]
+    fn a_returned_message_settles_only_what_may_have_been_delivered_and_only_once() {
+        let (_dir, journal) = crate::journal::fixtures::journal();
+        rows(
+            &journal,
+            &[
+                ("ann@example.com", "sent"),
+                ("bob@example.com", "ambiguous"),
+                ("cat@example.com", "failed"),
+                ("dan@example.com", "sent"),
+                ("eve@example.com", "sent"),
+            ],
+        );
+        let notices = [
+            notice(
+                1,
+                "ann@example.com",
+                Action::Failed,
+                Class::InvalidRecipient,
+            ),
+            notice(2, "bob@example.com", Action::Failed, Class::QuotaIssues),
+            notice(
+                3,
+                "cat@example.com",
+                Action::Failed,
+                Class::InvalidRecipient,
+            ),
+            notice(
+                4,
+                "dan@example.com",
+                Action::Delayed,
+                Class::TransientFailure,
+            ),
+        ];
+        let moved = journal
+            .record_returned("d1", "new/1", "attributed", &notices, 10)
+            .unwrap();
+        assert_eq!(
+            moved,
+            Some(vec![(1, RowState::Bounced), (2, RowState::Bounced)])
+        );
+        assert_eq!(
+            [1, 2, 3, 4].map(|id| state(&journal, id)),
+            ["bounced", "bounced", "failed", "sent"],
+            "a failed row stays failed, a delay settles nothing"
+        );
+        assert!(journal.processed("d1").unwrap());
+        assert_eq!(
+            journal
+                .record_returned("d1", "new/1", "attributed", &notices, 11)
+                .unwrap(),
+            None
+        );
+        let count: i64 = journal
+            .conn
+            .query_row("SELECT count(*) FROM bounces", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(count, 4, "nothing recorded twice");
+        // A complaint outranks a bounce.
+        let complaint = [
+            notice(1, "ann@example.com", Action::Complaint, Class::Complaint),
+            notice(5, "eve@example.com", Action::Complaint, Class::Complaint),
+        ];
+        journal
+            .record_returned("d2", "new/2", "attributed", &complaint, 12)
+            .unwrap();
+        assert_eq!(state(&journal, 1), "complained");
+        assert_eq!(state(&journal, 5), "complained");
+        // Hard bounces and complaints only: not Bob's full mailbox.
+        assert_eq!(
+            journal.suppressible().unwrap(),
+            ["ann@example.com", "cat@example.com", "eve@example.com"]
+        );
+        let classes: Vec<(String, u64)> = journal
+            .bounce_classes("")
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.class, c.count))
+            .collect();
+        assert_eq!(
+            classes,
+            [
+                ("Complaint".to_owned(), 2),
+                ("InvalidRecipient".to_owned(), 1),
+                ("QuotaIssues".to_owned(), 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_refusal_at_send_time_is_recorded_with_its_class_when_permanent() {
+        let (_dir, journal) = crate::journal::fixtures::journal();
+        rows(
+            &journal,
+            &[
+                ("ann@example.com", "failed"),
+                ("bob@example.com", "deferred"),
+            ],
+        );
+        let gone = Reply::new(
+            550,
+            "5.1.1 <ann@example.com>: Recipient address rejected: User unknown",
+        );
+        record_refusal(&journal.conn, 1, &gone, 5).unwrap();
+        record_refusal(&journal.conn, 2, &Reply::new(451, "4.7.1 try later"), 5).unwrap();
+        let latest = journal.latest_bounces("").unwrap();
+        assert_eq!(latest.len(), 1, "4xx is not recorded");
+        let ann = &latest[&2];
+        assert_eq!(
+            (ann.class.as_str(), ann.severity.as_str()),
+            ("InvalidRecipient", "hard")
+        );
+        assert_eq!(ann.status.as_deref(), Some("5.1.1"));
+    }
+}
