@@ -326,3 +326,36 @@ fn hostile_input_is_bounded_and_never_fails() {
         .count();
     assert!((MAX_FIELD - 10..=MAX_FIELD).contains(&kept), "{kept}");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config::with_cases(200))]
+
+    /// Whatever the bytes — noise, or a corpus message with a slice replaced — parsing never
+    /// fails, stays within its caps, and never calls a delay or a 4.x.x hard.
+    #[test]
+    fn any_message_parses_within_bounds_and_temporary_is_never_hard(
+        file in 0..CORPUS.len(),
+        at in 0.0..1.0f64,
+        cut in 0usize..200,
+        noise in proptest::collection::vec(proptest::num::u8::ANY, 0..400),
+    ) {
+        let mut bytes = corpus(CORPUS[file].0);
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+        let start = (at * bytes.len() as f64) as usize;
+        let end = (start + cut).min(bytes.len());
+        bytes.splice(start..end, noise.iter().copied());
+        for message in [&bytes[..], &noise[..]] {
+            let returned = parse(message);
+            proptest::prop_assert!(returned.notices.len() <= MAX_NOTICES);
+            proptest::prop_assert!(returned.candidates.len() <= MAX_CANDIDATES);
+            for notice in &returned.notices {
+                for field in [&notice.recipient, &notice.diagnostic, &notice.remote_mta, &notice.status] {
+                    proptest::prop_assert!(field.as_ref().is_none_or(|f| f.chars().count() <= MAX_FIELD));
+                }
+                let temporary = notice.action == Action::Delayed
+                    || notice.status.as_deref().is_some_and(|s| s.starts_with('4'));
+                proptest::prop_assert!(!(temporary && notice.severity == Severity::Hard), "{notice:?}");
+            }
+        }
+    }
+}
