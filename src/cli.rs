@@ -193,8 +193,35 @@ pub enum Command {
         #[arg(long, value_name = "TOKEN")]
         verify: Option<String>,
     },
+    /// Read returned mail — bounces, complaints, auto-replies — from a Maildir, an mbox file or
+    /// standard input (`-`, one message): attribute each to its recipient (VERP token, original
+    /// Message-ID, Final-Recipient), classify it, and record it in the journal (`bounced`,
+    /// `complained`). Never deletes or changes mail; unattributed messages are listed; a
+    /// message already recorded is skipped, so running it twice changes nothing.
+    #[command(group = clap::ArgGroup::new("input").required(true).args(["maildir", "mbox", "stdin"]))]
+    Bounces {
+        /// The campaign file (campaign.toml).
+        campaign: PathBuf,
+        /// A Maildir: the messages in its `new` and `cur` folders.
+        #[arg(long, value_name = "DIR")]
+        maildir: Option<PathBuf>,
+        /// An mbox file.
+        #[arg(long, value_name = "FILE")]
+        mbox: Option<PathBuf>,
+        /// `-`: one message on standard input.
+        #[arg(value_name = "-", value_parser = clap::builder::PossibleValuesParser::new(["-"]))]
+        stdin: Option<String>,
+        /// Add the hard bounces and complaints (not soft or policy ones) to this suppression
+        /// file, one address per line, each once; the file is replaced atomically.
+        #[arg(long, value_name = "FILE")]
+        suppress: Option<PathBuf>,
+        /// Move each Maildir message recorded (or ignored, as an auto-reply) into this folder;
+        /// unattributed ones stay where they are.
+        #[arg(long, value_name = "DIR", requires = "maildir")]
+        move_to: Option<PathBuf>,
+    },
     /// Every recipient's outcome from the journal: state, attempts, last reply, timestamps,
-    /// Message-ID.
+    /// Message-ID, and the latest bounce or complaint.
     Report {
         /// The campaign file (campaign.toml).
         campaign: PathBuf,

@@ -22,6 +22,7 @@ pub mod files;
 pub mod clock;
 pub mod address;
 pub mod outcome;
+pub mod bounce;
 
 // The stages, in pipeline order.
 pub mod config;

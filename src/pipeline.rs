@@ -97,6 +97,7 @@ fn guard_rules(campaign: &Campaign, list: &RecipientList) -> guard::Rules {
         .chain(reply_to.as_deref())
         .chain(unsubscribe.as_deref());
     guard::Rules::new(campaign.from.email.clone(), everyone, allowed)
+        .with_return_path(campaign.bounces.as_ref().map(|b| b.return_path.clone()))
 }
 
 /// Renders and guards one recipient's message. Shared by validation and sending, so both take

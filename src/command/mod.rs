@@ -3,6 +3,7 @@
 //!
 //! [`run`] hands each parsed command to its module. `init_logging` sets up tracing once.
 
+mod bounces;
 mod check;
 mod init;
 mod plan;
@@ -89,6 +90,27 @@ pub fn run(cli: &Cli) -> anyhow::Result<Exit> {
             verify,
         } => unsubscribe_token::run(campaign, address, verify.as_deref(), out),
         Command::Report { campaign, format } => report::run(campaign, state_dir, *format, out),
+        Command::Bounces {
+            campaign,
+            maildir,
+            mbox,
+            stdin: _,
+            suppress,
+            move_to,
+        } => bounces::run(
+            campaign,
+            state_dir,
+            &bounces::Options {
+                input: match (maildir, mbox) {
+                    (Some(dir), _) => bounces::Input::Maildir(dir),
+                    (None, Some(file)) => bounces::Input::Mbox(file),
+                    (None, None) => bounces::Input::Stdin,
+                },
+                suppress: suppress.as_deref(),
+                move_to: move_to.as_deref(),
+            },
+            out,
+        ),
     }
 }
 

@@ -68,8 +68,26 @@ pub fn run(
     };
     // Reads the password and `ca_file` as a send does: missing, they are errors here (65).
     let settings = Arc::new(SmtpSettings::new(smtp)?);
+    // With `[bounces]`, `MAIL FROM` has the shape a send gives it: the return path with the
+    // probed address's token (a relay may treat it otherwise than the sender).
+    let mail_from = match &campaign.bounces {
+        None => campaign.from.email.clone(),
+        Some(bounces) => {
+            let key = bounces
+                .key()
+                .map_err(|message| Failure::new(Exit::InvalidInput, message))?;
+            crate::bounce::verp::return_path(
+                &bounces.return_path,
+                &crate::bounce::verp::token(
+                    key.expose().as_bytes(),
+                    &campaign.id,
+                    &rcpt_to.to_string(),
+                ),
+            )
+        }
+    };
     let request = Request {
-        mail_from: campaign.from.email.clone(),
+        mail_from,
         rcpt_to: rcpt_to.to_lettre(),
         max_message_size: campaign.safety.max_message_size,
         now: crate::clock::now(),

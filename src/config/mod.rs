@@ -5,6 +5,7 @@
 //! problem is collected with its line. Only [`load`] touches the file system.
 
 mod calendar;
+mod bounces;
 mod delivery;
 mod dkim;
 pub mod raw;
@@ -24,6 +25,7 @@ use unic_langid::LanguageIdentifier;
 
 use crate::address::NormalisedAddress;
 use crate::problem::{Problem, Problems, line_of};
+pub use bounces::Bounces;
 pub use calendar::{Calendar, Open, Window, WindowError};
 pub use delivery::{Batch, DailyCaps, OnAmbiguous, Pace, Rate, Retry};
 pub use dkim::Dkim;
@@ -57,6 +59,8 @@ pub struct Campaign {
     pub list_id: Option<String>,
     /// `[dkim]`: signing, when configured.
     pub dkim: Option<Dkim>,
+    /// `[bounces]`: a return path per recipient (VERP), when configured.
+    pub bounces: Option<Bounces>,
     /// `[campaign] inline_css`: move the HTML's `<style>` rules into `style` attributes (for
     /// mail clients that drop `<style>`).
     pub inline_css: bool,
@@ -366,6 +370,7 @@ impl Validator<'_> {
         let c = raw.campaign;
         let dkim = raw.dkim.as_ref().and_then(|d| self.dkim(d));
         let unsubscribe = raw.unsubscribe.as_ref().and_then(|u| self.unsubscribe(u));
+        let bounces = raw.bounces.as_ref().and_then(|b| self.bounces(b));
         let list_id = self.list_id(c.list_id.as_ref());
         let id = self.campaign_id(&c.id);
         let from = self.mailbox("from", &c.from);
@@ -405,6 +410,7 @@ impl Validator<'_> {
                     unsubscribe,
                     list_id,
                     dkim,
+                    bounces,
                     inline_css: c.inline_css.unwrap_or(false),
                 })
             }

@@ -18,6 +18,7 @@ pub struct RawFile {
     pub schedule: Option<RawSchedule>,
     pub unsubscribe: Option<Spanned<RawUnsubscribe>>,
     pub dkim: Option<Spanned<RawDkim>>,
+    pub bounces: Option<Spanned<RawBounces>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -26,6 +27,13 @@ pub struct RawDkim {
     pub selector: Spanned<String>,
     pub domain: Spanned<String>,
     pub key_path: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBounces {
+    pub return_path: Spanned<String>,
+    pub secret_env: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]

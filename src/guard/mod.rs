@@ -56,6 +56,8 @@ type FingerprintMap<V> = HashMap<u64, V, BuildHasherDefault<Identity>>;
 /// its CSV line, to name it), and the addresses any message may contain.
 pub struct Rules {
     sender: Address,
+    /// `[bounces] return_path`: `MAIL FROM` may be it with a token (`local+TOKEN@domain`).
+    return_path: Option<Address>,
     recipients: FingerprintMap<u64>,
     allowed: HashSet<u64, BuildHasherDefault<Identity>>,
 }
@@ -82,8 +84,16 @@ impl Rules {
                 .map(|a| fingerprint(&lower(a)))
                 .collect(),
             sender,
+            return_path: None,
             recipients: map,
         }
+    }
+
+    /// Allows `MAIL FROM` to be `return_path` with a recipient's token instead of the sender.
+    #[must_use]
+    pub fn with_return_path(mut self, return_path: Option<Address>) -> Rules {
+        self.return_path = return_path;
+        self
     }
 }
 
@@ -208,7 +218,7 @@ pub fn check(message: &OutgoingMessage, rules: &Rules) -> Result<(), Vec<Violati
         message,
         &message.bytes[..head_end + 2],
         &parsed,
-        &rules.sender,
+        (&rules.sender, rules.return_path.as_ref()),
         &mut violations,
     );
     check_content(
@@ -316,7 +326,7 @@ fn check_headers(
     message: &OutgoingMessage,
     head: &[u8],
     parsed: &Message<'_>,
-    sender: &Address,
+    (sender, return_path): (&Address, Option<&Address>),
     violations: &mut Vec<Violation>,
 ) {
     let mut to_count = 0;
@@ -366,7 +376,13 @@ fn check_headers(
         .and_then(|a| a.first())
         .and_then(|a| a.address())
         .unwrap_or_default();
-    if !same_address(from, sender) || message.envelope.mail_from != *sender {
+    // The return path is never in the headers (the receiving MTA writes `Return-Path`), and
+    // its token is hex: nothing of it reaches the address scan.
+    let envelope_ok = message.envelope.mail_from == *sender
+        || return_path.is_some_and(|path| {
+            crate::bounce::verp::token_in(path, message.envelope.mail_from.as_ref()).is_some()
+        });
+    if !same_address(from, sender) || !envelope_ok {
         violations.push(Violation::FromDiffersFromSender {
             from: from.to_owned(),
             sender: sender.to_string(),
@@ -530,6 +546,33 @@ mod tests {
             vec![
                 "the `From` header names `ceo@example.org` but the campaign sends as `ops@example.org`"
             ]
+        );
+    }
+
+    #[test]
+    fn the_envelope_sender_may_be_the_return_path_with_a_token_only() {
+        let sender: Address = "ops@example.org".parse().unwrap();
+        let return_path: Address = "bounces@mail.example.org".parse().unwrap();
+        let rules = Rules::new(
+            sender.clone(),
+            [("ann@example.com", 2)],
+            ["support@example.org"],
+        );
+        let with_path = Rules::new(sender, [("ann@example.com", 2)], ["support@example.org"])
+            .with_return_path(Some(return_path));
+        let mut verp = message(GOOD, "ann@example.com");
+        verp.envelope.mail_from = "bounces+0123456789abcdef@mail.example.org".parse().unwrap();
+        assert!(check(&verp, &with_path).is_ok());
+        assert!(
+            check(&verp, &rules).is_err(),
+            "without [bounces], only the sender"
+        );
+        let mut other = message(GOOD, "ann@example.com");
+        other.envelope.mail_from = "bounces+ann@mail.example.org".parse().unwrap();
+        assert!(check(&other, &with_path).is_err(), "not a token");
+        assert!(
+            check(&message(GOOD, "ann@example.com"), &with_path).is_ok(),
+            "the sender still"
         );
     }
 

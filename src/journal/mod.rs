@@ -10,6 +10,7 @@
 //!
 //! I/O at the edge: only this module talks SQL.
 
+pub mod bounces;
 mod lock;
 mod place;
 pub mod query;
@@ -461,10 +462,12 @@ pub enum RowState {
     Ambiguous,
     Suppressed,
     Invalid,
+    Bounced,
+    Complained,
 }
 
 impl RowState {
-    pub const ALL: [RowState; 8] = [
+    pub const ALL: [RowState; 10] = [
         RowState::Pending,
         RowState::InFlight,
         RowState::Sent,
@@ -473,6 +476,8 @@ impl RowState {
         RowState::Ambiguous,
         RowState::Suppressed,
         RowState::Invalid,
+        RowState::Bounced,
+        RowState::Complained,
     ];
 
     /// The name stored in the journal.
@@ -487,6 +492,8 @@ impl RowState {
             RowState::Ambiguous => "ambiguous",
             RowState::Suppressed => "suppressed",
             RowState::Invalid => "invalid",
+            RowState::Bounced => "bounced",
+            RowState::Complained => "complained",
         }
     }
 
@@ -508,6 +515,8 @@ impl RowState {
             RowState::Failed => State::Failed,
             RowState::Suppressed => State::Suppressed,
             RowState::Invalid => State::Invalid,
+            RowState::Bounced => State::Bounced,
+            RowState::Complained => State::Complained,
         }
     }
 }
@@ -522,6 +531,8 @@ impl From<State> for RowState {
             State::Ambiguous => RowState::Ambiguous,
             State::Suppressed => RowState::Suppressed,
             State::Invalid => RowState::Invalid,
+            State::Bounced => RowState::Bounced,
+            State::Complained => RowState::Complained,
         }
     }
 }
@@ -599,6 +610,10 @@ impl Journal {
                 .execute_batch(&format!("BEGIN; {ATTEMPTS_SCHEMA} COMMIT;"))
                 .map_err(|e| unwritable(path, &e))?;
         }
+        journal
+            .conn
+            .execute_batch(bounces::BOUNCES_SCHEMA)
+            .map_err(|e| unwritable(path, &e))?;
         Ok(journal)
     }
 
@@ -904,7 +919,7 @@ impl Journal {
         Ok(self.conn.query_row(
             "SELECT EXISTS (SELECT 1 FROM recipients WHERE slot = ?1 AND (
                  first_attempt_at IS NOT NULL OR attempts > 0
-                 OR state IN ('in_flight', 'sent', 'failed', 'deferred', 'ambiguous')))",
+                 OR state IN ('in_flight', 'sent', 'failed', 'deferred', 'ambiguous', 'bounced', 'complained')))",
             params![slot],
             |r| r.get(0),
         )?)
@@ -1674,7 +1689,8 @@ mod tests {
         }
         assert_eq!(RowState::InFlight.name(), "in_flight");
         assert_eq!(RowState::InFlight.counted_as(), State::Ambiguous);
-        assert_eq!(RowState::parse("bounced"), None);
+        assert_eq!(RowState::parse("bounced"), Some(RowState::Bounced));
+        assert_eq!(RowState::parse("returned"), None);
     }
 
     #[test]

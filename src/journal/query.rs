@@ -46,6 +46,9 @@ pub struct Status {
     /// Domains whose daily cap is reached today, each with until when.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub capped: Vec<String>,
+    /// The classes of the bounced, complained and failed recipients, most frequent first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bounce_classes: Vec<super::bounces::ClassCount>,
 }
 
 /// A domain suspended for throttling: nothing goes to it before `until`.
@@ -103,6 +106,12 @@ pub struct Row {
     pub first_attempt_at: Option<String>,
     pub last_attempt_at: Option<String>,
     pub updated_at: String,
+    /// The latest bounce or complaint (`mailer bounces`), or the class of a 5xx refusal.
+    pub bounce_class: Option<String>,
+    pub bounce_severity: Option<String>,
+    pub bounce_status: Option<String>,
+    pub bounce_diagnostic: Option<String>,
+    pub bounced_at: Option<String>,
 }
 
 /// RFC 3339 in UTC, to the millisecond.
@@ -221,6 +230,7 @@ impl Journal {
             reason,
         });
         let canary = self.latest_canary()?;
+        let bounce_classes = self.bounce_classes(slot)?;
         let suspended = self
             .suspensions(crate::clock::now_millis())?
             .into_iter()
@@ -248,6 +258,7 @@ impl Journal {
             halt,
             canary,
             suspended,
+            bounce_classes,
         })
     }
 
@@ -374,8 +385,10 @@ impl Journal {
                     message_id, content_hash, first_attempt_at, last_attempt_at, updated_at
              FROM recipients WHERE slot = ?1 ORDER BY line",
         )?;
+        let mut bounces = self.latest_bounces(slot)?;
         let mut rows = statement.query(params![slot])?;
         while let Some(r) = rows.next()? {
+            let bounce = bounces.remove(&r.get::<_, u64>(0)?);
             each(Row {
                 line: r.get(0)?,
                 address: r.get(1)?,
@@ -390,6 +403,11 @@ impl Journal {
                 first_attempt_at: r.get::<_, Option<i64>>(10)?.map(time),
                 last_attempt_at: r.get::<_, Option<i64>>(11)?.map(time),
                 updated_at: time(r.get(12)?),
+                bounce_class: bounce.as_ref().map(|b| b.class.clone()),
+                bounce_severity: bounce.as_ref().map(|b| b.severity.clone()),
+                bounce_status: bounce.as_ref().and_then(|b| b.status.clone()),
+                bounce_diagnostic: bounce.as_ref().and_then(|b| b.diagnostic.clone()),
+                bounced_at: bounce.as_ref().map(|b| time(b.at)),
             })?;
         }
         Ok(())

@@ -359,6 +359,9 @@ fn apply(conn: &Connection, group: &[Change]) -> rusqlite::Result<Vec<i64>> {
                         next_attempt_at,
                         at
                     ])?;
+                    if let (State::Failed, Some(reply)) = (state, reply) {
+                        super::bounces::record_refusal(conn, *id, reply, *at)?;
+                    }
                 }
                 Change::Requeued { id, at } => {
                     if requeued.execute(params![id, at])? > 0 {

@@ -28,10 +28,14 @@ pub enum State {
     Suppressed,
     /// Rejected by validation.
     Invalid,
+    /// Sent, then returned as undeliverable (`mailer bounces`): terminal.
+    Bounced,
+    /// Sent, then reported as spam by its recipient (`mailer bounces`): terminal.
+    Complained,
 }
 
 impl State {
-    pub const ALL: [State; 7] = [
+    pub const ALL: [State; 9] = [
         State::Sent,
         State::Deferred,
         State::Failed,
@@ -39,6 +43,8 @@ impl State {
         State::Pending,
         State::Suppressed,
         State::Invalid,
+        State::Bounced,
+        State::Complained,
     ];
 
     #[must_use]
@@ -51,6 +57,8 @@ impl State {
             State::Pending => "pending",
             State::Suppressed => "suppressed",
             State::Invalid => "invalid",
+            State::Bounced => "bounced",
+            State::Complained => "complained",
         }
     }
 }

@@ -34,6 +34,8 @@ pub struct Renderer {
     unsubscribe: Option<Unsubscribing>,
     list_id: Option<String>,
     dkim: Option<dkim::Signer>,
+    /// `[bounces]`: the return path and the key of its per-recipient tokens.
+    verp: Option<(lettre::Address, crate::config::Secret)>,
     /// `[campaign] inline_css`: never loads anything (no remote stylesheets).
     inliner: Option<css_inline::CSSInliner<'static>>,
     from: Mailbox,
@@ -109,8 +111,22 @@ impl Renderer {
                 }
             },
         };
+        let verp = match &campaign.bounces {
+            None => None,
+            Some(bounces) => match bounces.key() {
+                Ok(key) => Some((bounces.return_path.clone(), key)),
+                Err(message) => {
+                    return Ok(Err(Problems(vec![crate::problem::Problem::error(
+                        &campaign.file,
+                        None,
+                        message,
+                    )])));
+                }
+            },
+        };
         let mut renderer = Renderer::new(campaign, templates, locales, columns);
         renderer.unsubscribe = unsubscribe;
+        renderer.verp = verp;
         renderer.dkim = signer;
         Ok(Ok(renderer))
     }
@@ -128,6 +144,7 @@ impl Renderer {
             unsubscribe: None,
             list_id: campaign.list_id.clone(),
             dkim: None,
+            verp: None,
             inliner: campaign.inline_css.then(|| {
                 css_inline::CSSInliner::options()
                     .load_remote_stylesheets(false)
@@ -303,13 +320,27 @@ impl Renderer {
         Ok(OutgoingMessage {
             line: recipient.line,
             envelope: Envelope {
-                mail_from: self.from.email.clone(),
+                mail_from: self.mail_from(&recipient.address.key),
                 rcpt_to,
             },
             message_id,
             locale: locale.to_owned(),
             bytes,
         })
+    }
+}
+
+impl Renderer {
+    /// `MAIL FROM` for `address`: the sender, or with `[bounces]` the return path carrying
+    /// the recipient's token (keyed by the campaign, not the slot: one token per recipient).
+    fn mail_from(&self, address: &str) -> lettre::Address {
+        match &self.verp {
+            None => self.from.email.clone(),
+            Some((return_path, key)) => crate::bounce::verp::return_path(
+                return_path,
+                &crate::bounce::verp::token(key.expose().as_bytes(), &self.campaign_id, address),
+            ),
+        }
     }
 }
 

@@ -87,6 +87,14 @@ pub fn print_status(status: &Status, out: &mut impl Write) -> io::Result<()> {
     for capped in &status.capped {
         writeln!(out, "  capped: {capped}")?;
     }
+    if !status.bounce_classes.is_empty() {
+        let classes: Vec<String> = status
+            .bounce_classes
+            .iter()
+            .map(|c| format!("{} ({}) ×{}", Shown(&c.class), Shown(&c.severity), c.count))
+            .collect();
+        writeln!(out, "  top bounce classes: {}", classes.join(", "))?;
+    }
     for suspended in &status.suspended {
         writeln!(
             out,
@@ -120,7 +128,7 @@ pub fn print_status(status: &Status, out: &mut impl Write) -> io::Result<()> {
 }
 
 /// The columns of `mailer report --format csv`.
-pub const REPORT_COLUMNS: [&str; 13] = [
+pub const REPORT_COLUMNS: [&str; 18] = [
     "line",
     "address",
     "locale",
@@ -134,12 +142,17 @@ pub const REPORT_COLUMNS: [&str; 13] = [
     "first_attempt_at",
     "last_attempt_at",
     "updated_at",
+    "bounce_class",
+    "bounce_severity",
+    "bounce_status",
+    "bounce_diagnostic",
+    "bounced_at",
 ];
 
 /// One report row as CSV fields, in [`REPORT_COLUMNS`] order, each safe to open in a
 /// spreadsheet (see [`cell`]). The numbers are ours and left as they are.
 #[must_use]
-pub fn csv_fields(row: &Row) -> [String; 13] {
+pub fn csv_fields(row: &Row) -> [String; 18] {
     let text = |v: &Option<String>| v.as_deref().map(cell).unwrap_or_default();
     [
         row.line.to_string(),
@@ -155,6 +168,11 @@ pub fn csv_fields(row: &Row) -> [String; 13] {
         text(&row.first_attempt_at),
         text(&row.last_attempt_at),
         cell(&row.updated_at),
+        text(&row.bounce_class),
+        text(&row.bounce_severity),
+        text(&row.bounce_status),
+        text(&row.bounce_diagnostic),
+        text(&row.bounced_at),
     ]
 }
 

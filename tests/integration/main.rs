@@ -3,6 +3,7 @@
 
 mod architecture;
 mod calendar;
+mod bounces;
 mod campaign;
 mod corpus;
 mod crash;
