@@ -1119,6 +1119,48 @@ fn an_unfinished_slot_is_not_finished_with_the_next_editions_inputs() {
 }
 
 #[test]
+fn a_slot_that_sent_nothing_is_not_refrozen_with_a_later_slots_inputs() {
+    // Slot A finds the relay down and hands it nothing; the next edition goes out in slot B
+    // to everyone. `--slot A` then must not take B's inputs as A's without a word: that would
+    // send B's edition to the whole list a second time.
+    let (sink, limit) = relay_that_takes(0);
+    let campaign = Campaign::example()
+        .smtp(&sink, 1)
+        .rows(people(8))
+        .retry("relay_attempts = 1")
+        .extra("[schedule]\ncron = \"0 9 * * *\"\n");
+    let path = campaign.write();
+    let send_at = |now: &str, args: &[&str]| {
+        mailer(
+            &[&["send", arg(&path)], args].concat(),
+            &[("MAILER_NOW", now)],
+        )
+    };
+    let first = send_at("2026-03-02T09:30:00Z", &[]);
+    assert_eq!(first.code, 69, "{first:?}");
+    assert!(sink.transactions().is_empty());
+    limit.store(usize::MAX, Ordering::SeqCst);
+    let text = std::fs::read_to_string(campaign.dir().join("templates/text.hbs")).unwrap();
+    let campaign = campaign.file(
+        "templates/text.hbs",
+        &format!("{text}\nP.S. the next edition\n"),
+    );
+    campaign.write();
+    let next_day = send_at("2026-03-03T09:10:00Z", &[]);
+    assert_eq!(next_day.code, 0, "{next_day:?}");
+    assert_eq!(sink.transactions().len(), 8);
+
+    let missed = send_at("2026-03-03T10:00:00Z", &["--slot", "2026-03-02T09:00:00Z"]);
+    assert_eq!(missed.code, 65, "{missed:?}");
+    assert!(
+        missed.stderr.contains("--accept-changed-inputs"),
+        "{}",
+        missed.stderr
+    );
+    assert_eq!(sink.transactions().len(), 8, "nobody got the edition twice");
+}
+
+#[test]
 fn a_suppression_list_that_grew_between_runs_is_taken_and_honoured() {
     let (sink, limit) = relay_that_takes(2);
     let campaign = Campaign::example().smtp(&sink, 1).rows(people(6));

@@ -199,6 +199,13 @@ fn open(
     Ok((lock, journal, durability))
 }
 
+/// Whether a run has started a schedule slot later than `slot` (sent with `--slot`).
+fn overtaken(journal: &journal::Journal, slot: &str) -> anyhow::Result<bool> {
+    Ok(journal
+        .latest_started_slot()?
+        .is_some_and(|latest| latest.as_str() > slot))
+}
+
 /// Refuses (exit 75) to start a schedule slot earlier than one a run has started already: the
 /// clock went back, or `MAILER_NOW` is set to the past. Sending an older slot after a newer one
 /// would mail the list again under the older slot's name.
@@ -280,11 +287,12 @@ fn freeze_inputs(
     let mut inputs_changed = false;
     match journal.frozen_inputs(slot)? {
         None => journal.freeze_inputs(slot, combined, inputs, None)?,
-        Some(frozen) if !journal.slot_has_attempts(slot)? => {
+        Some(frozen) if !journal.slot_has_attempts(slot)? && !overtaken(journal, slot)? => {
             // The runs that froze these inputs handed no message to the relay — refused by
             // validation, `expect_count`, the relay's TLS or AUTH before the first message —
             // so nothing was sent under them: the fixed inputs are frozen in their place,
-            // without a flag.
+            // without a flag. Not for a slot a later one has overtaken: its changed inputs
+            // are most likely that later slot's edition, already sent to the same list.
             let changes = fingerprint::changes(&frozen, inputs);
             if !changes.is_empty() {
                 inputs_changed = true;
