@@ -61,6 +61,11 @@ fn outside_a_window_send_starts_nothing_and_names_the_next_opening() {
     let open = send_at(&path, "2030-12-02T08:00:00Z");
     assert_eq!(open.code, 0, "{open:?}");
     assert_eq!(accepted_once(&sink), 3);
+    // A finished campaign is complete (0), not waiting (75), when the window is shut.
+    let done = send_at(&path, "2030-12-06T16:00:00Z");
+    assert_eq!(done.code, 0, "{done:?}");
+    assert!(done.stdout.contains("nothing due"), "{}", done.stdout);
+    assert_eq!(accepted_once(&sink), 3);
 }
 
 #[test]

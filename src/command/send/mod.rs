@@ -88,16 +88,17 @@ pub fn run(
         Some(j) => journal::named(j.journal.path())(error),
         None => error,
     };
-    // Outside a send window, or with the day's cap reached: exit 75 before the long work.
-    let mut daily = match &journaled {
-        Some(j) => admit::daily(&campaign, j).map_err(|e| named(Some(j), e))?,
-        None => None,
-    };
+    // Nothing due (a finished campaign, say): its own exit, whatever the window or the cap.
     if let Some(exit) =
         due::idle(journaled.as_ref(), &campaign, out).map_err(|e| named(journaled.as_ref(), e))?
     {
         return Ok(exit);
     }
+    // Outside a send window, or with the day's cap reached: exit 75 before the long work.
+    let mut daily = match &journaled {
+        Some(j) => admit::daily(&campaign, j).map_err(|e| named(Some(j), e))?,
+        None => None,
+    };
     let mut loaded = pipeline::load_campaign(campaign)?.map_err(Problems::into_failure)?;
     if let Some(j) = &journaled {
         loaded.renderer.for_slot(&j.slot);
