@@ -539,21 +539,47 @@ fn mbox(file: &Path, each: &mut impl FnMut(Item) -> anyhow::Result<()>) -> anyho
     flush(message, count)
 }
 
-/// Appends `addresses` not yet in the suppression file `file` (one address per line), by
-/// writing the whole file anew beside it (0600) and renaming it into place. Gives how many
-/// were added.
+/// Appends `addresses` not yet in the suppression file `file` (one address per line), and gives
+/// how many were added. The file is opened for appending (made 0600 if new, its mode kept
+/// otherwise) and locked while it is read and the new lines go on its end in one write: lines
+/// an unsubscribe endpoint appends meanwhile are not lost, and a writer that keeps the file
+/// open goes on writing to the same file.
 fn append_suppressions(file: &Path, addresses: &[String]) -> anyhow::Result<usize> {
+    use std::io::Seek as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let text = match std::fs::read_to_string(file) {
-        Ok(text) => text,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(error) => {
-            return Err(anyhow::anyhow!(
-                "cannot read the suppression file `{}`: {error}",
-                file.display()
-            ));
-        }
+    let failed = |what: &str, error: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "cannot {what} the suppression file `{}`: {error}",
+            file.display()
+        )
     };
+    let mut handle = std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(file)
+        .map_err(|e| failed("open", &e))?;
+    let metadata = handle.metadata().map_err(|e| failed("read", &e))?;
+    if !metadata.is_file() {
+        return Err(failed("write", &"it is not a regular file"));
+    }
+    // Released when `handle` closes.
+    handle.lock().map_err(|e| failed("lock", &e))?;
+    let mut bytes = Vec::new();
+    handle.rewind().map_err(|e| failed("read", &e))?;
+    (&mut handle)
+        .take(crate::files::SUPPRESSION_CAP + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| failed("read", &e))?;
+    if bytes.len() as u64 > crate::files::SUPPRESSION_CAP {
+        return Err(failed(
+            "read",
+            &format!("it is larger than {} bytes", crate::files::SUPPRESSION_CAP),
+        ));
+    }
+    let text = String::from_utf8_lossy(&bytes);
     if text.lines().next().is_some_and(|first| first.contains(',')) {
         return Err(Failure::new(
             Exit::Usage,
@@ -573,43 +599,20 @@ fn append_suppressions(file: &Path, addresses: &[String]) -> anyhow::Result<usiz
     if new.is_empty() {
         return Ok(0);
     }
-    let mut updated = text;
-    if !updated.is_empty() && !updated.ends_with('\n') {
-        updated.push('\n');
-    }
-    if updated.is_empty() {
-        updated.push_str("# hard bounces and complaints added by `mailer bounces`\n");
+    let mut lines = String::new();
+    if text.is_empty() {
+        lines.push_str("# hard bounces and complaints added by `mailer bounces`\n");
+    } else if !text.ends_with('\n') {
+        lines.push('\n');
     }
     for address in &new {
-        updated.push_str(address);
-        updated.push('\n');
+        lines.push_str(address);
+        lines.push('\n');
     }
-    let folder = file
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = file
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temporary = folder.join(format!(".{name}.{}.tmp", std::process::id()));
-    let written = (|| -> std::io::Result<()> {
-        let mut out = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temporary)?;
-        out.write_all(updated.as_bytes())?;
-        out.sync_all()?;
-        std::fs::rename(&temporary, file)
-    })();
-    if let Err(error) = written {
-        let _ = std::fs::remove_file(&temporary);
-        return Err(anyhow::anyhow!(
-            "cannot write the suppression file `{}`: {error}",
-            file.display()
-        ));
-    }
+    handle
+        .write_all(lines.as_bytes())
+        .and_then(|()| handle.sync_all())
+        .map_err(|e| failed("write", &e))?;
     Ok(new.len())
 }
 
@@ -651,11 +654,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("bounced.txt");
         std::fs::write(&file, "# mine\nAnn@Example.com").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        // An unsubscribe endpoint that keeps the file open for appending.
+        let mut endpoint = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&file)
+            .unwrap();
         let addresses = vec!["ann@example.com".to_owned(), "bob@example.com".to_owned()];
         assert_eq!(append_suppressions(&file, &addresses).unwrap(), 1);
+        endpoint.write_all(b"carol@example.com\n").unwrap();
         assert_eq!(
             std::fs::read_to_string(&file).unwrap(),
-            "# mine\nAnn@Example.com\nbob@example.com\n"
+            "# mine\nAnn@Example.com\nbob@example.com\ncarol@example.com\n",
+            "appended, and the endpoint's line lands in the same file"
         );
         assert_eq!(
             append_suppressions(&file, &addresses).unwrap(),
@@ -664,13 +675,19 @@ mod tests {
         );
         assert_eq!(
             std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
-            0o600
+            0o640,
+            "an existing file keeps its mode"
         );
         let csv = dir.path().join("list.csv");
         std::fs::write(&csv, "email,name\n").unwrap();
         assert!(append_suppressions(&csv, &addresses).is_err());
         let new = dir.path().join("new.txt");
         assert_eq!(append_suppressions(&new, &addresses).unwrap(), 2);
+        assert_eq!(
+            std::fs::metadata(&new).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "a new file is private"
+        );
         let mut known = std::collections::HashSet::new();
         let problems = crate::recipients::parse_suppressions(
             &new,
@@ -682,7 +699,7 @@ mod tests {
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),
             3,
-            "no temporary file left"
+            "no other file made"
         );
     }
 }
