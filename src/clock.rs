@@ -28,32 +28,50 @@ pub fn now_millis() -> i64 {
     millis(now())
 }
 
+/// `MAILER_NOW`, read once per process (the send path asks for the calendar's time with every
+/// message): `None` when it is not set, else the time or why it is not one.
+fn fixed() -> Option<&'static Result<chrono::DateTime<chrono::Utc>, String>> {
+    static FIXED: std::sync::OnceLock<Option<Result<chrono::DateTime<chrono::Utc>, String>>> =
+        std::sync::OnceLock::new();
+    FIXED
+        .get_or_init(|| {
+            let text = std::env::var_os("MAILER_NOW")?;
+            let text = text.to_string_lossy();
+            Some(
+                chrono::DateTime::parse_from_rfc3339(&text)
+                    .map(|t| t.to_utc())
+                    .map_err(|e| format!("MAILER_NOW `{text}` is not an RFC 3339 time: {e}")),
+            )
+        })
+        .as_ref()
+}
+
 /// Now, for schedules (`[schedule] not_before` and cron slots). `MAILER_NOW` (RFC 3339)
 /// replaces it, so that a schedule can be tried out and tested at a fixed time.
 #[allow(clippy::disallowed_methods)] // the one permitted read
 pub fn schedule_now() -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
-    match std::env::var("MAILER_NOW") {
-        Ok(text) => chrono::DateTime::parse_from_rfc3339(&text)
-            .map(|t| t.to_utc())
-            .map_err(|e| {
-                Failure::new(
-                    Exit::Usage,
-                    format!("MAILER_NOW `{text}` is not an RFC 3339 time: {e}"),
-                )
-                .into()
-            }),
-        Err(_) => Ok(chrono::Utc::now()),
+    match fixed() {
+        Some(Ok(time)) => Ok(*time),
+        Some(Err(why)) => Err(Failure::new(Exit::Usage, why.clone()).into()),
+        None => Ok(chrono::Utc::now()),
     }
 }
 
-/// Now, for when deferred recipients and suspended domains fall due. `MAILER_NOW` replaces it
-/// as it does for schedules, so that a later run can be tried out (and tested) at a fixed
-/// time without waiting for it.
+/// Now, for when deferred recipients and suspended domains fall due, both when their due time
+/// is written and when it is compared. `MAILER_NOW` replaces it as it does for schedules, so
+/// that a later run can be tried out (and tested) at a fixed time without waiting for it.
 pub fn due_now() -> anyhow::Result<SystemTime> {
-    if std::env::var_os("MAILER_NOW").is_some() {
+    if fixed().is_some() {
         return Ok(SystemTime::from(schedule_now()?));
     }
     Ok(now())
+}
+
+/// [`due_now`], or the real clock if `MAILER_NOW` is not a time (the command refused it
+/// before anything was sent).
+#[must_use]
+pub fn due_now_or_now() -> SystemTime {
+    due_now().unwrap_or_else(|_| now())
 }
 
 /// Now, for the calendar: send windows and the days of the daily caps, and the time each
@@ -63,7 +81,7 @@ pub fn due_now() -> anyhow::Result<SystemTime> {
 pub fn calendar_now() -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let start = *START.get_or_init(std::time::Instant::now);
-    if std::env::var_os("MAILER_NOW").is_none() {
+    if fixed().is_none() {
         return schedule_now();
     }
     let elapsed = chrono::TimeDelta::from_std(start.elapsed()).unwrap_or_default();

@@ -364,7 +364,7 @@ impl<C: Clock + Clone> Scheduler<C> {
         if self.suspended.contains_key(domain) {
             return;
         }
-        let due = crate::clock::now() + self.retry.suspension;
+        let due = crate::clock::due_now_or_now() + self.retry.suspension;
         let until = humantime::format_rfc3339_seconds(due);
         let detail = format!(
             "{domain} suspended until {until}: it kept answering with throttling replies ({reply}) below `[rate] throttle_floor`"
@@ -755,7 +755,7 @@ impl<C: Clock + Clone> Scheduler<C> {
                 job.prior + job.attempts,
                 attempt.reply.clone(),
                 attempt.detail.clone(),
-                Some(crate::clock::now() + wait),
+                Some(crate::clock::due_now_or_now() + wait),
             );
         }
         job.last_reply = attempt.detail;
@@ -931,7 +931,7 @@ impl<C: Clock + Clone> Scheduler<C> {
                 job.prior + attempts,
                 job.last_answer.clone(),
                 detail.clone(),
-                retry_in.map(|wait| crate::clock::now() + wait),
+                retry_in.map(|wait| crate::clock::due_now_or_now() + wait),
             );
         }
         let _ = results
@@ -1130,8 +1130,9 @@ impl<C: Clock + Clone> Scheduler<C> {
                 })
                 .deferred += 1;
             tracing::debug!(line = job.message.line, recipient = %job.message.envelope.rcpt_to, "deferred: its domain is suspended");
+            // `report` writes the due time back as the due clock's now plus the wait.
             let wait = due
-                .duration_since(crate::clock::now())
+                .duration_since(crate::clock::due_now_or_now())
                 .unwrap_or(Duration::ZERO);
             self.report(results, &job, State::Deferred, detail, Some(wait))
                 .await;
