@@ -254,8 +254,12 @@ impl Daily {
         }
     }
 
-    /// Gives back a message the relay did not take (it failed before the body).
-    pub fn give_back(&mut self, domain: &str) {
+    /// Gives back a message the relay did not take (it failed before the body), taken at
+    /// `taken_at`: a place taken on an earlier day is not given to this one.
+    pub fn give_back(&mut self, domain: &str, taken_at: DateTime<Utc>) {
+        if taken_at < self.day.0 || taken_at >= self.day.1 {
+            return;
+        }
         self.used.total = self.used.total.saturating_sub(1);
         if let Some(used) = self.used.domains.get_mut(domain) {
             *used = used.saturating_sub(1);
@@ -314,7 +318,7 @@ mod tests {
         );
         assert_eq!(waiting.until, Some(utc("2026-12-08T08:00:00Z")));
         // A message given back (the relay failed before it) frees its place.
-        daily.give_back("a.example");
+        daily.give_back("a.example", now);
         assert_eq!(daily.check(now, "b.example"), Check::Go);
         daily.take(now, "b.example");
         // Midnight in Paris: a new day, nothing used — but the window is closed until 09:00.
@@ -327,10 +331,28 @@ mod tests {
             "{}",
             closed.reason
         );
-        assert_eq!(
-            daily.check(utc("2026-12-08T08:00:00Z"), "a.example"),
-            Check::Go
+        let morning = utc("2026-12-08T08:00:00Z");
+        assert_eq!(daily.check(morning, "a.example"), Check::Go);
+        // A place taken yesterday and given back today does not free one of today's.
+        let mut today = Daily::new(
+            paris(&["Mon-Fri 09:00-17:00"]),
+            DailyCaps {
+                per_day: Some(n(1)),
+                ..DailyCaps::default()
+            },
+            morning,
+            Some(now),
+            Attempted::default(),
         );
+        assert_eq!(today.check(morning, "a.example"), Check::Go);
+        today.take(morning, "a.example");
+        today.give_back("a.example", now);
+        assert!(
+            matches!(today.check(morning, "b.example"), Check::Stop(_)),
+            "yesterday's place is not today's"
+        );
+        today.give_back("a.example", morning);
+        assert_eq!(today.check(morning, "b.example"), Check::Go);
     }
 
     #[test]

@@ -306,6 +306,9 @@ pub struct Job {
     last_reply: String,
     /// The last reply, for the journal.
     last_answer: Option<Reply>,
+    /// When it took its place in the day's cap (with daily caps): a place given back counts
+    /// only on the day it was taken.
+    taken_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// How a dispatch run ended.

@@ -312,9 +312,9 @@ impl<C: Clock + Clone> Scheduler<C> {
 
     /// A message of `domain` was not taken by the relay after all: its place in the day's
     /// cap is free again.
-    fn give_back(&mut self, domain: &str) {
-        if let Some((daily, _)) = &mut self.daily {
-            daily.give_back(domain);
+    fn give_back(&mut self, job: &Job) {
+        if let (Some((daily, _)), Some(taken_at)) = (&mut self.daily, job.taken_at) {
+            daily.give_back(job.message.envelope.rcpt_to.domain(), taken_at);
         }
     }
 
@@ -493,6 +493,7 @@ impl<C: Clock + Clone> Scheduler<C> {
                 continue;
             }
             job.epoch = self.epoch;
+            job.taken_at = wall.filter(|_| self.daily.is_some());
             let taken_domain: Option<Arc<str>> = self
                 .daily
                 .is_some()
@@ -601,11 +602,11 @@ impl<C: Clock + Clone> Scheduler<C> {
             }
             Verdict::Crashed => self.settle_crash(worker, job, results).await,
             Verdict::Unrecorded(error) => {
-                self.give_back(job.message.envelope.rcpt_to.domain());
+                self.give_back(&job);
                 Some(self.settle_unrecorded(worker, job, &error))
             }
             Verdict::Relay(failure) => {
-                self.give_back(job.message.envelope.rcpt_to.domain());
+                self.give_back(&job);
                 self.settle_relay_failure(worker, job, failure, now)
             }
         };
@@ -1186,6 +1187,7 @@ fn new_job(queued: Queued) -> Job {
         epoch: 0,
         last_reply: String::new(),
         last_answer: None,
+        taken_at: None,
     }
 }
 
