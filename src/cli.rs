@@ -98,7 +98,8 @@ pub enum Command {
     },
     /// Try the relay as a send would, without sending anything: connect (TLS, STARTTLS,
     /// AUTH), list the relay's extensions and its certificate, then `MAIL FROM` the campaign's
-    /// sender and `RCPT TO` the first `[safety] canary` address (or `--to`), `RSET` and
+    /// sender (with `[bounces]`, the return path with the address's token) and `RCPT TO` the
+    /// first `[safety] canary` address (or `--to`), `RSET` and
     /// `QUIT` — never `DATA`. Records nothing and needs no approval. Exit codes: 0 a send
     /// would get through (or the campaign writes to an outbox: no relay), 64 no address to
     /// try, 65 something in the configuration must change (the campaign file, a missing
@@ -212,7 +213,9 @@ pub enum Command {
         #[arg(value_name = "-", value_parser = clap::builder::PossibleValuesParser::new(["-"]))]
         stdin: Option<String>,
         /// Add the hard bounces and complaints (not soft or policy ones) to this suppression
-        /// file, one address per line, each once; the file is replaced atomically.
+        /// file, one address per line, each once (appended under a lock). Only bounces tied to their
+        /// recipient by token, Message-ID or a refusal at send time are added: a report that only
+        /// names an address can come from anyone.
         #[arg(long, value_name = "FILE")]
         suppress: Option<PathBuf>,
         /// Move each Maildir message recorded (or ignored, as an auto-reply) into this folder;

@@ -616,8 +616,10 @@ pub fn attribute<R: Clone + PartialEq>(
             (_, Some(m), named) if single || named.as_ref() == Some(m) => {
                 Some((m.clone(), Matched::MessageId))
             }
-            (_, _, Some(named)) => Some((named, Matched::FinalRecipient)),
-            _ if single && returned.kind == Kind::Text => returned
+            // A message of mailer's has one recipient: once its token or Message-ID says
+            // whose it is, another address the report names (a forward, say) is not charged.
+            (None, None, Some(named)) => Some((named, Matched::FinalRecipient)),
+            (None, None, None) if single && returned.kind == Kind::Text => returned
                 .candidates
                 .iter()
                 .find_map(|a| by_address(a))

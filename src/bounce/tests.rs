@@ -277,6 +277,18 @@ fn attribution_goes_verp_then_message_id_then_final_recipient() {
             ("row-lee", Matched::FinalRecipient)
         ]
     );
+    // Once the token says whose message it was, the other address the report names is not
+    // charged: a message of mailer's has one recipient.
+    let mut to_kim = b"Delivered-To: bounces+6f1c2a9e0d4b7a35@sender.example\r\n".to_vec();
+    to_kim.extend(corpus("two-recipients.eml"));
+    let kims = |t: &str| (t == "6f1c2a9e0d4b7a35").then_some("row-kim");
+    assert_eq!(
+        attribute(&parse(&to_kim), verp, kims, none, named)
+            .into_iter()
+            .map(|(r, _, m)| (r, m))
+            .collect::<Vec<_>>(),
+        [("row-kim", Matched::Verp)]
+    );
     assert_eq!(
         attributed("text-bounce.eml", &none, &none),
         [("row-mallory", Matched::Text)]

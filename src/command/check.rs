@@ -90,9 +90,13 @@ impl Examination {
 
 /// Loads, renders and guards every recipient, and checks the `[safety]` expectations.
 pub fn examine(campaign: Campaign) -> anyhow::Result<Examination> {
+    let secrets = pipeline::missing_secrets(&campaign);
     let loaded = match pipeline::load_campaign(campaign)? {
         Ok(loaded) => loaded,
-        Err(problems) => return Ok(Examination::failed(problems)),
+        Err(mut problems) => {
+            problems.extend(secrets);
+            return Ok(Examination::failed(problems));
+        }
     };
     let Validation {
         problems: rendering,
@@ -102,7 +106,7 @@ pub fn examine(campaign: Campaign) -> anyhow::Result<Examination> {
     let rendered = summary.locales.values().sum();
     let mut problems = loaded.list.problems.clone();
     problems.extend(rendering);
-    problems.extend(pipeline::missing_secrets(&loaded.campaign));
+    problems.extend(secrets);
     problems.extend(pipeline::expectations(&loaded, &problems));
     problems.extend(pipeline::warnings(&loaded));
     let locale_requests = pipeline::locale_requests(&loaded);

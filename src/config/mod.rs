@@ -743,6 +743,15 @@ impl Validator<'_> {
                 "refusing to send a password over plain text; use `smtps://` or STARTTLS",
             );
         }
+        if let Some(at) = &t.dangerous_accept_invalid_certs
+            && *at.get_ref()
+            && security == Security::ImplicitTls
+        {
+            self.error(
+                at,
+                "`dangerous_accept_invalid_certs` is not supported with `smtps://`; give the relay's CA (or its self-signed certificate) in `ca_file`",
+            );
+        }
         let connections = self.positive("connections", t.connections.as_ref(), 4);
         let messages_per_connection = self.positive(
             "messages_per_connection",
@@ -924,6 +933,15 @@ path = "r.csv"
     fn unknown_keys_are_rejected_with_their_line() {
         let error = check("\n[transport]\nkind = \"file\"\nspeed = 3\n").unwrap_err();
         assert!(error.starts_with("14: unknown field `speed`"), "{error}");
+    }
+
+    #[test]
+    fn accepting_invalid_certificates_is_refused_with_smtps_at_review() {
+        let error = check("[transport]\nkind = \"smtp\"\nurl = \"smtps://relay.example.com\"\ndangerous_accept_invalid_certs = true\n").unwrap_err();
+        assert!(
+            error.contains("`dangerous_accept_invalid_certs` is not supported with `smtps://`"),
+            "{error}"
+        );
     }
 
     #[test]

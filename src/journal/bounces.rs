@@ -231,14 +231,19 @@ impl Journal {
         }
     }
 
-    /// The addresses with a hard bounce or a complaint, in any slot, sorted.
+    /// The addresses with a hard bounce or a complaint, in any slot, sorted — only where the
+    /// bounce was tied to the recipient by something a stranger cannot forge: its VERP token,
+    /// the Message-ID mailer gave its message, or the relay's own refusal at send time. A
+    /// report that only names an address (Final-Recipient, a text bounce) is recorded, but
+    /// anyone can send one, so it suppresses nobody.
     pub fn suppressible(&self) -> anyhow::Result<Vec<String>> {
         if !self.has_bounces()? {
             return Ok(Vec::new());
         }
         let mut statement = self.conn.prepare(
             "SELECT DISTINCT address FROM bounces WHERE severity IN ('hard', 'complaint')
-             AND action IN ('failed', 'complaint') ORDER BY address",
+             AND action IN ('failed', 'complaint') AND matched_by IN ('verp', 'message-id', 'reply')
+             ORDER BY address",
         )?;
         let rows = statement.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -406,7 +411,22 @@ mod tests {
             .unwrap();
         assert_eq!(state(&journal, 1), "complained");
         assert_eq!(state(&journal, 5), "complained");
-        // Hard bounces and complaints only: not Bob's full mailbox.
+        // Dan's hard bounce only names his address (anyone can send such a report): it is
+        // recorded, and suppresses nobody.
+        let forged = [Notice {
+            matched_by: "final-recipient",
+            ..notice(
+                4,
+                "dan@example.com",
+                Action::Failed,
+                Class::InvalidRecipient,
+            )
+        }];
+        journal
+            .record_returned("d3", "new/3", "attributed", &forged, 13)
+            .unwrap();
+        assert_eq!(state(&journal, 4), "bounced");
+        // Hard bounces and complaints only: not Bob's full mailbox, nor Dan's unverified one.
         assert_eq!(
             journal.suppressible().unwrap(),
             ["ann@example.com", "cat@example.com", "eve@example.com"]
@@ -421,7 +441,8 @@ mod tests {
             classes,
             [
                 ("Complaint".to_owned(), 2),
-                ("InvalidRecipient".to_owned(), 1),
+                // Cat's, and Dan's unverified one.
+                ("InvalidRecipient".to_owned(), 2),
                 ("QuotaIssues".to_owned(), 1)
             ]
         );

@@ -13,6 +13,7 @@ pub mod template;
 pub mod unsubscribe;
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -20,7 +21,7 @@ use lettre::message::Mailbox;
 use serde_json::{Map, Value};
 
 use crate::config::Campaign;
-use crate::problem::Problems;
+use crate::problem::{Problem, Problems};
 use crate::recipients::{Columns, Recipient};
 pub use locale::Locales;
 pub use message::{Envelope, OutgoingMessage};
@@ -85,45 +86,24 @@ impl Renderer {
             Ok(templates) => templates,
             Err(problems) => return Ok(Err(problems)),
         };
-        let unsubscribe = match &campaign.unsubscribe {
-            None => None,
-            Some(config) => match Unsubscribing::new(config) {
-                Ok(unsubscribing) => Some(unsubscribing),
-                Err(message) => {
-                    return Ok(Err(Problems(vec![crate::problem::Problem::error(
-                        &campaign.file,
-                        None,
-                        message,
-                    )])));
-                }
-            },
-        };
-        let signer = match &campaign.dkim {
-            None => None,
-            Some(config) => match dkim::Signer::load(campaign, config) {
-                Ok(signer) => Some(signer),
-                Err(message) => {
-                    return Ok(Err(Problems(vec![crate::problem::Problem::error(
-                        &campaign.file,
-                        None,
-                        message,
-                    )])));
-                }
-            },
-        };
-        let verp = match &campaign.bounces {
-            None => None,
-            Some(bounces) => match bounces.key() {
-                Ok(key) => Some((bounces.return_path.clone(), key)),
-                Err(message) => {
-                    return Ok(Err(Problems(vec![crate::problem::Problem::error(
-                        &campaign.file,
-                        None,
-                        message,
-                    )])));
-                }
-            },
-        };
+        // The keys the campaign's features need: every one that cannot be had is listed.
+        let mut missing = Vec::new();
+        let file = campaign.file.as_path();
+        let unsubscribe = campaign
+            .unsubscribe
+            .as_ref()
+            .and_then(|config| needed(&mut missing, file, Unsubscribing::new(config)));
+        let signer = campaign
+            .dkim
+            .as_ref()
+            .and_then(|config| needed(&mut missing, file, dkim::Signer::load(campaign, config)));
+        let verp = campaign.bounces.as_ref().and_then(|bounces| {
+            let key = bounces.key().map(|key| (bounces.return_path.clone(), key));
+            needed(&mut missing, file, key)
+        });
+        if !missing.is_empty() {
+            return Ok(Err(Problems(missing)));
+        }
         let mut renderer = Renderer::new(campaign, templates, locales, columns);
         renderer.unsubscribe = unsubscribe;
         renderer.verp = verp;
@@ -376,6 +356,13 @@ impl Unsubscribing {
             mailto: config.mailto.clone(),
         })
     }
+}
+
+/// `result`'s value, or `None` with its error added to `missing` (naming `file`).
+fn needed<T>(missing: &mut Vec<Problem>, file: &Path, result: Result<T, String>) -> Option<T> {
+    result
+        .map_err(|message| missing.push(Problem::error(file, None, message)))
+        .ok()
 }
 
 /// How deep a message's HTML elements may nest. Table layouts nest a few dozen deep; the HTML

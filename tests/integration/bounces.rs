@@ -757,3 +757,26 @@ fn a_real_postfix_returns_its_dsns_to_the_return_path_and_the_next_campaign_skip
     assert_eq!(recipients, ["ann@receiver.test"]);
     assert_eq!(status(&next_path)["counts"]["suppressed"], 3);
 }
+
+#[test]
+fn check_lists_every_missing_key_not_just_the_first() {
+    // The bounce key and the SMTP password are both unset: `check` names both.
+    let sink = Sink::start();
+    let campaign = with_bounces(
+        Campaign::example()
+            .smtp(&sink, 1)
+            .transport("username = \"mailer-user\"\npassword_env = \"TEST_SMTP_PASSWORD\"")
+            .rows(crate::campaign::people(2)),
+        "bounces@example.com",
+    );
+    let path = campaign.write();
+    let run = mailer(&["check", path.to_str().unwrap()], &[]);
+    assert_eq!(run.code, 65, "{run:?}");
+    for named in [
+        "`MAILER_TEST_BOUNCE_KEY` named by [bounces] secret_env is not set",
+        "`TEST_SMTP_PASSWORD` named by password_env is not set",
+    ] {
+        assert!(run.stdout.contains(named), "{named}: {}", run.stdout);
+    }
+    assert_eq!(sink.connections(), 0);
+}
