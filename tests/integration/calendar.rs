@@ -273,3 +273,24 @@ fn warm_up_days_count_from_the_first_message_and_the_plan_spans_them() {
     assert_eq!(wednesday.code, 0, "{wednesday:?}");
     assert_eq!(accepted_once(&sink), 10);
 }
+
+#[test]
+fn canary_messages_are_not_counted_toward_the_daily_cap() {
+    // Two canary messages, then a cap of 3: the full send still gets 3 recipients out today.
+    let sink = Sink::start();
+    let campaign = Campaign::example().smtp(&sink, 1).rows(people(5)).extra(
+        "[rate]\nper_day = 3\n[safety]\ncanary = [\"seed1@example.org\", \"seed2@example.org\"]\n",
+    );
+    let path = campaign.write();
+    let now = [("MAILER_NOW", "2030-12-02T09:00:00Z")];
+    let canary = mailer(&["send", arg(&path), "--stage", "canary"], &now);
+    assert_eq!(canary.code, 0, "{canary:?}");
+    assert_eq!(accepted_once(&sink), 2);
+    let full = mailer(&["send", arg(&path)], &now);
+    assert_eq!(full.code, 75, "{full:?}");
+    assert_eq!(
+        accepted_once(&sink),
+        2 + 3,
+        "the two seeds and three recipients"
+    );
+}

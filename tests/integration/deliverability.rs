@@ -417,17 +417,28 @@ fn dkim_signatures_verify_with_an_independent_implementation_for_rsa_and_ed25519
             &["ann@example.com,Ann,fr,Pro", "bob@example.org,Bob,de,Team"],
         );
         std::fs::copy(keys.join(key), campaign.dir().join("dkim.pem")).unwrap();
+        // With a return path per recipient too: the envelope changes, the signature does not.
         let toml = std::fs::read_to_string(&path).unwrap()
-            + "\n[dkim]\nselector = \"s2026\"\ndomain = \"example.com\"\nkey_path = \"dkim.pem\"\n";
+            + "\n[dkim]\nselector = \"s2026\"\ndomain = \"example.com\"\nkey_path = \"dkim.pem\"\n"
+            + "\n[bounces]\nreturn_path = \"bounces@example.com\"\nsecret_env = \"TEST_BOUNCE_KEY\"\n";
         std::fs::write(&path, toml).unwrap();
         let run = mailer(
             &["send", path.to_str().unwrap()],
-            &[("TEST_UNSUBSCRIBE_KEY", KEY)],
+            &[
+                ("TEST_UNSUBSCRIBE_KEY", KEY),
+                ("TEST_BOUNCE_KEY", "bounce-key-of-the-dkim-test"),
+            ],
         );
         assert_eq!(run.code, 0, "{key}: {run:?}");
         let transactions = sink.transactions();
         assert_eq!(transactions.len(), 2);
+        assert_ne!(transactions[0].mail_from, transactions[1].mail_from);
         for t in &transactions {
+            assert!(
+                t.mail_from.starts_with("bounces+") && t.mail_from.ends_with("@example.com"),
+                "{key}: {}",
+                t.mail_from
+            );
             let (ok, signed) = dkimpy_verify(&t.data, &record);
             assert!(
                 ok,
