@@ -10,6 +10,7 @@
 //! the real path up to the wire.
 
 pub mod daily;
+mod ehlo;
 mod file;
 mod pace;
 pub mod probe;

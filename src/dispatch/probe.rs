@@ -16,6 +16,8 @@ use lettre::transport::smtp::extension::{Extension as LettreExtension, MailParam
 use serde::Serialize;
 use tokio::net::TcpStream;
 
+pub use super::ehlo::Capability;
+use super::ehlo::{capabilities, capped, size_limit};
 use super::smtp::{Connection, Settings, describe, reply_of};
 use super::{FailureKind, RelayFailure};
 use crate::config::Security;
@@ -24,10 +26,6 @@ use crate::outcome::Reply;
 
 /// A certificate that expires sooner than this is worth a warning.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
-/// The most extensions kept from one EHLO reply.
-const MAX_EXTENSIONS: usize = 64;
-/// The most characters kept of one extension's parameters.
-const MAX_PARAMETERS: usize = 256;
 /// The most characters kept of a reply's text, a certificate's name or a failure's reason.
 const MAX_TEXT: usize = 512;
 /// The most names kept from a certificate's subject alternative names.
@@ -93,15 +91,6 @@ pub enum Protection {
     /// `STARTTLS`, taken before this EHLO (so it is not among the extensions listed).
     Starttls,
     Plain,
-}
-
-/// One extension an EHLO reply lists (RFC 5321 §4.1.1.1): `SIZE` and `10240000`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Capability {
-    /// In upper case.
-    pub keyword: String,
-    /// As the relay wrote them, spaces folded, capped in length.
-    pub parameters: String,
 }
 
 /// The relay's certificate, as far as a person needs to see it.
@@ -458,57 +447,6 @@ fn warn_about_extensions(
     probe.warnings.extend(warnings);
 }
 
-/// The limit `SIZE` gives, when it gives one (0 means none, RFC 1870).
-fn size_limit(capabilities: &[Capability]) -> Option<usize> {
-    capabilities
-        .iter()
-        .find(|c| c.keyword == "SIZE")
-        .and_then(|c| c.parameters.parse().ok())
-        .filter(|&limit| limit > 0)
-}
-
-/// The extensions of an EHLO reply, given its lines without their codes: every line after
-/// the first (the relay's name) that starts with a keyword (RFC 5321 §4.1.1.1: a letter or
-/// digit, then letters, digits and `-`). Other lines are skipped, a keyword listed twice is
-/// kept once, and at most [`MAX_EXTENSIONS`] are kept.
-#[must_use]
-pub fn capabilities<'a>(lines: impl IntoIterator<Item = &'a str>) -> Vec<Capability> {
-    let mut found: Vec<Capability> = Vec::new();
-    for line in lines.into_iter().skip(1) {
-        let mut words = line.split_whitespace();
-        let Some(keyword) = words.next().filter(|k| is_keyword(k)) else {
-            continue;
-        };
-        let keyword = keyword.to_ascii_uppercase();
-        if found.iter().any(|c| c.keyword == keyword) {
-            continue;
-        }
-        let parameters = words.collect::<Vec<_>>().join(" ");
-        found.push(Capability {
-            keyword,
-            parameters: capped(&parameters, MAX_PARAMETERS),
-        });
-        if found.len() == MAX_EXTENSIONS {
-            break;
-        }
-    }
-    found
-}
-
-fn is_keyword(word: &str) -> bool {
-    word.len() <= 64
-        && word.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-}
-
-/// At most `limit` characters of `text`, with `…` when it was cut.
-fn capped(text: &str, limit: usize) -> String {
-    match text.char_indices().nth(limit) {
-        Some((at, _)) => format!("{}…", &text[..at]),
-        None => text.to_owned(),
-    }
-}
-
 /// The certificate of an `smtps://` relay, read with the send's own TLS settings on a
 /// connection that says nothing once TLS is up.
 async fn implicit_tls_certificate(settings: &Settings) -> Result<Option<Vec<u8>>, String> {
@@ -589,110 +527,6 @@ pub fn certificate(der: &[u8], now: SystemTime) -> Result<Certificate, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn check(reply: &[&str], expected: &[(&str, &str)]) {
-        let found = capabilities(reply.iter().copied());
-        let found: Vec<(&str, &str)> = found
-            .iter()
-            .map(|c| (c.keyword.as_str(), c.parameters.as_str()))
-            .collect();
-        assert_eq!(found, expected, "{reply:?}");
-    }
-
-    #[test]
-    fn every_extension_of_an_ehlo_reply_is_listed_with_its_parameters() {
-        // Postfix 3.7 after STARTTLS, as lettre hands the lines over (codes stripped).
-        check(
-            &[
-                "relay.example.com",
-                "PIPELINING",
-                "SIZE 10240000",
-                "VRFY",
-                "ETRN",
-                "AUTH PLAIN LOGIN",
-                "ENHANCEDSTATUSCODES",
-                "8BITMIME",
-                "DSN",
-                "SMTPUTF8",
-                "CHUNKING",
-            ],
-            &[
-                ("PIPELINING", ""),
-                ("SIZE", "10240000"),
-                ("VRFY", ""),
-                ("ETRN", ""),
-                ("AUTH", "PLAIN LOGIN"),
-                ("ENHANCEDSTATUSCODES", ""),
-                ("8BITMIME", ""),
-                ("DSN", ""),
-                ("SMTPUTF8", ""),
-                ("CHUNKING", ""),
-            ],
-        );
-    }
-
-    #[test]
-    fn keywords_are_upper_cased_and_spaces_folded() {
-        check(
-            &[
-                "mx ESMTP hi",
-                "  size   52428800 ",
-                "auth\tLOGIN  CRAM-MD5",
-                "x-exps GSSAPI",
-            ],
-            &[
-                ("SIZE", "52428800"),
-                ("AUTH", "LOGIN CRAM-MD5"),
-                ("X-EXPS", "GSSAPI"),
-            ],
-        );
-    }
-
-    #[test]
-    fn the_first_line_and_lines_that_are_no_extension_are_skipped() {
-        // The first line names the relay, even when it looks like a keyword.
-        check(&["PIPELINING"], &[]);
-        check(&[], &[]);
-        check(
-            &[
-                "relay",
-                "",
-                "-DASH",
-                "AUTH=LOGIN PLAIN",
-                "\u{1b}[2J",
-                "STARTTLS",
-                "starttls again",
-            ],
-            &[("STARTTLS", "")],
-        );
-    }
-
-    #[test]
-    fn what_is_kept_is_capped() {
-        let many: Vec<String> = (0..100).map(|i| format!("X-{i}")).collect();
-        let lines: Vec<&str> = std::iter::once("relay")
-            .chain(many.iter().map(String::as_str))
-            .collect();
-        let found = capabilities(lines);
-        assert_eq!(found.len(), MAX_EXTENSIONS);
-        assert_eq!(found[MAX_EXTENSIONS - 1].keyword, "X-63");
-        let long = format!("relay\nX-LONG {}", "é".repeat(1000));
-        let found = capabilities(long.lines());
-        assert_eq!(found[0].parameters.chars().count(), MAX_PARAMETERS + 1);
-        assert!(found[0].parameters.ends_with('…'));
-        let keyword = "K".repeat(65);
-        check(&["relay", &keyword], &[]);
-    }
-
-    #[test]
-    fn the_size_limit_is_read_when_there_is_one() {
-        let of = |lines: &[&str]| size_limit(&capabilities(lines.iter().copied()));
-        assert_eq!(of(&["r", "SIZE 1000"]), Some(1000));
-        assert_eq!(of(&["r", "SIZE 0"]), None);
-        assert_eq!(of(&["r", "SIZE"]), None);
-        assert_eq!(of(&["r", "SIZE lots"]), None);
-        assert_eq!(of(&["r", "PIPELINING"]), None);
-    }
 
     #[test]
     fn a_refusal_for_good_is_the_configuration_and_for_now_the_relay() {

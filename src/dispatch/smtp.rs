@@ -22,9 +22,11 @@ use lettre::transport::smtp::client::{
 };
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::response::{Response, Severity};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::ehlo::{Offers, Wire, capabilities};
 use super::{Gate, Refusal, RelayFailure};
 use crate::config::{Security, Smtp};
 use crate::outcome::{Attempt, Reply, State};
@@ -178,8 +180,26 @@ impl AsyncTokioStream for ImplicitTls {
 /// One worker's connection, opened on first use and renewed as needed.
 pub struct Connection {
     settings: Arc<Settings>,
-    open: Option<AsyncSmtpConnection>,
+    open: Option<Session>,
     messages_sent: usize,
+}
+
+/// An open connection, and what its relay offers.
+struct Session {
+    connection: AsyncSmtpConnection,
+    offers: Offers,
+    /// The same socket, to look at without reading (see [`Session::hung_up`]).
+    watch: std::net::TcpStream,
+}
+
+impl Session {
+    /// Whether the relay has hung up, or said something nobody asked for (a 421 before it
+    /// hangs up, a TLS alert), since the last reply was read: looked at without waiting and
+    /// without taking anything from the stream.
+    fn hung_up(&self) -> bool {
+        let mut byte = [0u8; 1];
+        !matches!(self.watch.peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
 }
 
 /// How a transaction ended.
@@ -211,6 +231,11 @@ impl Connection {
     /// mechanism, the wrong scheme for the port — is [`RelayFailure::config`] and says what
     /// to change; anything else is an outage.
     pub(crate) async fn connect(&self) -> Result<AsyncSmtpConnection, RelayFailure> {
+        Ok(self.establish().await?.0)
+    }
+
+    /// [`Connection::connect`], and a second handle on the socket for [`Session::hung_up`].
+    async fn establish(&self) -> Result<(AsyncSmtpConnection, std::net::TcpStream), RelayFailure> {
         let s = &self.settings;
         let smtp = &s.smtp;
         let place = self.place();
@@ -218,6 +243,7 @@ impl Connection {
             RelayFailure::new(format!("{what} `{place}`: {}", without_urls(error)))
         };
         let tcp = self.open_tcp().await?;
+        let (tcp, watch) = watched(tcp).map_err(|e| outage("cannot use the connection to", &e))?;
         let stream: Box<dyn AsyncTokioStream> = if smtp.security == Security::ImplicitTls {
             let name = rustls::pki_types::ServerName::try_from(smtp.host.clone())
                 .map_err(|e| outage("bad TLS name for", &e))?;
@@ -260,7 +286,42 @@ impl Connection {
             self.authenticate(&mut connection, credentials, encrypted, starttls_offered)
                 .await?;
         }
-        Ok(connection)
+        Ok((connection, watch))
+    }
+
+    /// A connection for sending: [`Connection::connect`], then an EHLO of mailer's own for
+    /// the extensions lettre does not keep (PIPELINING, CHUNKING, SIZE). A second EHLO is
+    /// allowed at any time (RFC 5321 §4.1.4): it resets the transaction, not TLS or the
+    /// login. A relay that refuses it for good is sent to command by command.
+    async fn session(&self) -> Result<Session, RelayFailure> {
+        let (mut connection, watch) = self.establish().await?;
+        let smtp = &self.settings.smtp;
+        let ehlo = lettre::transport::smtp::commands::Ehlo::new(self.settings.hello.clone());
+        let offers =
+            match tokio::time::timeout(smtp.command_timeout, connection.command(ehlo)).await {
+                Ok(Ok(reply)) => Offers::of(&capabilities(reply.message())),
+                Ok(Err(error)) if error.is_permanent() => Offers::of(&[]),
+                Ok(Err(error)) => {
+                    return Err(RelayFailure::new(format!(
+                        "EHLO failed with `{}`: {}",
+                        self.place(),
+                        describe(&error)
+                    )));
+                }
+                Err(_) => {
+                    return Err(RelayFailure::new(format!(
+                        "no reply to EHLO within {} from `{}`",
+                        humantime::format_duration(smtp.command_timeout),
+                        self.place()
+                    )));
+                }
+            };
+        tracing::debug!(relay = %self.place(), wire = ?offers.wire, size_limit = ?offers.size_limit, "connected");
+        Ok(Session {
+            connection,
+            offers,
+            watch,
+        })
     }
 
     /// `host:port`, as messages name the relay.
@@ -486,35 +547,44 @@ impl Connection {
     ) -> Result<Attempt, Refusal> {
         let mut lost_before = None;
         loop {
-            let mut connection = match self.open.take() {
-                Some(connection) => connection,
+            let mut session = match self.open.take() {
+                // Once a chunked transaction is written, a hang-up leaves its outcome unknown:
+                // a connection the relay closed while it was idle is not written to.
+                Some(session) if session.offers.wire == Wire::Chunked && session.hung_up() => {
+                    tracing::debug!(relay = %self.place(), "the relay closed an idle connection");
+                    self.messages_sent = 0;
+                    self.session().await?
+                }
+                Some(session) => session,
                 None => {
                     self.messages_sent = 0;
-                    self.connect().await?
+                    self.session().await?
                 }
             };
-            match transaction(&mut connection, message, &self.settings.smtp, gate).await {
+            match transaction(&mut session, message, &self.settings.smtp, gate).await {
                 Step::Done(attempt) => {
                     self.messages_sent += 1;
                     let used_up =
                         self.messages_sent >= self.settings.smtp.messages_per_connection.get();
-                    if used_up || connection.has_broken() {
+                    if used_up || session.connection.has_broken() {
                         let _ = tokio::time::timeout(
                             self.settings.smtp.command_timeout,
-                            connection.quit(),
+                            session.connection.quit(),
                         )
                         .await;
                     } else {
-                        self.open = Some(connection);
+                        self.open = Some(session);
                     }
                     return Ok(attempt);
                 }
                 // A connection in an unknown state is dropped, not QUIT: it may never answer.
                 Step::DoneAndBroken(attempt) => return Ok(attempt),
                 Step::Relay(reason) => {
-                    let _ =
-                        tokio::time::timeout(self.settings.smtp.command_timeout, connection.quit())
-                            .await;
+                    let _ = tokio::time::timeout(
+                        self.settings.smtp.command_timeout,
+                        session.connection.quit(),
+                    )
+                    .await;
                     return Err(RelayFailure::new(reason).into());
                 }
                 // The server waits for a body that will not come: drop the connection.
@@ -533,9 +603,12 @@ impl Connection {
     }
 
     pub async fn quit(&mut self) {
-        if let Some(mut connection) = self.open.take() {
-            let _ =
-                tokio::time::timeout(self.settings.smtp.command_timeout, connection.quit()).await;
+        if let Some(mut session) = self.open.take() {
+            let _ = tokio::time::timeout(
+                self.settings.smtp.command_timeout,
+                session.connection.quit(),
+            )
+            .await;
         }
     }
 }
@@ -554,6 +627,14 @@ impl Settings {
     pub(super) fn tls_first(&self) -> &tokio_rustls::TlsConnector {
         &self.tls_first
     }
+}
+
+/// `tcp`, and a second handle on its socket that stays with the session (the first goes to
+/// lettre, which keeps it to itself).
+fn watched(tcp: TcpStream) -> io::Result<(TcpStream, std::net::TcpStream)> {
+    let tcp = tcp.into_std()?;
+    let watch = tcp.try_clone()?;
+    Ok((TcpStream::from_std(tcp)?, watch))
 }
 
 /// Where TLS started: from the first byte (`smtps://`) or after STARTTLS.
@@ -734,16 +815,17 @@ fn refused(error: &lettre::transport::smtp::Error) -> Option<Attempt> {
     })
 }
 
-/// One SMTP transaction: MAIL FROM, exactly one RCPT TO, DATA, the body.
+/// One SMTP transaction: MAIL FROM, exactly one RCPT TO, then the message — after `DATA`, or
+/// in `BDAT` — as the relay's extensions allow (see [`Wire`]).
 async fn transaction(
-    connection: &mut AsyncSmtpConnection,
+    session: &mut Session,
     message: &OutgoingMessage,
     smtp: &Smtp,
     gate: &mut Gate,
 ) -> Step {
     let envelope = &message.envelope;
     let mut parameters = Vec::new();
-    let info = connection.server_info();
+    let info = session.connection.server_info();
     if !message.bytes.is_ascii() {
         // Every message of a campaign with non-ASCII text is 8-bit: a relay without 8BITMIME
         // is a relay-wide problem, not this recipient's.
@@ -764,56 +846,189 @@ async fn transaction(
         }
         parameters.push(MailParameter::SmtpUtfEight);
     }
+    if let Some(limit) = session.offers.size_limit
+        && message.bytes.len() > limit
+    {
+        return Step::Done(Attempt::without_reply(
+            State::Failed,
+            format!(
+                "the message is {} bytes, and the relay takes at most {limit} (SIZE)",
+                message.bytes.len()
+            ),
+        ));
+    }
+    // Exactly one recipient per transaction, by construction: the envelope has one address.
+    let mail = Mail::new(Some(envelope.mail_from.clone()), parameters);
+    let rcpt = Rcpt::new(envelope.rcpt_to.clone(), vec![]);
+    match session.offers.wire {
+        Wire::Serial => serial(&mut session.connection, message, smtp, gate, &mail, &rcpt).await,
+        Wire::Pipelined => {
+            pipelined(&mut session.connection, message, smtp, gate, &mail, &rcpt).await
+        }
+        Wire::Chunked => chunked(&mut session.connection, message, smtp, gate, &mail, &rcpt).await,
+    }
+}
 
+/// Without PIPELINING: each command after the reply to the one before.
+async fn serial(
+    connection: &mut AsyncSmtpConnection,
+    message: &OutgoingMessage,
+    smtp: &Smtp,
+    gate: &mut Gate,
+    mail: &Mail,
+    rcpt: &Rcpt,
+) -> Step {
     // From MAIL FROM on, this message is in flight: the record goes to the journal now, and
     // its commit overlaps MAIL, RCPT and DATA.
     gate.start(message);
-    match tokio::time::timeout(
-        smtp.command_timeout,
-        connection.command(Mail::new(Some(envelope.mail_from.clone()), parameters)),
-    )
-    .await
-    {
-        Ok(Ok(_)) => {}
-        Ok(Err(error)) if error.status().is_some() => {
-            return Step::Relay(format!(
-                "the relay refused the sender `{}`: {}",
-                envelope.mail_from,
-                describe(&error)
-            ));
-        }
-        Ok(Err(error)) => return Step::Lost(format!("MAIL FROM: {}", describe(&error))),
-        Err(_) => return Step::Lost("MAIL FROM: no reply in time".to_owned()),
+    match hear(connection.command(mail), smtp.command_timeout).await {
+        Heard::Yes(_) => {}
+        Heard::No(error) => return sender_refused(message, &error),
+        Heard::Nothing(why) => return Step::Lost(format!("MAIL FROM: {why}")),
     }
-    // Exactly one recipient per transaction, by construction: the envelope has one address.
     for command in [Phase::Rcpt, Phase::Data] {
         let reply = match command {
-            Phase::Rcpt => {
-                tokio::time::timeout(
-                    smtp.command_timeout,
-                    connection.command(Rcpt::new(envelope.rcpt_to.clone(), vec![])),
-                )
-                .await
-            }
-            Phase::Data => {
-                tokio::time::timeout(smtp.command_timeout, connection.command(Data)).await
-            }
+            Phase::Rcpt => hear(connection.command(rcpt), smtp.command_timeout).await,
+            Phase::Data => hear(connection.command(Data), smtp.command_timeout).await,
         };
         match reply {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => {
-                let Some(attempt) = refused(&error) else {
-                    return Step::Lost(format!("{}: {}", command.name(), describe(&error)));
-                };
-                return if reset(connection, smtp).await {
+            Heard::Yes(_) => {}
+            Heard::No(error) => return refused_then_reset(connection, smtp, &error).await,
+            Heard::Nothing(why) => return Step::Lost(format!("{}: {why}", command.name())),
+        }
+    }
+    body(connection, message, smtp, gate).await
+}
+
+/// With PIPELINING (RFC 2920): MAIL, RCPT and DATA in one write, and their three replies read
+/// whatever the first ones say — the relay answers every command it was sent. The journal's
+/// commit overlaps that round trip; the body waits for it, as without PIPELINING.
+async fn pipelined(
+    connection: &mut AsyncSmtpConnection,
+    message: &OutgoingMessage,
+    smtp: &Smtp,
+    gate: &mut Gate,
+    mail: &Mail,
+    rcpt: &Rcpt,
+) -> Step {
+    gate.start(message);
+    let batch = format!("{mail}{rcpt}{Data}");
+    let replies = replies(connection, batch, smtp.command_timeout).await;
+    let [mail_reply, rcpt_reply, data_reply] = &replies;
+    if let Heard::Yes(reply) = data_reply
+        && !matches!((mail_reply, rcpt_reply), (Heard::Yes(_), Heard::Yes(_)))
+    {
+        // DATA was taken although MAIL or RCPT was not (RFC 2920 §3.1): the relay waits for
+        // a message. A lone dot ends it, empty; with no recipient it goes nowhere.
+        if reply.code().severity == Severity::PositiveIntermediate
+            && !matches!(
+                hear(connection.command(".\r\n"), smtp.command_timeout).await,
+                Heard::Yes(_) | Heard::No(_)
+            )
+        {
+            return match refusal_in(&replies, message) {
+                Some(step) => step.broken(),
+                None => Step::Lost("the end of an empty message: no reply".to_owned()),
+            };
+        }
+    }
+    match &replies {
+        [Heard::Yes(_), Heard::Yes(_), Heard::Yes(reply)]
+            if reply.code().severity == Severity::PositiveIntermediate =>
+        {
+            body(connection, message, smtp, gate).await
+        }
+        [Heard::Yes(_), Heard::Yes(_), Heard::Yes(reply)] => Step::Lost(format!(
+            "DATA: {} where 354 was due",
+            reply_text(reply).exact()
+        )),
+        _ => match refusal_in(&replies, message) {
+            Some(Step::Relay(reason)) => Step::Relay(reason),
+            Some(step) if replies.iter().any(|r| matches!(r, Heard::Nothing(_))) => step.broken(),
+            Some(Step::Done(attempt)) => {
+                if reset(connection, smtp).await {
                     Step::Done(attempt)
                 } else {
                     Step::DoneAndBroken(attempt)
-                };
+                }
             }
-            Err(_) => return Step::Lost(format!("{}: no reply in time", command.name())),
-        }
+            Some(step) => step,
+            None => Step::Lost(lost_in(&replies, ["MAIL FROM", "RCPT TO", "DATA"])),
+        },
     }
+}
+
+/// With CHUNKING (RFC 3030) and PIPELINING: once the journal has the recipient durably in
+/// flight, MAIL, RCPT and `BDAT <size> LAST` with the message, in one write; three replies.
+/// The message goes as it is: no dot-stuffing (the guard has refused bare CR and LF). From
+/// the write on the relay may have the whole message, so a connection lost before all three
+/// replies are in leaves it ambiguous — unless a reply already refused it.
+async fn chunked(
+    connection: &mut AsyncSmtpConnection,
+    message: &OutgoingMessage,
+    smtp: &Smtp,
+    gate: &mut Gate,
+    mail: &Mail,
+    rcpt: &Rcpt,
+) -> Step {
+    let Ok(text) = std::str::from_utf8(&message.bytes) else {
+        // lettre writes commands as text. Rendered messages are UTF-8; were one not, DATA
+        // would carry it.
+        return pipelined(connection, message, smtp, gate, mail, rcpt).await;
+    };
+    if let Err(refusal) = gate.pass(message).await {
+        return Step::Unrecorded(refusal);
+    }
+    let line_end = if text.ends_with("\r\n") { "" } else { "\r\n" };
+    let size = text.len() + line_end.len();
+    let batch = format!("{mail}{rcpt}BDAT {size} LAST\r\n{text}{line_end}");
+    // The relay may hold the replies to MAIL and RCPT until it has the message: each waits
+    // as long as the reply to the message itself may.
+    let replies = replies(connection, batch, smtp.data_timeout).await;
+    match &replies {
+        [Heard::Yes(_), Heard::Yes(_), Heard::Yes(reply)] => {
+            let reply = reply_text(reply);
+            Step::Done(Attempt {
+                state: State::Sent,
+                detail: reply.exact(),
+                reply: Some(reply),
+            })
+        }
+        [Heard::Yes(_), Heard::Yes(_), Heard::No(error)] => match refused(error) {
+            Some(attempt) if reset(connection, smtp).await => Step::Done(attempt),
+            Some(attempt) => Step::DoneAndBroken(attempt),
+            None => ambiguous(format!(
+                "no reply after the message body: {}",
+                describe(error)
+            )),
+        },
+        _ => match refusal_in(&replies, message) {
+            Some(Step::Relay(reason)) => Step::Relay(reason),
+            Some(step) if replies.iter().any(|r| matches!(r, Heard::Nothing(_))) => step.broken(),
+            Some(Step::Done(attempt)) => {
+                if reset(connection, smtp).await {
+                    Step::Done(attempt)
+                } else {
+                    Step::DoneAndBroken(attempt)
+                }
+            }
+            Some(step) => step,
+            None => ambiguous(format!(
+                "no reply after the message went with BDAT: {}",
+                lost_in(&replies, ["MAIL FROM", "RCPT TO", "BDAT"])
+            )),
+        },
+    }
+}
+
+/// After MAIL, RCPT and DATA were taken: once the journal has the recipient durably in
+/// flight, the body, dot-stuffed, and the reply to it.
+async fn body(
+    connection: &mut AsyncSmtpConnection,
+    message: &OutgoingMessage,
+    smtp: &Smtp,
+    gate: &mut Gate,
+) -> Step {
     // The body is the first thing the server could accept: it waits until the journal says
     // this recipient is durably in flight (the commit ran while MAIL, RCPT and DATA went back
     // and forth). A crash before this point leaves the row `pending` or `in_flight` with
@@ -825,10 +1040,7 @@ async fn transaction(
     // reply leaves the outcome unknown, and the message must not be sent again blindly.
     match tokio::time::timeout(smtp.data_timeout, connection.message(&message.bytes)).await {
         Ok(Ok(response)) => {
-            let reply = Reply::new(
-                u16::from(response.code()),
-                &response.message().collect::<Vec<_>>().join(" "),
-            );
+            let reply = reply_text(&response);
             Step::Done(Attempt {
                 state: State::Sent,
                 detail: reply.exact(),
@@ -838,19 +1050,139 @@ async fn transaction(
         Ok(Err(error)) => match refused(&error) {
             // lettre has read the whole reply; the connection is still in step.
             Some(attempt) => Step::Done(attempt),
-            None => Step::DoneAndBroken(Attempt::without_reply(
-                State::Ambiguous,
-                format!("no reply after the message body: {}", describe(&error)),
+            None => ambiguous(format!(
+                "no reply after the message body: {}",
+                describe(&error)
             )),
         },
-        Err(_) => Step::DoneAndBroken(Attempt::without_reply(
-            State::Ambiguous,
-            format!(
-                "no reply after the message body within {}",
-                humantime::format_duration(smtp.data_timeout)
-            ),
+        Err(_) => ambiguous(format!(
+            "no reply after the message body within {}",
+            humantime::format_duration(smtp.data_timeout)
         )),
     }
+}
+
+/// No reply after the message went: the relay may have it.
+fn ambiguous(detail: String) -> Step {
+    Step::DoneAndBroken(Attempt::without_reply(State::Ambiguous, detail))
+}
+
+/// One reply to a command.
+enum Heard {
+    /// 2xx or 3xx.
+    Yes(Response),
+    /// 4xx or 5xx.
+    No(lettre::transport::smtp::Error),
+    /// None: the connection broke, the time ran out, or what came was no reply.
+    Nothing(String),
+}
+
+/// The reply `reading` gives within `limit`.
+async fn hear(
+    reading: impl Future<Output = Result<Response, lettre::transport::smtp::Error>>,
+    limit: Duration,
+) -> Heard {
+    match tokio::time::timeout(limit, reading).await {
+        Ok(Ok(response)) => Heard::Yes(response),
+        Ok(Err(error)) if error.status().is_some() => Heard::No(error),
+        Ok(Err(error)) => Heard::Nothing(describe(&error)),
+        Err(_) => Heard::Nothing("no reply in time".to_owned()),
+    }
+}
+
+/// Writes `batch` (three commands, and for BDAT the message) and reads three replies, each
+/// within `limit`; after a connection lost, nothing more is read.
+async fn replies(
+    connection: &mut AsyncSmtpConnection,
+    batch: String,
+    limit: Duration,
+) -> [Heard; 3] {
+    let first = hear(connection.command(batch), limit).await;
+    let second = match first {
+        Heard::Nothing(_) => Heard::Nothing("not read: the connection was lost".to_owned()),
+        _ => hear(connection.read_response(), limit).await,
+    };
+    let third = match second {
+        Heard::Nothing(_) => Heard::Nothing("not read: the connection was lost".to_owned()),
+        _ => hear(connection.read_response(), limit).await,
+    };
+    [first, second, third]
+}
+
+/// What the first refusal among the replies to MAIL, RCPT and DATA/BDAT means: the relay
+/// refused the sender (a relay-wide problem), or the recipient's outcome. `None` when
+/// nothing was refused.
+fn refusal_in(replies: &[Heard; 3], message: &OutgoingMessage) -> Option<Step> {
+    let [mail, rcpt, last] = replies;
+    if let Heard::No(error) = mail {
+        return Some(sender_refused(message, error));
+    }
+    if !matches!(mail, Heard::Yes(_)) {
+        return None;
+    }
+    [rcpt, last].into_iter().find_map(|reply| match reply {
+        Heard::No(error) => Some(match refused(error) {
+            Some(attempt) => Step::Done(attempt),
+            None => Step::Lost(describe(error)),
+        }),
+        _ => None,
+    })
+}
+
+/// Where a batch's replies stopped, for a message.
+fn lost_in(replies: &[Heard; 3], commands: [&str; 3]) -> String {
+    replies
+        .iter()
+        .zip(commands)
+        .find_map(|(reply, command)| match reply {
+            Heard::Nothing(why) => Some(format!("{command}: {why}")),
+            _ => None,
+        })
+        .unwrap_or_else(|| "no reply".to_owned())
+}
+
+impl Step {
+    /// The same outcome, on a connection that is not in step any more.
+    fn broken(self) -> Step {
+        match self {
+            Step::Done(attempt) => Step::DoneAndBroken(attempt),
+            other => other,
+        }
+    }
+}
+
+/// A refused `MAIL FROM`: the relay refuses the campaign's sender, not one recipient.
+fn sender_refused(message: &OutgoingMessage, error: &lettre::transport::smtp::Error) -> Step {
+    Step::Relay(format!(
+        "the relay refused the sender `{}`: {}",
+        message.envelope.mail_from,
+        describe(error)
+    ))
+}
+
+/// The recipient's outcome from a refusal of RCPT or DATA, and `RSET` to go on with the
+/// connection.
+async fn refused_then_reset(
+    connection: &mut AsyncSmtpConnection,
+    smtp: &Smtp,
+    error: &lettre::transport::smtp::Error,
+) -> Step {
+    let Some(attempt) = refused(error) else {
+        return Step::Lost(describe(error));
+    };
+    if reset(connection, smtp).await {
+        Step::Done(attempt)
+    } else {
+        Step::DoneAndBroken(attempt)
+    }
+}
+
+/// A reply as mailer keeps it: code and text.
+fn reply_text(response: &Response) -> Reply {
+    Reply::new(
+        u16::from(response.code()),
+        &response.message().collect::<Vec<_>>().join(" "),
+    )
 }
 
 #[derive(Clone, Copy)]
@@ -903,23 +1235,25 @@ mod tests {
         Hear,
         /// Reads a message body, up to and including the line with the lone dot.
         HearBody,
+        /// Reads a `BDAT <size> LAST` line and the chunk of `size` octets after it.
+        HearChunk,
         /// Hangs up.
         HangUp,
     }
 
-    use Turn::{HangUp, Hear, HearBody, Pause, Say};
+    use Turn::{HangUp, Hear, HearBody, HearChunk, Pause, Say};
 
     const GREETING: Turn = Say("220 sink.test ESMTP\r\n");
-    const EHLO: Turn =
-        Say("250-sink.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 10240000\r\n");
+    /// Neither PIPELINING nor CHUNKING: one command at a time.
+    const EHLO: Turn = Say("250-sink.test\r\n250-8BITMIME\r\n250 SIZE 10240000\r\n");
     const OK: Turn = Say("250 2.0.0 ok\r\n");
     const GO_AHEAD: Turn = Say("354 go ahead\r\n");
     const QUEUED: Turn = Say("250 2.0.0 queued as 1A2B\r\n");
     const BYE: Turn = Say("221 2.0.0 bye\r\n");
 
-    /// Greeting and EHLO.
+    /// Greeting, lettre's EHLO and mailer's own.
     fn hello() -> Vec<Turn> {
-        vec![GREETING, Hear, EHLO]
+        vec![GREETING, Hear, EHLO, Hear, EHLO]
     }
 
     /// A transaction the server accepts.
@@ -935,6 +1269,8 @@ mod tests {
     struct Server {
         port: u16,
         heard: Arc<Mutex<Vec<Vec<u8>>>>,
+        /// How many connections the server has closed.
+        ended: Arc<std::sync::atomic::AtomicUsize>,
         task: tokio::task::JoinHandle<()>,
     }
 
@@ -944,6 +1280,8 @@ mod tests {
             let port = listener.local_addr().unwrap().port();
             let heard = Arc::new(Mutex::new(Vec::new()));
             let all = Arc::clone(&heard);
+            let ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let count = Arc::clone(&ended);
             let task = tokio::spawn(async move {
                 let mut connections = tokio::task::JoinSet::new();
                 for script in scripts {
@@ -953,7 +1291,13 @@ mod tests {
                         all.push(Vec::new());
                         all.len() - 1
                     };
-                    connections.spawn(converse(stream, script, Arc::clone(&all), index));
+                    let conversation = converse(stream, script, Arc::clone(&all), index);
+                    let count = Arc::clone(&count);
+                    connections.spawn(async move {
+                        // The stream is closed when `converse` returns.
+                        conversation.await;
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    });
                 }
                 // One connection more than scripted is refused.
                 drop(listener);
@@ -961,7 +1305,12 @@ mod tests {
                     done.expect("the scripted server's connection");
                 }
             });
-            Server { port, heard, task }
+            Server {
+                port,
+                heard,
+                ended,
+                task,
+            }
         }
 
         /// What connection `n` has heard so far.
@@ -1021,6 +1370,20 @@ mod tests {
                         break;
                     }
                 },
+                HearChunk => {
+                    let mut line = Vec::new();
+                    read.read_until(b'\n', &mut line).await.unwrap();
+                    record(&line);
+                    let command = String::from_utf8(line.clone()).unwrap();
+                    let size = command
+                        .strip_prefix("BDAT ")
+                        .and_then(|rest| rest.strip_suffix(" LAST\r\n"))
+                        .and_then(|size| size.parse::<usize>().ok())
+                        .unwrap_or_else(|| panic!("not a BDAT LAST: {command:?}"));
+                    let mut chunk = vec![0; size];
+                    read.read_exact(&mut chunk).await.unwrap();
+                    record(&chunk);
+                }
                 HangUp => return,
             }
         }
@@ -1125,7 +1488,7 @@ mod tests {
         assert_eq!(
             heard,
             [format!(
-                "EHLO mailer.test\r\n{}QUIT\r\n",
+                "EHLO mailer.test\r\nEHLO mailer.test\r\n{}QUIT\r\n",
                 said(
                     "a@x.example",
                     "From: news@sender.example\r\nTo: a@x.example\r\nSubject: Dots\r\n\r\n\
@@ -1142,7 +1505,7 @@ mod tests {
         let journal = Journal::new(Durable::Held);
         let mut connection = Connection::new(settings(server.port, 100));
         let message = with_bytes(1, "a@x.example", BODY);
-        let envelope = "EHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nRCPT TO:<a@x.example>\r\nDATA\r\n";
+        let envelope = "EHLO mailer.test\r\nEHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nRCPT TO:<a@x.example>\r\nDATA\r\n";
         let (result, ()) = tokio::join!(deliver(&mut connection, &journal, &message), async {
             // MAIL, RCPT and DATA overlap the record's commit...
             while !server.heard(0).contains("DATA\r\n") {
@@ -1160,7 +1523,7 @@ mod tests {
         assert_eq!(
             heard,
             [format!(
-                "EHLO mailer.test\r\n{}QUIT\r\n",
+                "EHLO mailer.test\r\nEHLO mailer.test\r\n{}QUIT\r\n",
                 said("a@x.example", BODY)
             )]
         );
@@ -1185,7 +1548,7 @@ mod tests {
         assert_eq!(
             heard,
             [
-                "EHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nRCPT TO:<a@x.example>\r\nDATA\r\n"
+                "EHLO mailer.test\r\nEHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nRCPT TO:<a@x.example>\r\nDATA\r\n"
             ]
         );
     }
@@ -1230,7 +1593,7 @@ mod tests {
         assert_eq!(
             heard,
             [format!(
-                "EHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nRCPT TO:<gone@x.example>\r\nRSET\r\n{}QUIT\r\n",
+                "EHLO mailer.test\r\nEHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nRCPT TO:<gone@x.example>\r\nRSET\r\n{}QUIT\r\n",
                 said("a@x.example", BODY)
             )]
         );
@@ -1281,7 +1644,7 @@ mod tests {
         assert_eq!(
             heard,
             [format!(
-                "EHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nRCPT TO:<grey@x.example>\r\nRSET\r\n{}{}QUIT\r\n",
+                "EHLO mailer.test\r\nEHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nRCPT TO:<grey@x.example>\r\nRSET\r\n{}{}QUIT\r\n",
                 said("full@x.example", BODY),
                 said("no@x.example", BODY)
             )]
@@ -1323,8 +1686,14 @@ mod tests {
         assert_eq!(
             heard,
             [
-                format!("EHLO mailer.test\r\n{}", said("a@x.example", BODY)),
-                format!("EHLO mailer.test\r\n{}QUIT\r\n", said("b@x.example", BODY)),
+                format!(
+                    "EHLO mailer.test\r\nEHLO mailer.test\r\n{}",
+                    said("a@x.example", BODY)
+                ),
+                format!(
+                    "EHLO mailer.test\r\nEHLO mailer.test\r\n{}QUIT\r\n",
+                    said("b@x.example", BODY)
+                ),
             ]
         );
     }
@@ -1352,8 +1721,8 @@ mod tests {
         assert_eq!(
             heard,
             [
-                "EHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nRCPT TO:<a@x.example>\r\n",
-                "EHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\n",
+                "EHLO mailer.test\r\nEHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nRCPT TO:<a@x.example>\r\n",
+                "EHLO mailer.test\r\nEHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\n",
             ]
         );
         // Recorded in flight once (before MAIL FROM), and nothing else: the scheduler puts
@@ -1381,8 +1750,12 @@ mod tests {
         assert_eq!(
             heard,
             [
-                "EHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\n".to_owned(),
-                format!("EHLO mailer.test\r\n{}QUIT\r\n", said("a@x.example", BODY)),
+                "EHLO mailer.test\r\nEHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\n"
+                    .to_owned(),
+                format!(
+                    "EHLO mailer.test\r\nEHLO mailer.test\r\n{}QUIT\r\n",
+                    said("a@x.example", BODY)
+                ),
             ]
         );
         assert_eq!(journal.events(), [Event::InFlight(1)]);
@@ -1457,7 +1830,7 @@ mod tests {
         let heard = server.finish().await;
         assert_eq!(
             heard,
-            ["EHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nQUIT\r\n"]
+            ["EHLO mailer.test\r\nEHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nQUIT\r\n"]
         );
     }
 
@@ -1468,10 +1841,15 @@ mod tests {
             Pause,
             Say("welcome\r\n"),
             Hear,
-            // 8BITMIME is offered in the middle of a reply cut in three.
+            // 8BITMIME is offered in the middle of a reply cut in three, to lettre's EHLO and
+            // to mailer's own.
             Say("250-sink.te"),
             Pause,
-            Say("st\r\n250-PIPELINING\r\n250-8BIT"),
+            Say("st\r\n250-8BIT"),
+            Pause,
+            Say("MIME\r\n250 SIZE 1000000\r\n"),
+            Hear,
+            Say("250-sink.test\r\n250-8BIT"),
             Pause,
             Say("MIME\r\n250 SIZE 1000000\r\n"),
             Hear,
@@ -1521,7 +1899,7 @@ mod tests {
         assert_eq!(
             heard,
             [format!(
-                "EHLO mailer.test\r\n\
+                "EHLO mailer.test\r\nEHLO mailer.test\r\n\
                  MAIL FROM:<news@sender.example> BODY=8BITMIME\r\nRCPT TO:<gone@x.example>\r\nRSET\r\n\
                  MAIL FROM:<news@sender.example> BODY=8BITMIME\r\nRCPT TO:<b@x.example>\r\nDATA\r\n\
                  {body}\r\n.\r\nQUIT\r\n"
@@ -1544,7 +1922,10 @@ mod tests {
             "the relay does not offer 8BITMIME, which messages with non-ASCII text need"
         );
         drop(connection);
-        assert_eq!(server.finish().await, ["EHLO mailer.test\r\nQUIT\r\n"]);
+        assert_eq!(
+            server.finish().await,
+            ["EHLO mailer.test\r\nEHLO mailer.test\r\nQUIT\r\n"]
+        );
         assert!(journal.events().is_empty());
     }
 
@@ -1568,11 +1949,14 @@ mod tests {
             heard,
             [
                 format!(
-                    "EHLO mailer.test\r\n{}{}QUIT\r\n",
+                    "EHLO mailer.test\r\nEHLO mailer.test\r\n{}{}QUIT\r\n",
                     said("a@x.example", BODY),
                     said("b@x.example", BODY)
                 ),
-                format!("EHLO mailer.test\r\n{}QUIT\r\n", said("c@x.example", BODY)),
+                format!(
+                    "EHLO mailer.test\r\nEHLO mailer.test\r\n{}QUIT\r\n",
+                    said("c@x.example", BODY)
+                ),
             ]
         );
     }
@@ -1620,9 +2004,493 @@ mod tests {
         assert_eq!(
             heard,
             [
-                "EHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nRCPT TO:<a@x.example>\r\n"
+                "EHLO mailer.test\r\nEHLO mailer.test\r\nMAIL FROM:<news@sender.example>\r\nRCPT TO:<a@x.example>\r\n"
                     .to_owned(),
-                format!("EHLO mailer.test\r\n{}QUIT\r\n", said("b@x.example", BODY)),
+                format!("EHLO mailer.test\r\nEHLO mailer.test\r\n{}QUIT\r\n", said("b@x.example", BODY)),
+            ]
+        );
+    }
+
+    /// PIPELINING offered: MAIL, RCPT and DATA in one write.
+    const PIPELINING: Turn =
+        Say("250-sink.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 10240000\r\n");
+    /// PIPELINING and CHUNKING offered: the whole transaction in one write.
+    const CHUNKING: Turn = Say(
+        "250-sink.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-8BITMIME\r\n250 SIZE 10240000\r\n",
+    );
+    const HELLO: &str = "EHLO mailer.test\r\nEHLO mailer.test\r\n";
+
+    /// Greeting, lettre's EHLO and mailer's own, which offers `offers`.
+    fn hello_with(offers: Turn) -> Vec<Turn> {
+        vec![GREETING, Hear, offers, Hear, offers]
+    }
+
+    /// MAIL, RCPT and DATA, as one pipelined write.
+    fn batch(to: &str) -> String {
+        format!("MAIL FROM:<news@sender.example>\r\nRCPT TO:<{to}>\r\nDATA\r\n")
+    }
+
+    /// A chunked transaction: MAIL, RCPT, `BDAT <size> LAST` and the message as it is.
+    fn chunk(to: &str, message: &str) -> String {
+        format!(
+            "MAIL FROM:<news@sender.example>\r\nRCPT TO:<{to}>\r\nBDAT {} LAST\r\n{message}",
+            message.len()
+        )
+    }
+
+    /// A pipelined transaction the server takes: it reads all three commands before it
+    /// answers any (a client that waited for a reply would wait here until it timed out).
+    fn pipelined_accepted() -> Vec<Turn> {
+        vec![Hear, Hear, Hear, OK, OK, GO_AHEAD, HearBody, QUEUED]
+    }
+
+    /// A chunked transaction the server takes.
+    fn chunked_accepted() -> Vec<Turn> {
+        vec![Hear, Hear, HearChunk, OK, OK, QUEUED]
+    }
+
+    #[tokio::test]
+    async fn with_pipelining_mail_rcpt_and_data_go_together_and_the_body_waits_for_the_record() {
+        let server = Server::start(vec![
+            [hello_with(PIPELINING), pipelined_accepted(), quit()].concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Held);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let message = with_bytes(1, "a@x.example", BODY);
+        let (result, ()) = tokio::join!(deliver(&mut connection, &journal, &message), async {
+            while !server.heard(0).contains("DATA\r\n") {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            assert_eq!(journal.events(), [Event::InFlight(1)]);
+            // The three replies are in; the body waits for the record.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert_eq!(server.heard(0), format!("{HELLO}{}", batch("a@x.example")));
+            journal.release(&Ok(()));
+        });
+        assert_eq!(
+            result.unwrap(),
+            attempt(State::Sent, 250, "2.0.0 queued as 1A2B")
+        );
+        connection.quit().await;
+        let heard = server.finish().await;
+        assert_eq!(
+            heard,
+            [format!("{HELLO}{}QUIT\r\n", said("a@x.example", BODY))]
+        );
+    }
+
+    #[tokio::test]
+    async fn with_pipelining_every_reply_is_read_and_a_refused_rcpt_is_the_outcome() {
+        let reset = Say("250 2.0.0 reset\r\n");
+        let no_user = Say("550 5.1.1 no such user\r\n");
+        let server = Server::start(vec![
+            [
+                hello_with(PIPELINING),
+                // RCPT refused, and DATA for want of a recipient.
+                vec![
+                    Hear,
+                    Hear,
+                    Hear,
+                    OK,
+                    no_user,
+                    Say("554 5.5.1 no valid recipients\r\n"),
+                ],
+                vec![Hear, reset],
+                // RCPT refused, and yet 354 for DATA: a lone dot ends the empty message.
+                vec![Hear, Hear, Hear, OK, no_user, GO_AHEAD],
+                vec![Hear, Say("554 5.5.1 no valid recipients\r\n"), Hear, reset],
+                // DATA refused for now.
+                vec![
+                    Hear,
+                    Hear,
+                    Hear,
+                    OK,
+                    OK,
+                    Say("451 4.3.0 try again later\r\n"),
+                ],
+                vec![Hear, reset],
+                pipelined_accepted(),
+                quit(),
+            ]
+            .concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let outcomes = [
+            (
+                "gone@x.example",
+                attempt(State::Failed, 550, "5.1.1 no such user"),
+            ),
+            (
+                "left@x.example",
+                attempt(State::Failed, 550, "5.1.1 no such user"),
+            ),
+            (
+                "later@x.example",
+                attempt(State::Deferred, 451, "4.3.0 try again later"),
+            ),
+            (
+                "a@x.example",
+                attempt(State::Sent, 250, "2.0.0 queued as 1A2B"),
+            ),
+        ];
+        for (line, (to, expected)) in (1..).zip(&outcomes) {
+            let message = with_bytes(line, to, BODY);
+            assert_eq!(
+                deliver(&mut connection, &journal, &message).await.unwrap(),
+                *expected,
+                "{to}"
+            );
+        }
+        connection.quit().await;
+        let heard = server.finish().await;
+        assert_eq!(
+            heard,
+            [format!(
+                "{HELLO}{}RSET\r\n{}.\r\nRSET\r\n{}RSET\r\n{}QUIT\r\n",
+                batch("gone@x.example"),
+                batch("left@x.example"),
+                batch("later@x.example"),
+                said("a@x.example", BODY)
+            )]
+        );
+        let recorded: Vec<Event> = (1..=4).map(Event::InFlight).collect();
+        assert_eq!(journal.events(), recorded);
+    }
+
+    #[tokio::test]
+    async fn with_pipelining_the_sender_refused_is_a_relay_failure_after_every_reply() {
+        let server = Server::start(vec![
+            [
+                hello_with(PIPELINING),
+                vec![
+                    Hear,
+                    Hear,
+                    Hear,
+                    Say("553 5.7.1 sender not allowed\r\n"),
+                    Say("503 5.5.1 need MAIL command\r\n"),
+                    Say("503 5.5.1 need RCPT command\r\n"),
+                ],
+                quit(),
+            ]
+            .concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let message = with_bytes(1, "a@x.example", BODY);
+        let failure = relay_failure(deliver(&mut connection, &journal, &message).await);
+        assert_eq!(
+            failure.reason,
+            "the relay refused the sender `news@sender.example`: 553 5.7.1 sender not allowed"
+        );
+        let heard = server.finish().await;
+        // QUIT after the three replies, in step.
+        assert_eq!(heard, [format!("{HELLO}{}QUIT\r\n", batch("a@x.example"))]);
+    }
+
+    #[tokio::test]
+    async fn with_pipelining_a_hang_up_before_the_body_is_retried_and_a_421_is_not() {
+        let server = Server::start(vec![
+            // Gone after the batch, before any reply: nothing was taken.
+            [hello_with(PIPELINING), vec![Hear, Hear, Hear, HangUp]].concat(),
+            // 421 at RCPT, and the connection closed: DATA's reply never comes.
+            [
+                hello_with(PIPELINING),
+                vec![
+                    Hear,
+                    Hear,
+                    Hear,
+                    OK,
+                    Say("421 4.7.0 too busy, closing connection\r\n"),
+                    HangUp,
+                ],
+            ]
+            .concat(),
+            [hello_with(PIPELINING), pipelined_accepted(), quit()].concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let first = with_bytes(1, "a@x.example", BODY);
+        let next = with_bytes(2, "b@x.example", BODY);
+        assert_eq!(
+            deliver(&mut connection, &journal, &first).await.unwrap(),
+            attempt(State::Deferred, 421, "4.7.0 too busy, closing connection")
+        );
+        assert_eq!(
+            deliver(&mut connection, &journal, &next)
+                .await
+                .unwrap()
+                .state,
+            State::Sent
+        );
+        connection.quit().await;
+        let heard = server.finish().await;
+        assert_eq!(
+            heard,
+            [
+                format!("{HELLO}{}", batch("a@x.example")),
+                format!("{HELLO}{}", batch("a@x.example")),
+                format!("{HELLO}{}QUIT\r\n", said("b@x.example", BODY)),
+            ]
+        );
+        assert_eq!(journal.events(), [Event::InFlight(1), Event::InFlight(2)]);
+    }
+
+    #[tokio::test]
+    async fn with_chunking_the_transaction_is_one_write_after_the_record_and_is_not_dot_stuffed() {
+        let dots = "From: news@sender.example\r\nTo: a@x.example\r\nSubject: Dots\r\n\r\n\
+                    .hidden\r\n..two\r\n.\r\nend\r\n";
+        let unended = "From: news@sender.example\r\nTo: b@x.example\r\n\r\nno line end";
+        let server = Server::start(vec![
+            [
+                hello_with(CHUNKING),
+                chunked_accepted(),
+                chunked_accepted(),
+                quit(),
+            ]
+            .concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Held);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let message = with_bytes(1, "a@x.example", dots);
+        let (result, ()) = tokio::join!(deliver(&mut connection, &journal, &message), async {
+            while journal.events().is_empty() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            // Recorded, not durable yet: nothing of the transaction goes.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert_eq!(server.heard(0), HELLO);
+            journal.release(&Ok(()));
+        });
+        assert_eq!(
+            result.unwrap(),
+            attempt(State::Sent, 250, "2.0.0 queued as 1A2B")
+        );
+        // A message must end with a line end (RFC 3030 §2): one is added.
+        let second = with_bytes(2, "b@x.example", unended);
+        let (result, ()) = tokio::join!(deliver(&mut connection, &journal, &second), async {
+            while journal.events().len() < 2 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            journal.release(&Ok(()));
+        });
+        assert_eq!(result.unwrap().state, State::Sent);
+        connection.quit().await;
+        let heard = server.finish().await;
+        assert_eq!(
+            heard,
+            [format!(
+                "{HELLO}{}{}QUIT\r\n",
+                chunk("a@x.example", dots),
+                chunk("b@x.example", &format!("{unended}\r\n"))
+            )]
+        );
+    }
+
+    #[tokio::test]
+    async fn with_chunking_refusals_are_the_outcome_and_the_connection_goes_on() {
+        let reset = Say("250 2.0.0 reset\r\n");
+        let server = Server::start(vec![
+            [
+                hello_with(CHUNKING),
+                // RCPT refused: the relay drops the chunk.
+                vec![
+                    Hear,
+                    Hear,
+                    HearChunk,
+                    OK,
+                    Say("550 5.1.1 no such user\r\n"),
+                    Say("554 5.5.1 no valid recipients\r\n"),
+                    Hear,
+                    reset,
+                ],
+                // The message refused, for now and for good.
+                vec![
+                    Hear,
+                    Hear,
+                    HearChunk,
+                    OK,
+                    OK,
+                    Say("452 4.3.1 storage full\r\n"),
+                ],
+                vec![Hear, reset],
+                vec![Hear, Hear, HearChunk, OK, OK, Say("554 5.6.0 refused\r\n")],
+                vec![Hear, reset],
+                chunked_accepted(),
+                // The sender refused: the relay's problem, not the recipient's.
+                vec![
+                    Hear,
+                    Hear,
+                    HearChunk,
+                    Say("553 5.7.1 sender not allowed\r\n"),
+                    Say("503 5.5.1 need MAIL command\r\n"),
+                    Say("503 5.5.1 need MAIL command\r\n"),
+                ],
+                quit(),
+            ]
+            .concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let outcomes = [
+            (
+                "gone@x.example",
+                attempt(State::Failed, 550, "5.1.1 no such user"),
+            ),
+            (
+                "full@x.example",
+                attempt(State::Deferred, 452, "4.3.1 storage full"),
+            ),
+            ("no@x.example", attempt(State::Failed, 554, "5.6.0 refused")),
+            (
+                "a@x.example",
+                attempt(State::Sent, 250, "2.0.0 queued as 1A2B"),
+            ),
+        ];
+        for (line, (to, expected)) in (1..).zip(&outcomes) {
+            let message = with_bytes(line, to, BODY);
+            assert_eq!(
+                deliver(&mut connection, &journal, &message).await.unwrap(),
+                *expected,
+                "{to}"
+            );
+        }
+        let last = with_bytes(5, "b@x.example", BODY);
+        let failure = relay_failure(deliver(&mut connection, &journal, &last).await);
+        assert_eq!(
+            failure.reason,
+            "the relay refused the sender `news@sender.example`: 553 5.7.1 sender not allowed"
+        );
+        let heard = server.finish().await;
+        assert_eq!(
+            heard,
+            [format!(
+                "{HELLO}{}RSET\r\n{}RSET\r\n{}RSET\r\n{}{}QUIT\r\n",
+                chunk("gone@x.example", BODY),
+                chunk("full@x.example", BODY),
+                chunk("no@x.example", BODY),
+                chunk("a@x.example", BODY),
+                chunk("b@x.example", BODY),
+            )]
+        );
+    }
+
+    #[tokio::test]
+    async fn with_chunking_a_hang_up_after_the_write_is_ambiguous_unless_a_reply_refused() {
+        let server = Server::start(vec![
+            // Gone before any reply.
+            [hello_with(CHUNKING), vec![Hear, Hear, HearChunk, HangUp]].concat(),
+            // Gone before the reply to BDAT.
+            [
+                hello_with(CHUNKING),
+                vec![Hear, Hear, HearChunk, OK, OK, HangUp],
+            ]
+            .concat(),
+            // RCPT refused, then gone: the message went nowhere.
+            [
+                hello_with(CHUNKING),
+                vec![
+                    Hear,
+                    Hear,
+                    HearChunk,
+                    OK,
+                    Say("550 5.1.1 no such user\r\n"),
+                    HangUp,
+                ],
+            ]
+            .concat(),
+            [hello_with(CHUNKING), chunked_accepted(), quit()].concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let unknown = Attempt::without_reply(
+            State::Ambiguous,
+            "no reply after the message went with BDAT: MAIL FROM: incomplete response",
+        );
+        let unknown_at_bdat = Attempt::without_reply(
+            State::Ambiguous,
+            "no reply after the message went with BDAT: BDAT: incomplete response",
+        );
+        let outcomes = [
+            ("a@x.example", unknown),
+            ("b@x.example", unknown_at_bdat),
+            (
+                "gone@x.example",
+                attempt(State::Failed, 550, "5.1.1 no such user"),
+            ),
+            (
+                "c@x.example",
+                attempt(State::Sent, 250, "2.0.0 queued as 1A2B"),
+            ),
+        ];
+        for (line, (to, expected)) in (1..).zip(&outcomes) {
+            let message = with_bytes(line, to, BODY);
+            assert_eq!(
+                deliver(&mut connection, &journal, &message).await.unwrap(),
+                *expected,
+                "{to}"
+            );
+        }
+        connection.quit().await;
+        let heard = server.finish().await;
+        // None is sent again; each next one goes on a new connection.
+        assert_eq!(
+            heard,
+            [
+                format!("{HELLO}{}", chunk("a@x.example", BODY)),
+                format!("{HELLO}{}", chunk("b@x.example", BODY)),
+                format!("{HELLO}{}", chunk("gone@x.example", BODY)),
+                format!("{HELLO}{}QUIT\r\n", chunk("c@x.example", BODY)),
+            ]
+        );
+        let recorded: Vec<Event> = (1..=4).map(Event::InFlight).collect();
+        assert_eq!(journal.events(), recorded);
+    }
+
+    #[tokio::test]
+    async fn with_chunking_a_connection_the_relay_closed_while_idle_is_not_written_to() {
+        let server = Server::start(vec![
+            [hello_with(CHUNKING), chunked_accepted(), vec![HangUp]].concat(),
+            [hello_with(CHUNKING), chunked_accepted(), quit()].concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let first = with_bytes(1, "a@x.example", BODY);
+        let next = with_bytes(2, "b@x.example", BODY);
+        assert_eq!(
+            deliver(&mut connection, &journal, &first)
+                .await
+                .unwrap()
+                .state,
+            State::Sent
+        );
+        // The server hangs up after its reply; the client has not noticed yet.
+        while server.ended.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Written to, the closed connection would leave the message ambiguous.
+        assert_eq!(
+            deliver(&mut connection, &journal, &next)
+                .await
+                .unwrap()
+                .state,
+            State::Sent
+        );
+        connection.quit().await;
+        let heard = server.finish().await;
+        assert_eq!(
+            heard,
+            [
+                format!("{HELLO}{}", chunk("a@x.example", BODY)),
+                format!("{HELLO}{}QUIT\r\n", chunk("b@x.example", BODY)),
             ]
         );
     }

@@ -588,6 +588,7 @@ async fn serve(
         authenticated: false,
         mail: None,
         awaited: None,
+        mail_refusal_unseen: false,
         completed: 0,
     };
     let _ = session.run().await;
@@ -612,6 +613,9 @@ struct Session {
     mail: Option<Mail>,
     /// What the client must wait for the reply to before it sends more (RFC 2920 §3.1).
     awaited: Option<String>,
+    /// A refusal of MAIL not written yet: the client, pipelining, cannot have seen it, so
+    /// the RCPT and DATA it sent after MAIL are refused as usual, not as its mistake.
+    mail_refusal_unseen: bool,
     completed: usize,
 }
 
@@ -639,6 +643,7 @@ impl Session {
             return Ok(());
         }
         let bytes = std::mem::take(&mut self.out);
+        self.mail_refusal_unseen = false;
         let first_line = bytes
             .iter()
             .position(|&b| b == b'\n')
@@ -1094,6 +1099,7 @@ impl Session {
         }
         if too_big {
             // The client may try; the server says no. Not the client's mistake.
+            self.mail_refusal_unseen = true;
             self.queue(&format!(
                 "552-5.3.4 Message size exceeds fixed limit\n552 5.3.4 this server takes at most {} octets",
                 self.size_limit()
@@ -1104,13 +1110,25 @@ impl Session {
         if self.say(reply).await? {
             mail.eight_bit |= mail.smtputf8;
             self.mail = Some(mail);
+        } else {
+            self.mail_refusal_unseen = true;
         }
         Ok(())
     }
 
+    /// A command that needs a transaction when there is none: the client's mistake, unless
+    /// it pipelined it after a MAIL whose refusal it has not seen.
+    fn need_mail(&mut self, command: &str, reply: &str) {
+        if self.mail_refusal_unseen {
+            self.queue(reply);
+        } else {
+            self.refuse(command, reply);
+        }
+    }
+
     async fn rcpt(&mut self, command: &str, args: &str) -> Step {
         let Some(smtputf8) = self.mail.as_ref().map(|m| m.smtputf8) else {
-            self.refuse(command, "503 5.5.1 Error: need MAIL command");
+            self.need_mail(command, "503 5.5.1 Error: need MAIL command");
             return Ok(());
         };
         let Some((rcpt, params)) = path(args, "TO:") else {
@@ -1151,7 +1169,7 @@ impl Session {
             return Ok(());
         }
         let Some(mail) = &self.mail else {
-            self.refuse(command, "503 5.5.1 Error: need RCPT command");
+            self.need_mail(command, "503 5.5.1 Error: need RCPT command");
             return Ok(());
         };
         let eight_bit = mail.eight_bit;
