@@ -12,23 +12,35 @@
 //!   RFC 5321 says 512, Postfix reads up to 2,048 and cuts the rest), a message line at most
 //!   998 (RFC 5321 §4.5.3.1.6: Postfix takes longer ones but breaks them when it relays);
 //! - `SIZE 10240000` offered, a larger `MAIL FROM … SIZE=` or message refused with 552;
-//! - `PIPELINING` offered and its rules kept: nothing may follow EHLO, DATA, AUTH, STARTTLS,
-//!   NOOP or QUIT before their reply (RFC 2920 §3.1), nor any command when it is not offered;
-//!   replies to pipelined commands go out together, in one write, as Postfix's do;
+//! - `PIPELINING` offered (unless [`Faults::wire`] says [`Wire::Serial`]) and its rules kept:
+//!   nothing may follow EHLO, DATA, AUTH, STARTTLS, NOOP or QUIT before their reply (RFC 2920
+//!   §3.1), nor any command when it is not offered; replies to pipelined commands go out
+//!   together, in one write, as Postfix's do;
+//! - `CHUNKING` (RFC 3030) when [`Wire::Chunking`] offers it: `BDAT <size> [LAST]` reads exactly
+//!   `size` octets after the command line, whatever it answers (a refused chunk is skipped, as
+//!   Postfix does), may be pipelined, and its replies go out with those before them; a
+//!   malformed BDAT, or one when CHUNKING is not offered, is answered 521 and the connection
+//!   closed (Postfix's way: where the chunk ends is then anyone's guess); DATA after BDAT in a
+//!   transaction is refused; once a chunk of a transaction is refused, the next are discarded
+//!   (551) until LAST, which ends the transaction, refused or not;
 //! - commands in order: MAIL after EHLO (as `smtpd_helo_required = yes`), RCPT in a
-//!   transaction, DATA with a recipient (554 when every one was refused), no nested MAIL;
+//!   transaction, DATA or BDAT with a recipient (554 when every one was refused), no nested
+//!   MAIL;
 //! - EHLO again after STARTTLS, which forgets the EHLO, the login and the transaction
 //!   (RFC 3207 §4.2), and plain text sent after STARTTLS is discarded;
 //! - with STARTTLS offered, AUTH only after it (`smtpd_tls_auth_only = yes`), before it 538
 //!   5.7.11 as RFC 4954 says (Postfix answers 503 5.5.1 "authentication not enabled"); AUTH
 //!   PLAIN and LOGIN, with or without an initial response;
-//! - every data line's leading dot removed (RFC 5321 §4.5.2), so an unstuffed `.x` arrives as
-//!   `x`; 8-bit data only with `BODY=8BITMIME`, non-ASCII addresses only with `SMTPUTF8`;
+//! - every data line's leading dot removed after DATA (RFC 5321 §4.5.2), so an unstuffed `.x`
+//!   arrives as `x`; chunks kept byte for byte (nothing is stuffed in BDAT), and held to the
+//!   rules of a message after DATA: CRLF line ends (a bare LF refused with 550 at LAST), 998
+//!   octets a line, and the whole ended by CRLF (RFC 3030 §3; Postfix adds one, the sink
+//!   calls it a violation); 8-bit data only with `BODY=8BITMIME` (or `SMTPUTF8`), non-ASCII
+//!   addresses only with `SMTPUTF8`;
 //! - the greeting and some refusals (552, 554) span several lines; 421 closes the connection.
 //!
 //! What the client did wrong is kept as a [`Violation`]; dropping the sink fails the test when
-//! there was one nobody took with [`Sink::violations`]. CHUNKING (BDAT) is not offered, unless
-//! a test adds it to the list ([`Faults::extensions`]) for a client that only reads the list.
+//! there was one nobody took with [`Sink::violations`].
 
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
@@ -60,11 +72,32 @@ pub enum Phase {
     Auth,
     Mail,
     Rcpt,
+    /// The reply to DATA (never asked for a message sent with BDAT).
     Data,
-    /// While the body comes in: `DROP` hangs up after its first line, before the final dot.
+    /// While the body comes in: `DROP` hangs up after its first line, before the final dot;
+    /// with BDAT, asked at every chunk the sink takes, `DROP` hangs up halfway through the
+    /// chunk. Either way before any reply, and no [`Transaction`] is recorded.
     Body,
-    /// The reply to the final dot.
+    /// The reply to the final dot, or to `BDAT … LAST`: `DROP` hangs up once the whole message
+    /// is in (it is recorded).
     EndOfData,
+}
+
+/// What the sink offers of the extensions that change how a transaction goes on the wire.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Wire {
+    /// Neither PIPELINING nor CHUNKING: one command, one reply.
+    Serial,
+    /// PIPELINING (RFC 2920), as Postfix's `smtp-sink`.
+    #[default]
+    Pipelining,
+    /// PIPELINING and CHUNKING (RFC 3030), as Postfix's `smtpd`.
+    Chunking,
+}
+
+impl Wire {
+    /// Every mode, for a test that runs in each.
+    pub const ALL: [Wire; 3] = [Wire::Serial, Wire::Pipelining, Wire::Chunking];
 }
 
 /// Decides a reply: `None` for the normal one, `Some("550 5.1.1 no")` to refuse, `Some("DROP")`
@@ -147,16 +180,20 @@ pub fn localhost_certificate() -> (TlsAcceptor, String) {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// One SMTP transaction that reached the end of DATA.
+/// One SMTP transaction that reached the end of DATA, or `BDAT … LAST`.
 #[derive(Debug, Clone)]
 pub struct Transaction {
     pub connection: usize,
     pub mail_from: String,
     pub rcpt_to: Vec<String>,
-    /// The message as the client meant it: the first dot of every line that starts with one
-    /// removed, line ends kept as they came.
+    /// The message as the client meant it: after DATA, the first dot of every line that starts
+    /// with one removed, line ends kept as they came; with BDAT, its chunks' octets as they
+    /// came (only the first `SIZE_LIMIT + 1` of a message over the limit).
     pub data: Vec<u8>,
-    /// The reply the sink gave to the final dot (`DROP`: it hung up instead).
+    /// How many BDAT chunks carried it (`BDAT 0 LAST` counts); 0: it came after DATA.
+    pub chunks: usize,
+    /// The reply the sink gave to the final dot or to `BDAT … LAST` (`DROP`: it hung up
+    /// instead).
     pub reply: String,
     /// Whether the transaction ran over TLS.
     pub encrypted: bool,
@@ -243,10 +280,12 @@ pub struct Faults {
     /// apart: half of its first line, the rest but the last byte, the final LF. As a reply
     /// crosses a slow or fragmenting link: the client must read until the reply is whole.
     pub split_replies: bool,
-    /// Extensions added at the end of every EHLO reply (`CHUNKING`): offered, not
-    /// implemented, for a client that only lists them (`mailer probe`). A command of theirs
-    /// is refused as unknown.
+    /// Extensions added at the end of every EHLO reply, for a client that only lists them
+    /// (`mailer probe`). Offered like the others: `CHUNKING` among them makes the sink take
+    /// BDAT, any other's command is refused as unknown.
     pub extensions: &'static [&'static str],
+    /// Whether the EHLO reply offers PIPELINING, and CHUNKING (by default PIPELINING only).
+    pub wire: Wire,
 }
 
 impl Sink {
@@ -260,6 +299,15 @@ impl Sink {
 
     pub fn tls(tls: Tls) -> Sink {
         Sink::with(Arc::new(|_, _| None), tls)
+    }
+
+    /// A plain-text sink that offers `wire`'s extensions.
+    pub fn on_wire(script: Script, wire: Wire) -> Sink {
+        let faults = Faults {
+            wire,
+            ..Faults::default()
+        };
+        Sink::faulty(script, Tls::None, faults)
     }
 
     pub fn with(script: Script, tls: Tls) -> Sink {
@@ -497,6 +545,32 @@ struct Mail {
     rcpt_to: Vec<String>,
     /// Whether there was a RCPT, accepted or not.
     rcpt_tried: bool,
+    /// How its message is coming, once it is.
+    message: Message,
+}
+
+/// How the message of a transaction is coming.
+#[derive(Default)]
+enum Message {
+    /// Neither DATA nor BDAT yet.
+    #[default]
+    NotYet,
+    /// DATA was tried: BDAT may not follow (RFC 3030 §3).
+    Data,
+    /// In BDAT chunks, these so far.
+    Chunks(Chunked),
+    /// A BDAT was refused: the next chunks are discarded until LAST, as Postfix does.
+    Refused,
+}
+
+/// A message coming in BDAT chunks.
+#[derive(Default)]
+struct Chunked {
+    /// The octets so far, at most `size_limit + 1` of them.
+    data: Vec<u8>,
+    /// How many octets came, kept or not.
+    total: u64,
+    chunks: usize,
 }
 
 /// One line from the client, as it came.
@@ -588,7 +662,7 @@ async fn serve(
         authenticated: false,
         mail: None,
         awaited: None,
-        mail_refusal_unseen: false,
+        unseen_mail_refusal: None,
         completed: 0,
     };
     let _ = session.run().await;
@@ -614,8 +688,8 @@ struct Session {
     /// What the client must wait for the reply to before it sends more (RFC 2920 §3.1).
     awaited: Option<String>,
     /// A refusal of MAIL not written yet: the client, pipelining, cannot have seen it, so
-    /// the RCPT and DATA it sent after MAIL are refused as usual, not as its mistake.
-    mail_refusal_unseen: bool,
+    /// the RCPT, DATA or BDAT it sent after MAIL are refused as usual, not as its mistake.
+    unseen_mail_refusal: Option<String>,
     completed: usize,
 }
 
@@ -643,7 +717,7 @@ impl Session {
             return Ok(());
         }
         let bytes = std::mem::take(&mut self.out);
-        self.mail_refusal_unseen = false;
+        self.unseen_mail_refusal = None;
         let first_line = bytes
             .iter()
             .position(|&b| b == b'\n')
@@ -835,6 +909,7 @@ impl Session {
                 "MAIL" => self.mail(&command, args).await?,
                 "RCPT" => self.rcpt(&command, args).await?,
                 "DATA" => self.data(&command, args).await?,
+                "BDAT" => self.bdat(&command, args).await?,
                 "RSET" if args.is_empty() => {
                     self.reset();
                     self.queue("250 2.0.0 Ok");
@@ -862,14 +937,25 @@ impl Session {
         } else {
             let before_tls = matches!(self.tls, Tls::Starttls(_)) && !self.encrypted;
             let size = format!("SIZE {SIZE_LIMIT}");
-            let mut lines = vec!["250-sink.test", "PIPELINING", &size];
+            let mut lines = vec!["250-sink.test"];
+            if self.faults.wire != Wire::Serial {
+                lines.push("PIPELINING");
+            }
+            lines.push(&size);
             lines.push(if before_tls {
                 "STARTTLS"
             } else {
                 "AUTH PLAIN LOGIN"
             });
             lines.extend(["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]);
-            lines.extend(self.faults.extensions);
+            if self.faults.wire == Wire::Chunking {
+                lines.push("CHUNKING");
+            }
+            for extra in self.faults.extensions {
+                if !lines.contains(extra) {
+                    lines.push(extra);
+                }
+            }
             self.scripted(Phase::Ehlo, "", &lines.join("\n"))
         };
         let sent = wire(&text);
@@ -1062,6 +1148,7 @@ impl Session {
             smtputf8: false,
             rcpt_to: Vec::new(),
             rcpt_tried: false,
+            message: Message::NotYet,
         };
         let mut too_big = false;
         for param in params {
@@ -1099,19 +1186,20 @@ impl Session {
         }
         if too_big {
             // The client may try; the server says no. Not the client's mistake.
-            self.mail_refusal_unseen = true;
-            self.queue(&format!(
+            let reply = format!(
                 "552-5.3.4 Message size exceeds fixed limit\n552 5.3.4 this server takes at most {} octets",
                 self.size_limit()
-            ));
+            );
+            self.queue(&reply);
+            self.unseen_mail_refusal = Some(reply);
             return Ok(());
         }
         let reply = self.scripted(Phase::Mail, "", "250 2.1.0 Ok");
-        if self.say(reply).await? {
+        if self.say(reply.clone()).await? {
             mail.eight_bit |= mail.smtputf8;
             self.mail = Some(mail);
         } else {
-            self.mail_refusal_unseen = true;
+            self.unseen_mail_refusal = Some(reply);
         }
         Ok(())
     }
@@ -1119,7 +1207,7 @@ impl Session {
     /// A command that needs a transaction when there is none: the client's mistake, unless
     /// it pipelined it after a MAIL whose refusal it has not seen.
     fn need_mail(&mut self, command: &str, reply: &str) {
-        if self.mail_refusal_unseen {
+        if self.unseen_mail_refusal.is_some() {
             self.queue(reply);
         } else {
             self.refuse(command, reply);
@@ -1168,10 +1256,16 @@ impl Session {
             self.refuse(command, "501 5.5.4 Syntax: DATA");
             return Ok(());
         }
-        let Some(mail) = &self.mail else {
+        let Some(mail) = &mut self.mail else {
             self.need_mail(command, "503 5.5.1 Error: need RCPT command");
             return Ok(());
         };
+        if matches!(mail.message, Message::Chunks(_) | Message::Refused) {
+            // RFC 3030 §3: one transaction, one way to send the message.
+            self.refuse(command, "503 5.5.1 Error: DATA after BDAT");
+            return Ok(());
+        }
+        mail.message = Message::Data;
         let eight_bit = mail.eight_bit;
         let Some(first) = mail.rcpt_to.first().cloned() else {
             // After refused RCPTs, a pipelining client sends DATA all the same (RFC 2920
@@ -1233,6 +1327,7 @@ impl Session {
             mail_from: mail.from,
             rcpt_to: mail.rcpt_to,
             data,
+            chunks: 0,
             reply: text.clone(),
             encrypted: self.encrypted,
         });
@@ -1245,6 +1340,191 @@ impl Session {
             return Err(End);
         }
         Ok(())
+    }
+
+    /// `BDAT <size> [LAST]` (RFC 3030): the chunk's octets are read whatever the reply, so
+    /// that the next command is read where it starts.
+    async fn bdat(&mut self, command: &str, args: &str) -> Step {
+        if !self.offers.has("CHUNKING") {
+            // Postfix hangs up too: the bytes of the chunk, read as commands, would bury the
+            // mistake under others.
+            self.refuse(command, "521 5.5.1 Error: command not implemented");
+            return Err(End);
+        }
+        let mut words = args.split_whitespace();
+        let size = words
+            .next()
+            .filter(|w| w.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|w| w.parse::<u64>().ok());
+        let last = match words.next() {
+            None => Some(false),
+            Some(word) if word.eq_ignore_ascii_case("LAST") => Some(true),
+            Some(_) => None,
+        };
+        let (Some(size), Some(last), None) = (size, last, words.next()) else {
+            // Where the chunk ends is unknown: Postfix answers 521 and hangs up.
+            self.refuse(command, "521 5.5.4 Syntax: BDAT count [LAST]");
+            return Err(End);
+        };
+        let refusal = match &self.mail {
+            // A mistake unless pipelined after a MAIL whose refusal the client has not seen.
+            None => Some((
+                "503 5.5.1 Error: need RCPT command".to_owned(),
+                self.unseen_mail_refusal.is_none(),
+            )),
+            // The rest of a message whose chunk was refused: refused, no mistake again.
+            Some(mail) if matches!(mail.message, Message::Refused) => Some((
+                format!("551 5.0.0 Discarded {size} bytes after earlier error"),
+                false,
+            )),
+            Some(mail) if matches!(mail.message, Message::Data) => {
+                Some(("503 5.5.1 Error: BDAT after DATA".to_owned(), true))
+            }
+            // After refused RCPTs a pipelining client sends BDAT all the same (RFC 3030 §4.2);
+            // without any RCPT it is a mistake.
+            Some(mail) if mail.rcpt_to.is_empty() => Some((
+                "554-5.5.1 Error: no valid recipients\n554 5.5.1 every RCPT TO of this transaction was refused".to_owned(),
+                !mail.rcpt_tried,
+            )),
+            _ if size == 0 && !last => Some(("551 5.7.1 Null BDAT request".to_owned(), true)),
+            _ => None,
+        };
+        if let Some((reply, mistake)) = refusal {
+            self.chunk(size, None).await?;
+            if mistake {
+                self.refuse(command, &reply);
+            } else {
+                self.queue(&reply);
+            }
+            if let Some(mail) = self.mail.as_mut() {
+                mail.message = Message::Refused;
+            }
+            if last {
+                // LAST ends the transaction, refused or not (as Postfix does).
+                self.reset();
+            }
+            return Ok(());
+        }
+        let mail = self.mail.as_mut().expect("the transaction checked above");
+        let first = mail.rcpt_to[0].clone();
+        let mut chunked = match std::mem::take(&mut mail.message) {
+            Message::Chunks(chunked) => chunked,
+            _ => Chunked::default(),
+        };
+        if (self.script)(Phase::Body, &first).is_some_and(|r| r == "DROP") {
+            // Halfway through the chunk, before any reply: no message arrived.
+            self.chunk(size / 2, Some(&mut chunked.data)).await?;
+            return Err(End);
+        }
+        self.chunk(size, Some(&mut chunked.data)).await?;
+        chunked.total += size;
+        chunked.chunks += 1;
+        let over = chunked.total > self.size_limit() as u64;
+        if !last {
+            let mail = self.mail.as_mut().expect("the transaction checked above");
+            if over {
+                // The client may try; the server says no. The rest is discarded.
+                mail.message = Message::Refused;
+                self.queue("552 5.3.4 Chunk exceeds message size limit");
+            } else {
+                mail.message = Message::Chunks(chunked);
+                self.queue(&format!("250 2.0.0 Ok: {size} bytes"));
+            }
+            return Ok(());
+        }
+        let eight_bit = self.mail.as_ref().is_some_and(|m| m.eight_bit);
+        // Over the limit, the message is cut: its lines say nothing.
+        let bare_lf = !over && self.check_chunked(&chunked.data, eight_bit);
+        let text = if bare_lf {
+            "550 5.5.2 sink.test Error: bare <LF> received".to_owned()
+        } else if over {
+            "552 5.3.4 Message size exceeds fixed limit".to_owned()
+        } else {
+            self.scripted(Phase::EndOfData, &first, "250 2.0.0 Ok: queued")
+        };
+        // Recorded even when the sink then hangs up without a reply, as after DATA.
+        let mail = self.mail.take().expect("the transaction checked above");
+        lock(&self.state).transactions.push(Transaction {
+            connection: self.number,
+            mail_from: mail.from,
+            rcpt_to: mail.rcpt_to,
+            data: chunked.data,
+            chunks: chunked.chunks,
+            reply: text.clone(),
+            encrypted: self.encrypted,
+        });
+        self.say(text).await?;
+        self.completed += 1;
+        if self.faults.close_after.is_some_and(|k| self.completed >= k) {
+            return Err(End);
+        }
+        Ok(())
+    }
+
+    /// Reads `size` octets of a chunk, into `keep` (up to `size_limit + 1` octets in all, the
+    /// rest read and dropped) or nowhere. Never allocates what the client announced: a huge
+    /// size costs reading, not memory. A client gone mid-chunk ends the session.
+    async fn chunk(&mut self, size: u64, mut keep: Option<&mut Vec<u8>>) -> Step {
+        let cap = self.size_limit() + 1;
+        let mut left = size;
+        while left > 0 {
+            let available = match self.io.fill_buf().await {
+                Ok(bytes) if !bytes.is_empty() => bytes,
+                _ => return Err(End),
+            };
+            let n = available
+                .len()
+                .min(usize::try_from(left).unwrap_or(usize::MAX));
+            if let Some(keep) = keep.as_deref_mut() {
+                let room = cap.saturating_sub(keep.len()).min(n);
+                keep.extend_from_slice(&available[..room]);
+            }
+            self.io.consume(n);
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
+    /// Holds a message that came in chunks to the rules of one after DATA: lines ended by
+    /// CRLF, at most 998 octets, 8-bit only when declared; and ended by CRLF (RFC 3030 §3).
+    /// True when a line ended in a bare LF (the message is then refused, as after DATA).
+    fn check_chunked(&self, data: &[u8], eight_bit: bool) -> bool {
+        let mut bare_lf = false;
+        let mut eight_bit_told = false;
+        for (i, line) in data.split_inclusive(|&b| b == b'\n').enumerate() {
+            let what = format!("line {} of the message", i + 1);
+            let text = if let Some(text) = line.strip_suffix(b"\r\n") {
+                text
+            } else if let Some(text) = line.strip_suffix(b"\n") {
+                self.violation(format!("bare LF ending {what}: {}", shown(line)));
+                bare_lf = true;
+                text
+            } else {
+                self.violation(format!(
+                    "the message sent with BDAT does not end with CRLF: its {what} is {}",
+                    shown(line)
+                ));
+                line
+            };
+            if text.contains(&b'\r') {
+                self.violation(format!("bare CR in {what}: {}", shown(line)));
+            }
+            if text.len() > TEXT_LINE_LIMIT {
+                self.violation(format!(
+                    "{what}: {} octets, over the limit of {TEXT_LINE_LIMIT}: {}",
+                    text.len(),
+                    shown(line)
+                ));
+            }
+            if !eight_bit && !eight_bit_told && !text.is_ascii() {
+                self.violation(format!(
+                    "8-bit data without BODY=8BITMIME in {what}: {}",
+                    shown(line)
+                ));
+                eight_bit_told = true;
+            }
+        }
+        bare_lf
     }
 }
 

@@ -1,7 +1,8 @@
 //! The sink's own strictness, tried with a raw client that writes exactly the bytes a buggy
 //! SMTP client would (bare LF, long lines, DATA without RCPT, unstuffed dots, AUTH before TLS,
-//! no EHLO after STARTTLS, pipelining where it is not allowed), and the real binary against
-//! the sink's harder replies: multi-line, split across writes, AUTH LOGIN only.
+//! no EHLO after STARTTLS, pipelining where it is not allowed, BDAT chunks that break RFC 3030),
+//! and the real binary against the sink's harder replies: multi-line, split across writes,
+//! AUTH LOGIN only.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -12,7 +13,9 @@ use base64::Engine as _;
 
 use crate::campaign::{Campaign, mailer, people};
 use crate::count;
-use crate::sink::{Faults, Phase, Script, Sink, Tls, Violation, localhost_certificate};
+use crate::sink::{
+    Faults, Phase, SIZE_LIMIT, Script, Sink, Tls, Violation, Wire, localhost_certificate,
+};
 
 fn base64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -671,4 +674,419 @@ fn the_binary_reads_split_multi_line_replies_and_logs_in_with_auth_login() {
     assert_eq!(sink.logins(), ["mailer-user:plain pass"]);
     let transactions = sink.transactions();
     assert!(transactions.len() == 3 && transactions.iter().all(|t| t.encrypted));
+}
+
+/// A sink that offers PIPELINING and CHUNKING, with `script`.
+fn chunking(script: Script) -> Sink {
+    Sink::on_wire(script, Wire::Chunking)
+}
+
+/// `BDAT <size of chunk>[ LAST]` and the chunk, as one piece of a write.
+fn bdat(chunk: &[u8], last: bool) -> Vec<u8> {
+    let mut bytes = format!(
+        "BDAT {}{}\r\n",
+        chunk.len(),
+        if last { " LAST" } else { "" }
+    )
+    .into_bytes();
+    bytes.extend_from_slice(chunk);
+    bytes
+}
+
+#[test]
+fn each_wire_offers_its_keywords_and_serial_holds_every_command_to_its_reply() {
+    for wire in Wire::ALL {
+        let sink = Sink::on_wire(Arc::new(|_, _| None), wire);
+        let mut client = Client::greeted(&sink);
+        client.command("EHLO client.test");
+        let offers = &sink.offers()[0];
+        let has = |keyword: &str| offers.iter().any(|o| o == keyword);
+        assert_eq!(
+            has("PIPELINING"),
+            wire != Wire::Serial,
+            "{wire:?}: {offers:?}"
+        );
+        assert_eq!(
+            has("CHUNKING"),
+            wire == Wire::Chunking,
+            "{wire:?}: {offers:?}"
+        );
+    }
+
+    // Serial: MAIL and RCPT in one write are a mistake, and so is a command after a chunk
+    // before BDAT's reply (CHUNKING offered by the list alone, without PIPELINING).
+    let faults = Faults {
+        wire: Wire::Serial,
+        extensions: &["CHUNKING"],
+        ..Faults::default()
+    };
+    let sink = Sink::faulty(Arc::new(|_, _| None), Tls::None, faults);
+    let mut client = Client::greeted(&sink);
+    let ehlo = client.command("EHLO client.test");
+    assert!(
+        !ehlo.contains("PIPELINING") && ehlo.ends_with("\n250 CHUNKING"),
+        "{ehlo}"
+    );
+    client.send(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@x.test>\r\n");
+    assert_eq!(client.reply(), "250 2.1.0 Ok");
+    assert_eq!(client.reply(), "250 2.1.5 Ok");
+    assert_violations(
+        &sink,
+        &["sent more before the reply to MAIL: RCPT TO:<b@x.test>"],
+    );
+    // The chunk may follow its command line in the same write: it is part of it.
+    client.send(&bdat(b"Subject: serial\r\n\r\nhi\r\n", true));
+    assert_eq!(client.reply(), "250 2.0.0 Ok: queued");
+    assert!(sink.violations().is_empty());
+    assert_eq!(client.command("MAIL FROM:<a@x.test>"), "250 2.1.0 Ok");
+    assert_eq!(client.command("RCPT TO:<b@x.test>"), "250 2.1.5 Ok");
+    let mut batch = bdat(b"Subject: early\r\n\r\nhi\r\n", true);
+    batch.extend_from_slice(b"QUIT\r\n");
+    client.send(&batch);
+    assert_eq!(client.reply(), "250 2.0.0 Ok: queued");
+    assert_eq!(client.reply(), "221 2.0.0 Bye");
+    assert_violations(&sink, &["sent more before the reply to BDAT: QUIT"]);
+    assert_eq!(sink.transactions().len(), 2);
+}
+
+#[test]
+fn bdat_last_pipelined_with_mail_and_rcpt_is_recorded_byte_for_byte_and_answered_in_one_write() {
+    let sink = chunking(Arc::new(|_, _| None));
+    let mut client = Client::greeted(&sink);
+    let ehlo = client.command("EHLO client.test");
+    assert!(
+        ehlo.contains("250-PIPELINING") && ehlo.contains("CHUNKING"),
+        "{ehlo}"
+    );
+    // Nothing is stuffed in a chunk: `.x` and a lone `.` are the message's own lines.
+    let message = b"Subject: chunked\r\n\r\n.x\r\n.\r\n..y\r\n";
+    let mut batch = b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@x.test>\r\n".to_vec();
+    batch.extend_from_slice(&bdat(message, true));
+    client.send(&batch);
+    assert_eq!(client.reply(), "250 2.1.0 Ok");
+    assert_eq!(client.reply(), "250 2.1.5 Ok");
+    assert_eq!(client.reply(), "250 2.0.0 Ok: queued");
+    // After LAST, the next transaction may come in the same write, QUIT too.
+    let mut batch = b"MAIL FROM:<c@x.test>\r\nRCPT TO:<d@x.test>\r\n".to_vec();
+    batch.extend_from_slice(&bdat(b"Subject: second\r\n\r\nhi\r\n", true));
+    batch.extend_from_slice(b"QUIT\r\n");
+    client.send(&batch);
+    assert_eq!(client.reply(), "250 2.1.0 Ok");
+    assert_eq!(client.reply(), "250 2.1.5 Ok");
+    assert_eq!(client.reply(), "250 2.0.0 Ok: queued");
+    assert_eq!(client.reply(), "221 2.0.0 Bye");
+    assert!(client.closed());
+
+    let written = writes(&sink, 1);
+    assert_eq!(
+        written[2..],
+        [
+            "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n",
+            "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok: queued\r\n221 2.0.0 Bye\r\n",
+        ],
+        "{written:#?}"
+    );
+    let transactions = sink.transactions();
+    assert_eq!(transactions.len(), 2);
+    assert_eq!(transactions[0].data, message);
+    assert_eq!(transactions[0].chunks, 1);
+    assert_eq!(transactions[0].rcpt_to, ["b@x.test"]);
+    assert_eq!(transactions[1].mail_from, "c@x.test");
+    assert_eq!(transactions[1].reply, "250 2.0.0 Ok: queued");
+    let verbs: Vec<String> = sink.commands().into_iter().map(|(_, v)| v).collect();
+    assert_eq!(
+        verbs,
+        [
+            "EHLO", "MAIL", "RCPT", "BDAT", "MAIL", "RCPT", "BDAT", "QUIT"
+        ]
+    );
+}
+
+#[test]
+fn a_message_may_come_in_several_chunks_and_bdat_0_last_ends_it() {
+    let sink = chunking(Arc::new(|_, _| None));
+    let mut client = Client::greeted(&sink);
+    client.command("EHLO client.test");
+    assert_eq!(client.command("MAIL FROM:<a@x.test>"), "250 2.1.0 Ok");
+    assert_eq!(client.command("RCPT TO:<b@x.test>"), "250 2.1.5 Ok");
+    // A chunk may end between CR and LF: the lines are the message's, not the chunks'.
+    client.send(&bdat(b"Subject: three\r", false));
+    assert_eq!(client.reply(), "250 2.0.0 Ok: 15 bytes");
+    client.send(&bdat(b"\n\r\nbody\r\n", false));
+    assert_eq!(client.reply(), "250 2.0.0 Ok: 9 bytes");
+    client.send(b"BDAT 0 LAST\r\n");
+    assert_eq!(client.reply(), "250 2.0.0 Ok: queued");
+    // RSET after it, and a message after DATA in the next transaction.
+    assert_eq!(client.command("RSET"), "250 2.0.0 Ok");
+    client.up_to_data();
+    client.send(b"Subject: data\r\n\r\n..z\r\n.\r\n");
+    assert_eq!(client.reply(), "250 2.0.0 Ok: queued");
+    assert_eq!(client.command("QUIT"), "221 2.0.0 Bye");
+    let transactions = sink.transactions();
+    assert_eq!(transactions[0].data, b"Subject: three\r\n\r\nbody\r\n");
+    assert_eq!(transactions[0].chunks, 3);
+    assert_eq!(transactions[1].data, b"Subject: data\r\n\r\n.z\r\n");
+    assert_eq!(transactions[1].chunks, 0);
+    assert!(sink.violations().is_empty());
+}
+
+#[test]
+fn bdat_after_refused_recipients_gets_554_and_its_chunk_is_skipped() {
+    let script: Script = Arc::new(|phase, rcpt| {
+        (phase == Phase::Rcpt && rcpt == "gone@x.test").then(|| "550 5.1.1 no such user".to_owned())
+    });
+    let sink = chunking(script);
+    let mut client = Client::greeted(&sink);
+    client.command("EHLO client.test");
+    // The chunk reads like QUIT: were it read as a command, the sink would say goodbye.
+    let mut batch = b"MAIL FROM:<a@x.test>\r\nRCPT TO:<gone@x.test>\r\n".to_vec();
+    batch.extend_from_slice(&bdat(b"QUIT\r\n", true));
+    batch.extend_from_slice(b"MAIL FROM:<a@x.test>\r\n");
+    client.send(&batch);
+    assert_eq!(client.reply(), "250 2.1.0 Ok");
+    assert_eq!(client.reply(), "550 5.1.1 no such user");
+    assert_eq!(
+        client.reply(),
+        "554-5.5.1 Error: no valid recipients\n554 5.5.1 every RCPT TO of this transaction was refused"
+    );
+    // LAST ended the transaction, refused as it was: a new MAIL is no nested one.
+    assert_eq!(client.reply(), "250 2.1.0 Ok");
+    // A refused chunk that is not the last: the next ones are discarded until LAST.
+    assert_eq!(
+        client.command("RCPT TO:<gone@x.test>"),
+        "550 5.1.1 no such user"
+    );
+    client.send(&bdat(b"NOOP\r\n", false));
+    assert!(client.reply().starts_with("554-5.5.1"));
+    client.send(&bdat(b"Subject: x\r\n", true));
+    assert_eq!(
+        client.reply(),
+        "551 5.0.0 Discarded 12 bytes after earlier error"
+    );
+    assert_eq!(client.command("NOOP"), "250 2.0.0 Ok");
+    assert!(
+        sink.violations().is_empty(),
+        "a pipelining client sends BDAT before it knows"
+    );
+    assert!(sink.transactions().is_empty());
+}
+
+#[test]
+fn bdat_where_not_offered_malformed_or_out_of_order_is_refused_as_postfix_does() {
+    // Not offered: 521, and the connection closed (its chunk would read as commands).
+    let sink = Sink::start();
+    let mut client = Client::greeted(&sink);
+    client.command("EHLO client.test");
+    client.command("MAIL FROM:<a@x.test>");
+    client.command("RCPT TO:<b@x.test>");
+    client.send(&bdat(b"RSET\r\n", true));
+    assert_eq!(client.reply(), "521 5.5.1 Error: command not implemented");
+    assert!(client.closed());
+    assert_violations(&sink, &["`BDAT 6 LAST` refused: 521 5.5.1"]);
+    assert!(sink.transactions().is_empty());
+
+    // Malformed: where its chunk ends is unknown, so 521 and closed too.
+    let sink = chunking(Arc::new(|_, _| None));
+    for command in ["BDAT", "BDAT x", "BDAT -1", "BDAT 5 MORE", "BDAT 5 LAST x"] {
+        let mut client = Client::greeted(&sink);
+        client.command("EHLO client.test");
+        assert_eq!(
+            client.command(command),
+            "521 5.5.4 Syntax: BDAT count [LAST]",
+            "{command}"
+        );
+        assert!(client.closed(), "{command}");
+        assert_violations(&sink, &["refused: 521 5.5.4"]);
+    }
+
+    // Without MAIL, without any RCPT, or empty but not the last: refused, the chunk skipped.
+    let mut client = Client::greeted(&sink);
+    client.command("EHLO client.test");
+    client.send(&bdat(b"QUIT\r\n", true));
+    assert_eq!(client.reply(), "503 5.5.1 Error: need RCPT command");
+    assert_eq!(client.command("MAIL FROM:<a@x.test>"), "250 2.1.0 Ok");
+    client.send(&bdat(b"QUIT\r\n", true));
+    assert!(
+        client
+            .reply()
+            .starts_with("554-5.5.1 Error: no valid recipients")
+    );
+    assert_eq!(client.command("MAIL FROM:<a@x.test>"), "250 2.1.0 Ok");
+    assert_eq!(client.command("RCPT TO:<b@x.test>"), "250 2.1.5 Ok");
+    assert_eq!(client.command("BDAT 0"), "551 5.7.1 Null BDAT request");
+    assert_violations(
+        &sink,
+        &[
+            "`BDAT 6 LAST` refused: 503 5.5.1 Error: need RCPT command",
+            "`BDAT 6 LAST` refused: 554-5.5.1 Error: no valid recipients",
+            "`BDAT 0` refused: 551 5.7.1 Null BDAT request",
+        ],
+    );
+    assert!(sink.transactions().is_empty());
+}
+
+#[test]
+fn data_and_bdat_in_one_transaction_are_a_violation() {
+    let script: Script =
+        Arc::new(|phase, _| (phase == Phase::Data).then(|| "451 4.3.0 try again later".to_owned()));
+    let sink = chunking(script);
+    let mut client = Client::greeted(&sink);
+    client.command("EHLO client.test");
+    client.command("MAIL FROM:<a@x.test>");
+    client.command("RCPT TO:<b@x.test>");
+    client.send(&bdat(b"Subject: x\r\n", false));
+    assert_eq!(client.reply(), "250 2.0.0 Ok: 12 bytes");
+    assert_eq!(client.command("DATA"), "503 5.5.1 Error: DATA after BDAT");
+    assert_eq!(client.command("RSET"), "250 2.0.0 Ok");
+    client.command("MAIL FROM:<a@x.test>");
+    client.command("RCPT TO:<b@x.test>");
+    assert_eq!(client.command("DATA"), "451 4.3.0 try again later");
+    client.send(&bdat(b"QUIT\r\n", true));
+    assert_eq!(client.reply(), "503 5.5.1 Error: BDAT after DATA");
+    assert_eq!(client.command("NOOP"), "250 2.0.0 Ok");
+    assert_violations(
+        &sink,
+        &[
+            "`DATA` refused: 503 5.5.1 Error: DATA after BDAT",
+            "`BDAT 6 LAST` refused: 503 5.5.1 Error: BDAT after DATA",
+        ],
+    );
+    assert!(sink.transactions().is_empty());
+}
+
+#[test]
+fn chunks_keep_the_rules_of_a_message_after_data() {
+    let sink = chunking(Arc::new(|_, _| None));
+    let mut client = Client::greeted(&sink);
+    client.command("EHLO client.test");
+    let mut send = |mail: &str, message: &[u8]| {
+        assert_eq!(client.command(mail), "250 2.1.0 Ok");
+        assert_eq!(client.command("RCPT TO:<b@x.test>"), "250 2.1.5 Ok");
+        client.send(&bdat(message, true));
+        client.reply()
+    };
+    // A bare LF or CR: seen, and the message refused as after DATA.
+    assert_eq!(
+        send(
+            "MAIL FROM:<a@x.test>",
+            b"Subject: a\r\nbare\rcr\r\nbare lf\nend\r\n"
+        ),
+        "550 5.5.2 sink.test Error: bare <LF> received"
+    );
+    assert_violations(
+        &sink,
+        &[
+            "bare CR in line 2 of the message: bare\\rcr\\r\\n",
+            "bare LF ending line 3 of the message: bare lf\\n",
+        ],
+    );
+    // Not ended by CRLF (RFC 3030 §3): Postfix would add one; a mistake all the same.
+    assert_eq!(
+        send("MAIL FROM:<a@x.test>", b"Subject: a\r\n\r\nno end"),
+        "250 2.0.0 Ok: queued"
+    );
+    assert_violations(
+        &sink,
+        &["does not end with CRLF: its line 3 of the message is no end"],
+    );
+    // A line over 998 octets, and 8-bit data without BODY=8BITMIME.
+    let long = format!("{}\r\n{}\r\ncafé\r\n", "a".repeat(998), "b".repeat(999));
+    assert_eq!(
+        send("MAIL FROM:<a@x.test>", long.as_bytes()),
+        "250 2.0.0 Ok: queued"
+    );
+    assert_violations(
+        &sink,
+        &[
+            "line 2 of the message: 999 octets, over the limit of 998",
+            "8-bit data without BODY=8BITMIME in line 3 of the message",
+        ],
+    );
+    for mail in [
+        "MAIL FROM:<a@x.test> BODY=8BITMIME",
+        "MAIL FROM:<zoë@x.test> SMTPUTF8",
+    ] {
+        assert_eq!(send(mail, "café\r\n".as_bytes()), "250 2.0.0 Ok: queued");
+    }
+    assert!(sink.violations().is_empty());
+    assert_eq!(sink.transactions().len(), 5);
+}
+
+#[test]
+fn a_chunk_over_the_size_limit_is_refused_with_552_and_not_kept_whole() {
+    let sink = chunking(Arc::new(|_, _| None));
+    let mut client = Client::greeted(&sink);
+    client.command("EHLO client.test");
+    let line = format!("{}\r\n", "a".repeat(98));
+    let limit = line.repeat(SIZE_LIMIT / 100);
+    assert_eq!(limit.len(), SIZE_LIMIT);
+    client.command("MAIL FROM:<a@x.test>");
+    client.command("RCPT TO:<b@x.test>");
+    client.send(&bdat(limit.as_bytes(), false));
+    assert_eq!(client.reply(), format!("250 2.0.0 Ok: {SIZE_LIMIT} bytes"));
+    client.send(&bdat(line.as_bytes(), true));
+    assert_eq!(client.reply(), "552 5.3.4 Message size exceeds fixed limit");
+    let transactions = sink.transactions();
+    assert_eq!(
+        transactions[0].data.len(),
+        SIZE_LIMIT + 1,
+        "kept up to the limit and one"
+    );
+    assert_eq!(
+        transactions[0].reply,
+        "552 5.3.4 Message size exceeds fixed limit"
+    );
+
+    // A chunk that is not the last: refused, and the rest of the message discarded.
+    client.command("MAIL FROM:<a@x.test>");
+    client.command("RCPT TO:<b@x.test>");
+    client.send(format!("BDAT {}\r\n", SIZE_LIMIT + line.len()).as_bytes());
+    client.send(limit.as_bytes());
+    client.send(line.as_bytes());
+    assert_eq!(client.reply(), "552 5.3.4 Chunk exceeds message size limit");
+    client.send(&bdat(line.as_bytes(), true));
+    assert_eq!(
+        client.reply(),
+        "551 5.0.0 Discarded 100 bytes after earlier error"
+    );
+    assert_eq!(client.command("NOOP"), "250 2.0.0 Ok");
+    assert_eq!(sink.transactions().len(), 1);
+    assert!(sink.violations().is_empty(), "a refused size is no mistake");
+}
+
+#[test]
+fn a_drop_in_a_chunk_records_nothing_and_a_drop_at_last_records_the_message() {
+    let script: Script = Arc::new(|phase, rcpt| match (phase, rcpt) {
+        (Phase::Body, "mid@x.test") | (Phase::EndOfData, "end@x.test") => Some("DROP".to_owned()),
+        (Phase::Data, _) => panic!("DATA's reply is not asked for a message sent with BDAT"),
+        _ => None,
+    });
+    let sink = chunking(script);
+    let message = format!("Subject: drop\r\n\r\n{}\r\n", "x".repeat(80));
+    // Mid-chunk: the sink hangs up with half of it read, before the rest is even sent.
+    let mut client = Client::greeted(&sink);
+    client.command("EHLO client.test");
+    let mut batch = b"MAIL FROM:<a@x.test>\r\nRCPT TO:<mid@x.test>\r\n".to_vec();
+    batch.extend_from_slice(format!("BDAT {} LAST\r\n", message.len()).as_bytes());
+    batch.extend_from_slice(&message.as_bytes()[..message.len() / 2]);
+    client.send(&batch);
+    assert_eq!(client.reply(), "250 2.1.0 Ok");
+    assert_eq!(client.reply(), "250 2.1.5 Ok");
+    assert!(client.closed(), "no reply to BDAT");
+    assert!(sink.transactions().is_empty());
+
+    // At LAST: the whole message arrived, no reply.
+    let mut client = Client::greeted(&sink);
+    client.command("EHLO client.test");
+    let mut batch = b"MAIL FROM:<a@x.test>\r\nRCPT TO:<end@x.test>\r\n".to_vec();
+    batch.extend_from_slice(&bdat(message.as_bytes(), true));
+    client.send(&batch);
+    assert_eq!(client.reply(), "250 2.1.0 Ok");
+    assert_eq!(client.reply(), "250 2.1.5 Ok");
+    assert!(client.closed(), "no reply to BDAT");
+    let transactions = sink.transactions();
+    assert_eq!(transactions.len(), 1);
+    assert_eq!(transactions[0].data, message.as_bytes());
+    assert_eq!(transactions[0].reply, "DROP");
+    assert!(sink.violations().is_empty());
 }
