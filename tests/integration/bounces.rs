@@ -669,6 +669,15 @@ fn a_real_postfix_returns_its_dsns_to_the_return_path_and_the_next_campaign_skip
     crate::campaign::wait_until("Postfix's three DSNs and Ann's message", || {
         postfix.delivered("bounces") == 3 && postfix.delivered("ann") == 1
     });
+    // Postfix offers PIPELINING and CHUNKING: all four went with BDAT, none with DATA, on one
+    // connection (smtpd counts each command when the client disconnects).
+    let log = postfix.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" disconnect from ") && l.contains(" mail=4 rcpt=4 bdat=4 ")),
+        "{log}"
+    );
+    assert!(!log.contains(" data="), "{log}");
     let returned = postfix.maildir("bounces");
     let before = snapshot(&returned);
     let suppress = campaign.dir().join("bounced.txt");
