@@ -2496,6 +2496,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_message_over_the_relays_size_limit_fails_without_a_transaction() {
+        const SMALL: Turn = Say("250-sink.test\r\n250-PIPELINING\r\n250 SIZE 100\r\n");
+        let server = Server::start(vec![
+            [hello_with(SMALL), pipelined_accepted(), quit()].concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let big = with_bytes(
+            1,
+            "big@x.example",
+            &format!("{BODY}{}\r\n", "x".repeat(100)),
+        );
+        let small = with_bytes(2, "a@x.example", "Subject: s\r\n\r\nHi.\r\n");
+        assert_eq!(
+            deliver(&mut connection, &journal, &big).await.unwrap(),
+            Attempt::without_reply(
+                State::Failed,
+                format!(
+                    "the message is {} bytes, and the relay takes at most 100 (SIZE)",
+                    big.bytes.len()
+                )
+            )
+        );
+        assert_eq!(
+            deliver(&mut connection, &journal, &small)
+                .await
+                .unwrap()
+                .state,
+            State::Sent
+        );
+        connection.quit().await;
+        let heard = server.finish().await;
+        assert_eq!(
+            heard,
+            [format!(
+                "{HELLO}{}QUIT\r\n",
+                said("a@x.example", "Subject: s\r\n\r\nHi.\r\n")
+            )]
+        );
+        assert_eq!(journal.events(), [Event::InFlight(2)]);
+    }
+
+    #[tokio::test]
     async fn no_auth_mechanism_in_common_is_a_configuration_failure_naming_what_the_relay_offers() {
         const OFFERS: Turn =
             Say("250-sink.test\r\n250-AUTH CRAM-MD5 DIGEST-MD5\r\n250 8BITMIME\r\n");
