@@ -214,6 +214,9 @@ fn print(
         }
         block(out, "extensions", &lines)?;
     }
+    if let Some(wire) = probe.wire {
+        block(out, "sending", &[wire.describe().to_owned()])?;
+    }
     if !probe.exchanges.is_empty() {
         let mut lines = Vec::new();
         for exchange in &probe.exchanges {

@@ -20,7 +20,8 @@ pub struct Capability {
 }
 
 /// How transactions go on the wire with a relay, from what its EHLO reply offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Wire {
     /// Neither PIPELINING nor CHUNKING: each command waits for the reply to the one before.
     Serial,
@@ -29,6 +30,22 @@ pub enum Wire {
     /// PIPELINING and CHUNKING (RFC 3030): `MAIL`, `RCPT` and `BDAT <size> LAST` with the
     /// message in one write.
     Chunked,
+}
+
+impl Wire {
+    /// What a send does, in a few words for `mailer probe`.
+    #[must_use]
+    pub fn describe(self) -> &'static str {
+        match self {
+            Wire::Serial => "command by command (no PIPELINING): four round trips per message",
+            Wire::Pipelined => {
+                "MAIL, RCPT and DATA in one write (PIPELINING), then the body: two round trips per message"
+            }
+            Wire::Chunked => {
+                "MAIL, RCPT and BDAT with the message in one write (PIPELINING, CHUNKING): one round trip per message"
+            }
+        }
+    }
 }
 
 /// What a send needs to know of the relay's extensions.

@@ -16,8 +16,8 @@ use lettre::transport::smtp::extension::{Extension as LettreExtension, MailParam
 use serde::Serialize;
 use tokio::net::TcpStream;
 
-pub use super::ehlo::Capability;
-use super::ehlo::{capabilities, capped, size_limit};
+pub use super::ehlo::{Capability, Wire};
+use super::ehlo::{Offers, capabilities, capped, size_limit};
 use super::smtp::{Connection, Settings, describe, reply_of};
 use super::{FailureKind, RelayFailure};
 use crate::config::Security;
@@ -130,6 +130,8 @@ pub struct Probe {
     /// The user name the relay accepted, when the campaign logs in.
     pub authenticated_as: Option<String>,
     pub capabilities: Vec<Capability>,
+    /// How a send's transactions would go, from the extensions (none when no EHLO reply).
+    pub wire: Option<Wire>,
     pub certificate: Option<Certificate>,
     pub exchanges: Vec<Exchange>,
     pub warnings: Vec<String>,
@@ -157,6 +159,7 @@ pub async fn probe(settings: Arc<Settings>, request: &Request) -> Probe {
         protection: None,
         authenticated_as: None,
         capabilities: Vec::new(),
+        wire: None,
         certificate: None,
         exchanges: Vec::new(),
         warnings: Vec::new(),
@@ -192,6 +195,7 @@ pub async fn probe(settings: Arc<Settings>, request: &Request) -> Probe {
     {
         Said::Replied(lines, mut exchange) => {
             probe.capabilities = capabilities(lines.iter().map(String::as_str));
+            probe.wire = Some(Offers::of(&probe.capabilities).wire);
             // The first line names the relay; the others are listed as extensions.
             exchange.enhanced = None;
             exchange.text = capped(lines.first().map_or("", String::as_str), MAX_TEXT);

@@ -111,6 +111,13 @@ fn the_probe_lists_extensions_and_certificate_then_tries_the_canary_without_data
         )),
         "{out}"
     );
+    // PIPELINING and CHUNKING: what a send would do.
+    assert!(
+        out.contains(
+            "sending      MAIL, RCPT and BDAT with the message in one write (PIPELINING, CHUNKING): one round trip per message\n"
+        ),
+        "{out}"
+    );
     assert!(out.contains("subject CN=localhost relay\n"), "{out}");
     assert!(out.contains("issuer  CN=mailer test CA\n"), "{out}");
     assert!(out.contains("names   localhost\n"), "{out}");
@@ -146,6 +153,7 @@ fn the_probe_lists_extensions_and_certificate_then_tries_the_canary_without_data
     assert_eq!(json["exit"], 0);
     assert_eq!(json["protection"], "starttls");
     assert_eq!(json["authenticated_as"], "mailer-user");
+    assert_eq!(json["wire"], "chunked");
     assert_eq!(json["certificate"]["issuer"], "CN=mailer test CA");
     assert_eq!(json["certificate"]["expires_soon"], false);
     let keywords: Vec<&str> = json["capabilities"]
