@@ -1038,7 +1038,13 @@ async fn body(
     }
     // From here on the server may have the whole message: a broken connection or a missing
     // reply leaves the outcome unknown, and the message must not be sent again blindly.
-    match tokio::time::timeout(smtp.data_timeout, connection.message(&message.bytes)).await {
+    let limit = smtp.data_timeout;
+    let sent = match std::str::from_utf8(&message.bytes) {
+        // The body and the final dot in one write (lettre's `message` writes them apart).
+        Ok(text) => tokio::time::timeout(limit, connection.command(DotStuffed(text))).await,
+        Err(_) => tokio::time::timeout(limit, connection.message(&message.bytes)).await,
+    };
+    match sent {
         Ok(Ok(response)) => {
             let reply = reply_text(&response);
             Step::Done(Attempt {
@@ -1059,6 +1065,27 @@ async fn body(
             "no reply after the message body within {}",
             humantime::format_duration(smtp.data_timeout)
         )),
+    }
+}
+
+/// A message as it goes after `DATA` (RFC 5321 §4.5.2): a dot doubled at the start of every
+/// line, then the line with the lone dot. The same bytes as lettre's `message`, for a message
+/// whose lines all end with CRLF (the guard has refused bare CR and LF).
+struct DotStuffed<'a>(&'a str);
+
+impl fmt::Display for DotStuffed<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut rest = self.0;
+        if rest.starts_with('.') {
+            f.write_str(".")?;
+        }
+        while let Some(at) = rest.find("\r\n.") {
+            f.write_str(&rest[..at + 2])?;
+            f.write_str(".")?;
+            rest = &rest[at + 2..];
+        }
+        f.write_str(rest)?;
+        f.write_str("\r\n.\r\n")
     }
 }
 
@@ -2632,6 +2659,36 @@ mod tests {
             "{heard:?}"
         );
         assert!(journal.events().is_empty());
+    }
+
+    #[test]
+    fn dot_stuffing_doubles_every_leading_dot_and_ends_with_the_lone_dot() {
+        // Line by line, as RFC 5321 §4.5.2 says it: the reference the writer must agree with.
+        let reference = |text: &str| {
+            let lines: Vec<String> = text
+                .split("\r\n")
+                .map(|line| {
+                    if line.starts_with('.') {
+                        format!(".{line}")
+                    } else {
+                        line.to_owned()
+                    }
+                })
+                .collect();
+            format!("{}\r\n.\r\n", lines.join("\r\n"))
+        };
+        for text in [
+            "",
+            ".",
+            ".\r\n",
+            "..\r\n",
+            "a\r\n.\r\n..b\r\n. c\r\n",
+            ".start\r\nmiddle . dot\r\n\r\n.\r\nend",
+            "no line end",
+            "\r\n\r\n.\r\n\r\n",
+        ] {
+            assert_eq!(DotStuffed(text).to_string(), reference(text), "{text:?}");
+        }
     }
 
     #[test]
