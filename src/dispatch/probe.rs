@@ -166,8 +166,8 @@ pub async fn probe(settings: Arc<Settings>, request: &Request) -> Probe {
         verdict: Verdict::Ready,
         reason: None,
     };
-    let mut connection = match Connection::new(Arc::clone(&settings)).connect().await {
-        Ok(connection) => connection,
+    let (mut connection, ehlo) = match Connection::new(Arc::clone(&settings)).connect().await {
+        Ok(opened) => opened,
         Err(failure) => {
             probe.ended(Verdict::of(&failure), &failure.reason);
             return probe;
@@ -184,15 +184,13 @@ pub async fn probe(settings: Arc<Settings>, request: &Request) -> Probe {
     probe.authenticated_as = smtp.auth.as_ref().map(|auth| auth.username.clone());
     let timeout = smtp.command_timeout;
 
-    // lettre keeps only a few extensions of the EHLO it said; a second EHLO is allowed at any
-    // time (RFC 5321 §4.1.4): it resets the transaction, not the TLS or the login.
-    match command(
-        &mut connection,
-        timeout,
-        Ehlo::new(settings.hello().clone()),
-    )
-    .await
-    {
+    // lettre keeps only a few extensions of the EHLO it said: the connection came with the
+    // reply to an EHLO of mailer's own, said after TLS and before AUTH.
+    let line = Ehlo::new(settings.hello().clone())
+        .to_string()
+        .trim_end()
+        .to_owned();
+    match said(line, ehlo) {
         Said::Replied(lines, mut exchange) => {
             probe.capabilities = capabilities(lines.iter().map(String::as_str));
             probe.wire = Some(Offers::of(&probe.capabilities).wire);
@@ -377,12 +375,28 @@ async fn command(
 ) -> Said {
     let line = command.to_string().trim_end().to_owned();
     match tokio::time::timeout(timeout, connection.command(command)).await {
-        Ok(Ok(response)) => {
+        Ok(answer) => said(line, answer),
+        Err(_) => Said::Lost(Exchange {
+            command: line,
+            code: None,
+            enhanced: None,
+            text: format!("no reply within {}", humantime::format_duration(timeout)),
+        }),
+    }
+}
+
+/// What the relay answered to `line`.
+fn said(
+    line: String,
+    answer: Result<lettre::transport::smtp::response::Response, lettre::transport::smtp::Error>,
+) -> Said {
+    match answer {
+        Ok(response) => {
             let lines: Vec<String> = response.message().map(str::to_owned).collect();
             let reply = Reply::new(u16::from(response.code()), &lines.join(" "));
             Said::Replied(lines, exchange(line, &reply))
         }
-        Ok(Err(error)) => match reply_of(&error) {
+        Err(error) => match reply_of(&error) {
             Some(reply) => {
                 let exchange = exchange(line, &reply);
                 Said::Refused(reply, exchange)
@@ -394,12 +408,6 @@ async fn command(
                 text: capped(&describe(&error), MAX_TEXT),
             }),
         },
-        Err(_) => Said::Lost(Exchange {
-            command: line,
-            code: None,
-            enhanced: None,
-            text: format!("no reply within {}", humantime::format_duration(timeout)),
-        }),
     }
 }
 

@@ -177,6 +177,9 @@ impl AsyncTokioStream for ImplicitTls {
     }
 }
 
+/// The reply to mailer's own EHLO, or the relay's refusal of it.
+pub(crate) type Ehlo = Result<Response, lettre::transport::smtp::Error>;
+
 /// One worker's connection, opened on first use and renewed as needed.
 pub struct Connection {
     settings: Arc<Settings>,
@@ -230,12 +233,20 @@ impl Connection {
     /// certificate mailer refuses, a handshake or login the relay refuses, no common AUTH
     /// mechanism, the wrong scheme for the port — is [`RelayFailure::config`] and says what
     /// to change; anything else is an outage.
-    pub(crate) async fn connect(&self) -> Result<AsyncSmtpConnection, RelayFailure> {
-        Ok(self.establish().await?.0)
+    ///
+    /// Between TLS and AUTH it says EHLO once more itself, for the extensions lettre does not
+    /// keep (PIPELINING, CHUNKING, SIZE), and gives that reply — or the relay's refusal of it —
+    /// with the connection. A second EHLO is allowed at any time (RFC 5321 §4.1.4); before
+    /// AUTH, because some relays forget the login at an EHLO after it.
+    pub(crate) async fn connect(&self) -> Result<(AsyncSmtpConnection, Ehlo), RelayFailure> {
+        let (connection, ehlo, _) = self.establish().await?;
+        Ok((connection, ehlo))
     }
 
     /// [`Connection::connect`], and a second handle on the socket for [`Session::hung_up`].
-    async fn establish(&self) -> Result<(AsyncSmtpConnection, std::net::TcpStream), RelayFailure> {
+    async fn establish(
+        &self,
+    ) -> Result<(AsyncSmtpConnection, Ehlo, std::net::TcpStream), RelayFailure> {
         let s = &self.settings;
         let smtp = &s.smtp;
         let place = self.place();
@@ -282,40 +293,43 @@ impl Connection {
                 );
             }
         }
+        let ehlo = self.ehlo(&mut connection).await?;
         if let Some(credentials) = &s.credentials {
             self.authenticate(&mut connection, credentials, encrypted, starttls_offered)
                 .await?;
         }
-        Ok((connection, watch))
+        Ok((connection, ehlo, watch))
     }
 
-    /// A connection for sending: [`Connection::connect`], then an EHLO of mailer's own for
-    /// the extensions lettre does not keep (PIPELINING, CHUNKING, SIZE). A second EHLO is
-    /// allowed at any time (RFC 5321 §4.1.4): it resets the transaction, not TLS or the
-    /// login. A relay that refuses it for good is sent to command by command.
-    async fn session(&self) -> Result<Session, RelayFailure> {
-        let (mut connection, watch) = self.establish().await?;
+    /// mailer's own EHLO: the reply, or the relay's refusal (4xx or 5xx) of it. No reply is
+    /// an outage.
+    async fn ehlo(&self, connection: &mut AsyncSmtpConnection) -> Result<Ehlo, RelayFailure> {
         let smtp = &self.settings.smtp;
         let ehlo = lettre::transport::smtp::commands::Ehlo::new(self.settings.hello.clone());
-        let offers =
-            match tokio::time::timeout(smtp.command_timeout, connection.command(ehlo)).await {
-                Ok(Ok(reply)) => Offers::of(&capabilities(reply.message())),
-                Ok(Err(error)) if error.is_permanent() => Offers::of(&[]),
-                Ok(Err(error)) => {
-                    return Err(RelayFailure::new(format!(
-                        "EHLO failed with `{}`: {}",
-                        self.place(),
-                        describe(&error)
-                    )));
-                }
-                Err(_) => {
-                    return Err(RelayFailure::new(format!(
-                        "no reply to EHLO within {} from `{}`",
-                        humantime::format_duration(smtp.command_timeout),
-                        self.place()
-                    )));
-                }
-            };
+        match tokio::time::timeout(smtp.command_timeout, connection.command(ehlo)).await {
+            Ok(Ok(reply)) => Ok(Ok(reply)),
+            Ok(Err(error)) if error.status().is_some() => Ok(Err(error)),
+            Ok(Err(error)) => Err(RelayFailure::new(format!(
+                "the connection to `{}` broke at EHLO: {}",
+                self.place(),
+                describe(&error)
+            ))),
+            Err(_) => Err(RelayFailure::new(format!(
+                "no reply to EHLO within {} from `{}`",
+                humantime::format_duration(smtp.command_timeout),
+                self.place()
+            ))),
+        }
+    }
+
+    /// A connection for sending, and how its transactions go. A relay that refuses mailer's
+    /// own EHLO is sent to command by command.
+    async fn session(&self) -> Result<Session, RelayFailure> {
+        let (connection, ehlo, watch) = self.establish().await?;
+        let offers = match &ehlo {
+            Ok(reply) => Offers::of(&capabilities(reply.message())),
+            Err(_) => Offers::of(&[]),
+        };
         tracing::debug!(relay = %self.place(), wire = ?offers.wire, size_limit = ?offers.size_limit, "connected");
         Ok(Session {
             connection,
@@ -2570,8 +2584,11 @@ mod tests {
     async fn no_auth_mechanism_in_common_is_a_configuration_failure_naming_what_the_relay_offers() {
         const OFFERS: Turn =
             Say("250-sink.test\r\n250-AUTH CRAM-MD5 DIGEST-MD5\r\n250 8BITMIME\r\n");
-        let server =
-            Server::start(vec![vec![GREETING, Hear, OFFERS, Hear, OFFERS, Hear, BYE]]).await;
+        // lettre's EHLO, mailer's own, the one that lists the mechanisms for the message.
+        let server = Server::start(vec![vec![
+            GREETING, Hear, OFFERS, Hear, OFFERS, Hear, OFFERS, Hear, BYE,
+        ]])
+        .await;
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::new(Durable::Yes);
         let mut connection = Connection::new(settings_with_login(server.port, &dir));
@@ -2590,7 +2607,7 @@ mod tests {
         // No AUTH was tried, and no message.
         assert_eq!(
             server.finish().await,
-            ["EHLO mailer.test\r\nEHLO mailer.test\r\nQUIT\r\n"]
+            ["EHLO mailer.test\r\nEHLO mailer.test\r\nEHLO mailer.test\r\nQUIT\r\n"]
         );
         assert!(journal.events().is_empty());
     }
@@ -2634,6 +2651,8 @@ mod tests {
             Hear,
             OFFERS,
             Hear,
+            OFFERS,
+            Hear,
             Say("535 5.7.8 authentication failed\r\n"),
         ]])
         .await;
@@ -2655,7 +2674,7 @@ mod tests {
         drop(connection);
         let heard = server.finish().await;
         assert!(
-            heard[0].starts_with("EHLO mailer.test\r\nAUTH PLAIN "),
+            heard[0].starts_with("EHLO mailer.test\r\nEHLO mailer.test\r\nAUTH PLAIN "),
             "{heard:?}"
         );
         assert!(journal.events().is_empty());
