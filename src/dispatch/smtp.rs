@@ -22,7 +22,7 @@ use lettre::transport::smtp::client::{
 };
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
-use lettre::transport::smtp::response::{Response, Severity};
+use lettre::transport::smtp::response::Response;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -195,16 +195,6 @@ struct Session {
     watch: std::net::TcpStream,
 }
 
-impl Session {
-    /// Whether the relay has hung up, or said something nobody asked for (a 421 before it
-    /// hangs up, a TLS alert), since the last reply was read: looked at without waiting and
-    /// without taking anything from the stream.
-    fn hung_up(&self) -> bool {
-        let mut byte = [0u8; 1];
-        !matches!(self.watch.peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-    }
-}
-
 /// How a transaction ended.
 enum Step {
     Done(Attempt),
@@ -217,6 +207,9 @@ enum Step {
     Relay(String),
     /// The journal did not record the message as in flight: the body was not sent.
     Unrecorded(Refusal),
+    /// The relay had closed the connection (while it was idle) before anything of this
+    /// transaction was written.
+    Stale,
 }
 
 impl Connection {
@@ -561,21 +554,19 @@ impl Connection {
     ) -> Result<Attempt, Refusal> {
         let mut lost_before = None;
         loop {
-            let mut session = match self.open.take() {
-                // Once a chunked transaction is written, a hang-up leaves its outcome unknown:
-                // a connection the relay closed while it was idle is not written to.
-                Some(session) if session.offers.wire == Wire::Chunked && session.hung_up() => {
-                    tracing::debug!(relay = %self.place(), "the relay closed an idle connection");
-                    self.messages_sent = 0;
-                    self.session().await?
-                }
-                Some(session) => session,
+            let (mut session, reused) = match self.open.take() {
+                Some(session) => (session, true),
                 None => {
                     self.messages_sent = 0;
-                    self.session().await?
+                    (self.session().await?, false)
                 }
             };
-            match transaction(&mut session, message, &self.settings.smtp, gate).await {
+            match transaction(&mut session, reused, message, &self.settings.smtp, gate).await {
+                // Nothing was written: the message goes on a new connection. Only a reused
+                // connection is looked at, so this cannot repeat.
+                Step::Stale => {
+                    tracing::debug!(relay = %self.place(), "the relay closed an idle connection");
+                }
                 Step::Done(attempt) => {
                     self.messages_sent += 1;
                     let used_up =
@@ -830,9 +821,11 @@ fn refused(error: &lettre::transport::smtp::Error) -> Option<Attempt> {
 }
 
 /// One SMTP transaction: MAIL FROM, exactly one RCPT TO, then the message — after `DATA`, or
-/// in `BDAT` — as the relay's extensions allow (see [`Wire`]).
+/// in `BDAT` — as the relay's extensions allow (see [`Wire`]). `reused`: the connection has
+/// carried a transaction before, so the relay may have closed it meanwhile.
 async fn transaction(
     session: &mut Session,
+    reused: bool,
     message: &OutgoingMessage,
     smtp: &Smtp,
     gate: &mut Gate,
@@ -874,13 +867,29 @@ async fn transaction(
     // Exactly one recipient per transaction, by construction: the envelope has one address.
     let mail = Mail::new(Some(envelope.mail_from.clone()), parameters);
     let rcpt = Rcpt::new(envelope.rcpt_to.clone(), vec![]);
-    match session.offers.wire {
-        Wire::Serial => serial(&mut session.connection, message, smtp, gate, &mail, &rcpt).await,
-        Wire::Pipelined => {
-            pipelined(&mut session.connection, message, smtp, gate, &mail, &rcpt).await
-        }
-        Wire::Chunked => chunked(&mut session.connection, message, smtp, gate, &mail, &rcpt).await,
+    let wire = session.offers.wire;
+    let Session {
+        connection, watch, ..
+    } = session;
+    // A relay that closed an idle connection (often with a 421 first) has not refused
+    // anything: this message goes on a new one. With CHUNKING the look comes right before the
+    // write, after the wait for the journal.
+    let idle = reused.then_some(&*watch);
+    if wire != Wire::Chunked && idle.is_some_and(hung_up) {
+        return Step::Stale;
     }
+    let envelope = Envelope { mail, rcpt };
+    match wire {
+        Wire::Serial => serial(connection, message, smtp, gate, &envelope).await,
+        Wire::Pipelined => pipelined(connection, message, smtp, gate, &envelope).await,
+        Wire::Chunked => chunked(connection, idle, message, smtp, gate, &envelope).await,
+    }
+}
+
+/// MAIL FROM and RCPT TO of one transaction.
+struct Envelope {
+    mail: Mail,
+    rcpt: Rcpt,
 }
 
 /// Without PIPELINING: each command after the reply to the one before.
@@ -889,29 +898,29 @@ async fn serial(
     message: &OutgoingMessage,
     smtp: &Smtp,
     gate: &mut Gate,
-    mail: &Mail,
-    rcpt: &Rcpt,
+    envelope: &Envelope,
 ) -> Step {
     // From MAIL FROM on, this message is in flight: the record goes to the journal now, and
     // its commit overlaps MAIL, RCPT and DATA.
     gate.start(message);
-    match hear(connection.command(mail), smtp.command_timeout).await {
-        Heard::Yes(_) => {}
-        Heard::No(error) => return sender_refused(message, &error),
-        Heard::Nothing(why) => return Step::Lost(format!("MAIL FROM: {why}")),
+    let limit = smtp.command_timeout;
+    let mail = answer(hear(connection.command(&envelope.mail), limit).await, 2);
+    match mail {
+        Answer::Took(_) => {}
+        Answer::Refused(error) => return mail_refused(message, &error),
+        Answer::Missing(why) => return Step::Lost(format!("MAIL FROM: {why}")),
     }
-    for command in [Phase::Rcpt, Phase::Data] {
-        let reply = match command {
-            Phase::Rcpt => hear(connection.command(rcpt), smtp.command_timeout).await,
-            Phase::Data => hear(connection.command(Data), smtp.command_timeout).await,
-        };
-        match reply {
-            Heard::Yes(_) => {}
-            Heard::No(error) => return refused_then_reset(connection, smtp, &error).await,
-            Heard::Nothing(why) => return Step::Lost(format!("{}: {why}", command.name())),
-        }
+    let rcpt = answer(hear(connection.command(&envelope.rcpt), limit).await, 2);
+    let data = match rcpt {
+        Answer::Took(_) => answer(hear(connection.command(Data), limit).await, 3),
+        Answer::Refused(error) => return refused_then_reset(connection, smtp, &error).await,
+        Answer::Missing(why) => return Step::Lost(format!("RCPT TO: {why}")),
+    };
+    match data {
+        Answer::Took(_) => body(connection, message, smtp, gate).await,
+        Answer::Refused(error) => refused_then_reset(connection, smtp, &error).await,
+        Answer::Missing(why) => Step::Lost(format!("DATA: {why}")),
     }
-    body(connection, message, smtp, gate).await
 }
 
 /// With PIPELINING (RFC 2920): MAIL, RCPT and DATA in one write, and their three replies read
@@ -922,53 +931,37 @@ async fn pipelined(
     message: &OutgoingMessage,
     smtp: &Smtp,
     gate: &mut Gate,
-    mail: &Mail,
-    rcpt: &Rcpt,
+    envelope: &Envelope,
 ) -> Step {
     gate.start(message);
-    let batch = format!("{mail}{rcpt}{Data}");
-    let replies = replies(connection, batch, smtp.command_timeout).await;
-    let [mail_reply, rcpt_reply, data_reply] = &replies;
-    if let Heard::Yes(reply) = data_reply
-        && !matches!((mail_reply, rcpt_reply), (Heard::Yes(_), Heard::Yes(_)))
+    let batch = format!("{}{}{Data}", envelope.mail, envelope.rcpt);
+    let answers = answers(connection, batch, [2, 2, 3], smtp.command_timeout).await;
+    if let [mail, rcpt, Answer::Took(_)] = &answers
+        && !matches!((mail, rcpt), (Answer::Took(_), Answer::Took(_)))
     {
         // DATA was taken although MAIL or RCPT was not (RFC 2920 §3.1): the relay waits for
         // a message. A lone dot ends it, empty; with no recipient it goes nowhere.
-        if reply.code().severity == Severity::PositiveIntermediate
-            && !matches!(
-                hear(connection.command(".\r\n"), smtp.command_timeout).await,
-                Heard::Yes(_) | Heard::No(_)
-            )
-        {
-            return match refusal_in(&replies, message) {
+        let ended = answer(
+            hear(connection.command(".\r\n"), smtp.command_timeout).await,
+            2,
+        );
+        if let Answer::Missing(why) = ended {
+            return match refusal_in(&answers, message) {
                 Some(step) => step.broken(),
-                None => Step::Lost("the end of an empty message: no reply".to_owned()),
+                None => Step::Lost(format!("the end of an empty message: {why}")),
             };
         }
     }
-    match &replies {
-        [Heard::Yes(_), Heard::Yes(_), Heard::Yes(reply)]
-            if reply.code().severity == Severity::PositiveIntermediate =>
-        {
+    match &answers {
+        [Answer::Took(_), Answer::Took(_), Answer::Took(_)] => {
             body(connection, message, smtp, gate).await
         }
-        [Heard::Yes(_), Heard::Yes(_), Heard::Yes(reply)] => Step::Lost(format!(
-            "DATA: {} where 354 was due",
-            reply_text(reply).exact()
-        )),
-        _ => match refusal_in(&replies, message) {
-            Some(Step::Relay(reason)) => Step::Relay(reason),
-            Some(step) if replies.iter().any(|r| matches!(r, Heard::Nothing(_))) => step.broken(),
-            Some(Step::Done(attempt)) => {
-                if reset(connection, smtp).await {
-                    Step::Done(attempt)
-                } else {
-                    Step::DoneAndBroken(attempt)
-                }
-            }
-            Some(step) => step,
-            None => Step::Lost(lost_in(&replies, ["MAIL FROM", "RCPT TO", "DATA"])),
-        },
+        _ => {
+            settle(connection, smtp, &answers, message, |why| {
+                Step::Lost(lost_in(&answers, ["MAIL FROM", "RCPT TO", "DATA"], why))
+            })
+            .await
+        }
     }
 }
 
@@ -976,31 +969,38 @@ async fn pipelined(
 /// flight, MAIL, RCPT and `BDAT <size> LAST` with the message, in one write; three replies.
 /// The message goes as it is: no dot-stuffing (the guard has refused bare CR and LF). From
 /// the write on the relay may have the whole message, so a connection lost before all three
-/// replies are in leaves it ambiguous — unless a reply already refused it.
+/// replies are in leaves it ambiguous — unless a reply already refused it. `idle`: the
+/// socket, when the connection has been used before, to see that the relay has not closed it.
 async fn chunked(
     connection: &mut AsyncSmtpConnection,
+    idle: Option<&std::net::TcpStream>,
     message: &OutgoingMessage,
     smtp: &Smtp,
     gate: &mut Gate,
-    mail: &Mail,
-    rcpt: &Rcpt,
+    envelope: &Envelope,
 ) -> Step {
     let Ok(text) = std::str::from_utf8(&message.bytes) else {
         // lettre writes commands as text. Rendered messages are UTF-8; were one not, DATA
         // would carry it.
-        return pipelined(connection, message, smtp, gate, mail, rcpt).await;
+        return pipelined(connection, message, smtp, gate, envelope).await;
     };
     if let Err(refusal) = gate.pass(message).await {
         return Step::Unrecorded(refusal);
     }
+    if idle.is_some_and(hung_up) {
+        return Step::Stale;
+    }
     let line_end = if text.ends_with("\r\n") { "" } else { "\r\n" };
     let size = text.len() + line_end.len();
-    let batch = format!("{mail}{rcpt}BDAT {size} LAST\r\n{text}{line_end}");
-    // The relay may hold the replies to MAIL and RCPT until it has the message: each waits
-    // as long as the reply to the message itself may.
-    let replies = replies(connection, batch, smtp.data_timeout).await;
-    match &replies {
-        [Heard::Yes(_), Heard::Yes(_), Heard::Yes(reply)] => {
+    let batch = format!(
+        "{}{}BDAT {size} LAST\r\n{text}{line_end}",
+        envelope.mail, envelope.rcpt
+    );
+    // The relay may hold the replies to MAIL and RCPT until it has the message: the three
+    // share the wait the reply to the message itself may take.
+    let answers = answers(connection, batch, [2, 2, 2], smtp.data_timeout).await;
+    match &answers {
+        [Answer::Took(_), Answer::Took(_), Answer::Took(reply)] => {
             let reply = reply_text(reply);
             Step::Done(Attempt {
                 state: State::Sent,
@@ -1008,30 +1008,48 @@ async fn chunked(
                 reply: Some(reply),
             })
         }
-        [Heard::Yes(_), Heard::Yes(_), Heard::No(error)] => match refused(error) {
-            Some(attempt) if reset(connection, smtp).await => Step::Done(attempt),
-            Some(attempt) => Step::DoneAndBroken(attempt),
-            None => ambiguous(format!(
-                "no reply after the message body: {}",
-                describe(error)
-            )),
-        },
-        _ => match refusal_in(&replies, message) {
-            Some(Step::Relay(reason)) => Step::Relay(reason),
-            Some(step) if replies.iter().any(|r| matches!(r, Heard::Nothing(_))) => step.broken(),
-            Some(Step::Done(attempt)) => {
-                if reset(connection, smtp).await {
-                    Step::Done(attempt)
-                } else {
-                    Step::DoneAndBroken(attempt)
-                }
+        // Taken after a refusal: the replies are out of step with the commands.
+        [_, _, Answer::Took(reply)] => ambiguous(format!(
+            "the relay took the message ({}) after refusing part of its transaction",
+            reply_text(reply).exact()
+        )),
+        [Answer::Took(_), Answer::Took(_), Answer::Refused(error)] => {
+            refused_then_reset(connection, smtp, error).await
+        }
+        _ => {
+            settle(connection, smtp, &answers, message, |why| {
+                ambiguous(format!(
+                    "no reply after the message went with BDAT: {}",
+                    lost_in(&answers, ["MAIL FROM", "RCPT TO", "BDAT"], why)
+                ))
+            })
+            .await
+        }
+    }
+}
+
+/// A batch's outcome when not everything was taken: the first refusal (the sender's is the
+/// relay's problem, a 421 to MAIL a closed connection), with `RSET` when the connection is
+/// still in step; `lost` when nothing was refused.
+async fn settle(
+    connection: &mut AsyncSmtpConnection,
+    smtp: &Smtp,
+    answers: &[Answer; 3],
+    message: &OutgoingMessage,
+    lost: impl FnOnce(&str) -> Step,
+) -> Step {
+    let missing = answers.iter().any(|a| matches!(a, Answer::Missing(_)));
+    match refusal_in(answers, message) {
+        None => lost("no reply"),
+        Some(Step::Done(attempt)) if !missing => {
+            if reset(connection, smtp).await {
+                Step::Done(attempt)
+            } else {
+                Step::DoneAndBroken(attempt)
             }
-            Some(step) => step,
-            None => ambiguous(format!(
-                "no reply after the message went with BDAT: {}",
-                lost_in(&replies, ["MAIL FROM", "RCPT TO", "BDAT"])
-            )),
-        },
+        }
+        Some(step) if missing => step.broken(),
+        Some(step) => step,
     }
 }
 
@@ -1059,7 +1077,7 @@ async fn body(
         Err(_) => tokio::time::timeout(limit, connection.message(&message.bytes)).await,
     };
     match sent {
-        Ok(Ok(response)) => {
+        Ok(Ok(response)) if response.code().severity as u8 == 2 => {
             let reply = reply_text(&response);
             Step::Done(Attempt {
                 state: State::Sent,
@@ -1067,6 +1085,11 @@ async fn body(
                 reply: Some(reply),
             })
         }
+        // A positive reply of the wrong kind: out of step with the relay.
+        Ok(Ok(response)) => ambiguous(format!(
+            "{} after the message body, where 2xx was due",
+            reply_text(&response).exact()
+        )),
         Ok(Err(error)) => match refused(&error) {
             // lettre has read the whole reply; the connection is still in step.
             Some(attempt) => Step::Done(attempt),
@@ -1108,61 +1131,97 @@ fn ambiguous(detail: String) -> Step {
     Step::DoneAndBroken(Attempt::without_reply(State::Ambiguous, detail))
 }
 
-/// One reply to a command.
-enum Heard {
-    /// 2xx or 3xx.
-    Yes(Response),
+/// What came back for one command.
+type Heard = Result<Response, String>;
+
+/// A reply as the command it answers wants it.
+enum Answer {
+    /// The positive reply the command wants: 2xx, or 3xx after `DATA`.
+    Took(Response),
     /// 4xx or 5xx.
-    No(lettre::transport::smtp::Error),
-    /// None: the connection broke, the time ran out, or what came was no reply.
-    Nothing(String),
+    Refused(lettre::transport::smtp::Error),
+    /// No reply (the connection broke, the time ran out, what came was no reply), or a
+    /// positive one of the wrong kind: either way, out of step.
+    Missing(String),
 }
 
-/// The reply `reading` gives within `limit`.
+/// The reply `reading` gives by `deadline`: a positive one, a refusal (as lettre's error, which
+/// carries it), or why there was none.
+async fn hear_by(
+    reading: impl Future<Output = Result<Response, lettre::transport::smtp::Error>>,
+    deadline: tokio::time::Instant,
+) -> Result<Heard, lettre::transport::smtp::Error> {
+    match tokio::time::timeout_at(deadline, reading).await {
+        Ok(Ok(response)) => Ok(Ok(response)),
+        Ok(Err(error)) if error.status().is_some() => Err(error),
+        Ok(Err(error)) => Ok(Err(describe(&error))),
+        Err(_) => Ok(Err("no reply in time".to_owned())),
+    }
+}
+
+/// [`hear_by`] within `limit`.
 async fn hear(
     reading: impl Future<Output = Result<Response, lettre::transport::smtp::Error>>,
     limit: Duration,
-) -> Heard {
-    match tokio::time::timeout(limit, reading).await {
-        Ok(Ok(response)) => Heard::Yes(response),
-        Ok(Err(error)) if error.status().is_some() => Heard::No(error),
-        Ok(Err(error)) => Heard::Nothing(describe(&error)),
-        Err(_) => Heard::Nothing("no reply in time".to_owned()),
+) -> Result<Heard, lettre::transport::smtp::Error> {
+    hear_by(reading, tokio::time::Instant::now() + limit).await
+}
+
+/// `heard` as a command wants it: a positive reply whose first digit is `class`.
+fn answer(heard: Result<Heard, lettre::transport::smtp::Error>, class: u8) -> Answer {
+    match heard {
+        Ok(Ok(response)) if response.code().severity as u8 == class => Answer::Took(response),
+        Ok(Ok(response)) => Answer::Missing(format!(
+            "{} where {class}xx was due",
+            reply_text(&response).exact()
+        )),
+        Ok(Err(why)) => Answer::Missing(why),
+        Err(error) => Answer::Refused(error),
     }
 }
 
-/// Writes `batch` (three commands, and for BDAT the message) and reads three replies, each
-/// within `limit`; after a connection lost, nothing more is read.
-async fn replies(
+/// Writes `batch` (three commands, and for BDAT the message) and reads three replies, as the
+/// three commands want them (`classes`), all within `limit`; once the connection is lost,
+/// nothing more is read.
+async fn answers(
     connection: &mut AsyncSmtpConnection,
     batch: String,
+    classes: [u8; 3],
     limit: Duration,
-) -> [Heard; 3] {
-    let first = hear(connection.command(batch), limit).await;
-    let second = match first {
-        Heard::Nothing(_) => Heard::Nothing("not read: the connection was lost".to_owned()),
-        _ => hear(connection.read_response(), limit).await,
+) -> [Answer; 3] {
+    let deadline = tokio::time::Instant::now() + limit;
+    let first = hear_by(connection.command(batch), deadline).await;
+    let lost = |heard: &Result<Heard, _>| matches!(heard, Ok(Err(_)));
+    let second = if lost(&first) {
+        Ok(Err("not read: the connection was lost".to_owned()))
+    } else {
+        hear_by(connection.read_response(), deadline).await
     };
-    let third = match second {
-        Heard::Nothing(_) => Heard::Nothing("not read: the connection was lost".to_owned()),
-        _ => hear(connection.read_response(), limit).await,
+    let third = if lost(&first) || lost(&second) {
+        Ok(Err("not read: the connection was lost".to_owned()))
+    } else {
+        hear_by(connection.read_response(), deadline).await
     };
-    [first, second, third]
+    [
+        answer(first, classes[0]),
+        answer(second, classes[1]),
+        answer(third, classes[2]),
+    ]
 }
 
-/// What the first refusal among the replies to MAIL, RCPT and DATA/BDAT means: the relay
-/// refused the sender (a relay-wide problem), or the recipient's outcome. `None` when
-/// nothing was refused.
-fn refusal_in(replies: &[Heard; 3], message: &OutgoingMessage) -> Option<Step> {
-    let [mail, rcpt, last] = replies;
-    if let Heard::No(error) = mail {
-        return Some(sender_refused(message, error));
+/// What the first refusal among the replies to MAIL, RCPT and DATA/BDAT means: a refused
+/// sender (a relay-wide problem; a 421, a connection the relay closes), or the recipient's
+/// outcome. `None` when nothing was refused.
+fn refusal_in(answers: &[Answer; 3], message: &OutgoingMessage) -> Option<Step> {
+    let [mail, rcpt, last] = answers;
+    if let Answer::Refused(error) = mail {
+        return Some(mail_refused(message, error));
     }
-    if !matches!(mail, Heard::Yes(_)) {
+    if !matches!(mail, Answer::Took(_)) {
         return None;
     }
     [rcpt, last].into_iter().find_map(|reply| match reply {
-        Heard::No(error) => Some(match refused(error) {
+        Answer::Refused(error) => Some(match refused(error) {
             Some(attempt) => Step::Done(attempt),
             None => Step::Lost(describe(error)),
         }),
@@ -1171,15 +1230,15 @@ fn refusal_in(replies: &[Heard; 3], message: &OutgoingMessage) -> Option<Step> {
 }
 
 /// Where a batch's replies stopped, for a message.
-fn lost_in(replies: &[Heard; 3], commands: [&str; 3]) -> String {
-    replies
+fn lost_in(answers: &[Answer; 3], commands: [&str; 3], otherwise: &str) -> String {
+    answers
         .iter()
         .zip(commands)
         .find_map(|(reply, command)| match reply {
-            Heard::Nothing(why) => Some(format!("{command}: {why}")),
+            Answer::Missing(why) => Some(format!("{command}: {why}")),
             _ => None,
         })
-        .unwrap_or_else(|| "no reply".to_owned())
+        .unwrap_or_else(|| otherwise.to_owned())
 }
 
 impl Step {
@@ -1192,8 +1251,13 @@ impl Step {
     }
 }
 
-/// A refused `MAIL FROM`: the relay refuses the campaign's sender, not one recipient.
-fn sender_refused(message: &OutgoingMessage, error: &lettre::transport::smtp::Error) -> Step {
+/// A refused `MAIL FROM`. A 421 closes the connection (a relay's idle timeout or its limit of
+/// messages per connection): the message goes again on a new one. Any other refusal is the
+/// relay's of the campaign's sender, not one recipient's.
+fn mail_refused(message: &OutgoingMessage, error: &lettre::transport::smtp::Error) -> Step {
+    if error.status().is_some_and(|code| u16::from(code) == 421) {
+        return Step::Lost(format!("MAIL FROM: {}", describe(error)));
+    }
     Step::Relay(format!(
         "the relay refused the sender `{}`: {}",
         message.envelope.mail_from,
@@ -1218,27 +1282,20 @@ async fn refused_then_reset(
     }
 }
 
+/// Whether the relay has hung up, or said something nobody asked for (a 421 before it hangs
+/// up, a TLS alert), since the last reply was read: looked at on the socket `watch`, without
+/// waiting and without taking anything from the stream.
+fn hung_up(watch: &std::net::TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    !matches!(watch.peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
 /// A reply as mailer keeps it: code and text.
 fn reply_text(response: &Response) -> Reply {
     Reply::new(
         u16::from(response.code()),
         &response.message().collect::<Vec<_>>().join(" "),
     )
-}
-
-#[derive(Clone, Copy)]
-enum Phase {
-    Rcpt,
-    Data,
-}
-
-impl Phase {
-    fn name(self) -> &'static str {
-        match self {
-            Phase::Rcpt => "RCPT TO",
-            Phase::Data => "DATA",
-        }
-    }
 }
 
 /// After a refusal, RSET keeps the connection usable; false when it did not work (a 421 closes
@@ -2534,6 +2591,198 @@ mod tests {
                 format!("{HELLO}{}QUIT\r\n", chunk("b@x.example", BODY)),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_421_for_an_idle_connection_sends_the_message_on_a_new_one_on_every_wire() {
+        let timeout = Say("421 4.4.2 sink.test Error: timeout exceeded\r\n");
+        for (offers, accepted, sent) in [
+            (EHLO, accepted(), said("b@x.example", BODY)),
+            (PIPELINING, pipelined_accepted(), said("b@x.example", BODY)),
+            (CHUNKING, chunked_accepted(), chunk("b@x.example", BODY)),
+        ] {
+            // The relay times the connection out between two messages, as Postfix does after
+            // `smtpd_timeout`: a 421, then it hangs up.
+            let server = Server::start(vec![
+                [hello_with(offers), accepted.clone(), vec![timeout, HangUp]].concat(),
+                [hello_with(offers), accepted.clone(), quit()].concat(),
+            ])
+            .await;
+            let journal = Journal::new(Durable::Yes);
+            let mut connection = Connection::new(settings(server.port, 100));
+            let first = with_bytes(1, "a@x.example", BODY);
+            let next = with_bytes(2, "b@x.example", BODY);
+            assert_eq!(
+                deliver(&mut connection, &journal, &first)
+                    .await
+                    .unwrap()
+                    .state,
+                State::Sent
+            );
+            while server.ended.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            // Not a relay failure, not a refusal of the sender: a new connection.
+            assert_eq!(
+                deliver(&mut connection, &journal, &next)
+                    .await
+                    .unwrap()
+                    .state,
+                State::Sent
+            );
+            connection.quit().await;
+            let heard = server.finish().await;
+            assert_eq!(heard[1], format!("{HELLO}{sent}QUIT\r\n"));
+            assert!(!heard[0].contains("b@x.example"), "{heard:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_421_to_mail_goes_again_on_a_new_connection_even_after_a_bdat_write() {
+        let closing = Say("421 4.7.0 too many messages in this session\r\n");
+        for (offers, refused, accepted, sent) in [
+            (
+                EHLO,
+                vec![Hear, closing, HangUp],
+                accepted(),
+                said("a@x.example", BODY),
+            ),
+            (
+                PIPELINING,
+                vec![Hear, Hear, Hear, closing, HangUp],
+                pipelined_accepted(),
+                said("a@x.example", BODY),
+            ),
+            // MAIL refused: the relay cannot have taken the message that followed it.
+            (
+                CHUNKING,
+                vec![Hear, Hear, HearChunk, closing, HangUp],
+                chunked_accepted(),
+                chunk("a@x.example", BODY),
+            ),
+        ] {
+            let server = Server::start(vec![
+                [hello_with(offers), refused].concat(),
+                [hello_with(offers), accepted, quit()].concat(),
+            ])
+            .await;
+            let journal = Journal::new(Durable::Yes);
+            let mut connection = Connection::new(settings(server.port, 100));
+            let message = with_bytes(1, "a@x.example", BODY);
+            assert_eq!(
+                deliver(&mut connection, &journal, &message)
+                    .await
+                    .unwrap()
+                    .state,
+                State::Sent
+            );
+            connection.quit().await;
+            let heard = server.finish().await;
+            assert_eq!(heard[1], format!("{HELLO}{sent}QUIT\r\n"));
+            assert_eq!(journal.events(), [Event::InFlight(1)]);
+        }
+    }
+
+    #[tokio::test]
+    async fn with_chunking_a_hang_up_while_the_record_is_synced_is_seen_before_the_write() {
+        let mut first = [hello_with(CHUNKING), chunked_accepted()].concat();
+        first.extend([Pause, Pause, Pause, HangUp]);
+        let server = Server::start(vec![
+            first,
+            [hello_with(CHUNKING), chunked_accepted(), quit()].concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Held);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let one = with_bytes(1, "a@x.example", BODY);
+        let two = with_bytes(2, "b@x.example", BODY);
+        let (result, ()) = tokio::join!(deliver(&mut connection, &journal, &one), async {
+            while journal.events().is_empty() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            journal.release(&Ok(()));
+        });
+        assert_eq!(result.unwrap().state, State::Sent);
+        // The second record waits for its sync while the relay hangs up.
+        let (result, ()) = tokio::join!(deliver(&mut connection, &journal, &two), async {
+            while journal.events().len() < 2 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            while server.ended.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            journal.release(&Ok(()));
+        });
+        assert_eq!(result.unwrap().state, State::Sent);
+        connection.quit().await;
+        let heard = server.finish().await;
+        assert_eq!(
+            heard,
+            [
+                format!("{HELLO}{}", chunk("a@x.example", BODY)),
+                format!("{HELLO}{}QUIT\r\n", chunk("b@x.example", BODY)),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn with_chunking_replies_out_of_step_leave_the_message_ambiguous_and_the_connection() {
+        let server = Server::start(vec![
+            // 354 to BDAT: no relay says that; this one may wait for data.
+            [
+                hello_with(CHUNKING),
+                vec![Hear, Hear, HearChunk, OK, OK, GO_AHEAD],
+            ]
+            .concat(),
+            // The recipient refused, and yet the message taken.
+            [
+                hello_with(CHUNKING),
+                vec![
+                    Hear,
+                    Hear,
+                    HearChunk,
+                    OK,
+                    Say("550 5.1.1 no such user\r\n"),
+                    QUEUED,
+                ],
+            ]
+            .concat(),
+            [hello_with(CHUNKING), chunked_accepted(), quit()].concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let outcomes = [
+            (
+                "a@x.example",
+                Attempt::without_reply(
+                    State::Ambiguous,
+                    "no reply after the message went with BDAT: BDAT: 354 go ahead where 2xx was due",
+                ),
+            ),
+            (
+                "b@x.example",
+                Attempt::without_reply(
+                    State::Ambiguous,
+                    "the relay took the message (250 2.0.0 queued as 1A2B) after refusing part of its transaction",
+                ),
+            ),
+            (
+                "c@x.example",
+                attempt(State::Sent, 250, "2.0.0 queued as 1A2B"),
+            ),
+        ];
+        for (line, (to, expected)) in (1..).zip(&outcomes) {
+            let message = with_bytes(line, to, BODY);
+            assert_eq!(
+                deliver(&mut connection, &journal, &message).await.unwrap(),
+                *expected,
+                "{to}"
+            );
+        }
+        connection.quit().await;
+        // Each next message on a new connection.
+        assert_eq!(server.finish().await.len(), 3);
     }
 
     #[tokio::test]
