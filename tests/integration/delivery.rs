@@ -609,7 +609,13 @@ fn hang_ups_and_silent_closes_lose_nothing_and_send_nothing_twice() {
         let counted = balanced_at(&at, &run, &sink, 20);
         exactly_once(&at, &sink, &states);
         on_the_wire(&at, wire, &sink);
-        assert!(sink.connections() >= 7, "{at}: {}", sink.connections());
+        // Three messages a connection: a new one for every three the sink took.
+        let taken = sink.transactions().len();
+        assert!(
+            sink.connections() >= taken.div_ceil(3),
+            "{at}: {taken} messages over {} connections",
+            sink.connections()
+        );
         if wire == Wire::Chunking {
             // The transport looks for the close before it writes MAIL, RCPT, BDAT and the
             // message at once; a close that lands between the look and the write races it,
