@@ -1,7 +1,9 @@
 //! The journal under SIGKILL: the real binary is killed at random moments (seeded) while it
 //! sends to the in-process sink, then re-run to completion. The sink's records prove
 //! invariants 5 and 6 of DESIGN.md: nobody is sent twice, nobody is skipped, and only the
-//! recipients on the wire at a kill — at most one per connection — become `ambiguous`.
+//! recipients on the wire at a kill — at most one per connection — become `ambiguous`. The
+//! kills run over each wire a relay may offer: with PIPELINING, with CHUNKING (where the
+//! message goes in the same write as MAIL and RCPT), and one command at a time.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -15,21 +17,26 @@ use std::time::{Duration, Instant};
 use mail_parser::MessageParser;
 
 use crate::campaign::{Campaign, mailer, people};
-use crate::sink::{Phase, Script, Sink};
+use crate::sink::{Phase, Script, Sink, Wire};
 
 /// The seed of every random choice the test makes (which kind of kill, how late).
 const SEED: u64 = 0x6d61_696c_6572_0005;
 /// Recipients: enough that the kills never run out of work (they send fewer than half).
 const RECIPIENTS: usize = 400;
 const CONNECTIONS: usize = 4;
-/// Kills that land (the binary dies of SIGKILL rather than finishing first).
+/// Kills that land (the binary dies of SIGKILL rather than finishing first), over each wire.
 const KILLS: usize = 24;
 const _: () = assert!(KILLS >= 20, "the issue asks for at least 20 kills");
-/// The sink pauses up to this long (ms, at random) before answering the final dot: a kill
-/// right after the sink recorded a message mostly finds its sender waiting for the answer.
+/// The wires, each with a sink and a campaign of its own. The start-up kills land before
+/// anything is sent, where the wire cannot matter: they run over the first only.
+const WIRES: [Wire; 3] = [Wire::Pipelining, Wire::Chunking, Wire::Serial];
+/// The sink pauses up to this long (ms, at random) before answering the final dot (or
+/// `BDAT … LAST`, whose replies to MAIL and RCPT it holds meanwhile): a kill right after the
+/// sink recorded a message mostly finds its sender waiting for the answer.
 const DOT_PAUSE: u64 = 60;
-/// And up to this long at MAIL, RCPT and DATA, so that the connections drift apart and a kill
-/// also finds messages recorded `in_flight` that have not reached the final dot.
+/// And up to this long at MAIL, RCPT and DATA (no DATA with CHUNKING), so that the connections
+/// drift apart and a kill also finds messages recorded `in_flight` that have not reached the
+/// final dot.
 const COMMAND_PAUSE: u64 = 8;
 /// Steps of the start-up kills (µs), ~0.1 ms on average…
 const STARTUP_STEP: std::ops::RangeInclusive<u64> = 30..=200;
@@ -291,7 +298,12 @@ fn spawn_send(campaign: &Path, dir: &Path, run: usize) -> (Child, PathBuf) {
 }
 
 /// Waits for `moment`, unless the child ends first; gives its status if it did.
-fn wait_for(moment: Moment, child: &mut Child, delivered: &AtomicUsize) -> Option<ExitStatus> {
+fn wait_for(
+    wire: Wire,
+    moment: Moment,
+    child: &mut Child,
+    delivered: &AtomicUsize,
+) -> Option<ExitStatus> {
     match moment {
         Moment::Delay(delay) => {
             std::thread::sleep(delay);
@@ -313,7 +325,7 @@ fn wait_for(moment: Moment, child: &mut Child, delivered: &AtomicUsize) -> Optio
                 }
                 if progress.1.elapsed() > HANG_GUARD {
                     let _ = child.kill();
-                    panic!("the run sent nothing for {HANG_GUARD:?}");
+                    panic!("{wire:?}: the run sent nothing for {HANG_GUARD:?}");
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -332,11 +344,20 @@ fn tail(path: &Path) -> String {
 
 #[test]
 fn killed_at_random_moments_it_resumes_sending_nobody_twice_and_skipping_nobody() {
+    for (i, wire) in WIRES.into_iter().enumerate() {
+        // The first wire's seed is the one this test always had.
+        killed_over(wire, SEED ^ u64::try_from(i).unwrap(), i == 0);
+    }
+}
+
+/// The kills over `wire`, drawn from `seed`, the start-up ones first when `startup_kills`;
+/// then runs to the end and checks the sink against the journal.
+fn killed_over(wire: Wire, seed: u64, startup_kills: bool) {
     let started = Instant::now();
     let delivered = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&delivered);
     // The sink records a message right after the call for its final dot, before the pause.
-    let pauses = Mutex::new(fastrand::Rng::with_seed(SEED ^ 0xff));
+    let pauses = Mutex::new(fastrand::Rng::with_seed(seed ^ 0xff));
     let script: Script = Arc::new(move |phase, _| {
         let pause = |max| pauses.lock().unwrap().u64(0..=max);
         match phase {
@@ -350,7 +371,7 @@ fn killed_at_random_moments_it_resumes_sending_nobody_twice_and_skipping_nobody(
             _ => None,
         }
     });
-    let sink = Sink::scripted(script);
+    let sink = Sink::on_wire(script, wire);
     let campaign = Campaign::example()
         .smtp(&sink, CONNECTIONS)
         .rows(people(RECIPIENTS));
@@ -363,10 +384,10 @@ fn killed_at_random_moments_it_resumes_sending_nobody_twice_and_skipping_nobody(
         .map(|i| format!("user{i}@example{}.com", i % 7))
         .collect();
 
-    let mut rng = fastrand::Rng::with_seed(SEED);
+    let mut rng = fastrand::Rng::with_seed(seed);
     // Its own generator, so that however many start-up kills there are, the random ones
     // after them are the same.
-    let mut steps = fastrand::Rng::with_seed(SEED ^ 0x5747);
+    let mut steps = fastrand::Rng::with_seed(seed ^ 0x5747);
     let mut kills: Vec<Kill> = Vec::new();
     // Every recipient some kill left `in_flight`: exactly these may become ambiguous.
     let mut left_in_flight: BTreeSet<String> = BTreeSet::new();
@@ -374,7 +395,7 @@ fn killed_at_random_moments_it_resumes_sending_nobody_twice_and_skipping_nobody(
     // First, start-up kills walk up from the spawn in small random steps, well past the first
     // one that found a journal: each run that finds none, or an empty one, creates it anew,
     // so the walk passes through its creation. Then KILLS at random.
-    let mut startup: Option<(Duration, usize)> = Some((Duration::ZERO, 0));
+    let mut startup: Option<(Duration, usize)> = startup_kills.then_some((Duration::ZERO, 0));
     let mut ambiguous_before = 0;
     let mut run = 0;
     while kills.iter().filter(|k| !k.startup).count() < KILLS {
@@ -388,16 +409,16 @@ fn killed_at_random_moments_it_resumes_sending_nobody_twice_and_skipping_nobody(
         };
         let before = delivered.load(Ordering::SeqCst);
         let (mut child, stderr) = spawn_send(&path, &outputs, run);
-        let ended = wait_for(moment, &mut child, &delivered);
+        let ended = wait_for(wire, moment, &mut child, &delivered);
         // Kill now: a child that ended meanwhile is only reaped.
         let _ = child.kill();
         let status = child.wait().unwrap();
         assert!(
             ended.is_none() && status.signal() == Some(9),
-            "run {run} ({moment:?}) ended by itself with {status} before the kill: too little work left for {KILLS} kills?\n{}",
+            "{wire:?}: run {run} ({moment:?}) ended by itself with {status} before the kill: too little work left for {KILLS} kills?\n{}",
             tail(&stderr)
         );
-        let context = format!("after kill {} ({moment:?})", kills.len() + 1);
+        let context = format!("{wire:?}: after kill {} ({moment:?})", kills.len() + 1);
 
         // The start-up kills read a copy: `status` on the journal itself would finish a
         // creation the kill interrupted, and the next run would not go through it again.
@@ -475,19 +496,23 @@ fn killed_at_random_moments_it_resumes_sending_nobody_twice_and_skipping_nobody(
         let run = mailer(&["send", path.to_str().unwrap()], &[]);
         assert!(
             matches!(run.code, 0 | 1 | 75),
-            "a run after the kills: {run:?}"
+            "{wire:?}: a run after the kills: {run:?}"
         );
         finals.push(run.code);
         if run.code != 75 {
             break run;
         }
-        assert!(finals.len() < 3, "no progress after the kills: {run:?}");
+        assert!(
+            finals.len() < 3,
+            "{wire:?}: no progress after the kills: {run:?}"
+        );
     };
-    let journal = read_journal(&path, None, "at the end").expect("a journal after a complete run");
+    let at_the_end = format!("{wire:?}: at the end");
+    let journal = read_journal(&path, None, &at_the_end).expect("a journal after a complete run");
     let ambiguous = journal.in_state("ambiguous");
-    consistent(&sink, Some(&journal), &recipients, "at the end");
-    assert_eq!(journal.total, RECIPIENTS, "{:?}", journal.counts);
-    assert!(journal.complete, "{:?}", journal.counts);
+    consistent(&sink, Some(&journal), &recipients, &at_the_end);
+    assert_eq!(journal.total, RECIPIENTS, "{wire:?}: {:?}", journal.counts);
+    assert!(journal.complete, "{wire:?}: {:?}", journal.counts);
     for state in [
         "in_flight",
         "pending",
@@ -499,27 +524,31 @@ fn killed_at_random_moments_it_resumes_sending_nobody_twice_and_skipping_nobody(
         assert_eq!(
             journal.count(state),
             0,
-            "{state}: the sink never refuses: {:?}",
+            "{wire:?}: {state}: the sink never refuses: {:?}",
             journal.counts
         );
     }
     assert_eq!(
         journal.count("sent") + journal.count("ambiguous") + journal.count("failed"),
         RECIPIENTS,
-        "{:?}",
+        "{wire:?}: {:?}",
         journal.counts
     );
     assert_eq!(
         journal.rows.keys().cloned().collect::<BTreeSet<_>>(),
         recipients,
-        "the journal has every recipient"
+        "{wire:?}: the journal has every recipient"
     );
     assert_eq!(
         ambiguous, left_in_flight,
-        "the ambiguous are exactly those the kills left in flight"
+        "{wire:?}: the ambiguous are exactly those the kills left in flight"
     );
     // Exit 1: complete with ambiguous outcomes; 0 only when no kill left anything in flight.
-    assert_eq!(last.code, i32::from(!ambiguous.is_empty()), "{last:?}");
+    assert_eq!(
+        last.code,
+        i32::from(!ambiguous.is_empty()),
+        "{wire:?}: {last:?}"
+    );
 
     // From the sink: everyone exactly once, but the ambiguous at most once; each message is
     // the one the journal recorded.
@@ -527,22 +556,32 @@ fn killed_at_random_moments_it_resumes_sending_nobody_twice_and_skipping_nobody(
     for address in &recipients {
         let n = received.get(address).copied().unwrap_or(0);
         if ambiguous.contains(address) {
-            assert!(n <= 1, "{address} (ambiguous) received {n} times");
+            assert!(n <= 1, "{wire:?}: {address} (ambiguous) received {n} times");
         } else {
-            assert_eq!(n, 1, "{address} received {n} times");
+            assert_eq!(n, 1, "{wire:?}: {address} received {n} times");
         }
     }
     let mut message_ids = BTreeSet::new();
     for t in sink.transactions() {
         let address = &t.rcpt_to[0];
+        // Over the wire the sink offered: in BDAT chunks with CHUNKING, else after DATA.
+        assert_eq!(
+            t.chunks >= 1,
+            wire == Wire::Chunking,
+            "{wire:?}: {address} came in {} chunks",
+            t.chunks
+        );
         let message = MessageParser::default().parse(&t.data).unwrap();
         let id = message.message_id().expect("a Message-ID");
         assert_eq!(
             journal.rows[address].message_id.trim_matches(['<', '>']),
             id,
-            "{address}: the message received is the one the journal recorded"
+            "{wire:?}: {address}: the message received is the one the journal recorded"
         );
-        assert!(message_ids.insert(id.to_owned()), "{id} received twice");
+        assert!(
+            message_ids.insert(id.to_owned()),
+            "{wire:?}: {id} received twice"
+        );
     }
     let ambiguous_received = ambiguous
         .iter()
@@ -556,7 +595,7 @@ fn killed_at_random_moments_it_resumes_sending_nobody_twice_and_skipping_nobody(
         .collect();
     let sending = at_random.iter().filter(|k| k.received > 0).count();
     eprintln!(
-        "crash test: {} kills: {} while starting ({} before the journal existed), then {} at random ({} before anything was received, {} while sending); left in flight per random kill [{}] = {} ambiguous ({} of them received); sent {} ({} by the final run, which exited {:?}); {:.1} s",
+        "crash test over {wire:?}: {} kills: {} while starting ({} before the journal existed), then {} at random ({} before anything was received, {} while sending); left in flight per random kill [{}] = {} ambiguous ({} of them received); sent {} ({} by the final run, which exited {:?}); {:.1} s",
         kills.len(),
         kills.len() - at_random.len(),
         kills.iter().filter(|k| !k.journal).count(),
@@ -574,6 +613,6 @@ fn killed_at_random_moments_it_resumes_sending_nobody_twice_and_skipping_nobody(
     // Some kill did land with messages on the wire (else the test proves little).
     assert!(
         !ambiguous.is_empty(),
-        "no kill left a message in flight: {per_kill:?}"
+        "{wire:?}: no kill left a message in flight: {per_kill:?}"
     );
 }

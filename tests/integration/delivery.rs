@@ -1,15 +1,17 @@
 //! The delivery engine against a sink that misbehaves: replies refused at every phase,
 //! hang-ups, silent closes, delays, a throttling domain, and rate limits measured where the
 //! messages arrive. Every test judges from the sink's records: nothing lost, nothing sent twice.
+//! The faults at each command run over each wire a relay may offer ([`Wire::ALL`]): one
+//! command at a time, PIPELINING, and CHUNKING (BDAT).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::campaign::{Campaign, Run, people};
 use crate::count;
-use crate::sink::{Faults, Phase, Script, Sink, Tls};
+use crate::sink::{Faults, Phase, Script, Sink, Tls, Wire};
 
 /// The recipients of `people(n)`, in order.
 fn addresses(n: usize) -> Vec<String> {
@@ -29,8 +31,13 @@ fn first_times(times: usize, phase: Phase, matching: &'static str, reply: &'stat
 }
 
 /// What the summary says, and the books: every recipient in exactly one state, the counts
-/// adding up, and no recipient accepted twice by the sink.
+/// adding up, and no recipient accepted twice by the sink (one that offers the default wire).
 fn balanced(run: &Run, sink: &Sink, total: usize) -> BTreeMap<&'static str, usize> {
+    balanced_at(&format!("{:?}", Wire::default()), run, sink, total)
+}
+
+/// [`balanced`], its failures prefixed with `at` (the wire and the fault).
+fn balanced_at(at: &str, run: &Run, sink: &Sink, total: usize) -> BTreeMap<&'static str, usize> {
     let mut states = BTreeMap::new();
     for state in ["sent", "deferred", "failed", "ambiguous", "pending"] {
         states.insert(state, count(&run.stdout, state).unwrap_or(0));
@@ -38,18 +45,18 @@ fn balanced(run: &Run, sink: &Sink, total: usize) -> BTreeMap<&'static str, usiz
     assert_eq!(
         states.values().sum::<usize>(),
         total,
-        "counts add up: {}",
+        "{at}: counts add up: {}",
         run.stdout
     );
     let accepted = sink.accepted();
     assert!(
         accepted.values().all(|&n| n == 1),
-        "nobody accepted twice: {accepted:?}"
+        "{at}: nobody accepted twice: {accepted:?}"
     );
     assert_eq!(
         accepted.len(),
         states["sent"],
-        "the sink accepted exactly the recipients reported sent: {}",
+        "{at}: the sink accepted exactly the recipients reported sent: {}",
         run.stdout
     );
     states
@@ -64,65 +71,276 @@ fn send(sink: &Sink, rows: usize, connections: usize, extra: impl Fn(Campaign) -
     .run("send", &[])
 }
 
+/// [`send`], and then each recipient's state as the journal has it (`mailer report`).
+fn send_and_report(
+    sink: &Sink,
+    rows: usize,
+    connections: usize,
+    extra: impl Fn(Campaign) -> Campaign,
+) -> (Run, BTreeMap<String, String>) {
+    let campaign = extra(
+        Campaign::example()
+            .smtp(sink, connections)
+            .rows(people(rows)),
+    );
+    let run = campaign.run("send", &[]);
+    let report = campaign.run("report", &["--format", "csv"]);
+    assert_eq!(report.code, 0, "{report:?}");
+    let mut csv = csv::Reader::from_reader(report.stdout.as_bytes());
+    let headers = csv.headers().unwrap().clone();
+    let column = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let (address, state) = (column("address"), column("state"));
+    let states = csv
+        .records()
+        .map(|record| {
+            let record = record.unwrap();
+            (record[address].to_owned(), record[state].to_owned())
+        })
+        .collect();
+    (run, states)
+}
+
+/// The sink's side of the journal's word, recipient by recipient: accepted (answered 2xx) at
+/// most once each; every `sent` recipient exactly once, an `ambiguous` one at most once,
+/// anyone else never.
+fn exactly_once(at: &str, sink: &Sink, states: &BTreeMap<String, String>) {
+    let accepted = sink.accepted();
+    assert!(
+        accepted.values().all(|&n| n == 1),
+        "{at}: nobody accepted twice: {accepted:?}"
+    );
+    for (address, state) in states {
+        let n = accepted.get(address).copied().unwrap_or(0);
+        match state.as_str() {
+            "sent" => assert_eq!(n, 1, "{at}: {address} is sent, and was accepted {n} times"),
+            "ambiguous" => assert!(n <= 1, "{at}: {address} (ambiguous) accepted {n} times"),
+            _ => assert_eq!(n, 0, "{at}: {address} is {state}, yet was accepted"),
+        }
+    }
+    for address in accepted.keys() {
+        assert!(
+            states.contains_key(address),
+            "{at}: {address} is no recipient"
+        );
+    }
+}
+
+/// How many complete replies one write of the sink's holds (a reply's last line has a space
+/// after its code).
+fn replies_in(bytes: &[u8]) -> usize {
+    bytes
+        .split(|&b| b == b'\n')
+        .filter(|line| line.len() > 3 && line[3] == b' ')
+        .count()
+}
+
+/// The transport used the wire the sink offered: without PIPELINING one reply per write of
+/// the sink's and no violation (the sink flags commands sent before their turn); with it,
+/// some replies to a batch went together; every message after DATA, or with CHUNKING in
+/// BDAT chunks and never after DATA.
+fn on_the_wire(at: &str, wire: Wire, sink: &Sink) {
+    let violations = sink.violations();
+    assert!(
+        violations.is_empty(),
+        "{at}: the client sent what a real SMTP server refuses: {violations:?}"
+    );
+    let transactions = sink.transactions();
+    let chunks: Vec<usize> = transactions.iter().map(|t| t.chunks).collect();
+    let verbs: BTreeSet<String> = sink.commands().into_iter().map(|(_, verb)| verb).collect();
+    if wire == Wire::Chunking {
+        assert!(
+            chunks.iter().all(|&n| n >= 1),
+            "{at}: every message in BDAT chunks: {chunks:?}"
+        );
+        assert!(!verbs.contains("DATA"), "{at}: DATA sent: {verbs:?}");
+    } else {
+        assert!(
+            chunks.iter().all(|&n| n == 0),
+            "{at}: every message after DATA: {chunks:?}"
+        );
+        assert!(!verbs.contains("BDAT"), "{at}: BDAT sent: {verbs:?}");
+    }
+    let batched = sink
+        .writes()
+        .iter()
+        .filter(|w| replies_in(&w.bytes) >= 2)
+        .count();
+    if wire == Wire::Serial {
+        assert_eq!(batched, 0, "{at}: replies went together, so commands did");
+    } else if !transactions.is_empty() {
+        assert!(
+            batched >= 1,
+            "{at}: no batch of commands was answered together"
+        );
+    }
+}
+
+/// The phases of a transaction whose reply a script can refuse over `wire`. With CHUNKING
+/// there is no DATA: the message goes with `BDAT … LAST`, whose reply is
+/// [`Phase::EndOfData`], so that phase is the refusal of BDAT.
+fn refusable(wire: Wire) -> &'static [Phase] {
+    match wire {
+        Wire::Chunking => &[Phase::Rcpt, Phase::EndOfData],
+        Wire::Serial | Wire::Pipelining => &[Phase::Rcpt, Phase::Data, Phase::EndOfData],
+    }
+}
+
+/// How many RCPTs the sink had for `address`.
+fn tries(sink: &Sink, address: &str) -> usize {
+    sink.rcpts().iter().filter(|r| r.rcpt == address).count()
+}
+
+/// The messages the sink recorded for `address`, whatever it answered.
+fn received(sink: &Sink, address: &str) -> usize {
+    sink.transactions()
+        .iter()
+        .filter(|t| t.rcpt_to[0] == address)
+        .count()
+}
+
 #[test]
 fn four_hundred_replies_at_each_phase_are_retried_until_sent_once() {
-    for phase in [Phase::Rcpt, Phase::Data, Phase::EndOfData] {
-        // user3's first two attempts are refused for now, at this phase.
-        let sink = Sink::scripted(first_times(
-            2,
-            phase,
-            "user3@",
-            "451 4.3.0 temporary problem",
-        ));
-        let run = send(&sink, 8, 2, |c| c);
-        assert_eq!(run.code, 0, "{phase:?}: {run:?}");
-        let states = balanced(&run, &sink, 8);
-        assert_eq!(states["sent"], 8, "{phase:?}");
-        assert_eq!(
-            count(&run.stdout, "retries after 4xx"),
-            Some(2),
-            "{phase:?}: {}",
-            run.stdout
-        );
-        let tries = sink
-            .rcpts()
-            .iter()
-            .filter(|r| r.rcpt == "user3@example3.com")
-            .count();
-        assert_eq!(
-            tries, 3,
-            "{phase:?}: two refusals, then the one that went through"
-        );
-        for other in addresses(8).iter().filter(|a| !a.starts_with("user3@")) {
-            let tries = sink.rcpts().iter().filter(|r| &r.rcpt == other).count();
-            assert_eq!(tries, 1, "{phase:?}: {other} was tried once");
+    for wire in Wire::ALL {
+        for &phase in refusable(wire) {
+            let at = format!("{wire:?}, 451 at {phase:?}");
+            // user3's first two attempts are refused for now, at this phase.
+            let sink = Sink::on_wire(
+                first_times(2, phase, "user3@", "451 4.3.0 temporary problem"),
+                wire,
+            );
+            let (run, states) = send_and_report(&sink, 8, 2, |c| c);
+            assert_eq!(run.code, 0, "{at}: {run:?}");
+            assert_eq!(balanced_at(&at, &run, &sink, 8)["sent"], 8, "{at}");
+            exactly_once(&at, &sink, &states);
+            on_the_wire(&at, wire, &sink);
+            assert_eq!(
+                count(&run.stdout, "retries after 4xx"),
+                Some(2),
+                "{at}: {}",
+                run.stdout
+            );
+            assert_eq!(
+                tries(&sink, "user3@example3.com"),
+                3,
+                "{at}: two refusals, then the one that went through"
+            );
+            for other in addresses(8).iter().filter(|a| !a.starts_with("user3@")) {
+                assert_eq!(tries(&sink, other), 1, "{at}: {other} was tried once");
+            }
         }
     }
 }
 
 #[test]
 fn five_hundred_replies_at_each_phase_fail_exactly_once() {
-    for phase in [Phase::Rcpt, Phase::Data, Phase::EndOfData] {
-        let refuse: Script = Arc::new(move |p, rcpt| {
-            (p == phase && rcpt.starts_with("user2@")).then(|| "550 5.1.1 no such user".to_owned())
-        });
-        let sink = Sink::scripted(refuse);
-        let run = send(&sink, 6, 2, |c| c);
-        assert_eq!(run.code, 1, "{phase:?}: {run:?}");
-        let states = balanced(&run, &sink, 6);
-        assert_eq!((states["sent"], states["failed"]), (5, 1), "{phase:?}");
-        let tries = sink
-            .rcpts()
-            .iter()
-            .filter(|r| r.rcpt == "user2@example2.com")
-            .count();
-        assert_eq!(tries, 1, "{phase:?}: a 5xx is never retried");
-        assert!(
-            run.stdout
-                .contains("user2@example2.com failed: 550 5.1.1 no such user"),
-            "{}",
-            run.stdout
-        );
+    for wire in Wire::ALL {
+        for &phase in refusable(wire) {
+            let at = format!("{wire:?}, 550 at {phase:?}");
+            let refuse: Script = Arc::new(move |p, rcpt| {
+                (p == phase && rcpt.starts_with("user2@"))
+                    .then(|| "550 5.1.1 no such user".to_owned())
+            });
+            let sink = Sink::on_wire(refuse, wire);
+            let (run, states) = send_and_report(&sink, 6, 2, |c| c);
+            assert_eq!(run.code, 1, "{at}: {run:?}");
+            let counted = balanced_at(&at, &run, &sink, 6);
+            assert_eq!((counted["sent"], counted["failed"]), (5, 1), "{at}");
+            exactly_once(&at, &sink, &states);
+            on_the_wire(&at, wire, &sink);
+            assert_eq!(
+                tries(&sink, "user2@example2.com"),
+                1,
+                "{at}: a 5xx is never retried"
+            );
+            assert!(
+                run.stdout
+                    .contains("user2@example2.com failed: 550 5.1.1 no such user"),
+                "{at}: {}",
+                run.stdout
+            );
+        }
+    }
+}
+
+#[test]
+fn a_421_mid_batch_defers_and_the_message_goes_once_on_a_new_connection() {
+    // The relay answers one command of user3's transaction with 421 and closes the
+    // connection: with PIPELINING or CHUNKING, in the middle of the batch's replies (at RCPT
+    // the replies to DATA or BDAT never come). Deferred, not ambiguous (the relay said no),
+    // and sent once on a later connection.
+    for wire in Wire::ALL {
+        for &phase in refusable(wire) {
+            let at = format!("{wire:?}, 421 at {phase:?}");
+            let sink = Sink::on_wire(
+                first_times(1, phase, "user3@", "421 4.3.2 shutting down"),
+                wire,
+            );
+            let (run, states) = send_and_report(&sink, 8, 2, |c| c);
+            assert_eq!(run.code, 0, "{at}: {run:?}");
+            assert_eq!(balanced_at(&at, &run, &sink, 8)["sent"], 8, "{at}");
+            exactly_once(&at, &sink, &states);
+            on_the_wire(&at, wire, &sink);
+            assert_eq!(
+                count(&run.stdout, "retries after 4xx"),
+                Some(1),
+                "{at}: {}",
+                run.stdout
+            );
+            assert_eq!(tries(&sink, "user3@example3.com"), 2, "{at}");
+            assert!(sink.connections() >= 3, "{at}: {}", sink.connections());
+        }
+    }
+}
+
+#[test]
+fn a_hang_up_after_a_batch_is_retried_unless_the_message_went_with_it() {
+    // The relay hangs up without a word on reading MAIL (the first of the run) or user3's
+    // RCPT. With DATA nothing was sent that it could accept: the message goes again, on a new
+    // connection, once. With CHUNKING the message was in the same write: the relay may have
+    // it, so it is ambiguous by design and never sent again (here the sink had not read it).
+    for wire in Wire::ALL {
+        for phase in [Phase::Mail, Phase::Rcpt] {
+            let at = format!("{wire:?}, hang-up at {phase:?}");
+            let matching = if phase == Phase::Mail { "" } else { "user3@" };
+            let sink = Sink::on_wire(first_times(1, phase, matching, "DROP"), wire);
+            let (run, states) = send_and_report(&sink, 8, 2, |c| c);
+            let counted = balanced_at(&at, &run, &sink, 8);
+            exactly_once(&at, &sink, &states);
+            on_the_wire(&at, wire, &sink);
+            if wire == Wire::Chunking {
+                assert_eq!(run.code, 1, "{at}: {run:?}");
+                assert_eq!(
+                    (counted["sent"], counted["ambiguous"]),
+                    (7, 1),
+                    "{at}: {}",
+                    run.stdout
+                );
+                let ambiguous: Vec<&String> = states
+                    .iter()
+                    .filter(|(_, state)| *state == "ambiguous")
+                    .map(|(address, _)| address)
+                    .collect();
+                let address = ambiguous[0];
+                if phase == Phase::Rcpt {
+                    assert_eq!(address, "user3@example3.com", "{at}");
+                }
+                assert_eq!(
+                    received(&sink, address),
+                    0,
+                    "{at}: the sink read no message"
+                );
+                assert!(
+                    tries(&sink, address) <= 1,
+                    "{at}: {address} was not sent again"
+                );
+            } else {
+                assert_eq!(run.code, 0, "{at}: {run:?}");
+                assert_eq!(counted["sent"], 8, "{at}: {}", run.stdout);
+                if phase == Phase::Rcpt {
+                    assert_eq!(tries(&sink, "user3@example3.com"), 2, "{at}");
+                }
+            }
+        }
     }
 }
 
@@ -191,23 +409,39 @@ fn relay_failures_pause_sending_and_change_no_recipients_state() {
         run.stderr
     );
 
-    // MAIL FROM refused for now, once: a relay-wide problem, not the recipient's.
-    let sink = Sink::scripted(first_times(1, Phase::Mail, "", "451 4.3.0 queue full"));
-    let run = send(&sink, 5, 1, |c| c);
-    assert_eq!(run.code, 0, "{run:?}");
-    assert_eq!(balanced(&run, &sink, 5)["sent"], 5);
-    assert_eq!(
-        count(&run.stdout, "relay pauses"),
-        Some(1),
-        "{}",
-        run.stdout
-    );
-    assert_eq!(
-        count(&run.stdout, "retries after 4xx"),
-        None,
-        "{}",
-        run.stdout
-    );
+    // MAIL FROM refused, once, for now or for good: a relay-wide problem, not the
+    // recipient's. With PIPELINING or CHUNKING, RCPT and DATA or BDAT (with the message) went
+    // with it and were refused too.
+    for wire in Wire::ALL {
+        for refusal in ["451 4.3.0 queue full", "553 5.7.1 sender not allowed"] {
+            let at = format!("{wire:?}, {refusal} at MAIL");
+            let sink = Sink::on_wire(first_times(1, Phase::Mail, "", refusal), wire);
+            let (run, states) = send_and_report(&sink, 5, 1, |c| c);
+            assert_eq!(run.code, 0, "{at}: {run:?}");
+            assert_eq!(balanced_at(&at, &run, &sink, 5)["sent"], 5, "{at}");
+            exactly_once(&at, &sink, &states);
+            on_the_wire(&at, wire, &sink);
+            assert_eq!(
+                count(&run.stdout, "relay pauses"),
+                Some(1),
+                "{at}: {}",
+                run.stdout
+            );
+            assert_eq!(
+                count(&run.stdout, "retries after 4xx"),
+                None,
+                "{at}: {}",
+                run.stdout
+            );
+            assert!(
+                run.stderr.contains(&format!(
+                    "the relay refused the sender `news@example.com`: {refusal}"
+                )),
+                "{at}: {}",
+                run.stderr
+            );
+        }
+    }
 
     // A relay that never recovers: `relay_attempts` pauses, then exit 69, everyone pending.
     let refusing: Script = Arc::new(|phase, _| {
@@ -358,126 +592,204 @@ fn a_relay_down_after_answering_is_an_outage_not_a_connection_limit() {
 
 #[test]
 fn hang_ups_and_silent_closes_lose_nothing_and_send_nothing_twice() {
-    // The server closes every connection after 3 messages without a word: the next command
-    // finds it gone, and the message goes on a new connection.
-    let sink = Sink::faulty(
-        Arc::new(|_, _| None),
-        Tls::None,
-        Faults {
-            close_after: Some(3),
-            ..Faults::default()
-        },
-    );
-    let run = send(&sink, 20, 2, |c| c);
-    assert_eq!(run.code, 0, "{run:?}");
-    assert_eq!(balanced(&run, &sink, 20)["sent"], 20);
-    assert!(sink.connections() >= 7, "{}", sink.connections());
+    for wire in Wire::ALL {
+        // The server closes every connection after 3 messages without a word: the next
+        // command finds it gone, and the message goes on a new connection.
+        let at = format!("{wire:?}, closed after 3 messages");
+        let sink = Sink::faulty(
+            Arc::new(|_, _| None),
+            Tls::None,
+            Faults {
+                close_after: Some(3),
+                wire,
+                ..Faults::default()
+            },
+        );
+        let (run, states) = send_and_report(&sink, 20, 2, |c| c);
+        let counted = balanced_at(&at, &run, &sink, 20);
+        exactly_once(&at, &sink, &states);
+        on_the_wire(&at, wire, &sink);
+        // Three messages a connection: a new one for every three the sink took.
+        let taken = sink.transactions().len();
+        assert!(
+            sink.connections() >= taken.div_ceil(3),
+            "{at}: {taken} messages over {} connections",
+            sink.connections()
+        );
+        if wire == Wire::Chunking {
+            // The transport looks for the close before it writes MAIL, RCPT, BDAT and the
+            // message at once; a close that lands between the look and the write races it,
+            // and a batch written to a closed connection is ambiguous by design (no reply:
+            // the relay may have read it). So here: nobody lost (each sent or ambiguous), and
+            // an ambiguous message is one the sink never read.
+            assert_eq!(
+                counted["sent"] + counted["ambiguous"],
+                20,
+                "{at}: {}",
+                run.stdout
+            );
+            assert_eq!(
+                run.code,
+                i32::from(counted["ambiguous"] > 0),
+                "{at}: {run:?}"
+            );
+            for (address, state) in &states {
+                if state == "ambiguous" {
+                    assert_eq!(received(&sink, address), 0, "{at}: {address} arrived");
+                    assert_eq!(tries(&sink, address), 0, "{at}: {address} was read");
+                }
+            }
+        } else {
+            assert_eq!(run.code, 0, "{at}: {run:?}");
+            assert_eq!(counted["sent"], 20, "{at}: {}", run.stdout);
+        }
 
-    // A hang-up in the middle of one body: the server never saw the final dot, but mailer
-    // cannot know how far it got, so the recipient is ambiguous — reported, never re-sent.
-    let script: Script = Arc::new(|phase, rcpt| {
-        (phase == Phase::Body && rcpt.starts_with("user4@")).then(|| "DROP".to_owned())
-    });
-    let sink = Sink::scripted(script);
-    let run = send(&sink, 8, 2, |c| c);
-    assert_eq!(run.code, 1, "{run:?}");
-    let states = balanced(&run, &sink, 8);
-    assert_eq!((states["sent"], states["ambiguous"]), (7, 1));
-    assert_eq!(
-        sink.rcpts()
-            .iter()
-            .filter(|r| r.rcpt.starts_with("user4@"))
-            .count(),
-        1
-    );
+        // A hang-up in the middle of one body (after DATA, before the final dot; with BDAT,
+        // halfway through the chunk): the server has no message, but mailer cannot know how
+        // far it got, so the recipient is ambiguous — reported, never re-sent.
+        let at = format!("{wire:?}, hang-up mid-body");
+        let script: Script = Arc::new(|phase, rcpt| {
+            (phase == Phase::Body && rcpt.starts_with("user4@")).then(|| "DROP".to_owned())
+        });
+        let sink = Sink::on_wire(script, wire);
+        let (run, states) = send_and_report(&sink, 8, 2, |c| c);
+        assert_eq!(run.code, 1, "{at}: {run:?}");
+        let counted = balanced_at(&at, &run, &sink, 8);
+        assert_eq!((counted["sent"], counted["ambiguous"]), (7, 1), "{at}");
+        exactly_once(&at, &sink, &states);
+        on_the_wire(&at, wire, &sink);
+        assert_eq!(states["user4@example4.com"], "ambiguous", "{at}");
+        assert_eq!(tries(&sink, "user4@example4.com"), 1, "{at}");
+        assert_eq!(
+            received(&sink, "user4@example4.com"),
+            0,
+            "{at}: no message arrived"
+        );
 
-    // A hang-up after the final dot, without a reply: the sink has the message; mailer
-    // reports it ambiguous and does not send it again.
-    let script: Script = Arc::new(|phase, rcpt| {
-        (phase == Phase::EndOfData && rcpt.starts_with("user5@")).then(|| "DROP".to_owned())
-    });
-    let sink = Sink::scripted(script);
-    let run = send(&sink, 8, 2, |c| c);
-    assert_eq!(run.code, 1, "{run:?}");
-    assert_eq!(count(&run.stdout, "ambiguous"), Some(1), "{}", run.stdout);
-    let received: Vec<_> = sink
-        .transactions()
-        .into_iter()
-        .filter(|t| t.rcpt_to[0].starts_with("user5@"))
-        .collect();
-    assert_eq!(received.len(), 1, "received once, never again");
+        // A hang-up after the final dot, or after `BDAT … LAST` and its chunk, without a
+        // reply: the sink has the message; mailer reports it ambiguous and does not send it
+        // again.
+        let at = format!("{wire:?}, hang-up after the message");
+        let script: Script = Arc::new(|phase, rcpt| {
+            (phase == Phase::EndOfData && rcpt.starts_with("user5@")).then(|| "DROP".to_owned())
+        });
+        let sink = Sink::on_wire(script, wire);
+        let (run, states) = send_and_report(&sink, 8, 2, |c| c);
+        assert_eq!(run.code, 1, "{at}: {run:?}");
+        let counted = balanced_at(&at, &run, &sink, 8);
+        assert_eq!((counted["sent"], counted["ambiguous"]), (7, 1), "{at}");
+        exactly_once(&at, &sink, &states);
+        on_the_wire(&at, wire, &sink);
+        assert_eq!(states["user5@example5.com"], "ambiguous", "{at}");
+        assert_eq!(
+            received(&sink, "user5@example5.com"),
+            1,
+            "{at}: received once, never again"
+        );
+        assert_eq!(tries(&sink, "user5@example5.com"), 1, "{at}");
+    }
 }
 
 #[test]
 fn each_phase_has_its_own_timeout_and_a_late_final_reply_is_ambiguous() {
-    // A slow but timely MAIL reply is fine; a final reply later than data_timeout leaves the
-    // outcome unknown: ambiguous, and not sent again even though the sink kept it.
-    let script: Script = Arc::new(|phase, rcpt| match phase {
-        Phase::Mail => Some("SLEEP 50 250 2.1.0 ok".to_owned()),
-        Phase::EndOfData if rcpt.starts_with("user1@") => {
-            Some("SLEEP 4000 250 2.0.0 too late".to_owned())
+    for wire in Wire::ALL {
+        // A slow but timely MAIL reply is fine; a final reply later than data_timeout leaves
+        // the outcome unknown: ambiguous, and not sent again even though the sink kept it.
+        // With CHUNKING, the replies to MAIL and RCPT may wait for the message (the sink
+        // holds them until it answers BDAT), so they have data_timeout too.
+        let at = format!("{wire:?}, a late final reply");
+        let script: Script = Arc::new(|phase, rcpt| match phase {
+            Phase::Mail => Some("SLEEP 50 250 2.1.0 ok".to_owned()),
+            Phase::EndOfData if rcpt.starts_with("user1@") => {
+                Some("SLEEP 4000 250 2.0.0 too late".to_owned())
+            }
+            _ => None,
+        });
+        let sink = Sink::on_wire(script, wire);
+        let (run, states) = send_and_report(&sink, 3, 1, |c| {
+            c.transport("command_timeout = \"5s\"\ndata_timeout = \"1s\"")
+        });
+        assert_eq!(run.code, 1, "{at}: {run:?}");
+        exactly_once(&at, &sink, &states);
+        on_the_wire(&at, wire, &sink);
+        // user1's outcome is unknown. A slow machine may leave another final reply later
+        // than data_timeout too: so at least one, and user1's among them.
+        assert!(
+            count(&run.stdout, "ambiguous").is_some_and(|n| n >= 1),
+            "{at}: {}",
+            run.stdout
+        );
+        let line = run
+            .stdout
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("line 3 user1@example1.com ambiguous: "))
+            .unwrap_or_else(|| panic!("{at}: {}", run.stdout));
+        if wire == Wire::Chunking {
+            // Whichever reply of the batch was the first missing (the sink holds MAIL's and
+            // RCPT's while it waits to answer BDAT).
+            assert!(
+                line.starts_with("line 3 user1@example1.com ambiguous: no reply after the message went with BDAT: ")
+                    && line.ends_with(": no reply in time"),
+                "{at}: {line}"
+            );
+        } else {
+            assert_eq!(
+                line,
+                "line 3 user1@example1.com ambiguous: no reply after the message body within 1s",
+                "{at}"
+            );
         }
-        _ => None,
-    });
-    let sink = Sink::scripted(script);
-    let run = send(&sink, 3, 1, |c| {
-        c.transport("command_timeout = \"5s\"\ndata_timeout = \"1s\"")
-    });
-    assert_eq!(run.code, 1, "{run:?}");
-    // user1's outcome is unknown. A slow machine may leave another final reply later than
-    // data_timeout too: so at least one, and user1's among them.
-    assert!(
-        count(&run.stdout, "ambiguous").is_some_and(|n| n >= 1),
-        "{}",
-        run.stdout
-    );
-    assert!(
-        run.stdout.contains(
-            "line 3 user1@example1.com ambiguous: no reply after the message body within 1s"
-        ),
-        "{}",
-        run.stdout
-    );
-    let late: Vec<_> = sink
-        .transactions()
-        .into_iter()
-        .filter(|t| t.rcpt_to[0].starts_with("user1@"))
-        .collect();
-    assert_eq!(late.len(), 1);
+        assert_eq!(received(&sink, "user1@example1.com"), 1, "{at}");
 
-    // A command reply slower than command_timeout: the connection is abandoned before the
-    // body, so the message goes again on a fresh one; a relay that always stalls is a relay
-    // failure, and nobody's state changes.
-    let stalls = Arc::new(AtomicUsize::new(0));
-    let script: Script = Arc::new(move |phase, _| {
-        (phase == Phase::Rcpt && stalls.fetch_add(1, Ordering::SeqCst) == 0)
-            .then(|| "SLEEP 4000 250 2.1.5 ok".to_owned())
-    });
-    let sink = Sink::scripted(script);
-    let run = send(&sink, 3, 1, |c| c.transport("command_timeout = \"1s\""));
-    assert_eq!(run.code, 0, "{run:?}");
-    assert_eq!(balanced(&run, &sink, 3)["sent"], 3);
-    // In order, not by count (a slow machine may time out more): the stalled first
-    // connection carried no message, and the stalled recipient's went on a later one.
-    let stalled = sink.rcpts()[0].rcpt.clone();
-    let transactions = sink.transactions();
-    assert!(
-        transactions.iter().all(|t| t.connection > 1),
-        "the first connection was abandoned before the body: {:?}",
-        transactions
+        // A command reply slower than command_timeout: the connection is abandoned before
+        // the body, so the message goes again on a fresh one; a relay that always stalls is a
+        // relay failure, and nobody's state changes.
+        let at = format!("{wire:?}, a stalled RCPT reply");
+        let stalls = Arc::new(AtomicUsize::new(0));
+        let script: Script = Arc::new(move |phase, _| {
+            (phase == Phase::Rcpt && stalls.fetch_add(1, Ordering::SeqCst) == 0)
+                .then(|| "SLEEP 2000 250 2.1.5 ok".to_owned())
+        });
+        let sink = Sink::on_wire(script, wire);
+        let (run, states) =
+            send_and_report(&sink, 3, 1, |c| c.transport("command_timeout = \"1s\""));
+        assert_eq!(run.code, 0, "{at}: {run:?}");
+        assert_eq!(balanced_at(&at, &run, &sink, 3)["sent"], 3, "{at}");
+        exactly_once(&at, &sink, &states);
+        on_the_wire(&at, wire, &sink);
+        let stalled = sink.rcpts()[0].rcpt.clone();
+        let transactions = sink.transactions();
+        let served: Vec<(usize, &Vec<String>)> = transactions
             .iter()
             .map(|t| (t.connection, &t.rcpt_to))
-            .collect::<Vec<_>>()
-    );
-    assert_eq!(
-        transactions
-            .iter()
-            .filter(|t| t.rcpt_to == [stalled.clone()])
-            .count(),
-        1,
-        "{stalled} once, on a fresh connection"
-    );
-    assert!(sink.connections() >= 2);
+            .collect();
+        if wire == Wire::Chunking {
+            // The message went with MAIL and RCPT: their replies have data_timeout (600 s
+            // here), the stall is waited out, and everything goes on the first connection.
+            assert!(
+                transactions.iter().all(|t| t.connection == 1),
+                "{at}: one connection: {served:?}"
+            );
+            assert_eq!(sink.connections(), 1, "{at}");
+        } else {
+            // In order, not by count (a slow machine may time out more): the stalled first
+            // connection carried no message, and the stalled recipient's went on a later one.
+            assert!(
+                transactions.iter().all(|t| t.connection > 1),
+                "{at}: the first connection was abandoned before the body: {served:?}"
+            );
+            assert!(sink.connections() >= 2, "{at}");
+        }
+        assert_eq!(
+            transactions
+                .iter()
+                .filter(|t| t.rcpt_to == [stalled.clone()])
+                .count(),
+            1,
+            "{at}: {stalled} once"
+        );
+    }
 }
 
 #[test]

@@ -13,7 +13,7 @@ use mail_parser::MimeHeaders as _;
 use crate::campaign::{Campaign, Running, people, wait_until};
 use crate::count;
 use crate::delivery::busiest_second;
-use crate::sink::{Phase, Sink, Transaction};
+use crate::sink::{Phase, Sink, Transaction, Wire};
 
 /// A sink whose `MAIL FROM` replies take 5 to 35 ms, varying from one message to the next, as
 /// a real relay's do: the connections overlap and drift apart, so messages the limiter let go
@@ -267,31 +267,47 @@ fn part_lines(t: &Transaction, subtype: &str) -> Vec<String> {
 
 /// CRLF only, and no line longer than 998 octets without its CRLF (RFC 5321 §4.5.3.1.6; the
 /// dot added for transparency does not count, and the sink has already taken it away).
-fn well_formed(t: &Transaction) {
+fn well_formed(at: &str, t: &Transaction) {
     let data = &t.data;
     for (i, &b) in data.iter().enumerate() {
         match b {
-            b'\n' => assert!(
-                i > 0 && data[i - 1] == b'\r',
-                "{:?}: bare LF at {i}",
-                t.rcpt_to
-            ),
-            b'\r' => assert!(
-                data.get(i + 1) == Some(&b'\n'),
-                "{:?}: bare CR at {i}",
-                t.rcpt_to
-            ),
+            b'\n' => assert!(i > 0 && data[i - 1] == b'\r', "{at}: bare LF at {i}"),
+            b'\r' => assert!(data.get(i + 1) == Some(&b'\n'), "{at}: bare CR at {i}"),
             _ => {}
         }
     }
     for line in data.split(|&b| b == b'\n') {
         assert!(
             line.len() <= 998 + 1,
-            "{:?}: a line of {} octets",
-            t.rcpt_to,
+            "{at}: a line of {} octets",
             line.len() - 1
         );
     }
+}
+
+/// `bytes` without its `Date:` header line: the one line that differs between two runs that
+/// render the same campaign.
+fn dateless(bytes: &[u8]) -> Vec<u8> {
+    let header_end = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a header block");
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < header_end {
+        let end = at
+            + bytes[at..]
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .expect("CRLF")
+            + 2;
+        if !bytes[at..end].starts_with(b"Date: ") {
+            out.extend_from_slice(&bytes[at..end]);
+        }
+        at = end;
+    }
+    out.extend_from_slice(&bytes[at..]);
+    out
 }
 
 #[test]
@@ -302,7 +318,9 @@ fn lines_starting_with_a_dot_arrive_intact() {
     // `.two dots`, and the lone `.` would end the message there: the rest would reach the sink
     // as commands (and the smuggled `MAIL FROM` below as a transaction of its own). The exact
     // lines compared below, and the list of recipients, catch every one of those. (A sink
-    // that only un-stuffs `..` still sees the last two.)
+    // that only un-stuffs `..` still sees the last two.) With CHUNKING nothing is stuffed and
+    // the sink takes BDAT's octets as they come: a message stuffed there arrives with its
+    // dots doubled, one cut short has fewer octets than BDAT announced.
     let text = "Hello {{r.name}}\n\
                 .starts with a dot\n\
                 .\n\
@@ -333,83 +351,136 @@ fn lines_starting_with_a_dot_arrive_intact() {
             .map(str::to_owned)
             .collect()
     };
-    let mut campaign = Campaign::example()
-        .header("email,name,locale,plan,note")
-        .file("templates/text.hbs", text)
-        .file("templates/html.hbs", html);
-    for (email, name, note) in notes {
-        let quoted = note.replace('"', "\"\"");
-        campaign = campaign.row(&format!("{email},{name},en,Pro,\"{quoted}\""));
-    }
     // A line just under the limit goes as it is; one just over it must be encoded, so that
     // no line on the wire is longer than 998 octets.
     let long = "x".repeat(998);
     let longer = "y".repeat(999);
-    campaign = campaign
-        .row(&format!("long@example.com,Long,en,Pro,{long}"))
-        .row(&format!("longer@example.com,Longer,en,Pro,{longer}"));
-    let sink = Sink::start();
-    let run = campaign.smtp(&sink, 2).run("send", &[]);
-    assert_eq!(run.code, 0, "{run:?}");
-    assert_eq!(count(&run.stdout, "sent"), Some(7), "{}", run.stdout);
-
-    let transactions = sink.transactions();
-    // Nothing smuggled: one transaction per recipient, none for anyone else.
-    let recipients: BTreeSet<String> = transactions
-        .iter()
-        .flat_map(|t| t.rcpt_to.clone())
-        .collect();
-    let expected: BTreeSet<String> = notes
-        .iter()
-        .map(|(email, _, _)| (*email).to_owned())
-        .chain([
-            "long@example.com".to_owned(),
-            "longer@example.com".to_owned(),
-        ])
-        .collect();
-    assert_eq!(recipients, expected);
-    assert_eq!(transactions.len(), 7, "no extra transaction");
-    assert!(
-        transactions
-            .iter()
-            .all(|t| t.mail_from == "news@example.com" && t.rcpt_to.len() == 1)
-    );
-
-    for t in &transactions {
-        well_formed(t);
-        let rcpt = t.rcpt_to[0].as_str();
-        let (name, note) = match notes.iter().find(|(email, _, _)| *email == rcpt) {
-            Some((_, name, note)) => (*name, (*note).to_owned()),
-            None if rcpt == "long@example.com" => ("Long", long.clone()),
-            None => ("Longer", longer.clone()),
-        };
-        let mut expected_text = vec![
-            format!("Hello {name}"),
-            ".starts with a dot".to_owned(),
-            ".".to_owned(),
-            "..two dots".to_owned(),
-        ];
-        expected_text.extend(note_lines(&note));
-        expected_text.extend([". a dot and a space".to_owned(), "end".to_owned()]);
-        if rcpt == "longer@example.com" {
-            // A line too long for the wire: the part is encoded, and decodes to the same lines.
-            let message = crate::parse(&t.data);
-            let decoded = message.body_text(0).unwrap().replace("\r\n", "\n");
-            let lines: Vec<&str> = decoded.trim_end_matches('\n').split('\n').collect();
-            assert_eq!(lines, expected_text, "{rcpt}: decoded text part");
-            continue;
+    let campaign = || {
+        let mut campaign = Campaign::example()
+            .header("email,name,locale,plan,note")
+            .file("templates/text.hbs", text)
+            .file("templates/html.hbs", html);
+        for (email, name, note) in notes {
+            let quoted = note.replace('"', "\"\"");
+            campaign = campaign.row(&format!("{email},{name},en,Pro,\"{quoted}\""));
         }
-        assert_eq!(part_lines(t, "plain"), expected_text, "{rcpt}: text part");
+        campaign
+            .row(&format!("long@example.com,Long,en,Pro,{long}"))
+            .row(&format!("longer@example.com,Longer,en,Pro,{longer}"))
+    };
+    // What mailer means to send: the same campaign written to the file outbox, one `.eml`
+    // per message, by Message-ID (the same in every run of the campaign).
+    let outbox = campaign();
+    let written = outbox.run("send", &[]);
+    assert_eq!(written.code, 0, "{written:?}");
+    let meant: std::collections::BTreeMap<String, Vec<u8>> =
+        std::fs::read_dir(outbox.dir().join("outbox"))
+            .unwrap()
+            .map(|entry| {
+                let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+                let id = crate::parse(&bytes).message_id().unwrap().to_owned();
+                (id, bytes)
+            })
+            .collect();
+    assert_eq!(meant.len(), 7, "{written:?}");
 
-        let escaped = |s: &str| s.replace('<', "&lt;").replace('>', "&gt;");
-        let mut expected_html = vec![
-            format!("<p>{name}</p>"),
-            "<pre>".to_owned(),
-            ".dot-led html".to_owned(),
-            ".".to_owned(),
-        ];
-        expected_html.extend(note_lines(&note).iter().map(|l| escaped(l)));
-        expected_html.push("</pre>".to_owned());
-        assert_eq!(part_lines(t, "html"), expected_html, "{rcpt}: HTML part");
+    for wire in Wire::ALL {
+        let sink = Sink::on_wire(Arc::new(|_, _| None), wire);
+        let run = campaign().smtp(&sink, 2).run("send", &[]);
+        assert_eq!(run.code, 0, "{wire:?}: {run:?}");
+        assert_eq!(
+            count(&run.stdout, "sent"),
+            Some(7),
+            "{wire:?}: {}",
+            run.stdout
+        );
+        let violations = sink.violations();
+        assert!(violations.is_empty(), "{wire:?}: {violations:?}");
+
+        let transactions = sink.transactions();
+        // Nothing smuggled: one transaction per recipient, none for anyone else.
+        let recipients: BTreeSet<String> = transactions
+            .iter()
+            .flat_map(|t| t.rcpt_to.clone())
+            .collect();
+        let expected: BTreeSet<String> = notes
+            .iter()
+            .map(|(email, _, _)| (*email).to_owned())
+            .chain([
+                "long@example.com".to_owned(),
+                "longer@example.com".to_owned(),
+            ])
+            .collect();
+        assert_eq!(recipients, expected, "{wire:?}");
+        assert_eq!(transactions.len(), 7, "{wire:?}: no extra transaction");
+        assert!(
+            transactions
+                .iter()
+                .all(|t| t.mail_from == "news@example.com" && t.rcpt_to.len() == 1),
+            "{wire:?}"
+        );
+
+        for t in &transactions {
+            let rcpt = t.rcpt_to[0].as_str();
+            let at = format!("{wire:?}, {rcpt}");
+            // After DATA, or in BDAT chunks as CHUNKING allows.
+            if wire == Wire::Chunking {
+                assert!(t.chunks >= 1, "{at}: sent after DATA");
+            } else {
+                assert_eq!(t.chunks, 0, "{at}: sent in {} BDAT chunks", t.chunks);
+            }
+            let id = crate::parse(&t.data)
+                .message_id()
+                .unwrap_or_else(|| panic!("{at}: no Message-ID"))
+                .to_owned();
+            // Byte for byte what mailer meant, but the date it was rendered at: as it came
+            // with BDAT; un-stuffed after DATA, where lettre ends every message with
+            // CRLF.CRLF, so one that ends with a line end arrives with an empty line more.
+            let mut exact = dateless(&meant[&id]);
+            if wire != Wire::Chunking {
+                exact.extend_from_slice(b"\r\n");
+            }
+            assert!(
+                dateless(&t.data) == exact,
+                "{at}: the message arrived changed:\n{}\n---- meant ----\n{}",
+                String::from_utf8_lossy(&t.data),
+                String::from_utf8_lossy(&exact)
+            );
+            well_formed(&at, t);
+            let (name, note) = match notes.iter().find(|(email, _, _)| *email == rcpt) {
+                Some((_, name, note)) => (*name, (*note).to_owned()),
+                None if rcpt == "long@example.com" => ("Long", long.clone()),
+                None => ("Longer", longer.clone()),
+            };
+            let mut expected_text = vec![
+                format!("Hello {name}"),
+                ".starts with a dot".to_owned(),
+                ".".to_owned(),
+                "..two dots".to_owned(),
+            ];
+            expected_text.extend(note_lines(&note));
+            expected_text.extend([". a dot and a space".to_owned(), "end".to_owned()]);
+            if rcpt == "longer@example.com" {
+                // A line too long for the wire: the part is encoded, and decodes to the same
+                // lines.
+                let message = crate::parse(&t.data);
+                let decoded = message.body_text(0).unwrap().replace("\r\n", "\n");
+                let lines: Vec<&str> = decoded.trim_end_matches('\n').split('\n').collect();
+                assert_eq!(lines, expected_text, "{at}: decoded text part");
+                continue;
+            }
+            assert_eq!(part_lines(t, "plain"), expected_text, "{at}: text part");
+
+            let escaped = |s: &str| s.replace('<', "&lt;").replace('>', "&gt;");
+            let mut expected_html = vec![
+                format!("<p>{name}</p>"),
+                "<pre>".to_owned(),
+                ".dot-led html".to_owned(),
+                ".".to_owned(),
+            ];
+            expected_html.extend(note_lines(&note).iter().map(|l| escaped(l)));
+            expected_html.push("</pre>".to_owned());
+            assert_eq!(part_lines(t, "html"), expected_html, "{at}: HTML part");
+        }
     }
 }
