@@ -143,7 +143,7 @@ fn implicit_tls_connector(ca_pem: Option<&[u8]>) -> anyhow::Result<tokio_rustls:
 
 /// A TLS stream from the first byte (`smtps://`), in the shape lettre takes.
 #[derive(Debug)]
-struct ImplicitTls(tokio_rustls::client::TlsStream<TcpStream>);
+struct ImplicitTls(tokio_rustls::client::TlsStream<Guarded>);
 
 impl AsyncRead for ImplicitTls {
     fn poll_read(
@@ -173,7 +173,7 @@ impl AsyncWrite for ImplicitTls {
 
 impl AsyncTokioStream for ImplicitTls {
     fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.0.get_ref().0.peer_addr()
+        self.0.get_ref().0.tcp.peer_addr()
     }
 }
 
@@ -191,8 +191,8 @@ pub struct Connection {
 struct Session {
     connection: AsyncSmtpConnection,
     offers: Offers,
-    /// The same socket, to look at without reading (see [`Session::hung_up`]).
-    watch: std::net::TcpStream,
+    /// The stream as the session sees it under lettre.
+    watch: Watch,
 }
 
 /// How a transaction ended.
@@ -237,9 +237,7 @@ impl Connection {
     }
 
     /// [`Connection::connect`], and a second handle on the socket for [`Session::hung_up`].
-    async fn establish(
-        &self,
-    ) -> Result<(AsyncSmtpConnection, Ehlo, std::net::TcpStream), RelayFailure> {
+    async fn establish(&self) -> Result<(AsyncSmtpConnection, Ehlo, Watch), RelayFailure> {
         let s = &self.settings;
         let smtp = &s.smtp;
         let place = self.place();
@@ -247,7 +245,7 @@ impl Connection {
             RelayFailure::new(format!("{what} `{place}`: {}", without_urls(error)))
         };
         let tcp = self.open_tcp().await?;
-        let (tcp, watch) = watched(tcp).map_err(|e| outage("cannot use the connection to", &e))?;
+        let (tcp, watch) = guarded(tcp).map_err(|e| outage("cannot use the connection to", &e))?;
         let stream: Box<dyn AsyncTokioStream> = if smtp.security == Security::ImplicitTls {
             let name = rustls::pki_types::ServerName::try_from(smtp.host.clone())
                 .map_err(|e| outage("bad TLS name for", &e))?;
@@ -634,12 +632,98 @@ impl Settings {
     }
 }
 
-/// `tcp`, and a second handle on its socket that stays with the session (the first goes to
-/// lettre, which keeps it to itself).
-fn watched(tcp: TcpStream) -> io::Result<(TcpStream, std::net::TcpStream)> {
+/// The most a relay may send between two writes of mailer's: lettre reads a reply line until
+/// its end before it checks the line's length.
+const READ_CAP: usize = 1 << 20;
+
+/// The TCP stream under lettre (and under TLS, when there is TLS): it refuses to read more
+/// than [`READ_CAP`] between two writes, and notes a failed write in `write_failed`.
+#[derive(Debug)]
+struct Guarded {
+    tcp: TcpStream,
+    /// Read since the last write.
+    unasked: usize,
+    write_failed: Arc<AtomicBool>,
+}
+
+/// What the session keeps of its stream once lettre has it.
+struct Watch {
+    /// A second handle on the socket, to look at without reading (see [`hung_up`]).
+    socket: std::net::TcpStream,
+    /// Whether a write failed since it was last cleared.
+    write_failed: Arc<AtomicBool>,
+}
+
+/// `tcp` guarded, and the session's watch over it.
+fn guarded(tcp: TcpStream) -> io::Result<(Guarded, Watch)> {
     let tcp = tcp.into_std()?;
-    let watch = tcp.try_clone()?;
-    Ok((TcpStream::from_std(tcp)?, watch))
+    let socket = tcp.try_clone()?;
+    let write_failed = Arc::new(AtomicBool::new(false));
+    let stream = Guarded {
+        tcp: TcpStream::from_std(tcp)?,
+        unasked: 0,
+        write_failed: Arc::clone(&write_failed),
+    };
+    Ok((
+        stream,
+        Watch {
+            socket,
+            write_failed,
+        },
+    ))
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.tcp).poll_read(cx, buf);
+        this.unasked += buf.filled().len() - before;
+        if this.unasked > READ_CAP {
+            return Poll::Ready(Err(io::Error::other(format!(
+                "the relay sent more than {READ_CAP} bytes without being asked"
+            ))));
+        }
+        read
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.tcp).poll_write(cx, buf);
+        match &written {
+            Poll::Ready(Ok(n)) if *n > 0 => this.unasked = 0,
+            Poll::Ready(Err(_)) => this.write_failed.store(true, Ordering::SeqCst),
+            _ => {}
+        }
+        written
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let flushed = Pin::new(&mut this.tcp).poll_flush(cx);
+        if let Poll::Ready(Err(_)) = &flushed {
+            this.write_failed.store(true, Ordering::SeqCst);
+        }
+        flushed
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+impl AsyncTokioStream for Guarded {
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.peer_addr()
+    }
 }
 
 /// Where TLS started: from the first byte (`smtps://`) or after STARTTLS.
@@ -874,15 +958,14 @@ async fn transaction(
     // A relay that closed an idle connection (often with a 421 first) has not refused
     // anything: this message goes on a new one. With CHUNKING the look comes right before the
     // write, after the wait for the journal.
-    let idle = reused.then_some(&*watch);
-    if wire != Wire::Chunked && idle.is_some_and(hung_up) {
+    if wire != Wire::Chunked && reused && hung_up(watch) {
         return Step::Stale;
     }
     let envelope = Envelope { mail, rcpt };
     match wire {
         Wire::Serial => serial(connection, message, smtp, gate, &envelope).await,
         Wire::Pipelined => pipelined(connection, message, smtp, gate, &envelope).await,
-        Wire::Chunked => chunked(connection, idle, message, smtp, gate, &envelope).await,
+        Wire::Chunked => chunked(connection, watch, reused, message, smtp, gate, &envelope).await,
     }
 }
 
@@ -973,7 +1056,8 @@ async fn pipelined(
 /// socket, when the connection has been used before, to see that the relay has not closed it.
 async fn chunked(
     connection: &mut AsyncSmtpConnection,
-    idle: Option<&std::net::TcpStream>,
+    watch: &Watch,
+    idle: bool,
     message: &OutgoingMessage,
     smtp: &Smtp,
     gate: &mut Gate,
@@ -987,7 +1071,7 @@ async fn chunked(
     if let Err(refusal) = gate.pass(message).await {
         return Step::Unrecorded(refusal);
     }
-    if idle.is_some_and(hung_up) {
+    if idle && hung_up(watch) {
         return Step::Stale;
     }
     let line_end = if text.ends_with("\r\n") { "" } else { "\r\n" };
@@ -998,7 +1082,16 @@ async fn chunked(
     );
     // The relay may hold the replies to MAIL and RCPT until it has the message: the three
     // share the wait the reply to the message itself may take.
+    watch.write_failed.store(false, Ordering::SeqCst);
     let answers = answers(connection, batch, [2, 2, 2], smtp.data_timeout).await;
+    if matches!(answers[0], Answer::Missing(_)) && watch.write_failed.load(Ordering::SeqCst) {
+        // The write itself failed (the relay hung up, as after a 421): the end of the
+        // message never left, and BDAT counts its bytes, so the relay cannot have taken it.
+        return Step::Lost(format!(
+            "the connection broke while the message was written: {}",
+            lost_in(&answers, ["MAIL FROM", "RCPT TO", "BDAT"], "no reply")
+        ));
+    }
     match &answers {
         [Answer::Took(_), Answer::Took(_), Answer::Took(reply)] => {
             let reply = reply_text(reply);
@@ -1285,9 +1378,9 @@ async fn refused_then_reset(
 /// Whether the relay has hung up, or said something nobody asked for (a 421 before it hangs
 /// up, a TLS alert), since the last reply was read: looked at on the socket `watch`, without
 /// waiting and without taking anything from the stream.
-fn hung_up(watch: &std::net::TcpStream) -> bool {
+fn hung_up(watch: &Watch) -> bool {
     let mut byte = [0u8; 1];
-    !matches!(watch.peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    !matches!(watch.socket.peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 /// A reply as mailer keeps it: code and text.
@@ -2783,6 +2876,78 @@ mod tests {
         connection.quit().await;
         // Each next message on a new connection.
         assert_eq!(server.finish().await.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn with_chunking_a_hang_up_in_the_middle_of_the_write_goes_again_on_a_new_connection() {
+        // Exim's way at its limit of messages per connection: 421 to MAIL, and it hangs up
+        // while the rest of a large message is still being written.
+        let server = Server::start(vec![
+            [
+                hello_with(CHUNKING),
+                vec![Hear, Say("421 4.7.0 too many messages\r\n"), HangUp],
+            ]
+            .concat(),
+            [hello_with(CHUNKING), chunked_accepted(), quit()].concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let line = format!("{}\r\n", "x".repeat(900));
+        let large = format!("{BODY}{}", line.repeat(9_000));
+        let message = with_bytes(1, "a@x.example", &large);
+        assert_eq!(
+            deliver(&mut connection, &journal, &message)
+                .await
+                .unwrap()
+                .state,
+            State::Sent
+        );
+        connection.quit().await;
+        let heard = server.finish().await;
+        assert_eq!(
+            heard[1],
+            format!("{HELLO}{}QUIT\r\n", chunk("a@x.example", &large))
+        );
+        assert_eq!(journal.events(), [Event::InFlight(1)]);
+    }
+
+    #[tokio::test]
+    async fn a_relay_that_talks_without_end_is_cut_off() {
+        // A reply line that never ends: lettre would read it whole before judging its length.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let relay = std::thread::spawn(move || {
+            use std::io::{BufRead as _, Write as _};
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut writer = stream;
+            writer.write_all(b"220 sink.test ESMTP\r\n250-").unwrap();
+            let mut ehlo = String::new();
+            reader.read_line(&mut ehlo).unwrap();
+            let piece = vec![b'x'; 64 << 10];
+            let mut sent = 0;
+            while writer.write_all(&piece).is_ok() {
+                sent += piece.len();
+            }
+            sent
+        });
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(port, 100));
+        let message = with_bytes(1, "a@x.example", BODY);
+        let failure = relay_failure(deliver(&mut connection, &journal, &message).await);
+        assert_eq!(failure.kind, FailureKind::Outage);
+        assert!(
+            failure
+                .reason
+                .contains(&format!("more than {READ_CAP} bytes without being asked")),
+            "{}",
+            failure.reason
+        );
+        assert!(journal.events().is_empty());
+        drop(connection);
+        // It stopped once mailer let go; what it sent is bounded by the cap and the buffers.
+        assert!(relay.join().unwrap() > READ_CAP);
     }
 
     #[tokio::test]
