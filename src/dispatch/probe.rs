@@ -200,6 +200,8 @@ pub async fn probe(settings: Arc<Settings>, request: &Request) -> Probe {
             probe.exchanges.push(exchange);
         }
         Said::Refused(_, exchange) => {
+            // A send goes command by command then.
+            probe.wire = Some(Wire::Serial);
             probe.warnings.push(format!(
                 "the relay refused a second EHLO, so its extensions are not listed: {}",
                 exchange.text

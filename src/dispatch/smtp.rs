@@ -643,6 +643,9 @@ struct Guarded {
     tcp: TcpStream,
     /// Read since the last write.
     unasked: usize,
+    /// Whether a read has begun since the last write: a write that fails after it (TLS writing
+    /// an alert while it reads) is not the failure of what mailer wrote.
+    reading: bool,
     write_failed: Arc<AtomicBool>,
 }
 
@@ -662,6 +665,7 @@ fn guarded(tcp: TcpStream) -> io::Result<(Guarded, Watch)> {
     let stream = Guarded {
         tcp: TcpStream::from_std(tcp)?,
         unasked: 0,
+        reading: false,
         write_failed: Arc::clone(&write_failed),
     };
     Ok((
@@ -680,6 +684,7 @@ impl AsyncRead for Guarded {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.reading = true;
         let before = buf.filled().len();
         let read = Pin::new(&mut this.tcp).poll_read(cx, buf);
         this.unasked += buf.filled().len() - before;
@@ -701,8 +706,11 @@ impl AsyncWrite for Guarded {
         let this = self.get_mut();
         let written = Pin::new(&mut this.tcp).poll_write(cx, buf);
         match &written {
-            Poll::Ready(Ok(n)) if *n > 0 => this.unasked = 0,
-            Poll::Ready(Err(_)) => this.write_failed.store(true, Ordering::SeqCst),
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                this.unasked = 0;
+                this.reading = false;
+            }
+            Poll::Ready(Err(_)) if !this.reading => this.write_failed.store(true, Ordering::SeqCst),
             _ => {}
         }
         written
@@ -710,7 +718,9 @@ impl AsyncWrite for Guarded {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let flushed = Pin::new(&mut this.tcp).poll_flush(cx);
-        if let Poll::Ready(Err(_)) = &flushed {
+        if let Poll::Ready(Err(_)) = &flushed
+            && !this.reading
+        {
             this.write_failed.store(true, Ordering::SeqCst);
         }
         flushed
@@ -951,7 +961,13 @@ async fn transaction(
     // Exactly one recipient per transaction, by construction: the envelope has one address.
     let mail = Mail::new(Some(envelope.mail_from.clone()), parameters);
     let rcpt = Rcpt::new(envelope.rcpt_to.clone(), vec![]);
-    let wire = session.offers.wire;
+    let text = std::str::from_utf8(&message.bytes).ok();
+    let wire = match (session.offers.wire, text) {
+        // lettre writes commands as text. Rendered messages are UTF-8; were one not, DATA
+        // would carry it.
+        (Wire::Chunked, None) => Wire::Pipelined,
+        (wire, _) => wire,
+    };
     let Session {
         connection, watch, ..
     } = session;
@@ -962,10 +978,15 @@ async fn transaction(
         return Step::Stale;
     }
     let envelope = Envelope { mail, rcpt };
-    match wire {
-        Wire::Serial => serial(connection, message, smtp, gate, &envelope).await,
-        Wire::Pipelined => pipelined(connection, message, smtp, gate, &envelope).await,
-        Wire::Chunked => chunked(connection, watch, reused, message, smtp, gate, &envelope).await,
+    match (wire, text) {
+        (Wire::Serial, _) => serial(connection, message, smtp, gate, &envelope).await,
+        (Wire::Chunked, Some(text)) => {
+            chunked(
+                connection, watch, reused, text, message, smtp, gate, &envelope,
+            )
+            .await
+        }
+        _ => pipelined(connection, message, smtp, gate, &envelope).await,
     }
 }
 
@@ -1019,11 +1040,20 @@ async fn pipelined(
     gate.start(message);
     let batch = format!("{}{}{Data}", envelope.mail, envelope.rcpt);
     let answers = answers(connection, batch, [2, 2, 3], smtp.command_timeout).await;
+    let missing = answers.iter().any(|a| matches!(a, Answer::Missing(_)));
     if let [mail, rcpt, Answer::Took(_)] = &answers
         && !matches!((mail, rcpt), (Answer::Took(_), Answer::Took(_)))
     {
-        // DATA was taken although MAIL or RCPT was not (RFC 2920 §3.1): the relay waits for
-        // a message. A lone dot ends it, empty; with no recipient it goes nowhere.
+        if missing {
+            // Out of step: whatever the relay waits for, it gets no end of data (and so
+            // delivers nothing); the connection is dropped.
+            return match refusal_in(&answers, message) {
+                Some(step) => step.broken(),
+                None => Step::Lost(lost_in(&answers, ["MAIL FROM", "RCPT TO", "DATA"], "")),
+            };
+        }
+        // DATA was taken although MAIL or RCPT was refused (RFC 2920 §3.1): the relay waits
+        // for a message. A lone dot ends it, empty; with no recipient it goes nowhere.
         let ended = answer(
             hear(connection.command(".\r\n"), smtp.command_timeout).await,
             2,
@@ -1052,26 +1082,23 @@ async fn pipelined(
 /// flight, MAIL, RCPT and `BDAT <size> LAST` with the message, in one write; three replies.
 /// The message goes as it is: no dot-stuffing (the guard has refused bare CR and LF). From
 /// the write on the relay may have the whole message, so a connection lost before all three
-/// replies are in leaves it ambiguous — unless a reply already refused it. `idle`: the
-/// socket, when the connection has been used before, to see that the relay has not closed it.
+/// replies are in leaves it ambiguous — unless a reply already refused it. `reused`: the
+/// connection carried a transaction before, so `watch` looks whether the relay has closed it.
+#[allow(clippy::too_many_arguments)] // one transaction's parts, passed once
 async fn chunked(
     connection: &mut AsyncSmtpConnection,
     watch: &Watch,
-    idle: bool,
+    reused: bool,
+    text: &str,
     message: &OutgoingMessage,
     smtp: &Smtp,
     gate: &mut Gate,
     envelope: &Envelope,
 ) -> Step {
-    let Ok(text) = std::str::from_utf8(&message.bytes) else {
-        // lettre writes commands as text. Rendered messages are UTF-8; were one not, DATA
-        // would carry it.
-        return pipelined(connection, message, smtp, gate, envelope).await;
-    };
     if let Err(refusal) = gate.pass(message).await {
         return Step::Unrecorded(refusal);
     }
-    if idle && hung_up(watch) {
+    if reused && hung_up(watch) {
         return Step::Stale;
     }
     let line_end = if text.ends_with("\r\n") { "" } else { "\r\n" };
@@ -2349,6 +2376,41 @@ mod tests {
         );
         let recorded: Vec<Event> = (1..=4).map(Event::InFlight).collect();
         assert_eq!(journal.events(), recorded);
+    }
+
+    #[tokio::test]
+    async fn with_pipelining_a_354_after_a_reply_out_of_step_gets_no_end_of_data() {
+        // A 3xx to MAIL: out of step. The relay says 354 to DATA and waits for a message; a
+        // lone dot could deliver an empty one before the journal has the recipient, so the
+        // connection is dropped instead, and the message goes on a new one.
+        let server = Server::start(vec![
+            [
+                hello_with(PIPELINING),
+                vec![Hear, Hear, Hear, Say("354 odd\r\n"), OK, GO_AHEAD],
+            ]
+            .concat(),
+            [hello_with(PIPELINING), pipelined_accepted(), quit()].concat(),
+        ])
+        .await;
+        let journal = Journal::new(Durable::Yes);
+        let mut connection = Connection::new(settings(server.port, 100));
+        let message = with_bytes(1, "a@x.example", BODY);
+        assert_eq!(
+            deliver(&mut connection, &journal, &message)
+                .await
+                .unwrap()
+                .state,
+            State::Sent
+        );
+        connection.quit().await;
+        let heard = server.finish().await;
+        assert_eq!(
+            heard,
+            [
+                format!("{HELLO}{}", batch("a@x.example")),
+                format!("{HELLO}{}QUIT\r\n", said("a@x.example", BODY)),
+            ]
+        );
     }
 
     #[tokio::test]

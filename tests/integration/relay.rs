@@ -11,7 +11,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::campaign::{Campaign, Run, mailer, people};
 use crate::count;
-use crate::sink::{Faults, Phase, Sink, Tls, localhost_certificate};
+use crate::sink::{Faults, Phase, Sink, Tls, Wire, localhost_certificate};
 
 /// Far under the five minutes `smtp://` at an implicit-TLS port used to take: the cause must
 /// be named within seconds (this bound only proves "not minutes").
@@ -120,6 +120,29 @@ fn starttls_is_taken_on_loopback_whenever_the_relay_offers_it() {
         "{verbs:?}"
     );
     assert!(!verbs[5..].contains(&"EHLO".to_owned()), "{verbs:?}");
+
+    // With CHUNKING over STARTTLS: every message in one BDAT, encrypted.
+    let (acceptor, pem) = localhost_certificate();
+    let chunking = Sink::faulty(
+        Arc::new(|_, _| None),
+        Tls::Starttls(acceptor),
+        Faults {
+            wire: Wire::Chunking,
+            ..Faults::default()
+        },
+    );
+    let (run, _) = send(&campaign(
+        &format!("smtp://localhost:{}", chunking.port()),
+        LOGIN,
+        Some(&pem),
+        3,
+    ));
+    assert_eq!(run.code, 0, "{run:?}");
+    let transactions = chunking.transactions();
+    assert!(
+        transactions.len() == 3 && transactions.iter().all(|t| t.encrypted && t.chunks == 1),
+        "{transactions:?}"
+    );
 
     // A loopback relay that offers no STARTTLS still takes plain text, AUTH included.
     let plain = Sink::start();
