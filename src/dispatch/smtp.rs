@@ -2975,6 +2975,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_write_that_fails_once_a_read_has_begun_is_not_the_message_failing() {
+        // TLS writes an alert when a read goes wrong: that write failing says nothing about
+        // whether the message mailer wrote before it left whole.
+        use std::io::Write as _;
+        use tokio::io::AsyncWriteExt as _;
+        for read_first in [false, true] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let tcp = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (relay, _) = listener.accept().await.unwrap();
+            let (mut stream, watch) = guarded(tcp).unwrap();
+            stream
+                .write_all(b"MAIL FROM:<a@x.example>\r\n")
+                .await
+                .unwrap();
+            if read_first {
+                let mut byte = [0u8; 1];
+                let nothing =
+                    tokio::time::timeout(Duration::from_millis(5), stream.read(&mut byte)).await;
+                assert!(nothing.is_err(), "the relay said nothing");
+            }
+            // The relay goes; bytes written past mailer's stream draw its reset, after which
+            // every write fails.
+            drop(relay);
+            for _ in 0..1000 {
+                if (&watch.socket).write(b"x").is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            assert!(
+                stream
+                    .write_all(b"RCPT TO:<b@x.example>\r\n")
+                    .await
+                    .is_err()
+            );
+            assert_eq!(
+                watch.write_failed.load(Ordering::SeqCst),
+                !read_first,
+                "read first: {read_first}"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn a_relay_that_talks_without_end_is_cut_off() {
         // A reply line that never ends: lettre would read it whole before judging its length.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
