@@ -164,6 +164,10 @@ pub struct Smtp {
     pub command_timeout: Duration,
     /// The wait for the reply to the final dot: long, as RFC 5321 §4.5.3.2.6 suggests.
     pub data_timeout: Duration,
+    /// Whether PIPELINING and CHUNKING are used when the relay offers them (`pipelining =
+    /// false`, `chunking = false`: for a relay that offers more than it handles).
+    pub pipelining: bool,
+    pub chunking: bool,
 }
 
 /// What the transport requires of the relay's TLS.
@@ -789,6 +793,8 @@ impl Validator<'_> {
                 t.data_timeout.as_ref(),
                 Duration::from_secs(600),
             ),
+            pipelining: t.pipelining.as_ref().is_none_or(|v| *v.get_ref()),
+            chunking: t.chunking.as_ref().is_none_or(|v| *v.get_ref()),
         })
     }
 

@@ -165,6 +165,8 @@ pub struct RawTransport {
     pub require_starttls: Option<Spanned<bool>>,
     pub dangerous_plaintext: Option<Spanned<bool>>,
     pub dangerous_accept_invalid_certs: Option<Spanned<bool>>,
+    pub pipelining: Option<Spanned<bool>>,
+    pub chunking: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

@@ -33,6 +33,17 @@ pub enum Wire {
 }
 
 impl Wire {
+    /// This wire within what the campaign allows: without `pipelining` command by command,
+    /// without `chunking` never BDAT.
+    #[must_use]
+    pub fn within(self, pipelining: bool, chunking: bool) -> Wire {
+        match self {
+            _ if !pipelining => Wire::Serial,
+            Wire::Chunked if !chunking => Wire::Pipelined,
+            wire => wire,
+        }
+    }
+
     /// What a send does, in a few words for `mailer probe`.
     #[must_use]
     pub fn describe(self) -> &'static str {
@@ -244,5 +255,11 @@ mod tests {
         assert_eq!(of(&["PIPELINING", "SIZE 5"]), Wire::Serial);
         let offers = Offers::of(&capabilities(["r", "PIPELINING", "SIZE 5"]));
         assert_eq!(offers.size_limit, Some(5));
+        // What the campaign allows.
+        assert_eq!(Wire::Chunked.within(true, false), Wire::Pipelined);
+        assert_eq!(Wire::Chunked.within(false, true), Wire::Serial);
+        assert_eq!(Wire::Pipelined.within(true, false), Wire::Pipelined);
+        assert_eq!(Wire::Pipelined.within(false, false), Wire::Serial);
+        assert_eq!(Wire::Chunked.within(true, true), Wire::Chunked);
     }
 }

@@ -193,7 +193,8 @@ pub async fn probe(settings: Arc<Settings>, request: &Request) -> Probe {
     match said(line, ehlo) {
         Said::Replied(lines, mut exchange) => {
             probe.capabilities = capabilities(lines.iter().map(String::as_str));
-            probe.wire = Some(Offers::of(&probe.capabilities).wire);
+            let offered = Offers::of(&probe.capabilities).wire;
+            probe.wire = Some(offered.within(smtp.pipelining, smtp.chunking));
             // The first line names the relay; the others are listed as extensions.
             exchange.enhanced = None;
             exchange.text = capped(lines.first().map_or("", String::as_str), MAX_TEXT);

@@ -317,10 +317,12 @@ impl Connection {
     /// own EHLO is sent to command by command.
     async fn session(&self) -> Result<Session, RelayFailure> {
         let (connection, ehlo, watch) = self.establish().await?;
-        let offers = match &ehlo {
+        let mut offers = match &ehlo {
             Ok(reply) => Offers::of(&capabilities(reply.message())),
             Err(_) => Offers::of(&[]),
         };
+        let smtp = &self.settings.smtp;
+        offers.wire = offers.wire.within(smtp.pipelining, smtp.chunking);
         tracing::debug!(relay = %self.place(), wire = ?offers.wire, size_limit = ?offers.size_limit, "connected");
         Ok(Session {
             connection,
@@ -1625,6 +1627,8 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             command_timeout: Duration::from_secs(5),
             data_timeout: Duration::from_secs(5),
+            pipelining: true,
+            chunking: true,
         };
         Arc::new(Settings::new(&smtp).unwrap())
     }

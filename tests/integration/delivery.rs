@@ -138,7 +138,7 @@ fn replies_in(bytes: &[u8]) -> usize {
 /// the sink's and no violation (the sink flags commands sent before their turn); with it,
 /// some replies to a batch went together; every message after DATA, or with CHUNKING in
 /// BDAT chunks and never after DATA.
-fn on_the_wire(at: &str, wire: Wire, sink: &Sink) {
+pub(crate) fn on_the_wire(at: &str, wire: Wire, sink: &Sink) {
     let violations = sink.violations();
     assert!(
         violations.is_empty(),

@@ -416,3 +416,22 @@ fn a_plain_relay_slow_to_greet_is_still_waited_for() {
         "{violations:?}"
     );
 }
+
+#[test]
+fn pipelining_and_chunking_can_be_turned_off_for_a_relay_that_offers_more_than_it_handles() {
+    for (keys, expected) in [
+        ("chunking = false", Wire::Pipelining),
+        ("pipelining = false", Wire::Serial),
+    ] {
+        let sink = Sink::on_wire(Arc::new(|_, _| None), Wire::Chunking);
+        let (run, _) = send(&campaign(
+            &format!("smtp://127.0.0.1:{}", sink.port()),
+            keys,
+            None,
+            3,
+        ));
+        assert_eq!(run.code, 0, "{keys}: {run:?}");
+        assert_eq!(sink.transactions().len(), 3, "{keys}");
+        crate::delivery::on_the_wire(keys, expected, &sink);
+    }
+}
