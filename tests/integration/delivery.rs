@@ -1105,3 +1105,49 @@ fn cron_gets_json_log_lines_that_name_each_deferral() {
     assert_eq!(deferred["fields"]["reply"], "450 4.2.1 try later");
     assert!(events.iter().any(|e| e["fields"]["message"] == "sending"));
 }
+
+#[test]
+fn a_go_ahead_after_every_recipient_was_refused_gets_a_lone_dot_and_the_refusal_stands() {
+    // RFC 2920 §3.1: a relay may answer DATA with 354 though it refused the transaction's only
+    // RCPT. The pipelining client must end that empty message with a lone dot (the sink flags
+    // anything sent before it) and keep the RCPT's refusal as the outcome.
+    let refused = addresses(3)[1].clone();
+    let script: Script = {
+        let refused = refused.clone();
+        Arc::new(move |phase, rcpt| {
+            (phase == Phase::Rcpt && rcpt == refused).then(|| "550 5.1.1 no such user".to_owned())
+        })
+    };
+    let sink = Sink::faulty(
+        script,
+        Tls::None,
+        Faults {
+            go_ahead_without_recipients: true,
+            ..Faults::default()
+        },
+    );
+    let (run, states) = send_and_report(&sink, 3, 1, |c| c);
+    let at = "a 354 after a refused RCPT";
+    let counted = balanced_at(at, &run, &sink, 3);
+    assert_eq!(
+        (counted["sent"], counted["failed"]),
+        (2, 1),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(states[&refused], "failed", "{states:?}");
+    exactly_once(at, &sink, &states);
+    on_the_wire(at, Wire::Pipelining, &sink);
+    // The refused recipient's transaction got DATA (then only the dot), and RSET after it.
+    let verbs: Vec<String> = sink.commands().into_iter().map(|(_, verb)| verb).collect();
+    assert_eq!(
+        verbs.iter().filter(|v| *v == "DATA").count(),
+        3,
+        "{verbs:?}"
+    );
+    assert_eq!(
+        verbs.iter().filter(|v| *v == "RSET").count(),
+        1,
+        "{verbs:?}"
+    );
+}

@@ -286,6 +286,10 @@ pub struct Faults {
     pub extensions: &'static [&'static str],
     /// Whether the EHLO reply offers PIPELINING, and CHUNKING (by default PIPELINING only).
     pub wire: Wire,
+    /// Answer DATA with 354 even when every RCPT was refused (RFC 2920 §3.1 allows it; Postfix
+    /// says 554): the client must then end the empty message with a lone dot, and anything
+    /// it sends before that dot is a violation. The dot gets the 554.
+    pub go_ahead_without_recipients: bool,
 }
 
 impl Sink {
@@ -1251,6 +1255,30 @@ impl Session {
         Ok(())
     }
 
+    /// 354 for a transaction without a recipient, then `reply` to its end: only a lone dot
+    /// may come, nothing of a message meant for nobody.
+    async fn empty_message(&mut self, reply: &str) -> Step {
+        self.queue("354 End data with <CR><LF>.<CR><LF>");
+        // It goes out with the next read: nothing may have come before it.
+        self.awaited = Some("DATA".to_owned());
+        self.before_read().await;
+        loop {
+            let line = self
+                .line(TEXT_LINE_LIMIT, "the end of an empty message")
+                .await?;
+            if line.text() == b"." {
+                break;
+            }
+            self.violation(format!(
+                "a message after every RCPT TO was refused: {}",
+                shown(&line.bytes)
+            ));
+        }
+        self.reset();
+        self.queue(reply);
+        Ok(())
+    }
+
     async fn data(&mut self, command: &str, args: &str) -> Step {
         if !args.is_empty() {
             self.refuse(command, "501 5.5.4 Syntax: DATA");
@@ -1271,10 +1299,12 @@ impl Session {
             // After refused RCPTs, a pipelining client sends DATA all the same (RFC 2920
             // §3.1); without any RCPT it is a mistake.
             let reply = "554-5.5.1 Error: no valid recipients\n554 5.5.1 every RCPT TO of this transaction was refused";
-            if mail.rcpt_tried {
-                self.queue(reply);
-            } else {
+            if !mail.rcpt_tried {
                 self.refuse(command, reply);
+            } else if self.faults.go_ahead_without_recipients {
+                self.empty_message(reply).await?;
+            } else {
+                self.queue(reply);
             }
             return Ok(());
         };
